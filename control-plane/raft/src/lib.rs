@@ -1,0 +1,92 @@
+//! The control plane's replicated state: openraft over a redb file.
+//!
+//! - [`types`]: the Raft type configuration, the [`Command`]s proposed to the
+//!   log and their [`CommandResult`]s.
+//! - [`state`]: the entities and the deterministic `apply` (no clock, no
+//!   randomness: times and ids travel inside the command).
+//! - [`store`]: durable log storage and state machine on one redb database,
+//!   passing openraft's storage test suite.
+//! - [`read`]: queries over the applied state for the API and ingress.
+//! - [`network`]: the peer transport (single node for now).
+
+pub mod network;
+pub mod read;
+pub mod state;
+pub mod store;
+pub mod types;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+pub use read::StateReader;
+pub use store::{LogStore, StateMachineStore, open_database};
+pub use types::{Command, CommandResult, Rejection, TypeConfig};
+
+/// The handle to the local Raft member.
+pub type Raft = openraft::Raft<TypeConfig>;
+
+/// Starting the local Raft member failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("opening the state database: {0}")]
+    Storage(#[from] store::OpenError),
+    #[error("raft configuration: {0}")]
+    Config(String),
+    #[error("raft start: {0}")]
+    Raft(String),
+}
+
+/// A started Raft member and a reader over its state.
+pub struct Member {
+    pub raft: Raft,
+    pub reader: StateReader,
+}
+
+/// Opens (or creates) the member's storage under `dir` and starts Raft. A
+/// fresh single-node cluster initializes itself with `node_id` as its only voter.
+pub async fn start_single(dir: &Path, node_id: u64, addr: &str) -> Result<Member, StartError> {
+    let db = Arc::new(open_database(&dir.join("state.redb"))?);
+    let log = LogStore::new(db.clone());
+    let sm = StateMachineStore::new(db.clone())?;
+    let config = openraft::Config {
+        cluster_name: "gatehouse".into(),
+        heartbeat_interval: 250,
+        election_timeout_min: 1_000,
+        election_timeout_max: 2_000,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(20_000),
+        max_in_snapshot_log_to_keep: 1_000,
+        ..Default::default()
+    }
+    .validate()
+    .map_err(|e| StartError::Config(e.to_string()))?;
+    let raft = openraft::Raft::new(
+        node_id,
+        Arc::new(config),
+        network::Network,
+        log,
+        sm,
+    )
+    .await
+    .map_err(|e| StartError::Raft(e.to_string()))?;
+    let initialized = raft
+        .is_initialized()
+        .await
+        .map_err(|e| StartError::Raft(e.to_string()))?;
+    if !initialized {
+        let mut members = BTreeMap::new();
+        members.insert(
+            node_id,
+            openraft::BasicNode {
+                addr: addr.to_string(),
+            },
+        );
+        raft.initialize(members)
+            .await
+            .map_err(|e| StartError::Raft(e.to_string()))?;
+    }
+    Ok(Member {
+        raft,
+        reader: StateReader::new(db),
+    })
+}

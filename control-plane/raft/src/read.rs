@@ -1,0 +1,195 @@
+//! Queries over the applied state.
+//!
+//! These read the local member's applied state. On a single node that is the
+//! committed state; reads that decide access across a cluster will go through
+//! a linearizable read first.
+
+use std::sync::Arc;
+
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
+use subtle::ConstantTimeEq;
+
+use crate::state::{
+    self, AGENT_SEQ, AUDIT, Agent, ClusterKeys, KV, Rule, ServiceAccount, SessionRecord, Target,
+    key,
+};
+
+/// Reading the state failed (the database is unreadable or corrupt).
+#[derive(Debug, thiserror::Error)]
+#[error("reading control-plane state: {0}")]
+pub struct ReadError(#[from] redb::Error);
+
+/// Filter for [`StateReader::audit_events`].
+#[derive(Clone, Debug, Default)]
+pub struct AuditFilter {
+    pub identity: Option<String>,
+    pub target: Option<String>,
+    pub session_id: Option<String>,
+    pub since_ms: Option<i64>,
+    pub until_ms: Option<i64>,
+    pub limit: Option<usize>,
+}
+
+/// Read access to the applied state.
+#[derive(Clone)]
+pub struct StateReader {
+    db: Arc<Database>,
+}
+
+fn err(e: impl Into<redb::Error>) -> ReadError {
+    ReadError(e.into())
+}
+
+// === impl StateReader ===
+
+impl StateReader {
+    pub fn new(db: Arc<Database>) -> Self {
+        Self { db }
+    }
+
+    fn get<T: serde::de::DeserializeOwned>(&self, k: &str) -> Result<Option<T>, ReadError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let kv = txn.open_table(KV).map_err(err)?;
+        Ok(state::get(&kv, k)?)
+    }
+
+    fn list<T: serde::de::DeserializeOwned>(&self, prefix: &str) -> Result<Vec<T>, ReadError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let kv = txn.open_table(KV).map_err(err)?;
+        let end = format!("{}\u{10FFFF}", prefix);
+        let mut out = Vec::new();
+        for item in kv.range(prefix..end.as_str()).map_err(err)? {
+            let (_, v) = item.map_err(err)?;
+            out.push(serde_json::from_str(v.value()).map_err(state::corrupt)?);
+        }
+        Ok(out)
+    }
+
+    pub fn cluster_keys(&self) -> Result<Option<ClusterKeys>, ReadError> {
+        self.get(key::CLUSTER)
+    }
+
+    pub fn policy_version(&self) -> Result<String, ReadError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let kv = txn.open_table(KV).map_err(err)?;
+        Ok(kv
+            .get(key::POLICY_VERSION)
+            .map_err(err)?
+            .map(|v| v.value().to_string())
+            .unwrap_or_default())
+    }
+
+    pub fn service_account(&self, name: &str) -> Result<Option<ServiceAccount>, ReadError> {
+        self.get(&key::sa(name))
+    }
+
+    pub fn service_accounts(&self) -> Result<Vec<ServiceAccount>, ReadError> {
+        self.list("sa/")
+    }
+
+    /// Verifies an API key (`ghk_<key id>_<secret>`); returns the account.
+    pub fn verify_api_key(&self, api_key: &str) -> Result<Option<ServiceAccount>, ReadError> {
+        let Some((key_id, secret)) = api_key
+            .strip_prefix("ghk_")
+            .and_then(|rest| rest.split_once('_'))
+        else {
+            return Ok(None);
+        };
+        let digest = crate::state::sha256_hex(secret.as_bytes());
+        for sa in self.service_accounts()? {
+            for k in &sa.keys {
+                if k.key_id == key_id && bool::from(k.sha256.as_bytes().ct_eq(digest.as_bytes())) {
+                    return Ok(Some(sa));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    pub fn target(&self, name: &str) -> Result<Option<Target>, ReadError> {
+        self.get(&key::target(name))
+    }
+
+    pub fn targets(&self) -> Result<Vec<Target>, ReadError> {
+        self.list("target/")
+    }
+
+    pub fn rules(&self) -> Result<Vec<Rule>, ReadError> {
+        self.list("rule/")
+    }
+
+    /// Whether `identity` (or one of its `groups`) has a rule for `target`.
+    pub fn is_allowed(
+        &self,
+        identity: &str,
+        groups: &[String],
+        target: &str,
+    ) -> Result<bool, ReadError> {
+        Ok(self.rules()?.iter().any(|r| {
+            r.target == target
+                && (r.subject == identity
+                    || r
+                        .subject
+                        .strip_prefix("group:")
+                        .is_some_and(|g| groups.iter().any(|x| x == g)))
+        }))
+    }
+
+    pub fn agent(&self, name: &str) -> Result<Option<Agent>, ReadError> {
+        self.get(&key::agent(name))
+    }
+
+    pub fn agents(&self) -> Result<Vec<Agent>, ReadError> {
+        self.list("agent/")
+    }
+
+    pub fn session(&self, id: &str) -> Result<Option<SessionRecord>, ReadError> {
+        self.get(&key::session(id))
+    }
+
+    /// Sessions, newest first.
+    pub fn sessions(&self) -> Result<Vec<SessionRecord>, ReadError> {
+        let mut s: Vec<SessionRecord> = self.list("session/")?;
+        s.sort_by(|a, b| b.started_ms.cmp(&a.started_ms).then(a.id.cmp(&b.id)));
+        Ok(s)
+    }
+
+    /// Highest audit sequence number of `agent` committed so far.
+    pub fn agent_high_water(&self, agent: &str) -> Result<u64, ReadError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let t = txn.open_table(AGENT_SEQ).map_err(err)?;
+        Ok(t.get(agent).map_err(err)?.map(|v| v.value()).unwrap_or(0))
+    }
+
+    pub fn audit_count(&self) -> Result<u64, ReadError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let t = txn.open_table(AUDIT).map_err(err)?;
+        Ok(t.len().map_err(err)?)
+    }
+
+    /// Canonical audit events in log order, filtered.
+    pub fn audit_events(&self, f: &AuditFilter) -> Result<Vec<String>, ReadError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let t = txn.open_table(AUDIT).map_err(err)?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(err)? {
+            let (_, v) = item.map_err(err)?;
+            let raw = v.value();
+            let Ok(ev) = gatehouse_audit::AuditEvent::decode(raw.as_bytes()) else {
+                continue;
+            };
+            let keep = f.identity.as_ref().is_none_or(|x| *x == ev.identity)
+                && f.target.as_ref().is_none_or(|x| *x == ev.target)
+                && f.session_id.as_ref().is_none_or(|x| *x == ev.session_id)
+                && f.since_ms.is_none_or(|x| ev.time_ms >= x)
+                && f.until_ms.is_none_or(|x| ev.time_ms < x);
+            if keep {
+                out.push(raw.to_string());
+                if f.limit.is_some_and(|l| out.len() >= l) {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+}

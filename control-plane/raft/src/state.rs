@@ -1,0 +1,341 @@
+//! Entities of the control-plane state and the deterministic apply.
+//!
+//! All state lives in redb tables so that a restart does not replay the log:
+//! `kv` holds the entities as JSON under typed key prefixes, `audit` the
+//! canonical audit events in log order, `audit_ids` the de-duplication index,
+//! and `agent_seq` the highest committed sequence number per agent.
+
+use redb::{ReadableTable, TableDefinition, WriteTransaction};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::types::{Command, CommandResult, Rejection};
+
+pub(crate) const KV: TableDefinition<&str, &str> = TableDefinition::new("kv");
+pub(crate) const AUDIT: TableDefinition<u64, &str> = TableDefinition::new("audit");
+pub(crate) const AUDIT_IDS: TableDefinition<&str, u64> = TableDefinition::new("audit_ids");
+pub(crate) const AGENT_SEQ: TableDefinition<&str, u64> = TableDefinition::new("agent_seq");
+
+/// A caller that is not a person: CI jobs, scripts, AI agents.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceAccount {
+    pub name: String,
+    pub groups: Vec<String>,
+    pub created_ms: i64,
+    pub keys: Vec<ApiKeyHash>,
+}
+
+/// An API key is `ghk_<key id>_<secret>`; only the secret's SHA-256 is kept.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiKeyHash {
+    pub key_id: String,
+    pub sha256: String,
+}
+
+/// Something callers reach through an agent. Never holds credentials.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Target {
+    pub name: String,
+    pub kind: String,
+    pub agent: String,
+    pub default_db_user: String,
+    pub created_ms: i64,
+}
+
+/// Access rule: `subject` (`sa:<name>` or `group:<name>`) may use `target`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rule {
+    pub id: String,
+    pub subject: String,
+    pub target: String,
+    pub created_ms: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Agent {
+    pub name: String,
+    pub cert_serial: String,
+    pub enrolled_ms: i64,
+    pub revoked: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollmentToken {
+    pub agent: String,
+    pub created_ms: i64,
+    pub expires_ms: i64,
+    pub used_ms: Option<i64>,
+}
+
+/// One entry of the sessions index.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    pub id: String,
+    pub identity: String,
+    pub target: String,
+    pub agent: String,
+    pub database: String,
+    pub db_user: String,
+    pub client_addr: String,
+    pub policy_version: String,
+    pub started_ms: i64,
+    pub ended_ms: Option<i64>,
+    pub end_reason: Option<String>,
+    pub recording_key: Option<String>,
+    pub recording_sha256: Option<String>,
+    pub recording_size: Option<u64>,
+}
+
+/// The cluster's key material.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterKeys {
+    pub ca_cert_pem: String,
+    pub ca_key_pem: String,
+    pub created_ms: i64,
+}
+
+pub(crate) mod key {
+    pub const CLUSTER: &str = "cluster";
+    pub const POLICY_VERSION: &str = "policy_version";
+    pub fn sa(name: &str) -> String {
+        format!("sa/{name}")
+    }
+    pub fn target(name: &str) -> String {
+        format!("target/{name}")
+    }
+    pub fn rule(id: &str) -> String {
+        format!("rule/{id}")
+    }
+    pub fn agent(name: &str) -> String {
+        format!("agent/{name}")
+    }
+    pub fn enroll(hash: &str) -> String {
+        format!("enroll/{hash}")
+    }
+    pub fn session(id: &str) -> String {
+        format!("session/{id}")
+    }
+}
+
+/// A storage failure while applying; aborts the apply (the entry is retried
+/// after restart, never half-applied).
+pub(crate) type ApplyResult<T> = Result<T, redb::Error>;
+
+/// Applies one command inside the caller's write transaction.
+pub(crate) fn apply(txn: &WriteTransaction, cmd: &Command) -> ApplyResult<CommandResult> {
+    let mut kv = txn.open_table(KV)?;
+    let res = match cmd {
+        Command::InitCluster {
+            ca_cert_pem,
+            ca_key_pem,
+            now_ms,
+        } => {
+            if kv.get(key::CLUSTER)?.is_none() {
+                put(
+                    &mut kv,
+                    key::CLUSTER,
+                    &ClusterKeys {
+                        ca_cert_pem: ca_cert_pem.clone(),
+                        ca_key_pem: ca_key_pem.clone(),
+                        created_ms: *now_ms,
+                    },
+                )?;
+                let version = policy_version(&kv)?;
+                kv.insert(key::POLICY_VERSION, version.as_str())?;
+            }
+            CommandResult::Ok
+        }
+        Command::CreateServiceAccount {
+            name,
+            groups,
+            key_id,
+            key_sha256,
+            now_ms,
+        } => {
+            let k = key::sa(name);
+            if kv.get(k.as_str())?.is_some() {
+                return Ok(reject(Rejection::AlreadyExists(format!("service account {name}"))));
+            }
+            let sa = ServiceAccount {
+                name: name.clone(),
+                groups: groups.clone(),
+                created_ms: *now_ms,
+                keys: vec![ApiKeyHash {
+                    key_id: key_id.clone(),
+                    sha256: key_sha256.clone(),
+                }],
+            };
+            put(&mut kv, &k, &sa)?;
+            CommandResult::Ok
+        }
+        Command::CreateTarget { target } => {
+            let k = key::target(&target.name);
+            if kv.get(k.as_str())?.is_some() {
+                return Ok(reject(Rejection::AlreadyExists(format!("target {}", target.name))));
+            }
+            put(&mut kv, &k, target)?;
+            CommandResult::Ok
+        }
+        Command::CreateRule { rule } => {
+            if kv.get(key::target(&rule.target).as_str())?.is_none() {
+                return Ok(reject(Rejection::NotFound(format!("target {}", rule.target))));
+            }
+            put(&mut kv, &key::rule(&rule.id), rule)?;
+            let version = policy_version(&kv)?;
+            kv.insert(key::POLICY_VERSION, version.as_str())?;
+            CommandResult::Ok
+        }
+        Command::CreateEnrollmentToken {
+            token_sha256,
+            agent,
+            expires_ms,
+            now_ms,
+        } => {
+            let tok = EnrollmentToken {
+                agent: agent.clone(),
+                created_ms: *now_ms,
+                expires_ms: *expires_ms,
+                used_ms: None,
+            };
+            put(&mut kv, &key::enroll(token_sha256), &tok)?;
+            CommandResult::Ok
+        }
+        Command::ConsumeEnrollmentToken {
+            token_sha256,
+            agent,
+            cert_serial,
+            now_ms,
+        } => {
+            let k = key::enroll(token_sha256);
+            let Some(mut tok) = get::<EnrollmentToken>(&kv, &k)? else {
+                return Ok(reject(Rejection::NotFound("enrollment token".into())));
+            };
+            if tok.used_ms.is_some() {
+                return Ok(reject(Rejection::TokenUsed));
+            }
+            if *now_ms >= tok.expires_ms {
+                return Ok(reject(Rejection::TokenExpired));
+            }
+            if tok.agent != *agent {
+                return Ok(reject(Rejection::TokenWrongAgent));
+            }
+            tok.used_ms = Some(*now_ms);
+            put(&mut kv, &k, &tok)?;
+            put(
+                &mut kv,
+                &key::agent(agent),
+                &Agent {
+                    name: agent.clone(),
+                    cert_serial: cert_serial.clone(),
+                    enrolled_ms: *now_ms,
+                    revoked: false,
+                },
+            )?;
+            CommandResult::Ok
+        }
+        Command::AppendAudit { agent, events } => {
+            drop(kv);
+            append_audit(txn, agent, events)?
+        }
+        Command::SessionOpened { session } => {
+            put(&mut kv, &key::session(&session.id), session)?;
+            CommandResult::Ok
+        }
+        Command::SessionClosed {
+            session_id,
+            ended_ms,
+            end_reason,
+            recording_key,
+            recording_sha256,
+            recording_size,
+        } => {
+            let k = key::session(session_id);
+            let Some(mut s) = get::<SessionRecord>(&kv, &k)? else {
+                return Ok(reject(Rejection::NotFound(format!("session {session_id}"))));
+            };
+            s.ended_ms = Some(*ended_ms);
+            s.end_reason = Some(end_reason.clone());
+            s.recording_key = Some(recording_key.clone());
+            s.recording_sha256 = Some(recording_sha256.clone());
+            s.recording_size = Some(*recording_size);
+            put(&mut kv, &k, &s)?;
+            CommandResult::Ok
+        }
+    };
+    Ok(res)
+}
+
+fn append_audit(txn: &WriteTransaction, agent: &str, events: &[String]) -> ApplyResult<CommandResult> {
+    let mut audit = txn.open_table(AUDIT)?;
+    let mut ids = txn.open_table(AUDIT_IDS)?;
+    let mut seqs = txn.open_table(AGENT_SEQ)?;
+    let mut next = audit.last()?.map(|(k, _)| k.value() + 1).unwrap_or(0);
+    let mut high = seqs.get(agent)?.map(|v| v.value()).unwrap_or(0);
+    let (mut appended, mut duplicates) = (0, 0);
+    for raw in events {
+        // The agent's connection is authenticated; an event that does not
+        // decode or names another agent is dropped by the ingest path before
+        // it gets here, so decoding here cannot diverge between members.
+        let Ok(ev) = gatehouse_audit::AuditEvent::decode(raw.as_bytes()) else {
+            continue;
+        };
+        if ids.get(ev.id.as_str())?.is_some() {
+            duplicates += 1;
+        } else {
+            audit.insert(next, raw.as_str())?;
+            ids.insert(ev.id.as_str(), next)?;
+            next += 1;
+            appended += 1;
+        }
+        high = high.max(ev.seq);
+    }
+    seqs.insert(agent, high)?;
+    Ok(CommandResult::AuditAppended {
+        appended,
+        duplicates,
+        high_water: high,
+    })
+}
+
+/// SHA-256 over the sorted access rules: the version every decision cites.
+fn policy_version(kv: &redb::Table<&str, &str>) -> ApplyResult<String> {
+    let mut h = Sha256::new();
+    for item in kv.range("rule/".."rule0")? {
+        let (_, v) = item?;
+        let r: Rule = serde_json::from_str(v.value()).map_err(corrupt)?;
+        h.update(r.subject.as_bytes());
+        h.update([0]);
+        h.update(r.target.as_bytes());
+        h.update([0]);
+    }
+    Ok(hex::encode(h.finalize()).chars().take(16).collect())
+}
+
+fn reject(r: Rejection) -> CommandResult {
+    CommandResult::Rejected(r)
+}
+
+fn put<T: Serialize>(kv: &mut redb::Table<&str, &str>, k: &str, v: &T) -> ApplyResult<()> {
+    let s = serde_json::to_string(v).map_err(corrupt)?;
+    kv.insert(k, s.as_str())?;
+    Ok(())
+}
+
+pub(crate) fn get<T: serde::de::DeserializeOwned>(
+    kv: &impl ReadableTable<&'static str, &'static str>,
+    k: &str,
+) -> ApplyResult<Option<T>> {
+    match kv.get(k)? {
+        None => Ok(None),
+        Some(v) => serde_json::from_str(v.value()).map(Some).map_err(corrupt),
+    }
+}
+
+pub(crate) fn corrupt(e: serde_json::Error) -> redb::Error {
+    redb::Error::Corrupted(format!("undecodable state value: {e}"))
+}
+
+/// Lowercase hex SHA-256.
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}

@@ -1,0 +1,266 @@
+use bytes::{BufMut, BytesMut};
+use gatehouse_audit::Outcome;
+
+use super::*;
+
+fn msg(ty: u8, body: &[u8]) -> Vec<u8> {
+    let mut v = vec![ty];
+    v.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+    v.extend_from_slice(body);
+    v
+}
+
+fn cstr(s: &str) -> Vec<u8> {
+    let mut v = s.as_bytes().to_vec();
+    v.push(0);
+    v
+}
+
+fn query(s: &str) -> Vec<u8> {
+    msg(b'Q', &cstr(s))
+}
+
+fn command_complete(tag: &str) -> Vec<u8> {
+    msg(b'C', &cstr(tag))
+}
+
+fn ready() -> Vec<u8> {
+    msg(b'Z', b"I")
+}
+
+fn data_row(values: &[&str]) -> Vec<u8> {
+    let mut b = BytesMut::new();
+    b.put_i16(values.len() as i16);
+    for v in values {
+        b.put_i32(v.len() as i32);
+        b.put_slice(v.as_bytes());
+    }
+    msg(b'D', &b)
+}
+
+fn error(code: &str, m: &str) -> Vec<u8> {
+    let mut b = vec![b'S'];
+    b.extend(cstr("ERROR"));
+    b.push(b'C');
+    b.extend(cstr(code));
+    b.push(b'M');
+    b.extend(cstr(m));
+    b.push(0);
+    msg(b'E', &b)
+}
+
+/// Feeds `client` then `upstream` bytes, each in chunks of `chunk` bytes, and
+/// checks that every byte is forwarded unchanged and the events are `expect`.
+fn check(client: &[u8], upstream: &[u8], chunk: usize, expect: &[SessionEvent]) {
+    let mut insp = PgInspector::new();
+    let mut out = Vec::new();
+    let (mut to_up, mut to_client, mut events) = (Vec::new(), Vec::new(), Vec::new());
+    for (side, input) in [(Side::Client, client), (Side::Upstream, upstream)] {
+        let mut buf = BytesMut::new();
+        for piece in input.chunks(chunk) {
+            buf.extend_from_slice(piece);
+            match side {
+                Side::Client => insp.on_client(&mut buf, 5, &mut out).unwrap(),
+                Side::Upstream => insp.on_upstream(&mut buf, 7, &mut out).unwrap(),
+            }
+        }
+        assert!(buf.is_empty(), "{side:?}: {} bytes left over", buf.len());
+    }
+    for a in out {
+        match a {
+            Action::ToUpstream(b) => to_up.extend_from_slice(&b),
+            Action::ToClient(b) => to_client.extend_from_slice(&b),
+            Action::Event { event, .. } => events.push(event),
+        }
+    }
+    assert_eq!(to_up, client);
+    assert_eq!(to_client, upstream);
+    assert_eq!(events, expect);
+}
+
+fn simple_select() -> (Vec<u8>, Vec<u8>) {
+    let client = query("select 1");
+    let mut up = Vec::new();
+    let mut t = BytesMut::new();
+    t.put_i16(1);
+    t.put_slice(&cstr("?column?"));
+    t.put_i32(0);
+    t.put_i16(0);
+    t.put_u32(23);
+    t.put_i16(4);
+    t.put_i32(-1);
+    t.put_i16(0);
+    up.extend(msg(b'T', &t));
+    up.extend(data_row(&["1"]));
+    up.extend(command_complete("SELECT 1"));
+    up.extend(ready());
+    (client, up)
+}
+
+fn select_events() -> Vec<SessionEvent> {
+    vec![
+        SessionEvent::Query {
+            text: "select 1".into(),
+        },
+        SessionEvent::RowDescription {
+            columns: vec!["?column?".into()],
+        },
+        SessionEvent::CommandComplete {
+            tag: "SELECT 1".into(),
+        },
+        SessionEvent::StatementDone {
+            protocol: Protocol::Simple,
+            statements: vec!["select 1".into()],
+            outcome: Outcome {
+                command_tags: vec!["SELECT 1".into()],
+                rows: 1,
+                error_code: None,
+            },
+            started_ms: 5,
+        },
+    ]
+}
+
+#[test]
+fn simple_query_whole_and_byte_by_byte() {
+    let (client, up) = simple_select();
+    for chunk in [1, 3, 7, 1024] {
+        check(&client, &up, chunk, &select_events());
+    }
+}
+
+#[test]
+fn multi_statement_with_error() {
+    let client = query("insert into t values (1); select nope");
+    let mut up = command_complete("INSERT 0 1");
+    up.extend(error("42703", "column \"nope\" does not exist"));
+    up.extend(ready());
+    check(
+        &client,
+        &up,
+        2,
+        &[
+            SessionEvent::Query {
+                text: "insert into t values (1); select nope".into(),
+            },
+            SessionEvent::CommandComplete {
+                tag: "INSERT 0 1".into(),
+            },
+            SessionEvent::Error {
+                code: "42703".into(),
+                message: "column \"nope\" does not exist".into(),
+            },
+            SessionEvent::StatementDone {
+                protocol: Protocol::Simple,
+                statements: vec!["insert into t values (1); select nope".into()],
+                outcome: Outcome {
+                    command_tags: vec!["INSERT 0 1".into()],
+                    rows: 1,
+                    error_code: Some("42703".into()),
+                },
+                started_ms: 5,
+            },
+        ],
+    );
+}
+
+#[test]
+fn large_data_rows_stream_through_without_buffering() {
+    let mut insp = PgInspector::new();
+    let row = data_row(&[&"x".repeat(1 << 20)]);
+    let mut buf = BytesMut::new();
+    let mut out = Vec::new();
+    let mut forwarded = 0;
+    for piece in row.chunks(4096) {
+        buf.extend_from_slice(piece);
+        insp.on_upstream(&mut buf, 0, &mut out).unwrap();
+        // Nothing of an uninspected message stays buffered.
+        assert!(buf.is_empty());
+        for a in out.drain(..) {
+            if let Action::ToClient(b) = a {
+                forwarded += b.len();
+            }
+        }
+    }
+    assert_eq!(forwarded, row.len());
+}
+
+#[test]
+fn long_query_over_pgwire_limit_is_still_audited() {
+    let text = format!("select '{}'", "a".repeat(20_000));
+    let client = query(&text);
+    let mut insp = PgInspector::new();
+    let mut out = Vec::new();
+    let mut buf = BytesMut::from(&client[..]);
+    insp.on_client(&mut buf, 0, &mut out).unwrap();
+    assert!(out.contains(&Action::Event {
+        at_ms: 0,
+        event: SessionEvent::Query { text }
+    }));
+}
+
+#[test]
+fn unknown_message_types_pass_through() {
+    let client = msg(b'?', b"whatever");
+    let up = msg(b'!', b"\x00\x01");
+    check(&client, &up, 1, &[]);
+}
+
+#[test]
+fn bad_length_is_an_error_naming_the_side() {
+    let mut insp = PgInspector::new();
+    let mut out = Vec::new();
+    let mut buf = BytesMut::from(&[b'Q', 0, 0, 0, 2][..]);
+    let err = insp.on_client(&mut buf, 0, &mut out).unwrap_err();
+    assert!(matches!(err, InspectError::BadLength { side: Side::Client, len: 2 }));
+}
+
+#[test]
+fn extended_protocol_names_the_executed_statement() {
+    let mut client = Vec::new();
+    let mut parse = cstr("s1");
+    parse.extend(cstr("select $1::int"));
+    parse.extend(0i16.to_be_bytes());
+    client.extend(msg(b'P', &parse));
+    let mut bind = cstr("");
+    bind.extend(cstr("s1"));
+    bind.extend(0i16.to_be_bytes());
+    bind.extend(1i16.to_be_bytes());
+    bind.extend(1i32.to_be_bytes());
+    bind.push(b'7');
+    bind.extend(0i16.to_be_bytes());
+    client.extend(msg(b'B', &bind));
+    let mut exec = cstr("");
+    exec.extend(0i32.to_be_bytes());
+    client.extend(msg(b'E', &exec));
+    client.extend(msg(b'S', b""));
+    let mut up = msg(b'1', b"");
+    up.extend(msg(b'2', b""));
+    up.extend(data_row(&["7"]));
+    up.extend(command_complete("SELECT 1"));
+    up.extend(ready());
+    check(
+        &client,
+        &up,
+        5,
+        &[
+            SessionEvent::Parse {
+                name: "s1".into(),
+                text: "select $1::int".into(),
+            },
+            SessionEvent::CommandComplete {
+                tag: "SELECT 1".into(),
+            },
+            SessionEvent::StatementDone {
+                protocol: Protocol::Extended,
+                statements: vec!["select $1::int".into()],
+                outcome: Outcome {
+                    command_tags: vec!["SELECT 1".into()],
+                    rows: 1,
+                    error_code: None,
+                },
+                started_ms: 5,
+            },
+        ],
+    );
+}

@@ -1,0 +1,238 @@
+//! The cluster's certificate authority and the certificates it issues.
+//!
+//! Pure functions over PEM text: no files, no sockets, no clock reads (the
+//! caller passes validity times). The control plane holds the [`ClusterCa`];
+//! an agent only ever generates a key pair and a CSR ([`AgentKey::generate`]),
+//! so its private key never leaves the agent.
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    SerialNumber,
+};
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+
+/// A PKI operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("certificate generation failed: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    #[error("invalid certificate signing request: {0}")]
+    BadCsr(String),
+    #[error("invalid validity time: {0}")]
+    Time(String),
+}
+
+/// A certificate and its private key, both PEM.
+#[derive(Clone)]
+pub struct CertifiedKey {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// The cluster CA: issues server certificates and signs agent CSRs.
+pub struct ClusterCa {
+    cert_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+/// What the CA puts into an agent certificate.
+pub struct AgentCertRequest<'a> {
+    pub csr_pem: &'a str,
+    pub agent_name: &'a str,
+    pub serial: u64,
+    pub not_before_unix: i64,
+    pub not_after_unix: i64,
+}
+
+// === impl ClusterCa ===
+
+impl ClusterCa {
+    /// Creates a new self-signed CA valid from `now_unix` for ten years.
+    pub fn generate(cluster_name: &str, now_unix: i64) -> Result<CertifiedKey, PkiError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, format!("gatehouse cluster CA {cluster_name}"));
+        dn.push(DnType::OrganizationName, "gatehouse");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.not_before = at(now_unix - 3600)?;
+        params.not_after = at(now_unix + 10 * 365 * 86_400)?;
+        let cert = params.self_signed(&key)?;
+        Ok(CertifiedKey {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// Loads a CA from its certificate and key.
+    pub fn from_pem(ca: &CertifiedKey) -> Result<Self, PkiError> {
+        let key = KeyPair::from_pem(&ca.key_pem)?;
+        let issuer = Issuer::from_ca_cert_pem(&ca.cert_pem, key)?;
+        Ok(Self {
+            cert_pem: ca.cert_pem.clone(),
+            issuer,
+        })
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// Issues a TLS server certificate for the given DNS names / IP addresses.
+    pub fn issue_server(
+        &self,
+        names: &[String],
+        now_unix: i64,
+        days: i64,
+    ) -> Result<CertifiedKey, PkiError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(names.to_vec())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "gatehouse-server");
+        params.distinguished_name = dn;
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.not_before = at(now_unix - 3600)?;
+        params.not_after = at(now_unix + days * 86_400)?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(CertifiedKey {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// Signs an agent's CSR. The CSR's proof of possession is verified; its
+    /// subject and extensions are ignored: the certificate names exactly the
+    /// agent the enrollment token was bound to.
+    pub fn sign_agent(&self, req: &AgentCertRequest<'_>) -> Result<String, PkiError> {
+        let csr = CertificateSigningRequestParams::from_pem(req.csr_pem)
+            .map_err(|e| PkiError::BadCsr(e.to_string()))?;
+        let mut params = CertificateParams::new(vec![agent_san(req.agent_name)])?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, req.agent_name);
+        params.distinguished_name = dn;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.serial_number = Some(SerialNumber::from_slice(&req.serial.to_be_bytes()));
+        params.not_before = at(req.not_before_unix)?;
+        params.not_after = at(req.not_after_unix)?;
+        let signed = CertificateSigningRequestParams {
+            params,
+            public_key: csr.public_key,
+        }
+        .signed_by(&self.issuer)?;
+        Ok(signed.pem())
+    }
+}
+
+/// An agent's freshly generated key pair and the CSR that carries its public key.
+pub struct AgentKey {
+    pub key_pem: String,
+    pub csr_pem: String,
+}
+
+// === impl AgentKey ===
+
+impl AgentKey {
+    pub fn generate(agent_name: &str) -> Result<Self, PkiError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(vec![agent_san(agent_name)])?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, agent_name);
+        params.distinguished_name = dn;
+        let csr = params.serialize_request(&key)?;
+        Ok(Self {
+            key_pem: key.serialize_pem(),
+            csr_pem: csr.pem()?,
+        })
+    }
+}
+
+/// The DNS name an agent certificate carries: `<name>.agent.gatehouse`.
+pub fn agent_san(agent_name: &str) -> String {
+    format!("{agent_name}.agent.gatehouse")
+}
+
+/// The agent name in a certificate issued by [`ClusterCa::sign_agent`].
+pub fn agent_name_of(cert_der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
+    Some(cn.to_string())
+}
+
+/// Serial number of a DER certificate, as lowercase hex.
+pub fn serial_of(cert_der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    Some(hex::encode(cert.raw_serial()))
+}
+
+/// SHA-256 of the first certificate in a PEM text, lowercase hex. Used to pin
+/// the cluster CA in enrollment tokens.
+pub fn fingerprint_pem(pem_text: &str) -> Option<String> {
+    first_der(pem_text).map(|der| hex::encode(Sha256::digest(der)))
+}
+
+/// SHA-256 of a DER certificate, lowercase hex.
+pub fn fingerprint_der(der: &[u8]) -> String {
+    hex::encode(Sha256::digest(der))
+}
+
+/// The DER bytes of the first certificate in a PEM text.
+pub fn first_der(pem_text: &str) -> Option<Vec<u8>> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::pem_slice_iter(pem_text.as_bytes())
+        .next()?
+        .ok()
+        .map(|c| c.to_vec())
+}
+
+fn at(unix: i64) -> Result<OffsetDateTime, PkiError> {
+    OffsetDateTime::from_unix_timestamp(unix).map_err(|e| PkiError::Time(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_790_000_000;
+
+    #[test]
+    fn agent_csr_is_signed_with_the_token_bound_name() {
+        let ca_pair = ClusterCa::generate("t", NOW).unwrap();
+        let ca = ClusterCa::from_pem(&ca_pair).unwrap();
+        let agent = AgentKey::generate("someone-else").unwrap();
+        let cert = ca
+            .sign_agent(&AgentCertRequest {
+                csr_pem: &agent.csr_pem,
+                agent_name: "edge-1",
+                serial: 42,
+                not_before_unix: NOW,
+                not_after_unix: NOW + 86_400,
+            })
+            .unwrap();
+        let der = first_der(&cert).unwrap();
+        assert_eq!(agent_name_of(&der).as_deref(), Some("edge-1"));
+        assert_eq!(serial_of(&der).as_deref(), Some("2a"));
+    }
+
+    #[test]
+    fn garbage_csr_is_refused() {
+        let ca = ClusterCa::from_pem(&ClusterCa::generate("t", NOW).unwrap()).unwrap();
+        let err = ca
+            .sign_agent(&AgentCertRequest {
+                csr_pem: "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+                agent_name: "edge-1",
+                serial: 1,
+                not_before_unix: NOW,
+                not_after_unix: NOW + 1,
+            })
+            .unwrap_err();
+        assert!(matches!(err, PkiError::BadCsr(_)));
+    }
+}
