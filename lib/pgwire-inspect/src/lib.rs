@@ -11,6 +11,7 @@
 //! It reads no clock and owns no socket: the caller passes the time and
 //! performs the [`Action`]s. A partial message means "need more bytes".
 
+pub mod build;
 mod framer;
 mod inspector;
 

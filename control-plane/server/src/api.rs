@@ -1,0 +1,483 @@
+//! The admin and auditor gRPC API.
+
+use std::sync::Arc;
+
+use gatehouse_cp_raft::read::AuditFilter;
+use gatehouse_cp_raft::state::{self, SessionRecord};
+use gatehouse_cp_raft::{Command, Rejection};
+use gatehouse_proto::v1::admin_server::{Admin, AdminServer};
+use gatehouse_proto::v1::*;
+use object_store::{ObjectStore, ObjectStoreExt};
+use subtle::ConstantTimeEq;
+use tonic::{Request, Response, Status};
+
+use crate::TlsChain;
+use crate::cluster::{Cluster, ProposeError, now_ms};
+use crate::tunnel::AgentRegistry;
+
+/// Why an API call failed; each maps to one gRPC status.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("not the leader; retry at {leader:?}")]
+    NotLeader { leader: Option<String> },
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Self {
+        match e {
+            ApiError::InvalidArgument(m) => Status::invalid_argument(m),
+            ApiError::NotFound(m) => Status::not_found(m),
+            ApiError::AlreadyExists(m) => Status::already_exists(m),
+            ApiError::NotLeader { leader } => Status::unavailable(format!(
+                "not the leader; leader is {}",
+                leader.unwrap_or_else(|| "unknown".into())
+            )),
+            ApiError::Internal(m) => Status::internal(m),
+        }
+    }
+}
+
+impl From<ProposeError> for ApiError {
+    fn from(e: ProposeError) -> Self {
+        match e {
+            ProposeError::ForwardToLeader { leader } => ApiError::NotLeader { leader },
+            ProposeError::Raft(m) => ApiError::Internal(m),
+            ProposeError::Rejected(Rejection::AlreadyExists(m)) => {
+                ApiError::AlreadyExists(format!("{m} already exists"))
+            }
+            ProposeError::Rejected(Rejection::NotFound(m)) => {
+                ApiError::NotFound(format!("{m} not found"))
+            }
+            ProposeError::Rejected(r) => ApiError::InvalidArgument(r.to_string()),
+        }
+    }
+}
+
+impl From<gatehouse_cp_raft::read::ReadError> for ApiError {
+    fn from(e: gatehouse_cp_raft::read::ReadError) -> Self {
+        ApiError::Internal(e.to_string())
+    }
+}
+
+type ApiResult<T> = Result<Response<T>, Status>;
+
+/// The service implementation.
+pub struct AdminService {
+    cluster: Arc<Cluster>,
+    agents: AgentRegistry,
+    recordings: Arc<dyn ObjectStore>,
+    ca_fingerprint: String,
+}
+
+/// Serves the API with TLS until the process exits.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    svc: AdminService,
+    admin_token: String,
+    chain: TlsChain,
+) {
+    let expected = format!("Bearer {admin_token}");
+    let auth = move |req: Request<()>| -> Result<Request<()>, Status> {
+        let ok = req
+            .metadata()
+            .get("authorization")
+            .map(|v| bool::from(v.as_bytes().ct_eq(expected.as_bytes())))
+            .unwrap_or(false);
+        if ok {
+            Ok(req)
+        } else {
+            Err(Status::unauthenticated("missing or invalid admin token"))
+        }
+    };
+    let tls = tonic::transport::ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(
+        chain.cert_pem.as_bytes(),
+        chain.key_pem.as_bytes(),
+    ));
+    let mut server = match tonic::transport::Server::builder().tls_config(tls) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "API TLS configuration failed");
+            return;
+        }
+    };
+    let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    if let Err(e) = server
+        .add_service(AdminServer::with_interceptor(svc, auth))
+        .serve_with_incoming(incoming)
+        .await
+    {
+        tracing::error!(error = %e, "API server failed");
+    }
+}
+
+fn valid_name(kind: &str, name: &str) -> Result<(), ApiError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::InvalidArgument(format!(
+            "{kind} name {name:?} must be 1-63 letters, digits, '-' or '_'"
+        )))
+    }
+}
+
+fn session_proto(s: SessionRecord) -> Session {
+    Session {
+        id: s.id,
+        identity: s.identity,
+        target: s.target,
+        agent: s.agent,
+        database: s.database,
+        db_user: s.db_user,
+        client_addr: s.client_addr,
+        started_ms: s.started_ms,
+        ended_ms: s.ended_ms.unwrap_or(0),
+        end_reason: s.end_reason.unwrap_or_default(),
+        recording_key: s.recording_key.unwrap_or_default(),
+        recording_sha256: s.recording_sha256.unwrap_or_default(),
+        recording_size: s.recording_size.unwrap_or(0),
+        policy_version: s.policy_version,
+    }
+}
+
+// === impl AdminService ===
+
+impl AdminService {
+    pub fn new(
+        cluster: Arc<Cluster>,
+        agents: AgentRegistry,
+        recordings: Arc<dyn ObjectStore>,
+        ca_pem: &str,
+    ) -> Self {
+        Self {
+            cluster,
+            agents,
+            recordings,
+            ca_fingerprint: gatehouse_pki::fingerprint_pem(ca_pem).unwrap_or_default(),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn create_service_account(
+        &self,
+        req: Request<CreateServiceAccountRequest>,
+    ) -> ApiResult<CreateServiceAccountResponse> {
+        let req = req.into_inner();
+        valid_name("service account", &req.name)?;
+        for g in &req.groups {
+            valid_name("group", g)?;
+        }
+        let key_id = self.cluster.new_secret(4);
+        let secret = self.cluster.new_secret(24);
+        let now = now_ms();
+        self.cluster
+            .propose(Command::CreateServiceAccount {
+                name: req.name.clone(),
+                groups: req.groups.clone(),
+                key_id: key_id.clone(),
+                key_sha256: state::sha256_hex(secret.as_bytes()),
+                now_ms: now,
+            })
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(CreateServiceAccountResponse {
+            account: Some(ServiceAccount {
+                name: req.name,
+                groups: req.groups,
+                created_ms: now,
+                key_ids: vec![key_id.clone()],
+            }),
+            api_key: format!("ghk_{key_id}_{secret}"),
+        }))
+    }
+
+    async fn list_service_accounts(
+        &self,
+        _req: Request<ListRequest>,
+    ) -> ApiResult<ListServiceAccountsResponse> {
+        let accounts = self
+            .cluster
+            .reader
+            .service_accounts()
+            .map_err(ApiError::from)?
+            .into_iter()
+            .map(|a| ServiceAccount {
+                name: a.name,
+                groups: a.groups,
+                created_ms: a.created_ms,
+                key_ids: a.keys.into_iter().map(|k| k.key_id).collect(),
+            })
+            .collect();
+        Ok(Response::new(ListServiceAccountsResponse { accounts }))
+    }
+
+    async fn create_target(&self, req: Request<CreateTargetRequest>) -> ApiResult<Target> {
+        let req = req.into_inner();
+        valid_name("target", &req.name)?;
+        valid_name("agent", &req.agent)?;
+        let kind = if req.kind.is_empty() {
+            "postgres".to_string()
+        } else {
+            req.kind
+        };
+        if kind != "postgres" {
+            return Err(ApiError::InvalidArgument(format!(
+                "target kind {kind:?} is not supported yet (supported: postgres)"
+            ))
+            .into());
+        }
+        let target = state::Target {
+            name: req.name,
+            kind,
+            agent: req.agent,
+            default_db_user: req.default_db_user,
+            created_ms: now_ms(),
+        };
+        self.cluster
+            .propose(Command::CreateTarget {
+                target: target.clone(),
+            })
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(self.target_proto(target)))
+    }
+
+    async fn list_targets(&self, _req: Request<ListRequest>) -> ApiResult<ListTargetsResponse> {
+        let targets = self
+            .cluster
+            .reader
+            .targets()
+            .map_err(ApiError::from)?
+            .into_iter()
+            .map(|t| self.target_proto(t))
+            .collect();
+        Ok(Response::new(ListTargetsResponse { targets }))
+    }
+
+    async fn create_rule(&self, req: Request<CreateRuleRequest>) -> ApiResult<Rule> {
+        let req = req.into_inner();
+        let subject_ok = req
+            .subject
+            .strip_prefix("sa:")
+            .or_else(|| req.subject.strip_prefix("group:"))
+            .is_some_and(|n| valid_name("subject", n).is_ok());
+        if !subject_ok {
+            return Err(ApiError::InvalidArgument(format!(
+                "subject {:?} must be sa:<service account> or group:<group>",
+                req.subject
+            ))
+            .into());
+        }
+        let rule = state::Rule {
+            id: self.cluster.new_secret(8),
+            subject: req.subject,
+            target: req.target,
+            created_ms: now_ms(),
+        };
+        self.cluster
+            .propose(Command::CreateRule { rule: rule.clone() })
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(Rule {
+            id: rule.id,
+            subject: rule.subject,
+            target: rule.target,
+            created_ms: rule.created_ms,
+        }))
+    }
+
+    async fn list_rules(&self, _req: Request<ListRequest>) -> ApiResult<ListRulesResponse> {
+        let reader = &self.cluster.reader;
+        let rules = reader
+            .rules()
+            .map_err(ApiError::from)?
+            .into_iter()
+            .map(|r| Rule {
+                id: r.id,
+                subject: r.subject,
+                target: r.target,
+                created_ms: r.created_ms,
+            })
+            .collect();
+        Ok(Response::new(ListRulesResponse {
+            rules,
+            policy_version: reader.policy_version().map_err(ApiError::from)?,
+        }))
+    }
+
+    async fn create_enrollment_token(
+        &self,
+        req: Request<CreateEnrollmentTokenRequest>,
+    ) -> ApiResult<CreateEnrollmentTokenResponse> {
+        let req = req.into_inner();
+        valid_name("agent", &req.agent)?;
+        let ttl = match req.ttl_seconds {
+            0 => 3600,
+            t if t > 7 * 86_400 => {
+                return Err(ApiError::InvalidArgument(
+                    "enrollment tokens live at most 7 days".into(),
+                )
+                .into());
+            }
+            t => t as i64,
+        };
+        let secret = format!("ghe_{}", self.cluster.new_secret(24));
+        let now = now_ms();
+        let expires_ms = now + ttl * 1000;
+        self.cluster
+            .propose(Command::CreateEnrollmentToken {
+                token_sha256: state::sha256_hex(secret.as_bytes()),
+                agent: req.agent,
+                expires_ms,
+                now_ms: now,
+            })
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(CreateEnrollmentTokenResponse {
+            token: format!("{secret}.{}", self.ca_fingerprint),
+            expires_ms,
+        }))
+    }
+
+    async fn list_agents(&self, _req: Request<ListRequest>) -> ApiResult<ListAgentsResponse> {
+        let agents = self
+            .cluster
+            .reader
+            .agents()
+            .map_err(ApiError::from)?
+            .into_iter()
+            .map(|a| {
+                let live = self.agents.get(&a.name);
+                Agent {
+                    connected: live.is_some(),
+                    last_seen_ms: live
+                        .as_ref()
+                        .map(|c| c.last_seen_ms.load(std::sync::atomic::Ordering::Relaxed))
+                        .unwrap_or(0),
+                    version: live.as_ref().map(|c| c.version.clone()).unwrap_or_default(),
+                    targets: live.map(|c| c.targets).unwrap_or_default(),
+                    name: a.name,
+                    cert_serial: a.cert_serial,
+                    enrolled_ms: a.enrolled_ms,
+                }
+            })
+            .collect();
+        Ok(Response::new(ListAgentsResponse { agents }))
+    }
+
+    async fn list_sessions(
+        &self,
+        req: Request<ListSessionsRequest>,
+    ) -> ApiResult<ListSessionsResponse> {
+        let req = req.into_inner();
+        let limit = if req.limit == 0 { usize::MAX } else { req.limit as usize };
+        let sessions = self
+            .cluster
+            .reader
+            .sessions()
+            .map_err(ApiError::from)?
+            .into_iter()
+            .filter(|s| req.identity.is_empty() || s.identity == req.identity)
+            .filter(|s| req.target.is_empty() || s.target == req.target)
+            .take(limit)
+            .map(session_proto)
+            .collect();
+        Ok(Response::new(ListSessionsResponse { sessions }))
+    }
+
+    async fn get_recording(
+        &self,
+        req: Request<GetRecordingRequest>,
+    ) -> ApiResult<GetRecordingResponse> {
+        let id = req.into_inner().session_id;
+        let session = self
+            .cluster
+            .reader
+            .session(&id)
+            .map_err(ApiError::from)?
+            .ok_or_else(|| ApiError::NotFound(format!("session {id} not found")))?;
+        let Some(key) = session.recording_key.clone() else {
+            return Err(ApiError::NotFound(format!(
+                "session {id} has no recording yet (still open, or its upload is pending)"
+            ))
+            .into());
+        };
+        let path = object_store::path::Path::parse(&key)
+            .map_err(|e| ApiError::Internal(format!("recording key {key}: {e}")))?;
+        let data = self
+            .recordings
+            .get(&path)
+            .await
+            .map_err(|e| ApiError::NotFound(format!("recording {key}: {e}")))?
+            .bytes()
+            .await
+            .map_err(|e| ApiError::Internal(format!("reading recording {key}: {e}")))?;
+        Ok(Response::new(GetRecordingResponse {
+            session: Some(session_proto(session)),
+            data: data.to_vec(),
+        }))
+    }
+
+    async fn list_audit_events(
+        &self,
+        req: Request<ListAuditEventsRequest>,
+    ) -> ApiResult<ListAuditEventsResponse> {
+        let req = req.into_inner();
+        let nonempty = |s: String| if s.is_empty() { None } else { Some(s) };
+        let filter = AuditFilter {
+            identity: nonempty(req.identity),
+            target: nonempty(req.target),
+            session_id: nonempty(req.session_id),
+            since_ms: (req.since_ms != 0).then_some(req.since_ms),
+            until_ms: (req.until_ms != 0).then_some(req.until_ms),
+            limit: (req.limit != 0).then_some(req.limit as usize),
+        };
+        let events = self
+            .cluster
+            .reader
+            .audit_events(&filter)
+            .map_err(ApiError::from)?
+            .into_iter()
+            .map(String::into_bytes)
+            .collect();
+        Ok(Response::new(ListAuditEventsResponse { events }))
+    }
+
+    async fn status(&self, _req: Request<ListRequest>) -> ApiResult<StatusResponse> {
+        let m = self.cluster.raft.metrics().borrow().clone();
+        Ok(Response::new(StatusResponse {
+            node_id: self.cluster.node_id,
+            leader_id: m.current_leader.unwrap_or(0),
+            last_applied: m.last_applied.map(|l| l.index).unwrap_or(0),
+            audit_events: self.cluster.reader.audit_count().map_err(ApiError::from)?,
+            policy_version: self.cluster.reader.policy_version().map_err(ApiError::from)?,
+        }))
+    }
+}
+
+impl AdminService {
+    fn target_proto(&self, t: state::Target) -> Target {
+        Target {
+            online: self.agents.get(&t.agent).is_some(),
+            name: t.name,
+            kind: t.kind,
+            agent: t.agent,
+            default_db_user: t.default_db_user,
+            created_ms: t.created_ms,
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! The node's handle on the replicated state: proposals, reads, ids and time.
+
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use gatehouse_audit::{AuditEvent, Decision, EventKind};
+use gatehouse_cp_raft::{Command, CommandResult, Member, Raft, Rejection, StateReader};
+use rand::rngs::StdRng;
+use rand::{RngCore, SeedableRng};
+
+/// Why a proposal did not take effect.
+#[derive(Debug, thiserror::Error)]
+pub enum ProposeError {
+    #[error("not the leader; leader is {leader:?}")]
+    ForwardToLeader { leader: Option<String> },
+    #[error("raft: {0}")]
+    Raft(String),
+    #[error(transparent)]
+    Rejected(#[from] Rejection),
+}
+
+/// Shared by every part of the node.
+pub struct Cluster {
+    pub node_id: u64,
+    pub raft: Raft,
+    pub reader: StateReader,
+    rng: Mutex<StdRng>,
+    /// Sequence numbers of audit events this node produces itself.
+    audit_seq: Mutex<u64>,
+}
+
+// === impl Cluster ===
+
+impl Cluster {
+    pub fn new(node_id: u64, member: Member) -> Self {
+        let producer = Self::producer_name(node_id);
+        let high = member.reader.agent_high_water(&producer).unwrap_or(0);
+        Self {
+            node_id,
+            raft: member.raft,
+            reader: member.reader,
+            rng: Mutex::new(StdRng::from_os_rng()),
+            audit_seq: Mutex::new(high),
+        }
+    }
+
+    /// The producer name of audit events emitted by this control-plane node.
+    pub fn producer_name(node_id: u64) -> String {
+        format!("control-plane-{node_id}")
+    }
+
+    /// Proposes a command and waits until it is committed and applied.
+    pub async fn propose(&self, cmd: Command) -> Result<CommandResult, ProposeError> {
+        match self.raft.client_write(cmd).await {
+            Ok(resp) => match resp.data {
+                CommandResult::Rejected(r) => Err(ProposeError::Rejected(r)),
+                other => Ok(other),
+            },
+            Err(e) => {
+                if let Some(f) = e.forward_to_leader() {
+                    return Err(ProposeError::ForwardToLeader {
+                        leader: f.leader_node.as_ref().map(|n| n.addr.clone()),
+                    });
+                }
+                Err(ProposeError::Raft(e.to_string()))
+            }
+        }
+    }
+
+    /// 128 random bits as 32 hex digits, from a generator seeded once.
+    pub fn new_id(&self) -> String {
+        let mut b = [0u8; 16];
+        self.fill(&mut b);
+        hex::encode(b)
+    }
+
+    /// A secret of `n` random bytes, hex.
+    pub fn new_secret(&self, n: usize) -> String {
+        let mut b = vec![0u8; n];
+        self.fill(&mut b);
+        hex::encode(b)
+    }
+
+    pub fn random_u64(&self) -> u64 {
+        let mut b = [0u8; 8];
+        self.fill(&mut b);
+        u64::from_be_bytes(b) >> 1
+    }
+
+    fn fill(&self, b: &mut [u8]) {
+        match self.rng.lock() {
+            Ok(mut r) => r.fill_bytes(b),
+            Err(poisoned) => poisoned.into_inner().fill_bytes(b),
+        }
+    }
+
+    /// Commits an audit event produced by this node (e.g. a refused
+    /// connection). Returns once it is durable in the log.
+    pub async fn audit(&self, mut ev: AuditEvent) -> Result<(), ProposeError> {
+        let producer = Self::producer_name(self.node_id);
+        ev.agent = producer.clone();
+        ev.seq = {
+            let mut s = match self.audit_seq.lock() {
+                Ok(s) => s,
+                Err(p) => p.into_inner(),
+            };
+            *s += 1;
+            *s
+        };
+        self.propose(Command::AppendAudit {
+            agent: producer,
+            events: vec![String::from_utf8_lossy(&ev.encode()).into_owned()],
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// A refused-access event for the audit log.
+    pub fn denial(&self, identity: &str, target: &str, session_id: &str, detail: String) -> AuditEvent {
+        AuditEvent {
+            id: self.new_id(),
+            agent: String::new(),
+            seq: 0,
+            time_ms: now_ms(),
+            kind: EventKind::SessionStart,
+            session_id: session_id.to_string(),
+            identity: identity.to_string(),
+            target: target.to_string(),
+            policy_version: self.reader.policy_version().unwrap_or_default(),
+            decision: Decision::Deny,
+            statement: None,
+            outcome: None,
+            detail: Some(detail),
+        }
+    }
+}
+
+/// Wall-clock time in Unix milliseconds.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

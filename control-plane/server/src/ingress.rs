@@ -1,0 +1,336 @@
+//! PostgreSQL client ingress.
+//!
+//! Clients connect with their own tools: `user=<target>` or
+//! `<db_user>@<target>`, `dbname=<database on the target>`, password = an
+//! API key. The ingress requires TLS, asks for the password in clear (inside
+//! TLS), verifies the caller and the access rule, records the session in the
+//! index, and opens a stream to the agent serving the target. From then on
+//! it is a byte pipe: the agent speaks to the client.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::BytesMut;
+use gatehouse_cp_raft::Command;
+use gatehouse_cp_raft::state::SessionRecord;
+use gatehouse_pgwire_inspect::build::{self, Severity};
+use gatehouse_proto::frame;
+use gatehouse_proto::tunnel::SessionOpen;
+use pgwire::messages::{DecodeContext, PgWireFrontendMessage, SslNegotiationMetaMessage};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+
+use crate::TlsChain;
+use crate::cluster::{Cluster, now_ms};
+use crate::tunnel::AgentRegistry;
+
+/// Time a client has to finish TLS, startup and password.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a connection was refused before reaching a target. Each maps to the
+/// SQLSTATE the client sees.
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error("Gatehouse requires TLS: connect with sslmode=require or stronger")]
+    TlsRequired,
+    #[error("password authentication failed for user \"{0}\"")]
+    BadCredentials(String),
+    #[error("no target named \"{0}\"")]
+    NoSuchTarget(String),
+    #[error("{identity} is not allowed to access target \"{target}\"")]
+    NotAllowed { identity: String, target: String },
+    #[error("target \"{target}\" is unavailable: {reason}")]
+    Unavailable { target: String, reason: String },
+    #[error("the session could not be recorded in the index; refusing to proceed")]
+    NotDurable,
+    #[error("protocol violation during startup: {0}")]
+    Protocol(String),
+}
+
+impl Refusal {
+    fn sqlstate(&self) -> &'static str {
+        match self {
+            Refusal::TlsRequired | Refusal::NotAllowed { .. } | Refusal::NoSuchTarget(_) => "28000",
+            Refusal::BadCredentials(_) => "28P01",
+            Refusal::Unavailable { .. } => "57P03",
+            Refusal::NotDurable => "58000",
+            Refusal::Protocol(_) => "08P01",
+        }
+    }
+}
+
+/// TLS for the ingress, with the node's certificate.
+pub fn tls_acceptor(chain: &TlsChain) -> anyhow::Result<TlsAcceptor> {
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(chain.cert_pem.as_bytes()).collect::<Result<_, _>>()?;
+    let key = PrivateKeyDer::from_pem_slice(chain.key_pem.as_bytes())?;
+    let cfg = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("ingress TLS configuration")?;
+    Ok(TlsAcceptor::from(Arc::new(cfg)))
+}
+
+/// Accepts PostgreSQL clients forever.
+pub async fn serve(
+    listener: TcpListener,
+    tls: TlsAcceptor,
+    cluster: Arc<Cluster>,
+    agents: AgentRegistry,
+) {
+    loop {
+        let (sock, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = sock.set_nodelay(true);
+        let (tls, cluster, agents) = (tls.clone(), cluster.clone(), agents.clone());
+        tokio::spawn(async move {
+            if let Err(e) = handle(sock, peer, tls, cluster, agents).await {
+                tracing::debug!(%peer, error = %e, "client connection ended");
+            }
+        });
+    }
+}
+
+/// What the client asked for in its StartupMessage.
+struct Startup {
+    params: BTreeMap<String, String>,
+}
+
+async fn handle(
+    mut sock: TcpStream,
+    peer: SocketAddr,
+    tls: TlsAcceptor,
+    cluster: Arc<Cluster>,
+    agents: AgentRegistry,
+) -> anyhow::Result<()> {
+    let mut ctx = DecodeContext::default();
+    let mut buf = BytesMut::with_capacity(1024);
+    // SSL negotiation on the plain socket.
+    loop {
+        let msg = tokio::time::timeout(STARTUP_TIMEOUT, next_frontend(&mut sock, &mut buf, &ctx))
+            .await
+            .context("startup timed out")??;
+        match msg {
+            PgWireFrontendMessage::SslNegotiation(SslNegotiationMetaMessage::PostgresSsl(_)) => {
+                sock.write_all(b"S").await?;
+                break;
+            }
+            PgWireFrontendMessage::SslNegotiation(SslNegotiationMetaMessage::PostgresGss(_)) => {
+                sock.write_all(b"N").await?;
+            }
+            PgWireFrontendMessage::SslNegotiation(SslNegotiationMetaMessage::None) => {
+                // Startup or cancel without TLS.
+                ctx.awaiting_frontend_ssl = false;
+                let m = next_frontend(&mut sock, &mut buf, &ctx).await?;
+                if matches!(m, PgWireFrontendMessage::Startup(_)) {
+                    refuse(&mut sock, &Refusal::TlsRequired).await;
+                }
+                return Ok(());
+            }
+            _ => return Ok(()),
+        }
+    }
+    anyhow::ensure!(buf.is_empty(), "client sent data before the TLS handshake");
+    let mut stream = tls.accept(sock).await.context("TLS handshake")?;
+    ctx.awaiting_frontend_ssl = false;
+    let startup = match tokio::time::timeout(STARTUP_TIMEOUT, next_frontend(&mut stream, &mut buf, &ctx))
+        .await
+        .context("startup timed out")??
+    {
+        PgWireFrontendMessage::Startup(s) => Startup { params: s.parameters },
+        // Cancellation is mapped across the tunnel in a later step; a cancel
+        // request on its own connection ends here without effect.
+        _ => return Ok(()),
+    };
+    ctx.awaiting_frontend_startup = false;
+    stream.write_all(&build::authentication_cleartext()).await?;
+    let password = match tokio::time::timeout(STARTUP_TIMEOUT, next_frontend(&mut stream, &mut buf, &ctx))
+        .await
+        .context("password timed out")??
+    {
+        PgWireFrontendMessage::PasswordMessageFamily(p) => p
+            .into_password()
+            .map(|p| p.password)
+            .map_err(|e| anyhow::anyhow!("bad password message: {e}"))?,
+        _ => {
+            refuse(&mut stream, &Refusal::Protocol("expected a password message".into())).await;
+            return Ok(());
+        }
+    };
+    match admit(&startup, &password, peer, &cluster, &agents).await {
+        Ok((open, agent)) => relay(stream, buf, open, &agent, &agents).await,
+        Err(r) => {
+            tracing::info!(%peer, refusal = %r, "client refused");
+            refuse(&mut stream, &r).await;
+            Ok(())
+        }
+    }
+}
+
+/// Verifies the caller and the rule, and commits the session to the index.
+async fn admit(
+    startup: &Startup,
+    password: &str,
+    peer: SocketAddr,
+    cluster: &Cluster,
+    agents: &AgentRegistry,
+) -> Result<(SessionOpen, String), Refusal> {
+    let user = startup.params.get("user").cloned().unwrap_or_default();
+    let (db_user, target_name) = match user.rsplit_once('@') {
+        Some((u, t)) => (u.to_string(), t.to_string()),
+        None => (String::new(), user.clone()),
+    };
+    let session_id = cluster.new_id();
+    let account = cluster
+        .reader
+        .verify_api_key(password)
+        .map_err(|_| Refusal::NotDurable)?;
+    let Some(account) = account else {
+        let ev = cluster.denial("anonymous", &target_name, &session_id, "invalid API key".into());
+        let _ = cluster.audit(ev).await;
+        return Err(Refusal::BadCredentials(user));
+    };
+    let identity = format!("sa:{}", account.name);
+    let deny = |detail: String| cluster.denial(&identity, &target_name, &session_id, detail);
+    let Some(target) = cluster.reader.target(&target_name).map_err(|_| Refusal::NotDurable)? else {
+        let r = Refusal::NoSuchTarget(target_name.clone());
+        cluster.audit(deny(r.to_string())).await.map_err(|_| Refusal::NotDurable)?;
+        return Err(r);
+    };
+    let allowed = cluster
+        .reader
+        .is_allowed(&identity, &account.groups, &target.name)
+        .map_err(|_| Refusal::NotDurable)?;
+    if !allowed {
+        let r = Refusal::NotAllowed {
+            identity: identity.clone(),
+            target: target.name.clone(),
+        };
+        cluster.audit(deny(r.to_string())).await.map_err(|_| Refusal::NotDurable)?;
+        return Err(r);
+    }
+    if agents.get(&target.agent).is_none() {
+        return Err(Refusal::Unavailable {
+            target: target.name.clone(),
+            reason: format!("its agent {} is not connected", target.agent),
+        });
+    }
+    let db_user = if db_user.is_empty() {
+        target.default_db_user.clone()
+    } else {
+        db_user
+    };
+    let database = startup
+        .params
+        .get("database")
+        .cloned()
+        .unwrap_or_else(|| db_user.clone());
+    let policy_version = cluster.reader.policy_version().unwrap_or_default();
+    let started_ms = now_ms();
+    let record = SessionRecord {
+        id: session_id.clone(),
+        identity: identity.clone(),
+        target: target.name.clone(),
+        agent: target.agent.clone(),
+        database: database.clone(),
+        db_user: db_user.clone(),
+        client_addr: peer.to_string(),
+        policy_version: policy_version.clone(),
+        started_ms,
+        ..Default::default()
+    };
+    cluster
+        .propose(Command::SessionOpened { session: record })
+        .await
+        .map_err(|_| Refusal::NotDurable)?;
+    let startup_params = startup
+        .params
+        .iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "user" | "database"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    Ok((
+        SessionOpen {
+            session_id,
+            identity,
+            groups: account.groups.clone(),
+            target: target.name.clone(),
+            database,
+            db_user,
+            startup_params,
+            policy_version,
+            client_addr: peer.to_string(),
+            started_ms,
+        },
+        target.agent,
+    ))
+}
+
+/// Opens the agent stream and pipes bytes both ways until either side ends.
+async fn relay<S>(
+    mut client: S,
+    leftover: BytesMut,
+    open: SessionOpen,
+    agent: &str,
+    agents: &AgentRegistry,
+) -> anyhow::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut send, recv) = match agents.open_session(agent).await {
+        Ok(s) => s,
+        Err(e) => {
+            let r = Refusal::Unavailable {
+                target: open.target.clone(),
+                reason: e.to_string(),
+            };
+            refuse(&mut client, &r).await;
+            return Ok(());
+        }
+    };
+    send.write_all(&frame(&open)).await?;
+    if !leftover.is_empty() {
+        send.write_all(&leftover).await?;
+    }
+    let mut agent_io = tokio::io::join(recv, send);
+    let _ = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut agent_io, 64 << 10, 64 << 10).await;
+    Ok(())
+}
+
+async fn refuse<W: AsyncWrite + Unpin>(w: &mut W, r: &Refusal) {
+    let _ = w
+        .write_all(&build::error_response(Severity::Fatal, r.sqlstate(), &r.to_string()))
+        .await;
+    let _ = w.flush().await;
+    let _ = w.shutdown().await;
+}
+
+/// Reads until one whole frontend message decodes.
+async fn next_frontend<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    ctx: &DecodeContext,
+) -> anyhow::Result<PgWireFrontendMessage> {
+    loop {
+        if let Some(m) = PgWireFrontendMessage::decode(buf, ctx)? {
+            return Ok(m);
+        }
+        if buf.len() > 64 << 10 {
+            anyhow::bail!("startup message too large");
+        }
+        if r.read_buf(buf).await? == 0 {
+            anyhow::bail!("client closed the connection during startup");
+        }
+    }
+}

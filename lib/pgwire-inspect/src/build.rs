@@ -1,0 +1,73 @@
+//! Encoders for the few messages the gateway itself originates, through
+//! pgwire's codecs: errors it raises, and the authentication exchanges on
+//! each side of the gateway.
+
+use std::collections::BTreeMap;
+
+use bytes::{Bytes, BytesMut};
+use pgwire::messages::Message;
+use pgwire::messages::response::ErrorResponse;
+use pgwire::messages::startup::{
+    Authentication, Password, SASLInitialResponse, SASLResponse, Startup,
+};
+
+/// Severity of an error the gateway raises.
+#[derive(Clone, Copy, Debug)]
+pub enum Severity {
+    /// The statement fails; the session continues.
+    Error,
+    /// The session ends.
+    Fatal,
+}
+
+fn encode(m: &impl Message) -> Vec<u8> {
+    let mut b = BytesMut::new();
+    // Encoding only fails for messages over pgwire's size limits; none of
+    // ours come near them, and an empty result is caught by the peer.
+    let _ = m.encode(&mut b);
+    b.to_vec()
+}
+
+/// An ErrorResponse with SQLSTATE `code` and `message`.
+pub fn error_response(severity: Severity, code: &str, message: &str) -> Vec<u8> {
+    let s = match severity {
+        Severity::Error => "ERROR",
+        Severity::Fatal => "FATAL",
+    };
+    encode(&ErrorResponse::new(vec![
+        (b'S', s.to_string()),
+        (b'V', s.to_string()),
+        (b'C', code.to_string()),
+        (b'M', message.to_string()),
+    ]))
+}
+
+pub fn authentication_ok() -> Vec<u8> {
+    encode(&Authentication::Ok)
+}
+
+pub fn authentication_cleartext() -> Vec<u8> {
+    encode(&Authentication::CleartextPassword)
+}
+
+/// A protocol 3.0 StartupMessage.
+pub fn startup(params: &BTreeMap<String, String>) -> Vec<u8> {
+    let mut s = Startup::new();
+    s.parameters = params.clone();
+    encode(&s)
+}
+
+pub fn password(pw: &str) -> Vec<u8> {
+    encode(&Password::new(pw.to_string()))
+}
+
+pub fn sasl_initial_response(mechanism: &str, data: &[u8]) -> Vec<u8> {
+    encode(&SASLInitialResponse::new(
+        mechanism.to_string(),
+        Some(Bytes::copy_from_slice(data)),
+    ))
+}
+
+pub fn sasl_response(data: &[u8]) -> Vec<u8> {
+    encode(&SASLResponse::new(Bytes::copy_from_slice(data)))
+}

@@ -1,0 +1,121 @@
+//! The session recording format, version 1.
+//!
+//! A recording is a sequence of JSON lines. The first line is a
+//! [`Header`]; every following line is a [`Record`]: an offset in
+//! milliseconds from the session start and one [`RecordEvent`]. The object's
+//! SHA-256 is committed to the sessions index, so a recording that changed
+//! after upload no longer matches.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Current format version, written in every header.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// First line of a recording.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    pub format: String,
+    pub version: u32,
+    pub session_id: String,
+    pub identity: String,
+    pub target: String,
+    pub agent: String,
+    pub database: String,
+    pub db_user: String,
+    pub policy_version: String,
+    pub started_ms: i64,
+}
+
+/// One recorded event.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum RecordEvent {
+    Query { text: String },
+    Parse { name: String, text: String },
+    RowDescription { columns: Vec<String> },
+    CommandComplete { tag: String },
+    Error { code: String, message: String },
+    StatementDone { statements: Vec<String>, rows: u64 },
+    End { reason: String },
+}
+
+/// A line after the header.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// Milliseconds since the session started.
+    pub t: i64,
+    #[serde(flatten)]
+    pub event: RecordEvent,
+}
+
+/// A recording that does not parse.
+#[derive(Debug, thiserror::Error)]
+pub enum ParseError {
+    #[error("recording is empty")]
+    Empty,
+    #[error("line {line}: {source}")]
+    Line {
+        line: usize,
+        source: serde_json::Error,
+    },
+}
+
+/// Encodes one line (with its trailing newline).
+pub fn line<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut v = serde_json::to_vec(value).unwrap_or_default();
+    v.push(b'\n');
+    v
+}
+
+/// Parses a whole recording.
+pub fn parse(data: &[u8]) -> Result<(Header, Vec<Record>), ParseError> {
+    let mut lines = data.split(|b| *b == b'\n').filter(|l| !l.is_empty());
+    let first = lines.next().ok_or(ParseError::Empty)?;
+    let header = serde_json::from_slice(first).map_err(|source| ParseError::Line { line: 1, source })?;
+    let mut records = Vec::new();
+    for (i, l) in lines.enumerate() {
+        records.push(serde_json::from_slice(l).map_err(|source| ParseError::Line { line: i + 2, source })?);
+    }
+    Ok((header, records))
+}
+
+/// Lowercase hex SHA-256 of a recording object.
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let h = Header {
+            format: "gatehouse-recording".into(),
+            version: FORMAT_VERSION,
+            session_id: "s".into(),
+            identity: "sa:a".into(),
+            target: "t".into(),
+            agent: "a".into(),
+            database: "d".into(),
+            db_user: "u".into(),
+            policy_version: "p".into(),
+            started_ms: 1,
+        };
+        let r = Record {
+            t: 5,
+            event: RecordEvent::Query {
+                text: "select 1".into(),
+            },
+        };
+        let mut data = line(&h);
+        data.extend(line(&r));
+        assert_eq!(
+            String::from_utf8(line(&r)).unwrap(),
+            "{\"t\":5,\"type\":\"query\",\"text\":\"select 1\"}\n"
+        );
+        assert_eq!(parse(&data).unwrap(), (h, vec![r]));
+        assert!(matches!(parse(b"{}\n"), Err(ParseError::Line { line: 1, .. })));
+    }
+}
