@@ -1,1 +1,108 @@
+//! `gatehouse-agent`: dials home over QUIC, terminates PostgreSQL sessions
+//! the control plane routes to it, connects to the targets with its own
+//! credentials, inspects and records every session, and ships audit events.
+//!
+//! - [`identity`]: enrollment and TLS.
+//! - [`tunnel`]: the connection to the control plane (reconnects, control
+//!   stream, audit shipping, accepting session streams).
+//! - [`pg`]: one PostgreSQL session, upstream authentication and relay.
+//! - [`recorder`]: the session recording, spooled and uploaded.
 
+pub mod config;
+pub mod identity;
+pub mod pg;
+pub mod recorder;
+pub mod tunnel;
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use gatehouse_audit::AuditEvent;
+use rand::rngs::StdRng;
+use rand::{RngCore, SeedableRng};
+use tokio::sync::mpsc;
+
+use crate::config::AgentConfig;
+
+/// Capacity of the audit queue; a full queue makes sessions wait.
+pub const AUDIT_QUEUE: usize = 8192;
+
+/// State shared by every task of the agent.
+pub struct AgentCtx {
+    pub config: AgentConfig,
+    pub recordings: std::sync::Arc<dyn object_store::ObjectStore>,
+    audit_tx: mpsc::Sender<AuditEvent>,
+    pub(crate) report_tx: mpsc::UnboundedSender<gatehouse_proto::tunnel::SessionRecorded>,
+    seq: AtomicU64,
+    rng: Mutex<StdRng>,
+}
+
+/// The receiving ends the tunnel task drains.
+pub struct AgentQueues {
+    pub audit_rx: mpsc::Receiver<AuditEvent>,
+    pub report_rx: mpsc::UnboundedReceiver<gatehouse_proto::tunnel::SessionRecorded>,
+}
+
+// === impl AgentCtx ===
+
+impl AgentCtx {
+    pub fn new(
+        config: AgentConfig,
+        recordings: std::sync::Arc<dyn object_store::ObjectStore>,
+    ) -> (Self, AgentQueues) {
+        let (audit_tx, audit_rx) = mpsc::channel(AUDIT_QUEUE);
+        let (report_tx, report_rx) = mpsc::unbounded_channel();
+        (
+            Self {
+                config,
+                recordings,
+                audit_tx,
+                report_tx,
+                seq: AtomicU64::new(0),
+                rng: Mutex::new(StdRng::from_os_rng()),
+            },
+            AgentQueues {
+                audit_rx,
+                report_rx,
+            },
+        )
+    }
+
+    /// 128 random bits as hex, from a generator seeded once.
+    pub fn new_id(&self) -> String {
+        let mut b = [0u8; 16];
+        match self.rng.lock() {
+            Ok(mut r) => r.fill_bytes(&mut b),
+            Err(p) => p.into_inner().fill_bytes(&mut b),
+        }
+        hex::encode(b)
+    }
+
+    /// Raises the sequence counter to at least `floor` (the committed high
+    /// water the control plane reports on every connect).
+    pub fn raise_seq(&self, floor: u64) {
+        self.seq.fetch_max(floor, Ordering::SeqCst);
+    }
+
+    /// Stamps the event with this agent's name and next sequence number and
+    /// queues it; waits while the queue is full (back-pressure, never drop).
+    pub async fn audit(&self, mut ev: AuditEvent) -> Result<(), AuditClosed> {
+        ev.agent = self.config.name.clone();
+        ev.seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
+        self.audit_tx.send(ev).await.map_err(|_| AuditClosed)
+    }
+}
+
+/// The audit pipeline has stopped; sessions must not proceed.
+#[derive(Debug, thiserror::Error)]
+#[error("the audit pipeline is closed")]
+pub struct AuditClosed;
+
+/// Wall-clock time in Unix milliseconds.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

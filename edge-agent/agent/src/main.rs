@@ -1,1 +1,67 @@
-fn main() {}
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use gatehouse_agent::config::AgentConfig;
+use gatehouse_agent::identity::{IdentityFiles, enroll};
+
+#[derive(Parser)]
+#[command(name = "gatehouse-agent", version, about = "Gatehouse edge agent")]
+struct Args {
+    /// Agent configuration file (TOML).
+    #[arg(long, env = "GATEHOUSE_AGENT_CONFIG")]
+    config: PathBuf,
+    /// Single-use enrollment token; needed only on the first start.
+    #[arg(long, env = "GATEHOUSE_ENROLL_TOKEN", hide_env_values = true)]
+    enroll_token: Option<String>,
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Args::parse()).await {
+        eprintln!("gatehouse-agent: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let cfg = AgentConfig::load(&args.config)?;
+    let files = IdentityFiles::new(&cfg.data_dir);
+    if !files.exist() {
+        let token = args
+            .enroll_token
+            .as_deref()
+            .context("agent is not enrolled yet: pass --enroll-token")?;
+        enroll(&cfg, token, &files).await.context("enrollment")?;
+        tracing::info!(agent = %cfg.name, "enrolled");
+    }
+    std::fs::create_dir_all(&cfg.recordings_dir)
+        .with_context(|| format!("creating {}", cfg.recordings_dir.display()))?;
+    let store = object_store::local::LocalFileSystem::new_with_prefix(&cfg.recordings_dir)
+        .context("opening the recordings store")?;
+    let (ctx, queues) = gatehouse_agent::AgentCtx::new(cfg, Arc::new(store));
+    let ctx = Arc::new(ctx);
+    tokio::select! {
+        r = gatehouse_agent::tunnel::run(ctx.clone(), queues) => r,
+        _ = shutdown() => Ok(()),
+    }
+}
+
+async fn shutdown() {
+    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,91 @@
+//! The agent's configuration file (TOML). It holds the target credentials;
+//! they never leave the agent.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::Deserialize;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The agent's name; its certificate is issued for it.
+    pub name: String,
+    /// Control-plane QUIC endpoints, tried in order.
+    pub servers: Vec<SocketAddr>,
+    /// Name the control plane's certificate is checked against.
+    #[serde(default = "default_server_name")]
+    pub server_name: String,
+    /// Keys, certificate and the recording spool live here.
+    pub data_dir: PathBuf,
+    /// Root of the filesystem object store recordings are uploaded to.
+    pub recordings_dir: PathBuf,
+    #[serde(default)]
+    pub targets: Vec<TargetConfig>,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    /// Role the agent authenticates as.
+    pub user: String,
+    pub password: Option<String>,
+    pub password_file: Option<PathBuf>,
+}
+
+// Never print the password.
+impl std::fmt::Debug for TargetConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TargetConfig")
+            .field("name", &self.name)
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
+fn default_server_name() -> String {
+    "localhost".into()
+}
+
+// === impl AgentConfig ===
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let cfg: AgentConfig =
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        anyhow::ensure!(!cfg.servers.is_empty(), "config lists no servers");
+        for t in &cfg.targets {
+            anyhow::ensure!(
+                t.password.is_some() ^ t.password_file.is_some(),
+                "target {}: set exactly one of password, password_file",
+                t.name
+            );
+        }
+        Ok(cfg)
+    }
+
+    pub fn target(&self, name: &str) -> Option<&TargetConfig> {
+        self.targets.iter().find(|t| t.name == name)
+    }
+}
+
+// === impl TargetConfig ===
+
+impl TargetConfig {
+    /// Reads the credential at the moment of use, so a rotated file is picked up.
+    pub fn password(&self) -> std::io::Result<String> {
+        match (&self.password, &self.password_file) {
+            (Some(p), _) => Ok(p.clone()),
+            (None, Some(f)) => Ok(std::fs::read_to_string(f)?.trim_end_matches(['\n', '\r']).to_string()),
+            (None, None) => Ok(String::new()),
+        }
+    }
+}

@@ -1,0 +1,379 @@
+//! One PostgreSQL session: the control plane has authenticated the caller and
+//! opened this stream; the agent connects to the target with its own
+//! credential, then relays message by message through the inspector,
+//! recording every event and auditing every statement.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use gatehouse_audit::{AuditEvent, Decision, EventKind, Outcome};
+use gatehouse_pgwire_inspect::build::{self, Severity};
+use gatehouse_pgwire_inspect::{Action, PgInspector, SessionEvent};
+use gatehouse_proto::read_frame;
+use gatehouse_proto::tunnel::SessionOpen;
+use gatehouse_recording::{Header, RecordEvent};
+use pgwire::messages::startup::Authentication;
+use pgwire::messages::{DecodeContext, PgWireBackendMessage};
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::config::TargetConfig;
+use crate::recorder::Recorder;
+use crate::{AgentCtx, now_ms};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connecting to the target failed.
+#[derive(Debug, thiserror::Error)]
+enum UpstreamError {
+    #[error("cannot reach target: {0}")]
+    Io(#[from] std::io::Error),
+    /// The target refused us; its ErrorResponse goes to the client as is.
+    #[error("target refused the connection: {code} {message}")]
+    Refused {
+        code: String,
+        message: String,
+        raw: Vec<u8>,
+    },
+    #[error("target spoke an unexpected protocol: {0}")]
+    Protocol(String),
+    #[error("target asked for an unsupported authentication method")]
+    UnsupportedAuth,
+}
+
+/// Handles one session stream until either side ends.
+pub async fn session(ctx: Arc<AgentCtx>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let open = match tokio::time::timeout(CONNECT_TIMEOUT, read_frame::<SessionOpen, _>(&mut recv)).await {
+        Ok(Ok(Some(o))) => o,
+        _ => return,
+    };
+    let reason = match run(&ctx, &open, &mut send, &mut recv).await {
+        Ok(reason) => reason,
+        Err(message) => {
+            let _ = send
+                .write_all(&build::error_response(Severity::Fatal, &message.0, &message.1))
+                .await;
+            message.1
+        }
+    };
+    let _ = send.finish();
+    tracing::debug!(session_id = %open.session_id, %reason, "session ended");
+}
+
+/// An error for the client: SQLSTATE and message.
+struct ClientError(String, String);
+
+fn base_event(ctx: &AgentCtx, open: &SessionOpen, kind: EventKind, decision: Decision) -> AuditEvent {
+    AuditEvent {
+        id: ctx.new_id(),
+        agent: String::new(),
+        seq: 0,
+        time_ms: now_ms(),
+        kind,
+        session_id: open.session_id.clone(),
+        identity: open.identity.clone(),
+        target: open.target.clone(),
+        policy_version: open.policy_version.clone(),
+        decision,
+        statement: None,
+        outcome: None,
+        detail: None,
+    }
+}
+
+async fn run(
+    ctx: &AgentCtx,
+    open: &SessionOpen,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+) -> Result<String, ClientError> {
+    let audit_down = || ClientError("58000".into(), "audit pipeline unavailable; refusing to proceed".into());
+    let Some(target) = ctx.config.target(&open.target) else {
+        return Err(ClientError(
+            "08001".into(),
+            format!("agent {} does not serve target \"{}\"", ctx.config.name, open.target),
+        ));
+    };
+    let db_user = if open.db_user.is_empty() { target.user.clone() } else { open.db_user.clone() };
+    if db_user != target.user {
+        return Err(ClientError(
+            "28000".into(),
+            format!("agent holds no credential for role \"{db_user}\" on target \"{}\"", open.target),
+        ));
+    }
+    let mut recorder = Recorder::start(
+        ctx,
+        Header {
+            format: String::new(),
+            version: 0,
+            session_id: open.session_id.clone(),
+            identity: open.identity.clone(),
+            target: open.target.clone(),
+            agent: ctx.config.name.clone(),
+            database: open.database.clone(),
+            db_user: db_user.clone(),
+            policy_version: open.policy_version.clone(),
+            started_ms: open.started_ms,
+        },
+    )
+    .map_err(|e| ClientError("58030".into(), format!("session recording unavailable: {e}")))?;
+
+    let (upstream, leftover) = match connect_upstream(target, open, &db_user).await {
+        Ok(x) => x,
+        Err(e) => {
+            let mut ev = base_event(ctx, open, EventKind::SessionStart, Decision::Deny);
+            ev.detail = Some(e.to_string());
+            ctx.audit(ev).await.map_err(|_| audit_down())?;
+            let _ = recorder.record(now_ms(), RecordEvent::Error { code: "08006".into(), message: e.to_string() });
+            let _ = recorder.finish(ctx, "upstream refused").await;
+            return match e {
+                UpstreamError::Refused { raw, .. } => {
+                    let _ = send.write_all(&raw).await;
+                    Ok("upstream refused".into())
+                }
+                other => Err(ClientError("08006".into(), other.to_string())),
+            };
+        }
+    };
+    let mut ev = base_event(ctx, open, EventKind::SessionStart, Decision::Allow);
+    ev.detail = Some(format!("client {} as {db_user} to database {}", open.client_addr, open.database));
+    ctx.audit(ev).await.map_err(|_| audit_down())?;
+    send.write_all(&build::authentication_ok())
+        .await
+        .map_err(|e| ClientError("08006".into(), e.to_string()))?;
+
+    let state = Arc::new(Mutex::new(Session {
+        insp: PgInspector::new(),
+        recorder: Some(recorder),
+        failed: None,
+    }));
+    let reason = relay(ctx, open, state.clone(), upstream, leftover, send, recv).await;
+    let recorder = state.lock().ok().and_then(|mut s| s.recorder.take());
+    let mut end = base_event(ctx, open, EventKind::SessionEnd, Decision::Allow);
+    end.detail = Some(reason.clone());
+    let _ = ctx.audit(end).await;
+    if let Some(r) = recorder {
+        if let Err(e) = r.finish(ctx, &reason).await {
+            tracing::error!(session_id = %open.session_id, error = %e, "recording upload failed");
+        }
+    }
+    Ok(reason)
+}
+
+/// Inspector and recorder of one session, shared by both directions.
+struct Session {
+    insp: PgInspector,
+    recorder: Option<Recorder>,
+    failed: Option<String>,
+}
+
+impl Session {
+    /// Records events and returns the bytes to forward and the statements to audit.
+    fn take(&mut self, out: &mut Vec<Action>) -> (Vec<bytes::Bytes>, Vec<(Vec<String>, Outcome, i64)>) {
+        let mut fwd = Vec::new();
+        let mut done = Vec::new();
+        for a in out.drain(..) {
+            match a {
+                Action::ToUpstream(b) | Action::ToClient(b) => fwd.push(b),
+                Action::Event { at_ms, event } => {
+                    let rec = match event {
+                        SessionEvent::Query { text } => Some(RecordEvent::Query { text }),
+                        SessionEvent::Parse { name, text } => Some(RecordEvent::Parse { name, text }),
+                        SessionEvent::RowDescription { columns } => Some(RecordEvent::RowDescription { columns }),
+                        SessionEvent::CommandComplete { tag } => Some(RecordEvent::CommandComplete { tag }),
+                        SessionEvent::Error { code, message } => Some(RecordEvent::Error { code, message }),
+                        SessionEvent::StatementDone { statements, outcome, started_ms, .. } => {
+                            let r = RecordEvent::StatementDone { statements: statements.clone(), rows: outcome.rows };
+                            done.push((statements, outcome, started_ms));
+                            Some(r)
+                        }
+                        SessionEvent::Terminate => None,
+                    };
+                    if let (Some(rec), Some(recorder)) = (rec, self.recorder.as_mut()) {
+                        if let Err(e) = recorder.record(at_ms, rec) {
+                            self.failed = Some(format!("recording failed: {e}"));
+                        }
+                    }
+                }
+            }
+        }
+        (fwd, done)
+    }
+}
+
+async fn relay(
+    ctx: &AgentCtx,
+    open: &SessionOpen,
+    state: Arc<Mutex<Session>>,
+    upstream: TcpStream,
+    leftover: BytesMut,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+) -> String {
+    let (mut ur, mut uw) = upstream.into_split();
+    let audit = |stmts: Vec<(Vec<String>, Outcome, i64)>| async move {
+        for (statements, outcome, started) in stmts {
+            let mut ev = base_event(ctx, open, EventKind::Statement, Decision::Allow);
+            ev.time_ms = started;
+            ev.statement = Some(statements.join(";\n"));
+            ev.outcome = Some(outcome);
+            ctx.audit(ev).await?;
+        }
+        Ok::<_, crate::AuditClosed>(())
+    };
+    let client_to_upstream = async {
+        let mut buf = BytesMut::with_capacity(64 << 10);
+        let mut out = Vec::new();
+        loop {
+            match recv.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return "client disconnected".to_string(),
+                Ok(_) => {}
+            }
+            let (fwd, done, failed) = {
+                let Ok(mut s) = state.lock() else { return "internal error".into() };
+                if let Err(e) = s.insp.on_client(&mut buf, now_ms(), &mut out) {
+                    return format!("protocol error: {e}");
+                }
+                let (f, d) = s.take(&mut out);
+                (f, d, s.failed.clone())
+            };
+            if let Some(f) = failed {
+                return f;
+            }
+            if audit(done).await.is_err() {
+                return "audit pipeline closed".into();
+            }
+            for b in fwd {
+                if uw.write_all(&b).await.is_err() {
+                    return "target closed the connection".into();
+                }
+            }
+        }
+    };
+    let upstream_to_client = async {
+        let mut buf = leftover;
+        let mut out = Vec::new();
+        loop {
+            if !buf.is_empty() {
+                let (fwd, done, failed) = {
+                    let Ok(mut s) = state.lock() else { return "internal error".into() };
+                    if let Err(e) = s.insp.on_upstream(&mut buf, now_ms(), &mut out) {
+                        return format!("protocol error: {e}");
+                    }
+                    let (f, d) = s.take(&mut out);
+                    (f, d, s.failed.clone())
+                };
+                if let Some(f) = failed {
+                    return f;
+                }
+                // Evidence first: the client sees the end of a statement
+                // only after its audit event is queued.
+                if audit(done).await.is_err() {
+                    return "audit pipeline closed".into();
+                }
+                for b in fwd {
+                    if send.write_all(&b).await.is_err() {
+                        return "client disconnected".into();
+                    }
+                }
+            }
+            match ur.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return "target closed the connection".to_string(),
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::select! {
+        r = client_to_upstream => r,
+        r = upstream_to_client => r,
+    }
+}
+
+/// Connects and authenticates to the target. Returns the socket and any
+/// bytes the target sent after AuthenticationOk (parameter statuses,
+/// backend key data, ready-for-query), which go to the client.
+async fn connect_upstream(
+    target: &TargetConfig,
+    open: &SessionOpen,
+    db_user: &str,
+) -> Result<(TcpStream, BytesMut), UpstreamError> {
+    let mut sock = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        TcpStream::connect((target.host.as_str(), target.port)),
+    )
+    .await
+    .map_err(|_| UpstreamError::Io(std::io::ErrorKind::TimedOut.into()))??;
+    sock.set_nodelay(true)?;
+    let mut params: BTreeMap<String, String> = open
+        .startup_params
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    params.insert("user".into(), db_user.to_string());
+    params.insert("database".into(), open.database.clone());
+    sock.write_all(&build::startup(&params)).await?;
+
+    let mut ctx = DecodeContext::default();
+    ctx.awaiting_frontend_ssl = false;
+    ctx.awaiting_frontend_startup = false;
+    let mut buf = BytesMut::with_capacity(8192);
+    let mut scram: Option<ScramSha256> = None;
+    loop {
+        let msg = match PgWireBackendMessage::decode(&mut buf, &ctx) {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                if sock.read_buf(&mut buf).await? == 0 {
+                    return Err(UpstreamError::Protocol("connection closed during authentication".into()));
+                }
+                continue;
+            }
+            Err(e) => return Err(UpstreamError::Protocol(e.to_string())),
+        };
+        match msg {
+            PgWireBackendMessage::Authentication(Authentication::Ok) => return Ok((sock, buf)),
+            PgWireBackendMessage::Authentication(Authentication::CleartextPassword) => {
+                let pw = target.password()?;
+                sock.write_all(&build::password(&pw)).await?;
+            }
+            PgWireBackendMessage::Authentication(Authentication::MD5Password(salt)) => {
+                let salt: [u8; 4] = salt
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| UpstreamError::Protocol("bad MD5 salt".into()))?;
+                let pw = target.password()?;
+                let hashed = postgres_protocol::authentication::md5_hash(db_user.as_bytes(), pw.as_bytes(), salt);
+                sock.write_all(&build::password(&hashed)).await?;
+            }
+            PgWireBackendMessage::Authentication(Authentication::SASL(mechs)) => {
+                if !mechs.iter().any(|m| m == "SCRAM-SHA-256") {
+                    return Err(UpstreamError::UnsupportedAuth);
+                }
+                let pw = target.password()?;
+                let s = ScramSha256::new(pw.as_bytes(), ChannelBinding::unsupported());
+                sock.write_all(&build::sasl_initial_response("SCRAM-SHA-256", s.message())).await?;
+                scram = Some(s);
+            }
+            PgWireBackendMessage::Authentication(Authentication::SASLContinue(data)) => {
+                let s = scram.as_mut().ok_or_else(|| UpstreamError::Protocol("unexpected SASL continue".into()))?;
+                s.update(&data).map_err(|e| UpstreamError::Protocol(e.to_string()))?;
+                sock.write_all(&build::sasl_response(s.message())).await?;
+            }
+            PgWireBackendMessage::Authentication(Authentication::SASLFinal(data)) => {
+                let mut s = scram.take().ok_or_else(|| UpstreamError::Protocol("unexpected SASL final".into()))?;
+                s.finish(&data).map_err(|e| UpstreamError::Protocol(format!("server signature: {e}")))?;
+            }
+            PgWireBackendMessage::Authentication(_) => return Err(UpstreamError::UnsupportedAuth),
+            PgWireBackendMessage::ErrorResponse(e) => {
+                let field = |k: u8| e.fields.iter().find(|(f, _)| *f == k).map(|(_, v)| v.clone()).unwrap_or_default();
+                let (code, message) = (field(b'C'), field(b'M'));
+                let raw = build::error_response(Severity::Fatal, &code, &format!("target \"{}\": {message}", open.target));
+                return Err(UpstreamError::Refused { code, message, raw });
+            }
+            PgWireBackendMessage::NoticeResponse(_) | PgWireBackendMessage::NegotiateProtocolVersion(_) => {}
+            other => return Err(UpstreamError::Protocol(format!("unexpected {other:?} during authentication"))),
+        }
+    }
+}

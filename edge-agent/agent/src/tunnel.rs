@@ -1,0 +1,208 @@
+//! The agent's connection to the control plane.
+//!
+//! The agent only dials out. It keeps one QUIC connection with keep-alives,
+//! reconnects with jittered exponential backoff, and on each connection:
+//! sends hello, learns the committed audit high water, re-sends every audit
+//! event not yet acknowledged, and accepts session streams.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use gatehouse_audit::AuditEvent;
+use gatehouse_proto::tunnel::{
+    AgentMessage, AuditBatch, Heartbeat, Hello, ServerMessage, SessionRecorded, agent_message,
+    server_message,
+};
+use gatehouse_proto::{frame, read_frame};
+use rand::Rng;
+use tokio::sync::mpsc;
+
+use crate::identity::{IdentityFiles, client_endpoint, client_tls};
+use crate::{AgentCtx, AgentQueues, now_ms};
+
+const HEARTBEAT: Duration = Duration::from_secs(5);
+const MAX_BATCH: usize = 2048;
+const MAX_INFLIGHT_BATCHES: usize = 4;
+
+/// Audit events and session reports not yet acknowledged by the control
+/// plane. Survives reconnects; everything in it is re-sent on a new connection.
+#[derive(Default)]
+struct Outbox {
+    events: VecDeque<AuditEvent>,
+    /// How many of `events` (from the front) are sent on this connection.
+    sent: usize,
+    /// Sizes of the batches awaiting acknowledgement, oldest first.
+    inflight: VecDeque<usize>,
+    reports: VecDeque<SessionRecorded>,
+}
+
+/// Runs until the process is stopped.
+pub async fn run(ctx: Arc<AgentCtx>, mut queues: AgentQueues) -> anyhow::Result<()> {
+    let files = IdentityFiles::new(&ctx.config.data_dir);
+    let mut outbox = Outbox::default();
+    let mut backoff = Duration::from_millis(200);
+    let mut next_server = 0usize;
+    loop {
+        let server = ctx.config.servers[next_server % ctx.config.servers.len()];
+        match connect(&ctx, &files, server).await {
+            Ok((endpoint, conn)) => {
+                backoff = Duration::from_millis(200);
+                tracing::info!(%server, "connected to control plane");
+                let result = serve_connection(&ctx, &conn, &mut queues, &mut outbox).await;
+                match result {
+                    Ok(()) => tracing::info!(%server, "control plane connection closed"),
+                    Err(e) => tracing::warn!(%server, error = %e, "control plane connection lost"),
+                }
+                conn.close(0u32.into(), b"reconnecting");
+                endpoint.close(0u32.into(), b"reconnecting");
+            }
+            Err(e) => {
+                tracing::warn!(%server, error = %e, "cannot reach control plane");
+                next_server += 1;
+            }
+        }
+        // Nothing in flight survives the connection.
+        outbox.sent = 0;
+        outbox.inflight.clear();
+        let jitter = rand::rng().random_range(0..=backoff.as_millis() as u64 / 2);
+        tokio::time::sleep(backoff + Duration::from_millis(jitter)).await;
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+async fn connect(
+    ctx: &AgentCtx,
+    files: &IdentityFiles,
+    server: std::net::SocketAddr,
+) -> anyhow::Result<(quinn::Endpoint, quinn::Connection)> {
+    let tls = client_tls(files)?;
+    let mut qcfg = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls)?,
+    ));
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(Duration::from_secs(2)));
+    transport.max_idle_timeout(Some(quinn::IdleTimeout::try_from(Duration::from_secs(10))?));
+    qcfg.transport_config(Arc::new(transport));
+    let endpoint = client_endpoint(server)?;
+    let conn = tokio::time::timeout(
+        Duration::from_secs(10),
+        endpoint.connect_with(qcfg, server, &ctx.config.server_name)?,
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("connect timed out"))??;
+    Ok((endpoint, conn))
+}
+
+async fn serve_connection(
+    ctx: &Arc<AgentCtx>,
+    conn: &quinn::Connection,
+    queues: &mut AgentQueues,
+    outbox: &mut Outbox,
+) -> anyhow::Result<()> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let hello = AgentMessage {
+        msg: Some(agent_message::Msg::Hello(Hello {
+            agent: ctx.config.name.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            targets: ctx.config.targets.iter().map(|t| t.name.clone()).collect(),
+        })),
+    };
+    send.write_all(&frame(&hello)).await?;
+    let ack = match read_frame::<ServerMessage, _>(&mut recv).await? {
+        Some(ServerMessage {
+            msg: Some(server_message::Msg::HelloAck(a)),
+        }) => a,
+        _ => anyhow::bail!("control plane did not acknowledge hello"),
+    };
+    ctx.raise_seq(ack.audit_high_water);
+
+    // Replies are read by their own task: reading a frame is not cancel-safe.
+    let (reply_tx, mut reply_rx) = mpsc::channel::<ServerMessage>(64);
+    let reader = tokio::spawn(async move {
+        while let Ok(Some(m)) = read_frame::<ServerMessage, _>(&mut recv).await {
+            if reply_tx.send(m).await.is_err() {
+                break;
+            }
+        }
+    });
+    // Session reports not acknowledged on an earlier connection.
+    for r in &outbox.reports {
+        send.write_all(&frame(&AgentMessage {
+            msg: Some(agent_message::Msg::Recorded(r.clone())),
+        }))
+        .await?;
+    }
+    let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    let result = loop {
+        flush(&mut send, outbox).await?;
+        tokio::select! {
+            incoming = conn.accept_bi() => {
+                let (s, r) = incoming?;
+                let ctx = ctx.clone();
+                tokio::spawn(async move { crate::pg::session(ctx, s, r).await });
+            }
+            reply = reply_rx.recv() => {
+                let Some(reply) = reply else { break Ok(()) };
+                on_reply(reply, outbox);
+            }
+            ev = queues.audit_rx.recv() => {
+                let Some(ev) = ev else { break Ok(()) };
+                outbox.events.push_back(ev);
+                while outbox.events.len() < outbox.sent + MAX_BATCH {
+                    match queues.audit_rx.try_recv() {
+                        Ok(ev) => outbox.events.push_back(ev),
+                        Err(_) => break,
+                    }
+                }
+            }
+            report = queues.report_rx.recv() => {
+                let Some(report) = report else { break Ok(()) };
+                send.write_all(&frame(&AgentMessage { msg: Some(agent_message::Msg::Recorded(report.clone())) })).await?;
+                outbox.reports.push_back(report);
+            }
+            _ = heartbeat.tick() => {
+                send.write_all(&frame(&AgentMessage {
+                    msg: Some(agent_message::Msg::Heartbeat(Heartbeat { sent_ms: now_ms() })),
+                })).await?;
+            }
+        }
+    };
+    reader.abort();
+    result
+}
+
+/// Sends unsent audit events in batches.
+async fn flush(send: &mut quinn::SendStream, outbox: &mut Outbox) -> anyhow::Result<()> {
+    while outbox.sent < outbox.events.len() && outbox.inflight.len() < MAX_INFLIGHT_BATCHES {
+        let end = outbox.events.len().min(outbox.sent + MAX_BATCH);
+        let events = outbox
+            .events
+            .range(outbox.sent..end)
+            .map(AuditEvent::encode)
+            .collect();
+        send.write_all(&frame(&AgentMessage {
+            msg: Some(agent_message::Msg::Audit(AuditBatch { events })),
+        }))
+        .await?;
+        outbox.inflight.push_back(end - outbox.sent);
+        outbox.sent = end;
+    }
+    Ok(())
+}
+
+fn on_reply(reply: ServerMessage, outbox: &mut Outbox) {
+    match reply.msg {
+        Some(server_message::Msg::AuditAck(_)) => {
+            // Batches are committed in the order they were sent.
+            if let Some(n) = outbox.inflight.pop_front() {
+                outbox.events.drain(..n);
+                outbox.sent -= n;
+            }
+        }
+        Some(server_message::Msg::RecordedAck(a)) => {
+            outbox.reports.retain(|r| r.session_id != a.session_id);
+        }
+        _ => {}
+    }
+}
