@@ -1,1 +1,428 @@
-fn main() {}
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use gatehouse_audit::AuditEvent;
+use gatehouse_cli::client::{Client, connect};
+use gatehouse_proto::v1::*;
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(name = "gatehouse", version, about = "Gatehouse: access gateway with compliance evidence")]
+struct Cli {
+    /// Admin API address.
+    #[arg(long, env = "GATEHOUSE_API", global = true, default_value = "https://127.0.0.1:7443")]
+    api: String,
+    /// Admin token.
+    #[arg(long, env = "GATEHOUSE_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+    /// The cluster CA certificate (PEM) the API's certificate must chain to.
+    #[arg(long, env = "GATEHOUSE_CA_FILE", global = true)]
+    ca_file: Option<std::path::PathBuf>,
+    /// Output format of listings.
+    #[arg(long, short, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a complete local deployment (server, agent, demo PostgreSQL).
+    Dev(gatehouse_cli::dev::DevArgs),
+    #[command(subcommand)]
+    Targets(TargetsCmd),
+    #[command(subcommand, name = "service-accounts")]
+    ServiceAccounts(SaCmd),
+    #[command(subcommand)]
+    Rules(RulesCmd),
+    #[command(subcommand)]
+    Agents(AgentsCmd),
+    #[command(subcommand)]
+    Sessions(SessionsCmd),
+    #[command(subcommand)]
+    Audit(AuditCmd),
+    /// Node status.
+    Status,
+}
+
+#[derive(Subcommand)]
+enum TargetsCmd {
+    List,
+    Create {
+        name: String,
+        #[arg(long)]
+        agent: String,
+        #[arg(long, default_value = "postgres")]
+        kind: String,
+        /// Role the agent uses when the client names none.
+        #[arg(long, default_value = "")]
+        db_user: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum SaCmd {
+    List,
+    /// Create a service account; prints its API key once.
+    Create {
+        name: String,
+        #[arg(long = "group")]
+        groups: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum RulesCmd {
+    List,
+    /// Allow a subject (sa:<name> or group:<name>) to use a target.
+    Create {
+        #[arg(long)]
+        subject: String,
+        #[arg(long)]
+        target: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AgentsCmd {
+    List,
+    /// Create a single-use enrollment token for an agent.
+    EnrollToken {
+        #[arg(long)]
+        agent: String,
+        #[arg(long, default_value_t = 3600)]
+        ttl_seconds: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum SessionsCmd {
+    List {
+        #[arg(long, default_value = "")]
+        identity: String,
+        #[arg(long, default_value = "")]
+        target: String,
+        #[arg(long, default_value_t = 0)]
+        limit: u32,
+    },
+    /// The statements of a session, read from its recording.
+    Show { id: String },
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Audit events in log order.
+    Events {
+        #[arg(long, default_value = "")]
+        identity: String,
+        #[arg(long, default_value = "")]
+        target: String,
+        #[arg(long, default_value = "")]
+        session: String,
+        /// Unix milliseconds, or a duration ago such as 15m, 2h, 7d.
+        #[arg(long)]
+        since: Option<String>,
+        /// Unix milliseconds, or a duration ago.
+        #[arg(long)]
+        until: Option<String>,
+        #[arg(long, default_value_t = 0)]
+        limit: u32,
+    },
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli).await {
+        let msg = match e.downcast_ref::<tonic::Status>() {
+            Some(s) => s.message().to_string(),
+            None => format!("{e:#}"),
+        };
+        eprintln!("gatehouse: {}", msg.replace('\n', " "));
+        std::process::exit(1);
+    }
+}
+
+async fn client(cli: &Cli) -> anyhow::Result<Client> {
+    let token = cli
+        .token
+        .as_deref()
+        .context("no admin token: set GATEHOUSE_TOKEN or pass --token")?;
+    let ca_file = cli
+        .ca_file
+        .as_ref()
+        .context("no CA certificate: set GATEHOUSE_CA_FILE or pass --ca-file")?;
+    let ca = std::fs::read_to_string(ca_file)
+        .with_context(|| format!("reading {}", ca_file.display()))?;
+    connect(&cli.api, token, &ca).await
+}
+
+fn parse_time(s: &str, now_ms: i64) -> anyhow::Result<i64> {
+    if let Ok(ms) = s.parse::<i64>() {
+        return Ok(ms);
+    }
+    let (num, unit) = s.split_at(s.len().saturating_sub(1));
+    let n: i64 = num.parse().with_context(|| format!("invalid time {s:?}: use Unix ms or 15m/2h/7d"))?;
+    let ms = match unit {
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => anyhow::bail!("invalid time {s:?}: use Unix ms or 15m/2h/7d"),
+    };
+    Ok(now_ms - n * ms)
+}
+
+fn fmt_ms(ms: i64) -> String {
+    if ms == 0 {
+        return "-".into();
+    }
+    let secs = ms.div_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil date from days since the epoch (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms.rem_euclid(1000)
+    )
+}
+
+/// Prints rows as aligned columns.
+fn table(headers: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            if let Some(w) = widths.get_mut(i) {
+                *w = (*w).max(c.chars().count());
+            }
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let s: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{:w$}", c, w = widths.get(i).copied().unwrap_or(0)))
+            .collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(headers.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r);
+    }
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn session_json(s: &Session) -> serde_json::Value {
+    json!({
+        "id": s.id, "identity": s.identity, "target": s.target, "agent": s.agent,
+        "database": s.database, "db_user": s.db_user, "client_addr": s.client_addr,
+        "started_ms": s.started_ms, "ended_ms": s.ended_ms, "end_reason": s.end_reason,
+        "recording_key": s.recording_key, "recording_sha256": s.recording_sha256,
+        "recording_size": s.recording_size, "policy_version": s.policy_version,
+    })
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Cmd::Dev(args) = &cli.cmd {
+        return gatehouse_cli::dev::run(args.clone()).await;
+    }
+    let mut c = client(&cli).await?;
+    let json_out = cli.output == Output::Json;
+    match &cli.cmd {
+        Cmd::Dev(_) => {}
+        Cmd::Status => {
+            let s = c.status(ListRequest {}).await?.into_inner();
+            let v = json!({"node_id": s.node_id, "leader_id": s.leader_id, "last_applied": s.last_applied,
+                "audit_events": s.audit_events, "policy_version": s.policy_version});
+            if json_out {
+                print_json(&v);
+            } else {
+                table(
+                    &["NODE", "LEADER", "APPLIED", "AUDIT EVENTS", "POLICY"],
+                    vec![vec![s.node_id.to_string(), s.leader_id.to_string(), s.last_applied.to_string(), s.audit_events.to_string(), s.policy_version]],
+                );
+            }
+        }
+        Cmd::Targets(TargetsCmd::List) => {
+            let ts = c.list_targets(ListRequest {}).await?.into_inner().targets;
+            if json_out {
+                print_json(&json!(ts.iter().map(|t| json!({"name": t.name, "kind": t.kind, "agent": t.agent,
+                    "default_db_user": t.default_db_user, "online": t.online, "created_ms": t.created_ms})).collect::<Vec<_>>()));
+            } else {
+                table(
+                    &["NAME", "KIND", "AGENT", "ONLINE", "DEFAULT DB USER"],
+                    ts.into_iter().map(|t| vec![t.name, t.kind, t.agent, t.online.to_string(), t.default_db_user]).collect(),
+                );
+            }
+        }
+        Cmd::Targets(TargetsCmd::Create { name, agent, kind, db_user }) => {
+            let t = c
+                .create_target(CreateTargetRequest { name: name.clone(), kind: kind.clone(), agent: agent.clone(), default_db_user: db_user.clone() })
+                .await?
+                .into_inner();
+            println!("target {} created (served by agent {})", t.name, t.agent);
+        }
+        Cmd::ServiceAccounts(SaCmd::List) => {
+            let a = c.list_service_accounts(ListRequest {}).await?.into_inner().accounts;
+            if json_out {
+                print_json(&json!(a.iter().map(|s| json!({"name": s.name, "groups": s.groups, "key_ids": s.key_ids, "created_ms": s.created_ms})).collect::<Vec<_>>()));
+            } else {
+                table(&["NAME", "GROUPS", "KEYS"], a.into_iter().map(|s| vec![s.name, s.groups.join(","), s.key_ids.join(",")]).collect());
+            }
+        }
+        Cmd::ServiceAccounts(SaCmd::Create { name, groups }) => {
+            let r = c
+                .create_service_account(CreateServiceAccountRequest { name: name.clone(), groups: groups.clone() })
+                .await?
+                .into_inner();
+            if json_out {
+                print_json(&json!({"name": name, "identity": format!("sa:{name}"), "api_key": r.api_key}));
+            } else {
+                println!("service account sa:{name} created; its API key (shown once):\n{}", r.api_key);
+            }
+        }
+        Cmd::Rules(RulesCmd::List) => {
+            let r = c.list_rules(ListRequest {}).await?.into_inner();
+            if json_out {
+                print_json(&json!({"policy_version": r.policy_version, "rules": r.rules.iter().map(|x| json!({"id": x.id, "subject": x.subject, "target": x.target})).collect::<Vec<_>>()}));
+            } else {
+                println!("policy version {}", r.policy_version);
+                table(&["ID", "SUBJECT", "TARGET"], r.rules.into_iter().map(|x| vec![x.id, x.subject, x.target]).collect());
+            }
+        }
+        Cmd::Rules(RulesCmd::Create { subject, target }) => {
+            let r = c.create_rule(CreateRuleRequest { subject: subject.clone(), target: target.clone() }).await?.into_inner();
+            println!("rule {} created: {} may use {}", r.id, r.subject, r.target);
+        }
+        Cmd::Agents(AgentsCmd::List) => {
+            let a = c.list_agents(ListRequest {}).await?.into_inner().agents;
+            if json_out {
+                print_json(&json!(a.iter().map(|x| json!({"name": x.name, "connected": x.connected, "cert_serial": x.cert_serial,
+                    "enrolled_ms": x.enrolled_ms, "last_seen_ms": x.last_seen_ms, "version": x.version, "targets": x.targets})).collect::<Vec<_>>()));
+            } else {
+                table(
+                    &["NAME", "CONNECTED", "VERSION", "TARGETS", "LAST SEEN"],
+                    a.into_iter().map(|x| vec![x.name, x.connected.to_string(), x.version, x.targets.join(","), fmt_ms(x.last_seen_ms)]).collect(),
+                );
+            }
+        }
+        Cmd::Agents(AgentsCmd::EnrollToken { agent, ttl_seconds }) => {
+            let t = c
+                .create_enrollment_token(CreateEnrollmentTokenRequest { agent: agent.clone(), ttl_seconds: *ttl_seconds })
+                .await?
+                .into_inner();
+            if json_out {
+                print_json(&json!({"agent": agent, "token": t.token, "expires_ms": t.expires_ms}));
+            } else {
+                println!("{}", t.token);
+            }
+        }
+        Cmd::Sessions(SessionsCmd::List { identity, target, limit }) => {
+            let s = c
+                .list_sessions(ListSessionsRequest { identity: identity.clone(), target: target.clone(), limit: *limit })
+                .await?
+                .into_inner()
+                .sessions;
+            if json_out {
+                print_json(&json!(s.iter().map(session_json).collect::<Vec<_>>()));
+            } else {
+                table(
+                    &["ID", "IDENTITY", "TARGET", "STARTED", "ENDED", "END REASON"],
+                    s.into_iter().map(|x| vec![x.id, x.identity, x.target, fmt_ms(x.started_ms), fmt_ms(x.ended_ms), x.end_reason]).collect(),
+                );
+            }
+        }
+        Cmd::Sessions(SessionsCmd::Show { id }) => show_session(&mut c, id, json_out).await?,
+        Cmd::Audit(AuditCmd::Events { identity, target, session, since, until, limit }) => {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as i64;
+            let req = ListAuditEventsRequest {
+                identity: identity.clone(),
+                target: target.clone(),
+                session_id: session.clone(),
+                since_ms: since.as_deref().map(|s| parse_time(s, now)).transpose()?.unwrap_or(0),
+                until_ms: until.as_deref().map(|s| parse_time(s, now)).transpose()?.unwrap_or(0),
+                limit: *limit,
+            };
+            let raw = c.list_audit_events(req).await?.into_inner().events;
+            let events: Vec<AuditEvent> = raw.iter().map(|r| AuditEvent::decode(r)).collect::<Result<_, _>>()?;
+            if json_out {
+                let v: Vec<serde_json::Value> = raw.iter().map(|r| serde_json::from_slice(r)).collect::<Result<_, _>>()?;
+                print_json(&serde_json::Value::Array(v));
+            } else {
+                table(
+                    &["TIME", "KIND", "IDENTITY", "TARGET", "DECISION", "ROWS", "STATEMENT / DETAIL"],
+                    events
+                        .into_iter()
+                        .map(|e| {
+                            vec![
+                                fmt_ms(e.time_ms),
+                                format!("{:?}", e.kind).to_lowercase(),
+                                e.identity,
+                                e.target,
+                                format!("{:?}", e.decision).to_lowercase(),
+                                e.outcome.as_ref().map(|o| o.rows.to_string()).unwrap_or_default(),
+                                e.statement.or(e.detail).unwrap_or_default().replace('\n', " "),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn show_session(c: &mut Client, id: &str, json_out: bool) -> anyhow::Result<()> {
+    let r = c.get_recording(GetRecordingRequest { session_id: id.to_string() }).await?.into_inner();
+    let s = r.session.context("server returned no session")?;
+    let actual = gatehouse_recording::sha256_hex(&r.data);
+    anyhow::ensure!(
+        actual == s.recording_sha256,
+        "recording of session {id} does not match the index: sha256 {actual}, index says {}",
+        s.recording_sha256
+    );
+    let (header, records) = gatehouse_recording::parse(&r.data).context("parsing the recording")?;
+    let statements: Vec<(i64, String)> = records
+        .iter()
+        .filter_map(|r| match &r.event {
+            gatehouse_recording::RecordEvent::Query { text } => Some((r.t, text.clone())),
+            gatehouse_recording::RecordEvent::Parse { text, .. } => Some((r.t, text.clone())),
+            _ => None,
+        })
+        .collect();
+    if json_out {
+        print_json(&json!({
+            "session": session_json(&s),
+            "recording_sha256_verified": true,
+            "statements": statements.iter().map(|(t, q)| json!({"offset_ms": t, "statement": q})).collect::<Vec<_>>(),
+            "events": records,
+        }));
+    } else {
+        println!("session {} · {} → {} as {} · started {} · recording sha256 {} (verified)",
+            s.id, header.identity, header.target, header.db_user, fmt_ms(header.started_ms), s.recording_sha256);
+        for (t, q) in statements {
+            println!("+{t}ms\t{q}");
+        }
+    }
+    Ok(())
+}

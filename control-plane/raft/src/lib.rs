@@ -46,6 +46,7 @@ pub struct Member {
 /// Opens (or creates) the member's storage under `dir` and starts Raft. A
 /// fresh single-node cluster initializes itself with `node_id` as its only voter.
 pub async fn start_single(dir: &Path, node_id: u64, addr: &str) -> Result<Member, StartError> {
+    std::fs::create_dir_all(dir).map_err(|e| store::OpenError(redb::Error::Io(e)))?;
     let db = Arc::new(open_database(&dir.join("state.redb"))?);
     let log = LogStore::new(db.clone());
     let sm = StateMachineStore::new(db.clone())?;

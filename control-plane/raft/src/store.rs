@@ -33,7 +33,7 @@ type Meta = SnapshotMeta<NodeId, openraft::BasicNode>;
 /// The state database could not be opened.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct OpenError(#[from] redb::Error);
+pub struct OpenError(#[from] pub redb::Error);
 
 /// Opens or creates the database and makes sure every table exists.
 pub fn open_database(path: &Path) -> Result<Database, OpenError> {

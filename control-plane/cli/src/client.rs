@@ -1,0 +1,39 @@
+//! A connection to the admin API.
+
+use anyhow::Context;
+use gatehouse_proto::v1::admin_client::AdminClient;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+
+/// Adds the admin token to every call.
+#[derive(Clone)]
+pub struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+pub type Client = AdminClient<InterceptedService<Channel, Bearer>>;
+
+/// Connects over TLS, trusting only the cluster CA in `ca_pem`.
+pub async fn connect(api: &str, token: &str, ca_pem: &str) -> anyhow::Result<Client> {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let uri: tonic::transport::Uri = api.parse().with_context(|| format!("invalid API address {api}"))?;
+    let host = uri.host().unwrap_or("localhost").trim_matches(['[', ']']).to_string();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .domain_name(host);
+    let channel = Channel::builder(uri)
+        .tls_config(tls)
+        .context("API TLS configuration")?
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the Gatehouse API at {api}"))?;
+    let value = format!("Bearer {token}")
+        .parse()
+        .context("admin token contains invalid characters")?;
+    Ok(AdminClient::with_interceptor(channel, Bearer(value)))
+}

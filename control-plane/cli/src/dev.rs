@@ -1,0 +1,278 @@
+//! `gatehouse dev`: a complete single-machine deployment on embedded
+//! defaults — one server node, one enrolled agent, recordings on the local
+//! filesystem, and a throwaway PostgreSQL with sample data when the machine
+//! has PostgreSQL server binaries.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use gatehouse_proto::v1::{
+    CreateEnrollmentTokenRequest, CreateRuleRequest, CreateServiceAccountRequest,
+    CreateTargetRequest, ListRequest,
+};
+use tokio::process::{Child, Command};
+
+use crate::postgres::{LocalPostgres, free_port};
+
+/// Options of `gatehouse dev`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct DevArgs {
+    /// Where everything lives; wiped and recreated on every start.
+    #[arg(long, default_value = ".gatehouse-dev")]
+    pub data_dir: PathBuf,
+    /// PostgreSQL ingress port (a free one is chosen if it is taken).
+    #[arg(long, default_value_t = 6432)]
+    pub pg_port: u16,
+    /// API port (a free one is chosen if it is taken).
+    #[arg(long, default_value_t = 7443)]
+    pub api_port: u16,
+}
+
+const SAMPLE: &str = "create table customers (id serial primary key, name text not null, email text not null, country text not null);
+insert into customers (name, email, country) values
+  ('Ada Lovelace', 'ada@example.com', 'GB'),
+  ('Grace Hopper', 'grace@example.com', 'US'),
+  ('Edsger Dijkstra', 'edsger@example.org', 'NL'),
+  ('Barbara Liskov', 'barbara@example.net', 'US');";
+
+fn port_or_free(preferred: u16) -> anyhow::Result<u16> {
+    match std::net::TcpListener::bind(("127.0.0.1", preferred)) {
+        Ok(_) => Ok(preferred),
+        Err(_) => free_port(),
+    }
+}
+
+fn udp_free_port() -> anyhow::Result<u16> {
+    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The sibling binary `name` next to the running executable.
+fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the gatehouse binary")?;
+    let p = exe.with_file_name(name);
+    anyhow::ensure!(
+        p.exists(),
+        "{} not found next to {} (build the whole workspace: cargo build --workspace)",
+        name,
+        exe.display()
+    );
+    Ok(p)
+}
+
+fn spawn_logged(bin: &Path, args: &[String], log: &Path) -> anyhow::Result<Child> {
+    let out = std::fs::File::create(log)?;
+    Command::new(bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))
+}
+
+async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Runs the deployment until Ctrl-C or SIGTERM.
+pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+    let data = std::path::absolute(&args.data_dir)?;
+    if data.exists() {
+        anyhow::ensure!(
+            data.join(".gatehouse-dev").exists(),
+            "{} exists and was not made by gatehouse dev; refusing to wipe it",
+            data.display()
+        );
+        std::fs::remove_dir_all(&data)?;
+    }
+    std::fs::create_dir_all(data.join("server"))?;
+    std::fs::create_dir_all(data.join("agent"))?;
+    std::fs::write(data.join(".gatehouse-dev"), "")?;
+    let recordings = data.join("recordings");
+
+    let mut pg = match crate::postgres::find_bin() {
+        Some(_) => Some(LocalPostgres::start().context("starting the demo PostgreSQL")?),
+        None => {
+            eprintln!("no PostgreSQL server binaries found: starting without a demo target");
+            None
+        }
+    };
+    let agent_password = hex::encode(rand::random::<[u8; 16]>());
+    if let Some(pg) = &pg {
+        pg.create_role_and_db("gatehouse_agent", &agent_password, "app")?;
+        pg.psql_super("app", &format!("set role gatehouse_agent; {SAMPLE}"))?;
+    }
+
+    let (pg_port, api_port, tunnel_port) =
+        (port_or_free(args.pg_port)?, port_or_free(args.api_port)?, udp_free_port()?);
+    let server_dir = data.join("server");
+    let mut server = spawn_logged(
+        &sibling("gatehouse-server")?,
+        &[
+            "--data-dir".into(),
+            server_dir.display().to_string(),
+            "--recordings-dir".into(),
+            recordings.display().to_string(),
+            "--pg-listen".into(),
+            format!("127.0.0.1:{pg_port}"),
+            "--api-listen".into(),
+            format!("127.0.0.1:{api_port}"),
+            "--tunnel-listen".into(),
+            format!("127.0.0.1:{tunnel_port}"),
+        ],
+        &data.join("server.log"),
+    )?;
+    let ready_file = server_dir.join("ready.json");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let ready: serde_json::Value = loop {
+        if let Some(v) = std::fs::read(&ready_file).ok().and_then(|b| serde_json::from_slice(&b).ok()) {
+            break v;
+        }
+        if let Some(status) = server.try_wait()? {
+            anyhow::bail!("gatehouse-server exited ({status}); see {}", data.join("server.log").display());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "timed out waiting for the server");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let api = ready["api"].as_str().unwrap_or_default().to_string();
+    let ca_file = server_dir.join("ca.pem");
+    let token = std::fs::read_to_string(server_dir.join("admin.token"))?.trim().to_string();
+    let ca_pem = std::fs::read_to_string(&ca_file)?;
+    let mut client = crate::client::connect(&api, &token, &ca_pem).await?;
+
+    let sa = client
+        .create_service_account(CreateServiceAccountRequest {
+            name: "dev".into(),
+            groups: vec!["developers".into()],
+        })
+        .await?
+        .into_inner();
+    let mut agent = None;
+    if let Some(pg) = &pg {
+        client
+            .create_target(CreateTargetRequest {
+                name: "demo".into(),
+                kind: "postgres".into(),
+                agent: "dev-agent".into(),
+                default_db_user: "gatehouse_agent".into(),
+            })
+            .await?;
+        client
+            .create_rule(CreateRuleRequest {
+                subject: "group:developers".into(),
+                target: "demo".into(),
+            })
+            .await?;
+        let enroll = client
+            .create_enrollment_token(CreateEnrollmentTokenRequest {
+                agent: "dev-agent".into(),
+                ttl_seconds: 600,
+            })
+            .await?
+            .into_inner();
+        let agent_dir = data.join("agent");
+        let password_file = agent_dir.join("demo.password");
+        write_private(&password_file, &agent_password)?;
+        let config = format!(
+            "name = \"dev-agent\"\nservers = [\"127.0.0.1:{tunnel_port}\"]\nserver_name = \"localhost\"\ndata_dir = \"{}\"\nrecordings_dir = \"{}\"\n\n[[targets]]\nname = \"demo\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"gatehouse_agent\"\npassword_file = \"{}\"\n",
+            agent_dir.display(),
+            recordings.display(),
+            pg.port,
+            password_file.display()
+        );
+        let config_file = agent_dir.join("agent.toml");
+        std::fs::write(&config_file, config)?;
+        agent = Some(spawn_logged(
+            &sibling("gatehouse-agent")?,
+            &[
+                "--config".into(),
+                config_file.display().to_string(),
+                "--enroll-token".into(),
+                enroll.token,
+            ],
+            &data.join("agent.log"),
+        )?);
+        let probe = client.clone();
+        wait_for("the agent to connect", Duration::from_secs(60), || {
+            let mut c = probe.clone();
+            async move {
+                let agents = c.list_agents(ListRequest {}).await.ok()?.into_inner().agents;
+                agents.iter().any(|a| a.name == "dev-agent" && a.connected).then_some(())
+            }
+        })
+        .await?;
+    }
+
+    let env = format!(
+        "export PGHOST=127.0.0.1\nexport PGPORT={pg_port}\nexport PGUSER=demo\nexport PGDATABASE=app\nexport PGPASSWORD={}\nexport PGSSLMODE=require\nexport GATEHOUSE_API={api}\nexport GATEHOUSE_TOKEN={token}\nexport GATEHOUSE_CA_FILE={}\n",
+        sa.api_key,
+        ca_file.display()
+    );
+    write_private(&data.join("dev.env"), &env)?;
+    println!("Gatehouse is running (data in {}).", data.display());
+    if pg.is_some() {
+        println!("Connect to the demo database through Gatehouse:");
+        println!();
+        println!(
+            "  PGPASSWORD={} psql \"host=127.0.0.1 port={pg_port} user=demo dbname=app sslmode=require\"",
+            sa.api_key
+        );
+    }
+    println!();
+    println!("Or load the settings into your shell:  source {}", data.join("dev.env").display());
+    println!("Then try:  gatehouse audit events   ·   gatehouse sessions list");
+    println!("Press Ctrl-C to stop.");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+        s = server.wait() => eprintln!("gatehouse-server exited: {s:?}"),
+    }
+    eprintln!("stopping");
+    if let Some(mut a) = agent {
+        stop(&mut a).await;
+    }
+    stop(&mut server).await;
+    if let Some(pg) = pg.as_mut() {
+        pg.stop();
+    }
+    Ok(())
+}
+
+/// SIGTERM, then SIGKILL after five seconds.
+async fn stop(child: &mut Child) {
+    if let Some(pid) = child.id() {
+        let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+        if tokio::time::timeout(Duration::from_secs(5), child.wait()).await.is_ok() {
+            return;
+        }
+    }
+    let _ = child.kill().await;
+}
+
+fn write_private(path: &Path, data: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(data.as_bytes())
+}
