@@ -1,1 +1,308 @@
+//! Harness for end-to-end tests: real `gatehouse-server` and
+//! `gatehouse-agent` processes, a real PostgreSQL, the real `psql`, and the
+//! `gatehouse` CLI, all on loopback in a temp dir.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod rawpg;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub use gatehouse_cli::postgres::LocalPostgres;
+
+/// Password of the role the agent uses; tests grep for it everywhere.
+pub const AGENT_PASSWORD: &str = "Upstream-Secret-7f3a9c";
+pub const AGENT_ROLE: &str = "gatehouse_agent";
+
+/// Directory of the workspace's built binaries.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap();
+    if dir.ends_with("deps") {
+        dir.parent().unwrap().to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(p.exists(), "{} missing: build with cargo build --workspace first", p.display());
+    p
+}
+
+/// Polls `f` until it returns Some or the timeout passes.
+pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A running process, killed on drop.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(bin: &Path, args: &[String], log: &Path) -> Self {
+        let f = std::fs::File::create(log).unwrap();
+        let child = Command::new(bin)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .unwrap();
+        Self { child, log: log.to_path_buf() }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A whole deployment: PostgreSQL, one server, one agent serving target `db`.
+pub struct Stack {
+    pub tmp: tempfile::TempDir,
+    pub pg: LocalPostgres,
+    pub server: Proc,
+    pub agent: Option<Proc>,
+    pub api: String,
+    pub pg_addr: String,
+    pub tunnel: String,
+    pub token: String,
+    pub ca_file: PathBuf,
+    pub recordings: PathBuf,
+    pub agent_config: PathBuf,
+}
+
+impl Stack {
+    /// Starts PostgreSQL (databases `app` and `direct`, both owned by the
+    /// agent's role) and a server; no agent yet.
+    pub fn start_server() -> Self {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let tmp = tempfile::tempdir().unwrap();
+        let pg = LocalPostgres::start().unwrap();
+        pg.create_role_and_db(AGENT_ROLE, AGENT_PASSWORD, "app").unwrap();
+        pg.psql_super("postgres", &format!("create database direct owner {AGENT_ROLE}")).unwrap();
+        let data = tmp.path().join("server");
+        let recordings = tmp.path().join("recordings");
+        let server = Proc::spawn(
+            &bin("gatehouse-server"),
+            &[
+                "--data-dir".into(),
+                data.display().to_string(),
+                "--recordings-dir".into(),
+                recordings.display().to_string(),
+                "--pg-listen".into(),
+                "127.0.0.1:0".into(),
+                "--api-listen".into(),
+                "127.0.0.1:0".into(),
+                "--tunnel-listen".into(),
+                "127.0.0.1:0".into(),
+            ],
+            &tmp.path().join("server.log"),
+        );
+        let ready: serde_json::Value = wait_until("server ready", Duration::from_secs(60), || {
+            std::fs::read(data.join("ready.json")).ok().and_then(|b| serde_json::from_slice(&b).ok())
+        });
+        let s = |k: &str| ready[k].as_str().unwrap().to_string();
+        Self {
+            token: std::fs::read_to_string(data.join("admin.token")).unwrap().trim().to_string(),
+            ca_file: data.join("ca.pem"),
+            api: s("api"),
+            pg_addr: s("pg"),
+            tunnel: s("tunnel"),
+            recordings,
+            agent_config: tmp.path().join("agent").join("agent.toml"),
+            tmp,
+            pg,
+            server,
+            agent: None,
+        }
+    }
+
+    /// Server plus an enrolled, connected agent `edge-1` serving target `db`,
+    /// and a service account `alice` allowed on it. Returns alice's API key.
+    pub fn start() -> (Self, String) {
+        let mut s = Self::start_server();
+        s.cli_ok(&["targets", "create", "db", "--agent", "edge-1", "--db-user", AGENT_ROLE]);
+        let key = s.create_account("alice", &["dev"]);
+        s.cli_ok(&["rules", "create", "--subject", "sa:alice", "--target", "db"]);
+        let token = s.enroll_token("edge-1");
+        s.write_agent_config("edge-1", &s.tmp.path().join("agent"));
+        s.start_agent(Some(&token));
+        s.wait_agent_connected("edge-1");
+        (s, key)
+    }
+
+    pub fn create_account(&self, name: &str, groups: &[&str]) -> String {
+        let mut args = vec!["service-accounts", "create", name, "-o", "json"];
+        for g in groups {
+            args.push("--group");
+            args.push(g);
+        }
+        let out = self.cli_ok(&args);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["api_key"].as_str().unwrap().to_string()
+    }
+
+    pub fn enroll_token(&self, agent: &str) -> String {
+        self.cli_ok(&["agents", "enroll-token", "--agent", agent]).trim().to_string()
+    }
+
+    pub fn write_agent_config(&self, name: &str, dir: &Path) -> PathBuf {
+        std::fs::create_dir_all(dir).unwrap();
+        let pw = dir.join("db.password");
+        std::fs::write(&pw, AGENT_PASSWORD).unwrap();
+        let cfg = format!(
+            "name = \"{name}\"\nservers = [\"{}\"]\ndata_dir = \"{}\"\nrecordings_dir = \"{}\"\n\n[[targets]]\nname = \"db\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"{AGENT_ROLE}\"\npassword_file = \"{}\"\n",
+            self.tunnel,
+            dir.display(),
+            self.recordings.display(),
+            self.pg.port,
+            pw.display()
+        );
+        let path = dir.join("agent.toml");
+        std::fs::write(&path, cfg).unwrap();
+        path
+    }
+
+    /// Starts the agent with the main config; `token` only for enrollment.
+    pub fn start_agent(&mut self, token: Option<&str>) {
+        let config = self.agent_config.clone();
+        self.agent = Some(self.spawn_agent(&config, token, "agent.log"));
+    }
+
+    pub fn spawn_agent(&self, config: &Path, token: Option<&str>, log: &str) -> Proc {
+        let mut args = vec!["--config".to_string(), config.display().to_string()];
+        if let Some(t) = token {
+            args.push("--enroll-token".into());
+            args.push(t.into());
+        }
+        // Append to the log so restarts keep earlier lines.
+        let path = self.tmp.path().join(log);
+        let f = std::fs::OpenOptions::new().create(true).append(true).open(&path).unwrap();
+        let child = Command::new(bin("gatehouse-agent"))
+            .args(&args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .unwrap();
+        Proc { child, log: path }
+    }
+
+    pub fn agent_connected(&self, name: &str) -> bool {
+        let out = self.cli_ok(&["agents", "list", "-o", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["name"] == name && a["connected"] == true)
+    }
+
+    pub fn wait_agent_connected(&self, name: &str) {
+        wait_until("agent connected", Duration::from_secs(30), || self.agent_connected(name).then_some(()));
+    }
+
+    /// Runs the `gatehouse` CLI against this stack.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin("gatehouse"))
+            .args(args)
+            .env("GATEHOUSE_API", &self.api)
+            .env("GATEHOUSE_TOKEN", &self.token)
+            .env("GATEHOUSE_CA_FILE", &self.ca_file)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "gatehouse {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs psql through the gateway.
+    pub fn psql_gateway(&self, user: &str, password: &str, db: &str, sql: &str) -> Output {
+        let (host, port) = self.pg_addr.rsplit_once(':').unwrap();
+        psql(host, port, user, password, db, "require", sql)
+    }
+
+    /// Runs psql directly against PostgreSQL as the agent's role.
+    pub fn psql_direct(&self, db: &str, sql: &str) -> Output {
+        psql("127.0.0.1", &self.pg.port.to_string(), AGENT_ROLE, AGENT_PASSWORD, db, "disable", sql)
+    }
+
+    /// Audit events as JSON values, in log order.
+    pub fn audit_events(&self, extra: &[&str]) -> Vec<serde_json::Value> {
+        let mut args = vec!["audit", "events", "-o", "json"];
+        args.extend_from_slice(extra);
+        let out = self.cli_ok(&args);
+        serde_json::from_str::<serde_json::Value>(&out).unwrap().as_array().unwrap().clone()
+    }
+
+    /// Number of client connections PostgreSQL has accepted so far.
+    pub fn upstream_connections(&self) -> i64 {
+        let log = std::fs::read_to_string(self.pg.dir.join("postgres.log")).unwrap_or_default();
+        log.matches("connection authorized: user=gatehouse_agent").count() as i64
+    }
+}
+
+/// Runs the real psql with a password and sslmode; unaligned, tuples only.
+pub fn psql(host: &str, port: &str, user: &str, password: &str, db: &str, sslmode: &str, sql: &str) -> Output {
+    Command::new("psql")
+        .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+        .arg(format!("host={host} port={port} user={user} dbname={db} sslmode={sslmode} connect_timeout=10"))
+        .args(["-c", sql])
+        .env("PGPASSWORD", password)
+        .env_remove("PGSERVICEFILE")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// Every file under `dir`, recursively, as bytes.
+pub fn read_tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else { return out };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(read_tree(&p));
+        } else if let Ok(b) = std::fs::read(&p) {
+            out.push((p, b));
+        }
+    }
+    out
+}
+
+pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}

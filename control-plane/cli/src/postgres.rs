@@ -98,7 +98,7 @@ impl LocalPostgres {
         anyhow::ensure!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
         let port = free_port()?;
         let opts = format!(
-            "-c listen_addresses=127.0.0.1 -c port={port} -k {} -c fsync=off -c max_connections=200",
+            "-c listen_addresses=127.0.0.1 -c port={port} -k {} -c fsync=off -c max_connections=200 -c log_connections=on",
             dir.display()
         );
         let out = pg_command(&bin, "pg_ctl")
