@@ -1,0 +1,64 @@
+//! The dependency rule of the workspace: control-plane and edge-agent crates
+//! never depend on each other, lib crates depend only on lib crates, and the
+//! agent does not link Raft or the API server.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Command;
+
+fn metadata() -> serde_json::Value {
+    let out = Command::new(env!("CARGO"))
+        .args(["metadata", "--format-version", "1", "--offline"])
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn workspace_dependency_rule_holds() {
+    let m = metadata();
+    let root = m["workspace_root"].as_str().unwrap().to_string();
+    let mut area: BTreeMap<String, String> = BTreeMap::new();
+    let mut deps: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut all: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for p in m["packages"].as_array().unwrap() {
+        let name = p["name"].as_str().unwrap().to_string();
+        let d: Vec<String> = p["dependencies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|d| d["kind"].is_null())
+            .map(|d| d["name"].as_str().unwrap().to_string())
+            .collect();
+        all.insert(name.clone(), d.iter().cloned().collect());
+        let manifest = p["manifest_path"].as_str().unwrap();
+        if let Some(rel) = manifest.strip_prefix(&root) {
+            let first = rel.trim_start_matches('/').split('/').next().unwrap().to_string();
+            area.insert(name.clone(), first);
+            deps.insert(name, d);
+        }
+    }
+    for (pkg, ds) in &deps {
+        for d in ds.iter().filter(|d| area.contains_key(*d)) {
+            let (from, to) = (&area[pkg], &area[d]);
+            match from.as_str() {
+                "lib" => assert_eq!(to, "lib", "{pkg} (lib) depends on {d} ({to})"),
+                "control-plane" => assert_ne!(to, "edge-agent", "{pkg} depends on {d}"),
+                "edge-agent" => assert_ne!(to, "control-plane", "{pkg} depends on {d}"),
+                _ => {}
+            }
+        }
+    }
+    // The agent's whole normal-dependency closure.
+    let mut seen = BTreeSet::new();
+    let mut stack = vec!["gatehouse-agent".to_string()];
+    while let Some(p) = stack.pop() {
+        if seen.insert(p.clone()) {
+            stack.extend(all.get(&p).into_iter().flatten().cloned());
+        }
+    }
+    for banned in ["openraft", "redb", "gatehouse-cp-raft", "gatehouse-cp-server", "openidconnect", "samael"] {
+        assert!(!seen.contains(banned), "the agent links {banned}");
+    }
+}
