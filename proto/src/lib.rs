@@ -48,7 +48,9 @@ where
     }
     let mut body = vec![0u8; len];
     r.read_exact(&mut body).await.map_err(FrameError::Io)?;
-    M::decode(body.as_slice()).map(Some).map_err(FrameError::Decode)
+    M::decode(body.as_slice())
+        .map(Some)
+        .map_err(FrameError::Decode)
 }
 
 /// A tunnel frame could not be read.

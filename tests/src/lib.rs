@@ -29,7 +29,11 @@ pub fn bin_dir() -> PathBuf {
 
 pub fn bin(name: &str) -> PathBuf {
     let p = bin_dir().join(name);
-    assert!(p.exists(), "{} missing: build with cargo build --workspace first", p.display());
+    assert!(
+        p.exists(),
+        "{} missing: build with cargo build --workspace first",
+        p.display()
+    );
     p
 }
 
@@ -62,7 +66,10 @@ impl Proc {
             .stderr(f)
             .spawn()
             .unwrap();
-        Self { child, log: log.to_path_buf() }
+        Self {
+            child,
+            log: log.to_path_buf(),
+        }
     }
 
     pub fn kill9(&mut self) {
@@ -103,8 +110,13 @@ impl Stack {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let tmp = tempfile::tempdir().unwrap();
         let pg = LocalPostgres::start().unwrap();
-        pg.create_role_and_db(AGENT_ROLE, AGENT_PASSWORD, "app").unwrap();
-        pg.psql_super("postgres", &format!("create database direct owner {AGENT_ROLE}")).unwrap();
+        pg.create_role_and_db(AGENT_ROLE, AGENT_PASSWORD, "app")
+            .unwrap();
+        pg.psql_super(
+            "postgres",
+            &format!("create database direct owner {AGENT_ROLE}"),
+        )
+        .unwrap();
         let data = tmp.path().join("server");
         let recordings = tmp.path().join("recordings");
         let server = Proc::spawn(
@@ -124,11 +136,16 @@ impl Stack {
             &tmp.path().join("server.log"),
         );
         let ready: serde_json::Value = wait_until("server ready", Duration::from_secs(60), || {
-            std::fs::read(data.join("ready.json")).ok().and_then(|b| serde_json::from_slice(&b).ok())
+            std::fs::read(data.join("ready.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
         });
         let s = |k: &str| ready[k].as_str().unwrap().to_string();
         Self {
-            token: std::fs::read_to_string(data.join("admin.token")).unwrap().trim().to_string(),
+            token: std::fs::read_to_string(data.join("admin.token"))
+                .unwrap()
+                .trim()
+                .to_string(),
             ca_file: data.join("ca.pem"),
             api: s("api"),
             pg_addr: s("pg"),
@@ -146,7 +163,15 @@ impl Stack {
     /// and a service account `alice` allowed on it. Returns alice's API key.
     pub fn start() -> (Self, String) {
         let mut s = Self::start_server();
-        s.cli_ok(&["targets", "create", "db", "--agent", "edge-1", "--db-user", AGENT_ROLE]);
+        s.cli_ok(&[
+            "targets",
+            "create",
+            "db",
+            "--agent",
+            "edge-1",
+            "--db-user",
+            AGENT_ROLE,
+        ]);
         let key = s.create_account("alice", &["dev"]);
         s.cli_ok(&["rules", "create", "--subject", "sa:alice", "--target", "db"]);
         let token = s.enroll_token("edge-1");
@@ -168,7 +193,9 @@ impl Stack {
     }
 
     pub fn enroll_token(&self, agent: &str) -> String {
-        self.cli_ok(&["agents", "enroll-token", "--agent", agent]).trim().to_string()
+        self.cli_ok(&["agents", "enroll-token", "--agent", agent])
+            .trim()
+            .to_string()
     }
 
     pub fn write_agent_config(&self, name: &str, dir: &Path) -> PathBuf {
@@ -202,7 +229,11 @@ impl Stack {
         }
         // Append to the log so restarts keep earlier lines.
         let path = self.tmp.path().join(log);
-        let f = std::fs::OpenOptions::new().create(true).append(true).open(&path).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap();
         let child = Command::new(bin("gatehouse-agent"))
             .args(&args)
             .env("RUST_LOG", "info")
@@ -224,7 +255,9 @@ impl Stack {
     }
 
     pub fn wait_agent_connected(&self, name: &str) {
-        wait_until("agent connected", Duration::from_secs(30), || self.agent_connected(name).then_some(()));
+        wait_until("agent connected", Duration::from_secs(30), || {
+            self.agent_connected(name).then_some(())
+        });
     }
 
     /// Runs the `gatehouse` CLI against this stack.
@@ -257,7 +290,15 @@ impl Stack {
 
     /// Runs psql directly against PostgreSQL as the agent's role.
     pub fn psql_direct(&self, db: &str, sql: &str) -> Output {
-        psql("127.0.0.1", &self.pg.port.to_string(), AGENT_ROLE, AGENT_PASSWORD, db, "disable", sql)
+        psql(
+            "127.0.0.1",
+            &self.pg.port.to_string(),
+            AGENT_ROLE,
+            AGENT_PASSWORD,
+            db,
+            "disable",
+            sql,
+        )
     }
 
     /// Audit events as JSON values, in log order.
@@ -265,21 +306,36 @@ impl Stack {
         let mut args = vec!["audit", "events", "-o", "json"];
         args.extend_from_slice(extra);
         let out = self.cli_ok(&args);
-        serde_json::from_str::<serde_json::Value>(&out).unwrap().as_array().unwrap().clone()
+        serde_json::from_str::<serde_json::Value>(&out)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
     }
 
     /// Number of client connections PostgreSQL has accepted so far.
     pub fn upstream_connections(&self) -> i64 {
         let log = std::fs::read_to_string(self.pg.dir.join("postgres.log")).unwrap_or_default();
-        log.matches("connection authorized: user=gatehouse_agent").count() as i64
+        log.matches("connection authorized: user=gatehouse_agent")
+            .count() as i64
     }
 }
 
 /// Runs the real psql with a password and sslmode; unaligned, tuples only.
-pub fn psql(host: &str, port: &str, user: &str, password: &str, db: &str, sslmode: &str, sql: &str) -> Output {
+pub fn psql(
+    host: &str,
+    port: &str,
+    user: &str,
+    password: &str,
+    db: &str,
+    sslmode: &str,
+    sql: &str,
+) -> Output {
     Command::new("psql")
         .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
-        .arg(format!("host={host} port={port} user={user} dbname={db} sslmode={sslmode} connect_timeout=10"))
+        .arg(format!(
+            "host={host} port={port} user={user} dbname={db} sslmode={sslmode} connect_timeout=10"
+        ))
         .args(["-c", sql])
         .env("PGPASSWORD", password)
         .env_remove("PGSERVICEFILE")
@@ -291,7 +347,9 @@ pub fn psql(host: &str, port: &str, user: &str, password: &str, db: &str, sslmod
 /// Every file under `dir`, recursively, as bytes.
 pub fn read_tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir(dir) else { return out };
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return out;
+    };
     for e in rd.flatten() {
         let p = e.path();
         if p.is_dir() {

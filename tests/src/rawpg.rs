@@ -33,15 +33,34 @@ fn cstr(s: &str) -> Vec<u8> {
 
 /// Connects over TLS (verifying the gateway against `ca_file`), logs in and
 /// runs `queries` with the simple protocol.
-pub fn session(addr: &str, ca_file: &Path, user: &str, db: &str, password: &str, queries: &[&str]) -> RawSession {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+pub fn session(
+    addr: &str,
+    ca_file: &Path,
+    user: &str,
+    db: &str,
+    password: &str,
+    queries: &[&str],
+) -> RawSession {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(run(addr, ca_file, user, db, password, queries))
 }
 
-async fn run(addr: &str, ca_file: &Path, user: &str, db: &str, password: &str, queries: &[&str]) -> RawSession {
+async fn run(
+    addr: &str,
+    ca_file: &Path,
+    user: &str,
+    db: &str,
+    password: &str,
+    queries: &[&str],
+) -> RawSession {
     use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
     let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
-    sock.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).await.unwrap();
+    sock.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
+        .await
+        .unwrap();
     let mut s = [0u8; 1];
     sock.read_exact(&mut s).await.unwrap();
     assert_eq!(s[0], b'S', "gateway must accept TLS");
@@ -49,7 +68,9 @@ async fn run(addr: &str, ca_file: &Path, user: &str, db: &str, password: &str, q
     for c in CertificateDer::pem_file_iter(ca_file).unwrap() {
         roots.add(c.unwrap()).unwrap();
     }
-    let cfg = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    let cfg = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg));
     let mut tls = tls
         .connect(ServerName::try_from("localhost").unwrap(), sock)
@@ -109,10 +130,7 @@ async fn run(addr: &str, ca_file: &Path, user: &str, db: &str, password: &str, q
             }
         }
         let mut chunk = [0u8; 8192];
-        let n = match tls.read(&mut chunk).await {
-            Ok(n) => n,
-            Err(_) => 0,
-        };
+        let n = tls.read(&mut chunk).await.unwrap_or_default();
         if n == 0 {
             return out;
         }

@@ -2,6 +2,8 @@
 //! never depend on each other, lib crates depend only on lib crates, and the
 //! agent does not link Raft or the API server.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 
@@ -11,7 +13,11 @@ fn metadata() -> serde_json::Value {
         .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -34,7 +40,12 @@ fn workspace_dependency_rule_holds() {
         all.insert(name.clone(), d.iter().cloned().collect());
         let manifest = p["manifest_path"].as_str().unwrap();
         if let Some(rel) = manifest.strip_prefix(&root) {
-            let first = rel.trim_start_matches('/').split('/').next().unwrap().to_string();
+            let first = rel
+                .trim_start_matches('/')
+                .split('/')
+                .next()
+                .unwrap()
+                .to_string();
             area.insert(name.clone(), first);
             deps.insert(name, d);
         }
@@ -58,7 +69,14 @@ fn workspace_dependency_rule_holds() {
             stack.extend(all.get(&p).into_iter().flatten().cloned());
         }
     }
-    for banned in ["openraft", "redb", "gatehouse-cp-raft", "gatehouse-cp-server", "openidconnect", "samael"] {
+    for banned in [
+        "openraft",
+        "redb",
+        "gatehouse-cp-raft",
+        "gatehouse-cp-server",
+        "openidconnect",
+        "samael",
+    ] {
         assert!(!seen.contains(banned), "the agent links {banned}");
     }
 }

@@ -1,6 +1,8 @@
 //! The walking skeleton, end to end: psql → gatehouse-server → QUIC →
 //! gatehouse-agent → PostgreSQL, with evidence.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::Duration;
 
 use gatehouse_e2e::*;
@@ -30,15 +32,30 @@ fn psql_through_the_gateway_matches_direct_and_leaves_evidence() {
         let via = stack.psql_gateway("db", &key, "app", sql);
         let direct = stack.psql_direct("direct", sql);
         assert!(via.status.success(), "{sql}: {}", text(&via));
-        assert_eq!(text(&via), text(&direct), "{sql}: gateway and direct differ");
+        assert_eq!(
+            text(&via),
+            text(&direct),
+            "{sql}: gateway and direct differ"
+        );
     }
     // `<db_user>@<target>` names the role explicitly.
-    let via = stack.psql_gateway(&format!("{AGENT_ROLE}@db"), &key, "app", "select current_user");
-    assert_eq!(String::from_utf8_lossy(&via.stdout).trim(), AGENT_ROLE, "{}", text(&via));
+    let via = stack.psql_gateway(
+        &format!("{AGENT_ROLE}@db"),
+        &key,
+        "app",
+        "select current_user",
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&via.stdout).trim(),
+        AGENT_ROLE,
+        "{}",
+        text(&via)
+    );
 
     // Audit: every statement, in order, with identity, target, policy version.
     let policy = {
-        let v: serde_json::Value = serde_json::from_str(&stack.cli_ok(&["rules", "list", "-o", "json"])).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&stack.cli_ok(&["rules", "list", "-o", "json"])).unwrap();
         v["policy_version"].as_str().unwrap().to_string()
     };
     let events = wait_until("audit events committed", Duration::from_secs(20), || {
@@ -60,7 +77,14 @@ fn psql_through_the_gateway_matches_direct_and_leaves_evidence() {
         assert_eq!(e["policy_version"], policy.as_str());
         assert_eq!(e["agent"], "edge-1");
     }
-    let insert = events.iter().find(|e| e["statement"].as_str().is_some_and(|s| s.starts_with("insert"))).unwrap();
+    let insert = events
+        .iter()
+        .find(|e| {
+            e["statement"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("insert"))
+        })
+        .unwrap();
     assert_eq!(insert["outcome"]["rows"], 3);
     assert_eq!(insert["outcome"]["command_tags"][0], "INSERT 0 3");
     // Sequence numbers are unique per agent.
@@ -70,25 +94,33 @@ fn psql_through_the_gateway_matches_direct_and_leaves_evidence() {
     assert_eq!(seqs.len(), events.len());
 
     // Sessions: the recording is in the object store, and its SHA-256 matches the index.
-    let sessions: serde_json::Value = wait_until("sessions recorded", Duration::from_secs(20), || {
-        let v: serde_json::Value = serde_json::from_str(&stack.cli_ok(&["sessions", "list", "-o", "json"])).unwrap();
-        let all = v.as_array().unwrap();
-        (all.len() == SCRIPT.len() + 1 && all.iter().all(|s| s["recording_sha256"] != "")).then_some(v)
-    });
+    let sessions: serde_json::Value =
+        wait_until("sessions recorded", Duration::from_secs(20), || {
+            let v: serde_json::Value =
+                serde_json::from_str(&stack.cli_ok(&["sessions", "list", "-o", "json"])).unwrap();
+            let all = v.as_array().unwrap();
+            (all.len() == SCRIPT.len() + 1 && all.iter().all(|s| s["recording_sha256"] != ""))
+                .then_some(v)
+        });
     let insert_session = sessions
         .as_array()
         .unwrap()
         .iter()
         .find(|s| s["id"] == insert["session_id"])
         .unwrap();
-    let key_path = stack.recordings.join(insert_session["recording_key"].as_str().unwrap());
+    let key_path = stack
+        .recordings
+        .join(insert_session["recording_key"].as_str().unwrap());
     let bytes = std::fs::read(&key_path).unwrap();
     assert_eq!(
         gatehouse_recording_sha(&bytes),
         insert_session["recording_sha256"].as_str().unwrap()
     );
     let shown = stack.cli_ok(&["sessions", "show", insert_session["id"].as_str().unwrap()]);
-    assert!(shown.contains("insert into orders values (1, 'bolt', 10), (2, 'nut', 25), (3, 'gear', 1)"), "{shown}");
+    assert!(
+        shown.contains("insert into orders values (1, 'bolt', 10), (2, 'nut', 25), (3, 'gear', 1)"),
+        "{shown}"
+    );
     assert!(shown.contains("(verified)"), "{shown}");
     let shown_json: serde_json::Value = serde_json::from_str(&stack.cli_ok(&[
         "sessions",
@@ -111,27 +143,51 @@ fn psql_through_the_gateway_matches_direct_and_leaves_evidence() {
     std::fs::write(&key_path, &bytes).unwrap();
 
     // The raw bytes a client receives through the gateway.
-    let raw = rawpg::session(&stack.pg_addr, &stack.ca_file, "db", "app", &key, &["select * from orders"]);
+    let raw = rawpg::session(
+        &stack.pg_addr,
+        &stack.ca_file,
+        "db",
+        "app",
+        &key,
+        &["select * from orders"],
+    );
     assert!(raw.ready && raw.error.is_none(), "{raw:?}");
     assert!(contains(&raw.received, b"bolt"));
 
     // The target password is nowhere: client bytes, recordings, audit log, logs.
     let secret = AGENT_PASSWORD.as_bytes();
-    assert!(!contains(&raw.received, secret), "client received the target password");
+    assert!(
+        !contains(&raw.received, secret),
+        "client received the target password"
+    );
     for sql in SCRIPT {
         let o = stack.psql_gateway("db", &key, "app", sql);
         assert!(!contains(&o.stdout, secret) && !contains(&o.stderr, secret));
     }
     for (path, data) in read_tree(&stack.recordings) {
-        assert!(!contains(&data, secret), "password in recording {}", path.display());
+        assert!(
+            !contains(&data, secret),
+            "password in recording {}",
+            path.display()
+        );
     }
     let audit = stack.cli_ok(&["audit", "events", "-o", "json"]);
     assert!(!audit.contains(AGENT_PASSWORD), "password in the audit log");
-    assert!(!stack.server.log_text().contains(AGENT_PASSWORD), "password in the server log");
+    assert!(
+        !stack.server.log_text().contains(AGENT_PASSWORD),
+        "password in the server log"
+    );
     let agent_log = std::fs::read_to_string(stack.tmp.path().join("agent.log")).unwrap();
-    assert!(!agent_log.contains(AGENT_PASSWORD), "password in the agent log");
+    assert!(
+        !agent_log.contains(AGENT_PASSWORD),
+        "password in the agent log"
+    );
     for (path, data) in read_tree(&stack.tmp.path().join("server")) {
-        assert!(!contains(&data, secret), "password in server state {}", path.display());
+        assert!(
+            !contains(&data, secret),
+            "password in server state {}",
+            path.display()
+        );
     }
 }
 
@@ -148,7 +204,15 @@ fn gatehouse_recording_sha(b: &[u8]) -> String {
         })
         .unwrap();
     let mut s = String::new();
-    write!(s, "{}", String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap()).unwrap();
+    write!(
+        s,
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap()
+    )
+    .unwrap();
     s
 }
 
@@ -158,18 +222,42 @@ fn wrong_key_and_missing_rule_are_refused_before_the_upstream() {
     let bob = stack.create_account("bob", &["others"]);
     let before = stack.upstream_connections();
 
-    let wrong = rawpg::session(&stack.pg_addr, &stack.ca_file, "db", "app", "ghk_00000000_nope", &["select 1"]);
+    let wrong = rawpg::session(
+        &stack.pg_addr,
+        &stack.ca_file,
+        "db",
+        "app",
+        "ghk_00000000_nope",
+        &["select 1"],
+    );
     let (code, message) = wrong.error.clone().expect("an error");
     assert_eq!(code, "28P01", "{message}");
     assert!(!wrong.ready);
 
-    let no_rule = rawpg::session(&stack.pg_addr, &stack.ca_file, "db", "app", &bob, &["select 1"]);
+    let no_rule = rawpg::session(
+        &stack.pg_addr,
+        &stack.ca_file,
+        "db",
+        "app",
+        &bob,
+        &["select 1"],
+    );
     let (code, message) = no_rule.error.clone().expect("an error");
     assert!(code == "28000" || code == "42501", "{code} {message}");
-    assert!(message.contains("\"db\""), "message must name the target: {message}");
+    assert!(
+        message.contains("\"db\""),
+        "message must name the target: {message}"
+    );
     assert!(!no_rule.ready);
 
-    let no_target = rawpg::session(&stack.pg_addr, &stack.ca_file, "nosuch", "app", &key, &["select 1"]);
+    let no_target = rawpg::session(
+        &stack.pg_addr,
+        &stack.ca_file,
+        "nosuch",
+        "app",
+        &key,
+        &["select 1"],
+    );
     assert_eq!(no_target.error.unwrap().0, "28000");
 
     // Plain-text connections are refused: the password is an API key.
@@ -196,7 +284,11 @@ fn wrong_key_and_missing_rule_are_refused_before_the_upstream() {
             .collect();
         (ev.len() >= 3).then_some(ev)
     });
-    assert!(denials.iter().any(|e| e["identity"] == "sa:bob" && e["target"] == "db"));
+    assert!(
+        denials
+            .iter()
+            .any(|e| e["identity"] == "sa:bob" && e["target"] == "db")
+    );
     assert!(denials.iter().any(|e| e["identity"] == "anonymous"));
     // And an allowed identity still works.
     let ok = stack.psql_gateway("db", &key, "app", "select 42");
@@ -216,10 +308,16 @@ fn agent_killed_and_restarted_reconnects_and_loses_no_acknowledged_event() {
     });
 
     stack.agent.as_mut().unwrap().kill9();
-    wait_until("agent seen as gone", Duration::from_secs(30), || (!stack.agent_connected("edge-1")).then_some(()));
+    wait_until("agent seen as gone", Duration::from_secs(30), || {
+        (!stack.agent_connected("edge-1")).then_some(())
+    });
     let down = stack.psql_gateway("db", &key, "app", "select 'while-down'");
     assert!(!down.status.success());
-    assert!(String::from_utf8_lossy(&down.stderr).contains("not connected"), "{}", text(&down));
+    assert!(
+        String::from_utf8_lossy(&down.stderr).contains("not connected"),
+        "{}",
+        text(&down)
+    );
 
     stack.start_agent(None);
     stack.wait_agent_connected("edge-1");
@@ -246,12 +344,26 @@ fn agent_killed_and_restarted_reconnects_and_loses_no_acknowledged_event() {
         .map(|e| e["statement"].as_str().unwrap())
         .collect();
     for i in 0..5 {
-        assert_eq!(stmts.iter().filter(|s| **s == format!("select 'before-{i}'")).count(), 1);
-        assert_eq!(stmts.iter().filter(|s| **s == format!("select 'after-{i}'")).count(), 1);
+        assert_eq!(
+            stmts
+                .iter()
+                .filter(|s| **s == format!("select 'before-{i}'"))
+                .count(),
+            1
+        );
+        assert_eq!(
+            stmts
+                .iter()
+                .filter(|s| **s == format!("select 'after-{i}'"))
+                .count(),
+            1
+        );
     }
     // Sequence numbers keep increasing across the restart.
     let seq = |s: &str| {
-        after.iter().find(|e| e["statement"] == s).unwrap()["seq"].as_u64().unwrap()
+        after.iter().find(|e| e["statement"] == s).unwrap()["seq"]
+            .as_u64()
+            .unwrap()
     };
     assert!(seq("select 'after-0'") > seq("select 'before-4'"));
 }
@@ -269,24 +381,43 @@ fn enrollment_tokens_are_single_use_and_foreign_certificates_are_refused() {
     let dir_b = stack.tmp.path().join("edge-2b");
     let cfg_b = stack.write_agent_config("edge-2", &dir_b);
     let mut b = stack.spawn_agent(&cfg_b, Some(&token), "edge-2b.log");
-    let status = wait_until("second enrollment to fail", Duration::from_secs(30), || b.child.try_wait().unwrap());
+    let status = wait_until("second enrollment to fail", Duration::from_secs(30), || {
+        b.child.try_wait().unwrap()
+    });
     assert!(!status.success());
     let log = b.log_text();
     assert!(log.contains("enrollment token was already used"), "{log}");
 
     // An expired token.
-    let out = stack.cli_ok(&["agents", "enroll-token", "--agent", "edge-3", "--ttl-seconds", "1"]);
+    let out = stack.cli_ok(&[
+        "agents",
+        "enroll-token",
+        "--agent",
+        "edge-3",
+        "--ttl-seconds",
+        "1",
+    ]);
     std::thread::sleep(Duration::from_millis(1500));
     let dir_c = stack.tmp.path().join("edge-3");
     let cfg_c = stack.write_agent_config("edge-3", &dir_c);
     let mut c = stack.spawn_agent(&cfg_c, Some(out.trim()), "edge-3.log");
-    let status = wait_until("expired enrollment to fail", Duration::from_secs(30), || c.child.try_wait().unwrap());
+    let status = wait_until(
+        "expired enrollment to fail",
+        Duration::from_secs(30),
+        || c.child.try_wait().unwrap(),
+    );
     assert!(!status.success());
     assert!(c.log_text().contains("expired"), "{}", c.log_text());
 
     // A certificate for edge-2 signed by some other CA, with the real CA file.
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
-    let rogue_ca = gatehouse_pki::ClusterCa::from_pem(&gatehouse_pki::ClusterCa::generate("rogue", now).unwrap()).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let rogue_ca = gatehouse_pki::ClusterCa::from_pem(
+        &gatehouse_pki::ClusterCa::generate("rogue", now).unwrap(),
+    )
+    .unwrap();
     let key = gatehouse_pki::AgentKey::generate("edge-2").unwrap();
     let cert = rogue_ca
         .sign_agent(&gatehouse_pki::AgentCertRequest {
@@ -302,13 +433,23 @@ fn enrollment_tokens_are_single_use_and_foreign_certificates_are_refused() {
     std::fs::write(dir_d.join("agent.key"), &key.key_pem).unwrap();
     std::fs::write(dir_d.join("agent.crt"), &cert).unwrap();
     std::fs::copy(&stack.ca_file, dir_d.join("ca.pem")).unwrap();
-    wait_until("killed edge-2 seen as gone", Duration::from_secs(30), || {
-        (!stack.agent_connected("edge-2")).then_some(())
-    });
+    wait_until(
+        "killed edge-2 seen as gone",
+        Duration::from_secs(30),
+        || (!stack.agent_connected("edge-2")).then_some(()),
+    );
     let _d = stack.spawn_agent(&cfg_d, None, "edge-2-rogue.log");
-    wait_until("server to refuse the rogue certificate", Duration::from_secs(30), || {
-        stack.server.log_text().contains("agent handshake failed").then_some(())
-    });
+    wait_until(
+        "server to refuse the rogue certificate",
+        Duration::from_secs(30),
+        || {
+            stack
+                .server
+                .log_text()
+                .contains("agent handshake failed")
+                .then_some(())
+        },
+    );
     assert!(!stack.agent_connected("edge-2"));
 }
 
@@ -316,19 +457,42 @@ fn enrollment_tokens_are_single_use_and_foreign_certificates_are_refused() {
 fn pgbench_select_only_runs_through_the_gateway() {
     let (stack, key) = Stack::start();
     let init = std::process::Command::new("pgbench")
-        .args(["-i", "-s", "1", "-q", "-h", "127.0.0.1", "-p", &stack.pg.port.to_string(), "-U", AGENT_ROLE, "app"])
+        .args([
+            "-i",
+            "-s",
+            "1",
+            "-q",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &stack.pg.port.to_string(),
+            "-U",
+            AGENT_ROLE,
+            "app",
+        ])
         .env("PGPASSWORD", AGENT_PASSWORD)
         .output()
         .unwrap();
-    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
     let (host, port) = stack.pg_addr.rsplit_once(':').unwrap();
     let run = std::process::Command::new("pgbench")
-        .args(["-S", "-c", "4", "-T", "5", "-n", "-h", host, "-p", port, "-U", "db", "app"])
+        .args([
+            "-S", "-c", "4", "-T", "5", "-n", "-h", host, "-p", port, "-U", "db", "app",
+        ])
         .env("PGPASSWORD", &key)
         .env("PGSSLMODE", "require")
         .output()
         .unwrap();
     let out = String::from_utf8_lossy(&run.stdout);
-    assert!(run.status.success(), "{}{}", out, String::from_utf8_lossy(&run.stderr));
+    assert!(
+        run.status.success(),
+        "{}{}",
+        out,
+        String::from_utf8_lossy(&run.stderr)
+    );
     assert!(out.contains("number of failed transactions: 0"), "{out}");
 }

@@ -21,8 +21,14 @@ pub type Client = AdminClient<InterceptedService<Channel, Bearer>>;
 /// Connects over TLS, trusting only the cluster CA in `ca_pem`.
 pub async fn connect(api: &str, token: &str, ca_pem: &str) -> anyhow::Result<Client> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let uri: tonic::transport::Uri = api.parse().with_context(|| format!("invalid API address {api}"))?;
-    let host = uri.host().unwrap_or("localhost").trim_matches(['[', ']']).to_string();
+    let uri: tonic::transport::Uri = api
+        .parse()
+        .with_context(|| format!("invalid API address {api}"))?;
+    let host = uri
+        .host()
+        .unwrap_or("localhost")
+        .trim_matches(['[', ']'])
+        .to_string();
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca_pem))
         .domain_name(host);

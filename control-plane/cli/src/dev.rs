@@ -45,7 +45,9 @@ fn port_or_free(preferred: u16) -> anyhow::Result<u16> {
 }
 
 fn udp_free_port() -> anyhow::Result<u16> {
-    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// The sibling binary `name` next to the running executable.
@@ -117,8 +119,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         pg.psql_super("app", &format!("set role gatehouse_agent; {SAMPLE}"))?;
     }
 
-    let (pg_port, api_port, tunnel_port) =
-        (port_or_free(args.pg_port)?, port_or_free(args.api_port)?, udp_free_port()?);
+    let (pg_port, api_port, tunnel_port) = (
+        port_or_free(args.pg_port)?,
+        port_or_free(args.api_port)?,
+        udp_free_port()?,
+    );
     let server_dir = data.join("server");
     let mut server = spawn_logged(
         &sibling("gatehouse-server")?,
@@ -139,18 +144,29 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let ready_file = server_dir.join("ready.json");
     let deadline = Instant::now() + Duration::from_secs(60);
     let ready: serde_json::Value = loop {
-        if let Some(v) = std::fs::read(&ready_file).ok().and_then(|b| serde_json::from_slice(&b).ok()) {
+        if let Some(v) = std::fs::read(&ready_file)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+        {
             break v;
         }
         if let Some(status) = server.try_wait()? {
-            anyhow::bail!("gatehouse-server exited ({status}); see {}", data.join("server.log").display());
+            anyhow::bail!(
+                "gatehouse-server exited ({status}); see {}",
+                data.join("server.log").display()
+            );
         }
-        anyhow::ensure!(Instant::now() < deadline, "timed out waiting for the server");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "timed out waiting for the server"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let api = ready["api"].as_str().unwrap_or_default().to_string();
     let ca_file = server_dir.join("ca.pem");
-    let token = std::fs::read_to_string(server_dir.join("admin.token"))?.trim().to_string();
+    let token = std::fs::read_to_string(server_dir.join("admin.token"))?
+        .trim()
+        .to_string();
     let ca_pem = std::fs::read_to_string(&ca_file)?;
     let mut client = crate::client::connect(&api, &token, &ca_pem).await?;
 
@@ -210,8 +226,16 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         wait_for("the agent to connect", Duration::from_secs(60), || {
             let mut c = probe.clone();
             async move {
-                let agents = c.list_agents(ListRequest {}).await.ok()?.into_inner().agents;
-                agents.iter().any(|a| a.name == "dev-agent" && a.connected).then_some(())
+                let agents = c
+                    .list_agents(ListRequest {})
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .agents;
+                agents
+                    .iter()
+                    .any(|a| a.name == "dev-agent" && a.connected)
+                    .then_some(())
             }
         })
         .await?;
@@ -233,7 +257,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         );
     }
     println!();
-    println!("Or load the settings into your shell:  source {}", data.join("dev.env").display());
+    println!(
+        "Or load the settings into your shell:  source {}",
+        data.join("dev.env").display()
+    );
     println!("Then try:  gatehouse audit events   ·   gatehouse sessions list");
     println!("Press Ctrl-C to stop.");
 
@@ -257,8 +284,13 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
 /// SIGTERM, then SIGKILL after five seconds.
 async fn stop(child: &mut Child) {
     if let Some(pid) = child.id() {
-        let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
-        if tokio::time::timeout(Duration::from_secs(5), child.wait()).await.is_ok() {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+        if tokio::time::timeout(Duration::from_secs(5), child.wait())
+            .await
+            .is_ok()
+        {
             return;
         }
     }

@@ -6,10 +6,19 @@ use gatehouse_proto::v1::*;
 use serde_json::json;
 
 #[derive(Parser)]
-#[command(name = "gatehouse", version, about = "Gatehouse: access gateway with compliance evidence")]
+#[command(
+    name = "gatehouse",
+    version,
+    about = "Gatehouse: access gateway with compliance evidence"
+)]
 struct Cli {
     /// Admin API address.
-    #[arg(long, env = "GATEHOUSE_API", global = true, default_value = "https://127.0.0.1:7443")]
+    #[arg(
+        long,
+        env = "GATEHOUSE_API",
+        global = true,
+        default_value = "https://127.0.0.1:7443"
+    )]
     api: String,
     /// Admin token.
     #[arg(long, env = "GATEHOUSE_TOKEN", global = true, hide_env_values = true)]
@@ -167,7 +176,9 @@ fn parse_time(s: &str, now_ms: i64) -> anyhow::Result<i64> {
         return Ok(ms);
     }
     let (num, unit) = s.split_at(s.len().saturating_sub(1));
-    let n: i64 = num.parse().with_context(|| format!("invalid time {s:?}: use Unix ms or 15m/2h/7d"))?;
+    let n: i64 = num
+        .parse()
+        .with_context(|| format!("invalid time {s:?}: use Unix ms or 15m/2h/7d"))?;
     let ms = match unit {
         "s" => 1_000,
         "m" => 60_000,
@@ -259,7 +270,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 table(
                     &["NODE", "LEADER", "APPLIED", "AUDIT EVENTS", "POLICY"],
-                    vec![vec![s.node_id.to_string(), s.leader_id.to_string(), s.last_applied.to_string(), s.audit_events.to_string(), s.policy_version]],
+                    vec![vec![
+                        s.node_id.to_string(),
+                        s.leader_id.to_string(),
+                        s.last_applied.to_string(),
+                        s.audit_events.to_string(),
+                        s.policy_version,
+                    ]],
                 );
             }
         }
@@ -271,47 +288,98 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 table(
                     &["NAME", "KIND", "AGENT", "ONLINE", "DEFAULT DB USER"],
-                    ts.into_iter().map(|t| vec![t.name, t.kind, t.agent, t.online.to_string(), t.default_db_user]).collect(),
+                    ts.into_iter()
+                        .map(|t| {
+                            vec![
+                                t.name,
+                                t.kind,
+                                t.agent,
+                                t.online.to_string(),
+                                t.default_db_user,
+                            ]
+                        })
+                        .collect(),
                 );
             }
         }
-        Cmd::Targets(TargetsCmd::Create { name, agent, kind, db_user }) => {
+        Cmd::Targets(TargetsCmd::Create {
+            name,
+            agent,
+            kind,
+            db_user,
+        }) => {
             let t = c
-                .create_target(CreateTargetRequest { name: name.clone(), kind: kind.clone(), agent: agent.clone(), default_db_user: db_user.clone() })
+                .create_target(CreateTargetRequest {
+                    name: name.clone(),
+                    kind: kind.clone(),
+                    agent: agent.clone(),
+                    default_db_user: db_user.clone(),
+                })
                 .await?
                 .into_inner();
             println!("target {} created (served by agent {})", t.name, t.agent);
         }
         Cmd::ServiceAccounts(SaCmd::List) => {
-            let a = c.list_service_accounts(ListRequest {}).await?.into_inner().accounts;
+            let a = c
+                .list_service_accounts(ListRequest {})
+                .await?
+                .into_inner()
+                .accounts;
             if json_out {
                 print_json(&json!(a.iter().map(|s| json!({"name": s.name, "groups": s.groups, "key_ids": s.key_ids, "created_ms": s.created_ms})).collect::<Vec<_>>()));
             } else {
-                table(&["NAME", "GROUPS", "KEYS"], a.into_iter().map(|s| vec![s.name, s.groups.join(","), s.key_ids.join(",")]).collect());
+                table(
+                    &["NAME", "GROUPS", "KEYS"],
+                    a.into_iter()
+                        .map(|s| vec![s.name, s.groups.join(","), s.key_ids.join(",")])
+                        .collect(),
+                );
             }
         }
         Cmd::ServiceAccounts(SaCmd::Create { name, groups }) => {
             let r = c
-                .create_service_account(CreateServiceAccountRequest { name: name.clone(), groups: groups.clone() })
+                .create_service_account(CreateServiceAccountRequest {
+                    name: name.clone(),
+                    groups: groups.clone(),
+                })
                 .await?
                 .into_inner();
             if json_out {
-                print_json(&json!({"name": name, "identity": format!("sa:{name}"), "api_key": r.api_key}));
+                print_json(
+                    &json!({"name": name, "identity": format!("sa:{name}"), "api_key": r.api_key}),
+                );
             } else {
-                println!("service account sa:{name} created; its API key (shown once):\n{}", r.api_key);
+                println!(
+                    "service account sa:{name} created; its API key (shown once):\n{}",
+                    r.api_key
+                );
             }
         }
         Cmd::Rules(RulesCmd::List) => {
             let r = c.list_rules(ListRequest {}).await?.into_inner();
             if json_out {
-                print_json(&json!({"policy_version": r.policy_version, "rules": r.rules.iter().map(|x| json!({"id": x.id, "subject": x.subject, "target": x.target})).collect::<Vec<_>>()}));
+                print_json(
+                    &json!({"policy_version": r.policy_version, "rules": r.rules.iter().map(|x| json!({"id": x.id, "subject": x.subject, "target": x.target})).collect::<Vec<_>>()}),
+                );
             } else {
                 println!("policy version {}", r.policy_version);
-                table(&["ID", "SUBJECT", "TARGET"], r.rules.into_iter().map(|x| vec![x.id, x.subject, x.target]).collect());
+                table(
+                    &["ID", "SUBJECT", "TARGET"],
+                    r.rules
+                        .into_iter()
+                        .map(|x| vec![x.id, x.subject, x.target])
+                        .collect(),
+                );
             }
         }
         Cmd::Rules(RulesCmd::Create { subject, target }) => {
-            let r = c.create_rule(CreateRuleRequest { subject: subject.clone(), target: target.clone() }).await?.into_inner();
+            let r = c
+                .create_rule(CreateRuleRequest {
+                    subject: subject.clone(),
+                    target: target.clone(),
+                })
+                .await?
+                .into_inner();
             println!("rule {} created: {} may use {}", r.id, r.subject, r.target);
         }
         Cmd::Agents(AgentsCmd::List) => {
@@ -322,13 +390,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 table(
                     &["NAME", "CONNECTED", "VERSION", "TARGETS", "LAST SEEN"],
-                    a.into_iter().map(|x| vec![x.name, x.connected.to_string(), x.version, x.targets.join(","), fmt_ms(x.last_seen_ms)]).collect(),
+                    a.into_iter()
+                        .map(|x| {
+                            vec![
+                                x.name,
+                                x.connected.to_string(),
+                                x.version,
+                                x.targets.join(","),
+                                fmt_ms(x.last_seen_ms),
+                            ]
+                        })
+                        .collect(),
                 );
             }
         }
         Cmd::Agents(AgentsCmd::EnrollToken { agent, ttl_seconds }) => {
             let t = c
-                .create_enrollment_token(CreateEnrollmentTokenRequest { agent: agent.clone(), ttl_seconds: *ttl_seconds })
+                .create_enrollment_token(CreateEnrollmentTokenRequest {
+                    agent: agent.clone(),
+                    ttl_seconds: *ttl_seconds,
+                })
                 .await?
                 .into_inner();
             if json_out {
@@ -337,9 +418,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", t.token);
             }
         }
-        Cmd::Sessions(SessionsCmd::List { identity, target, limit }) => {
+        Cmd::Sessions(SessionsCmd::List {
+            identity,
+            target,
+            limit,
+        }) => {
             let s = c
-                .list_sessions(ListSessionsRequest { identity: identity.clone(), target: target.clone(), limit: *limit })
+                .list_sessions(ListSessionsRequest {
+                    identity: identity.clone(),
+                    target: target.clone(),
+                    limit: *limit,
+                })
                 .await?
                 .into_inner()
                 .sessions;
@@ -348,29 +437,71 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 table(
                     &["ID", "IDENTITY", "TARGET", "STARTED", "ENDED", "END REASON"],
-                    s.into_iter().map(|x| vec![x.id, x.identity, x.target, fmt_ms(x.started_ms), fmt_ms(x.ended_ms), x.end_reason]).collect(),
+                    s.into_iter()
+                        .map(|x| {
+                            vec![
+                                x.id,
+                                x.identity,
+                                x.target,
+                                fmt_ms(x.started_ms),
+                                fmt_ms(x.ended_ms),
+                                x.end_reason,
+                            ]
+                        })
+                        .collect(),
                 );
             }
         }
         Cmd::Sessions(SessionsCmd::Show { id }) => show_session(&mut c, id, json_out).await?,
-        Cmd::Audit(AuditCmd::Events { identity, target, session, since, until, limit }) => {
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as i64;
+        Cmd::Audit(AuditCmd::Events {
+            identity,
+            target,
+            session,
+            since,
+            until,
+            limit,
+        }) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_millis() as i64;
             let req = ListAuditEventsRequest {
                 identity: identity.clone(),
                 target: target.clone(),
                 session_id: session.clone(),
-                since_ms: since.as_deref().map(|s| parse_time(s, now)).transpose()?.unwrap_or(0),
-                until_ms: until.as_deref().map(|s| parse_time(s, now)).transpose()?.unwrap_or(0),
+                since_ms: since
+                    .as_deref()
+                    .map(|s| parse_time(s, now))
+                    .transpose()?
+                    .unwrap_or(0),
+                until_ms: until
+                    .as_deref()
+                    .map(|s| parse_time(s, now))
+                    .transpose()?
+                    .unwrap_or(0),
                 limit: *limit,
             };
             let raw = c.list_audit_events(req).await?.into_inner().events;
-            let events: Vec<AuditEvent> = raw.iter().map(|r| AuditEvent::decode(r)).collect::<Result<_, _>>()?;
+            let events: Vec<AuditEvent> = raw
+                .iter()
+                .map(|r| AuditEvent::decode(r))
+                .collect::<Result<_, _>>()?;
             if json_out {
-                let v: Vec<serde_json::Value> = raw.iter().map(|r| serde_json::from_slice(r)).collect::<Result<_, _>>()?;
+                let v: Vec<serde_json::Value> = raw
+                    .iter()
+                    .map(|r| serde_json::from_slice(r))
+                    .collect::<Result<_, _>>()?;
                 print_json(&serde_json::Value::Array(v));
             } else {
                 table(
-                    &["TIME", "KIND", "IDENTITY", "TARGET", "DECISION", "ROWS", "STATEMENT / DETAIL"],
+                    &[
+                        "TIME",
+                        "KIND",
+                        "IDENTITY",
+                        "TARGET",
+                        "DECISION",
+                        "ROWS",
+                        "STATEMENT / DETAIL",
+                    ],
                     events
                         .into_iter()
                         .map(|e| {
@@ -380,8 +511,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                                 e.identity,
                                 e.target,
                                 format!("{:?}", e.decision).to_lowercase(),
-                                e.outcome.as_ref().map(|o| o.rows.to_string()).unwrap_or_default(),
-                                e.statement.or(e.detail).unwrap_or_default().replace('\n', " "),
+                                e.outcome
+                                    .as_ref()
+                                    .map(|o| o.rows.to_string())
+                                    .unwrap_or_default(),
+                                e.statement
+                                    .or(e.detail)
+                                    .unwrap_or_default()
+                                    .replace('\n', " "),
                             ]
                         })
                         .collect(),
@@ -393,7 +530,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn show_session(c: &mut Client, id: &str, json_out: bool) -> anyhow::Result<()> {
-    let r = c.get_recording(GetRecordingRequest { session_id: id.to_string() }).await?.into_inner();
+    let r = c
+        .get_recording(GetRecordingRequest {
+            session_id: id.to_string(),
+        })
+        .await?
+        .into_inner();
     let s = r.session.context("server returned no session")?;
     let actual = gatehouse_recording::sha256_hex(&r.data);
     anyhow::ensure!(
@@ -418,8 +560,15 @@ async fn show_session(c: &mut Client, id: &str, json_out: bool) -> anyhow::Resul
             "events": records,
         }));
     } else {
-        println!("session {} · {} → {} as {} · started {} · recording sha256 {} (verified)",
-            s.id, header.identity, header.target, header.db_user, fmt_ms(header.started_ms), s.recording_sha256);
+        println!(
+            "session {} · {} → {} as {} · started {} · recording sha256 {} (verified)",
+            s.id,
+            header.identity,
+            header.target,
+            header.db_user,
+            fmt_ms(header.started_ms),
+            s.recording_sha256
+        );
         for (t, q) in statements {
             println!("+{t}ms\t{q}");
         }

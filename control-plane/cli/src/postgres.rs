@@ -66,7 +66,9 @@ fn pg_command(bin: &Path, tool: &str) -> Command {
 
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 // === impl LocalPostgres ===
@@ -79,23 +81,45 @@ impl LocalPostgres {
     pub fn start() -> anyhow::Result<Self> {
         use std::os::unix::fs::PermissionsExt;
         let bin = find_bin().context("no PostgreSQL server binaries found (install postgresql)")?;
-        let dir = &std::env::temp_dir().join(format!("gatehouse-pg-{}", hex::encode(rand::random::<[u8; 8]>())));
+        let dir = &std::env::temp_dir().join(format!(
+            "gatehouse-pg-{}",
+            hex::encode(rand::random::<[u8; 8]>())
+        ));
         std::fs::create_dir_all(dir)?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
-        let superuser = if is_root() { "postgres".to_string() } else { whoami() };
+        let superuser = if is_root() {
+            "postgres".to_string()
+        } else {
+            whoami()
+        };
         if is_root() {
-            let st = Command::new("chown").args(["-R", "postgres:postgres"]).arg(dir).status()?;
+            let st = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir)
+                .status()?;
             anyhow::ensure!(st.success(), "chown of {} failed", dir.display());
         }
         let data = dir.join("data");
         let out = pg_command(&bin, "initdb")
             .arg("-D")
             .arg(&data)
-            .args(["-U", &superuser, "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--no-sync"])
+            .args([
+                "-U",
+                &superuser,
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ])
             .stdin(Stdio::null())
             .output()
             .context("running initdb")?;
-        anyhow::ensure!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        anyhow::ensure!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let port = free_port()?;
         let opts = format!(
             "-c listen_addresses=127.0.0.1 -c port={port} -k {} -c fsync=off -c max_connections=200 -c log_connections=on",
@@ -110,7 +134,11 @@ impl LocalPostgres {
             .stdin(Stdio::null())
             .output()
             .context("running pg_ctl start")?;
-        anyhow::ensure!(out.status.success(), "pg_ctl start failed: {}", String::from_utf8_lossy(&out.stderr));
+        anyhow::ensure!(
+            out.status.success(),
+            "pg_ctl start failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let pg = Self {
             bin,
             dir: dir.to_path_buf(),
@@ -138,12 +166,23 @@ impl LocalPostgres {
         let out = pg_command(&self.bin, "psql")
             .arg("-h")
             .arg(&self.dir)
-            .args(["-p", &self.port.to_string(), "-U", &self.superuser, "-d", db])
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                &self.superuser,
+                "-d",
+                db,
+            ])
             .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
             .stdin(Stdio::null())
             .output()
             .context("running psql")?;
-        anyhow::ensure!(out.status.success(), "psql: {}", String::from_utf8_lossy(&out.stderr).trim());
+        anyhow::ensure!(
+            out.status.success(),
+            "psql: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 

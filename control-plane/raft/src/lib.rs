@@ -61,15 +61,9 @@ pub async fn start_single(dir: &Path, node_id: u64, addr: &str) -> Result<Member
     }
     .validate()
     .map_err(|e| StartError::Config(e.to_string()))?;
-    let raft = openraft::Raft::new(
-        node_id,
-        Arc::new(config),
-        network::Network,
-        log,
-        sm,
-    )
-    .await
-    .map_err(|e| StartError::Raft(e.to_string()))?;
+    let raft = openraft::Raft::new(node_id, Arc::new(config), network::Network, log, sm)
+        .await
+        .map_err(|e| StartError::Raft(e.to_string()))?;
     let initialized = raft
         .is_initialized()
         .await

@@ -128,8 +128,7 @@ impl StateReader {
         Ok(self.rules()?.iter().any(|r| {
             r.target == target
                 && (r.subject == identity
-                    || r
-                        .subject
+                    || r.subject
                         .strip_prefix("group:")
                         .is_some_and(|g| groups.iter().any(|x| x == g)))
         }))
@@ -164,7 +163,7 @@ impl StateReader {
     pub fn audit_count(&self) -> Result<u64, ReadError> {
         let txn = self.db.begin_read().map_err(err)?;
         let t = txn.open_table(AUDIT).map_err(err)?;
-        Ok(t.len().map_err(err)?)
+        t.len().map_err(err)
     }
 
     /// Canonical audit events in log order, filtered.

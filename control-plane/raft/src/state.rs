@@ -154,7 +154,9 @@ pub(crate) fn apply(txn: &WriteTransaction, cmd: &Command) -> ApplyResult<Comman
         } => {
             let k = key::sa(name);
             if kv.get(k.as_str())?.is_some() {
-                return Ok(reject(Rejection::AlreadyExists(format!("service account {name}"))));
+                return Ok(reject(Rejection::AlreadyExists(format!(
+                    "service account {name}"
+                ))));
             }
             let sa = ServiceAccount {
                 name: name.clone(),
@@ -171,14 +173,20 @@ pub(crate) fn apply(txn: &WriteTransaction, cmd: &Command) -> ApplyResult<Comman
         Command::CreateTarget { target } => {
             let k = key::target(&target.name);
             if kv.get(k.as_str())?.is_some() {
-                return Ok(reject(Rejection::AlreadyExists(format!("target {}", target.name))));
+                return Ok(reject(Rejection::AlreadyExists(format!(
+                    "target {}",
+                    target.name
+                ))));
             }
             put(&mut kv, &k, target)?;
             CommandResult::Ok
         }
         Command::CreateRule { rule } => {
             if kv.get(key::target(&rule.target).as_str())?.is_none() {
-                return Ok(reject(Rejection::NotFound(format!("target {}", rule.target))));
+                return Ok(reject(Rejection::NotFound(format!(
+                    "target {}",
+                    rule.target
+                ))));
             }
             put(&mut kv, &key::rule(&rule.id), rule)?;
             let version = policy_version(&kv)?;
@@ -265,7 +273,11 @@ pub(crate) fn apply(txn: &WriteTransaction, cmd: &Command) -> ApplyResult<Comman
     Ok(res)
 }
 
-fn append_audit(txn: &WriteTransaction, agent: &str, events: &[String]) -> ApplyResult<CommandResult> {
+fn append_audit(
+    txn: &WriteTransaction,
+    agent: &str,
+    events: &[String],
+) -> ApplyResult<CommandResult> {
     let mut audit = txn.open_table(AUDIT)?;
     let mut ids = txn.open_table(AUDIT_IDS)?;
     let mut seqs = txn.open_table(AGENT_SEQ)?;

@@ -3,6 +3,9 @@
 //! Every write is a redb transaction committed with immediate durability
 //! (fsync) before openraft is told it happened.
 
+// openraft's trait signatures fix the error type; its size is not ours to choose.
+#![allow(clippy::result_large_err)]
+
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::RangeBounds;
@@ -218,6 +221,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 }
 
+/// Last applied log id, membership and the serialized state tables.
+type Dump = (Option<LogId<NodeId>>, Membership, String);
+
 /// Everything a snapshot carries: the applied state tables.
 #[derive(Default, Serialize, Deserialize)]
 struct SnapshotDoc {
@@ -244,7 +250,7 @@ impl StateMachineStore {
         })
     }
 
-    fn dump(&self) -> Result<(Option<LogId<NodeId>>, Membership, String), StorageError<NodeId>> {
+    fn dump(&self) -> Result<Dump, StorageError<NodeId>> {
         let txn = self.db.begin_read().map_err(read_err)?;
         let meta = txn.open_table(SM_META).map_err(read_err)?;
         let last_applied = match meta.get("last_applied").map_err(read_err)? {
@@ -256,19 +262,39 @@ impl StateMachineStore {
             None => Membership::default(),
         };
         let mut doc = SnapshotDoc::default();
-        for item in txn.open_table(KV).map_err(read_err)?.iter().map_err(read_err)? {
+        for item in txn
+            .open_table(KV)
+            .map_err(read_err)?
+            .iter()
+            .map_err(read_err)?
+        {
             let (k, v) = item.map_err(read_err)?;
             doc.kv.push((k.value().to_string(), v.value().to_string()));
         }
-        for item in txn.open_table(AUDIT).map_err(read_err)?.iter().map_err(read_err)? {
+        for item in txn
+            .open_table(AUDIT)
+            .map_err(read_err)?
+            .iter()
+            .map_err(read_err)?
+        {
             let (k, v) = item.map_err(read_err)?;
             doc.audit.push((k.value(), v.value().to_string()));
         }
-        for item in txn.open_table(AUDIT_IDS).map_err(read_err)?.iter().map_err(read_err)? {
+        for item in txn
+            .open_table(AUDIT_IDS)
+            .map_err(read_err)?
+            .iter()
+            .map_err(read_err)?
+        {
             let (k, v) = item.map_err(read_err)?;
             doc.audit_ids.push((k.value().to_string(), v.value()));
         }
-        for item in txn.open_table(AGENT_SEQ).map_err(read_err)?.iter().map_err(read_err)? {
+        for item in txn
+            .open_table(AGENT_SEQ)
+            .map_err(read_err)?
+            .iter()
+            .map_err(read_err)?
+        {
             let (k, v) = item.map_err(read_err)?;
             doc.agent_seq.push((k.value().to_string(), v.value()));
         }
@@ -397,7 +423,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             }
             let mut sm = txn.open_table(SM_META).map_err(write_err)?;
             let last = to_json(&meta.last_log_id)?;
-            sm.insert("last_applied", last.as_str()).map_err(write_err)?;
+            sm.insert("last_applied", last.as_str())
+                .map_err(write_err)?;
             let m = to_json(&meta.last_membership)?;
             sm.insert("membership", m.as_str()).map_err(write_err)?;
             let mut snap = txn.open_table(SNAPSHOT).map_err(write_err)?;
@@ -439,7 +466,8 @@ mod tests {
     {
         async fn build(
             &self,
-        ) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError<NodeId>> {
+        ) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError<NodeId>>
+        {
             let dir = tempfile::tempdir().map_err(|e| StorageIOError::write(&e))?;
             let db = Arc::new(
                 open_database(&dir.path().join("s.redb")).map_err(|e| StorageIOError::write(&e))?,

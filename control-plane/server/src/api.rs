@@ -97,10 +97,9 @@ pub async fn serve(
             Err(Status::unauthenticated("missing or invalid admin token"))
         }
     };
-    let tls = tonic::transport::ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(
-        chain.cert_pem.as_bytes(),
-        chain.key_pem.as_bytes(),
-    ));
+    let tls = tonic::transport::ServerTlsConfig::new().identity(
+        tonic::transport::Identity::from_pem(chain.cert_pem.as_bytes(), chain.key_pem.as_bytes()),
+    );
     let mut server = match tonic::transport::Server::builder().tls_config(tls) {
         Ok(s) => s,
         Err(e) => {
@@ -384,7 +383,11 @@ impl Admin for AdminService {
         req: Request<ListSessionsRequest>,
     ) -> ApiResult<ListSessionsResponse> {
         let req = req.into_inner();
-        let limit = if req.limit == 0 { usize::MAX } else { req.limit as usize };
+        let limit = if req.limit == 0 {
+            usize::MAX
+        } else {
+            req.limit as usize
+        };
         let sessions = self
             .cluster
             .reader
@@ -464,7 +467,11 @@ impl Admin for AdminService {
             leader_id: m.current_leader.unwrap_or(0),
             last_applied: m.last_applied.map(|l| l.index).unwrap_or(0),
             audit_events: self.cluster.reader.audit_count().map_err(ApiError::from)?,
-            policy_version: self.cluster.reader.policy_version().map_err(ApiError::from)?,
+            policy_version: self
+                .cluster
+                .reader
+                .policy_version()
+                .map_err(ApiError::from)?,
         }))
     }
 }

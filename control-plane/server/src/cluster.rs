@@ -116,7 +116,13 @@ impl Cluster {
     }
 
     /// A refused-access event for the audit log.
-    pub fn denial(&self, identity: &str, target: &str, session_id: &str, detail: String) -> AuditEvent {
+    pub fn denial(
+        &self,
+        identity: &str,
+        target: &str,
+        session_id: &str,
+        detail: String,
+    ) -> AuditEvent {
         AuditEvent {
             id: self.new_id(),
             agent: String::new(),

@@ -144,30 +144,38 @@ async fn handle(
     anyhow::ensure!(buf.is_empty(), "client sent data before the TLS handshake");
     let mut stream = tls.accept(sock).await.context("TLS handshake")?;
     ctx.awaiting_frontend_ssl = false;
-    let startup = match tokio::time::timeout(STARTUP_TIMEOUT, next_frontend(&mut stream, &mut buf, &ctx))
-        .await
-        .context("startup timed out")??
-    {
-        PgWireFrontendMessage::Startup(s) => Startup { params: s.parameters },
-        // Cancellation is mapped across the tunnel in a later step; a cancel
-        // request on its own connection ends here without effect.
-        _ => return Ok(()),
-    };
+    let startup =
+        match tokio::time::timeout(STARTUP_TIMEOUT, next_frontend(&mut stream, &mut buf, &ctx))
+            .await
+            .context("startup timed out")??
+        {
+            PgWireFrontendMessage::Startup(s) => Startup {
+                params: s.parameters,
+            },
+            // Cancellation is mapped across the tunnel in a later step; a cancel
+            // request on its own connection ends here without effect.
+            _ => return Ok(()),
+        };
     ctx.awaiting_frontend_startup = false;
     stream.write_all(&build::authentication_cleartext()).await?;
-    let password = match tokio::time::timeout(STARTUP_TIMEOUT, next_frontend(&mut stream, &mut buf, &ctx))
-        .await
-        .context("password timed out")??
-    {
-        PgWireFrontendMessage::PasswordMessageFamily(p) => p
-            .into_password()
-            .map(|p| p.password)
-            .map_err(|e| anyhow::anyhow!("bad password message: {e}"))?,
-        _ => {
-            refuse(&mut stream, &Refusal::Protocol("expected a password message".into())).await;
-            return Ok(());
-        }
-    };
+    let password =
+        match tokio::time::timeout(STARTUP_TIMEOUT, next_frontend(&mut stream, &mut buf, &ctx))
+            .await
+            .context("password timed out")??
+        {
+            PgWireFrontendMessage::PasswordMessageFamily(p) => p
+                .into_password()
+                .map(|p| p.password)
+                .map_err(|e| anyhow::anyhow!("bad password message: {e}"))?,
+            _ => {
+                refuse(
+                    &mut stream,
+                    &Refusal::Protocol("expected a password message".into()),
+                )
+                .await;
+                return Ok(());
+            }
+        };
     match admit(&startup, &password, peer, &cluster, &agents).await {
         Ok((open, agent)) => relay(stream, buf, open, &agent, &agents).await,
         Err(r) => {
@@ -197,15 +205,27 @@ async fn admit(
         .verify_api_key(password)
         .map_err(|_| Refusal::NotDurable)?;
     let Some(account) = account else {
-        let ev = cluster.denial("anonymous", &target_name, &session_id, "invalid API key".into());
+        let ev = cluster.denial(
+            "anonymous",
+            &target_name,
+            &session_id,
+            "invalid API key".into(),
+        );
         let _ = cluster.audit(ev).await;
         return Err(Refusal::BadCredentials(user));
     };
     let identity = format!("sa:{}", account.name);
     let deny = |detail: String| cluster.denial(&identity, &target_name, &session_id, detail);
-    let Some(target) = cluster.reader.target(&target_name).map_err(|_| Refusal::NotDurable)? else {
+    let Some(target) = cluster
+        .reader
+        .target(&target_name)
+        .map_err(|_| Refusal::NotDurable)?
+    else {
         let r = Refusal::NoSuchTarget(target_name.clone());
-        cluster.audit(deny(r.to_string())).await.map_err(|_| Refusal::NotDurable)?;
+        cluster
+            .audit(deny(r.to_string()))
+            .await
+            .map_err(|_| Refusal::NotDurable)?;
         return Err(r);
     };
     let allowed = cluster
@@ -217,7 +237,10 @@ async fn admit(
             identity: identity.clone(),
             target: target.name.clone(),
         };
-        cluster.audit(deny(r.to_string())).await.map_err(|_| Refusal::NotDurable)?;
+        cluster
+            .audit(deny(r.to_string()))
+            .await
+            .map_err(|_| Refusal::NotDurable)?;
         return Err(r);
     }
     if agents.get(&target.agent).is_none() {
@@ -304,13 +327,19 @@ where
         send.write_all(&leftover).await?;
     }
     let mut agent_io = tokio::io::join(recv, send);
-    let _ = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut agent_io, 64 << 10, 64 << 10).await;
+    let _ =
+        tokio::io::copy_bidirectional_with_sizes(&mut client, &mut agent_io, 64 << 10, 64 << 10)
+            .await;
     Ok(())
 }
 
 async fn refuse<W: AsyncWrite + Unpin>(w: &mut W, r: &Refusal) {
     let _ = w
-        .write_all(&build::error_response(Severity::Fatal, r.sqlstate(), &r.to_string()))
+        .write_all(&build::error_response(
+            Severity::Fatal,
+            r.sqlstate(),
+            &r.to_string(),
+        ))
         .await;
     let _ = w.flush().await;
     let _ = w.shutdown().await;

@@ -22,7 +22,11 @@ use crate::cluster::{Cluster, now_ms};
 
 /// Command-line configuration of a node.
 #[derive(Clone, Debug, clap::Parser)]
-#[command(name = "gatehouse-server", version, about = "Gatehouse control-plane node")]
+#[command(
+    name = "gatehouse-server",
+    version,
+    about = "Gatehouse control-plane node"
+)]
 pub struct Config {
     /// Directory for the Raft log, state and keys.
     #[arg(long, env = "GATEHOUSE_DATA_DIR")]
@@ -67,7 +71,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
     std::fs::create_dir_all(&config.recordings_dir).with_context(|| {
-        format!("creating recordings dir {}", config.recordings_dir.display())
+        format!(
+            "creating recordings dir {}",
+            config.recordings_dir.display()
+        )
     })?;
 
     let member = gatehouse_cp_raft::start_single(
@@ -195,7 +202,11 @@ async fn bootstrap_ca(cluster: &Cluster) -> anyhow::Result<ClusterCa> {
 fn load_or_create_token(path: &std::path::Path, cluster: &Cluster) -> anyhow::Result<String> {
     if let Ok(t) = std::fs::read_to_string(path) {
         let t = t.trim().to_string();
-        anyhow::ensure!(t.len() >= 16, "admin token in {} is too short", path.display());
+        anyhow::ensure!(
+            t.len() >= 16,
+            "admin token in {} is too short",
+            path.display()
+        );
         return Ok(t);
     }
     let token = format!("gha_{}", cluster.new_secret(24));

@@ -69,13 +69,16 @@ impl AgentRegistry {
 
     fn insert(&self, agent: &str, conn: AgentConn) {
         if let Some(old) = self.lock().insert(agent.to_string(), conn) {
-            old.conn.close(0u32.into(), b"replaced by a newer connection");
+            old.conn
+                .close(0u32.into(), b"replaced by a newer connection");
         }
     }
 
     fn remove_if(&self, agent: &str, stable_id: usize) {
         let mut g = self.lock();
-        if g.get(agent).is_some_and(|c| c.conn.stable_id() == stable_id) {
+        if g.get(agent)
+            .is_some_and(|c| c.conn.stable_id() == stable_id)
+        {
             g.remove(agent);
         }
     }
@@ -191,8 +194,17 @@ async fn enroll(conn: quinn::Connection, cluster: &Cluster, ca: &ClusterCa) {
 
 /// Signs the CSR, then consumes the token in Raft; the certificate is only
 /// returned when the single-use consumption committed.
-async fn enroll_agent(req: &EnrollRequest, cluster: &Cluster, ca: &ClusterCa) -> Result<String, String> {
-    if req.agent.is_empty() || !req.agent.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+async fn enroll_agent(
+    req: &EnrollRequest,
+    cluster: &Cluster,
+    ca: &ClusterCa,
+) -> Result<String, String> {
+    if req.agent.is_empty()
+        || !req
+            .agent
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
         return Err("agent name must be letters, digits, '-' or '_'".into());
     }
     let secret = req.token.trim();
@@ -221,7 +233,9 @@ async fn enroll_agent(req: &EnrollRequest, cluster: &Cluster, ca: &ClusterCa) ->
         .await
     {
         Ok(_) => Ok(cert),
-        Err(ProposeError::Rejected(Rejection::NotFound(_))) => Err("unknown enrollment token".into()),
+        Err(ProposeError::Rejected(Rejection::NotFound(_))) => {
+            Err("unknown enrollment token".into())
+        }
         Err(e) => Err(e.to_string()),
     }
 }
@@ -269,7 +283,10 @@ async fn agent_connection(conn: quinn::Connection, cluster: Arc<Cluster>, agents
             msg: Some(agent_message::Msg::Hello(h)),
         })) if h.agent == name => h,
         _ => {
-            conn.close(3u32.into(), b"expected hello naming the certificate's agent");
+            conn.close(
+                3u32.into(),
+                b"expected hello naming the certificate's agent",
+            );
             return;
         }
     };
@@ -292,7 +309,9 @@ async fn agent_connection(conn: quinn::Connection, cluster: Arc<Cluster>, agents
         })),
     };
     let result = async {
-        send.write_all(&frame(&ack)).await.map_err(|e| e.to_string())?;
+        send.write_all(&frame(&ack))
+            .await
+            .map_err(|e| e.to_string())?;
         control_loop(&name, &cluster, &mut send, &mut recv, &last_seen).await
     }
     .await;

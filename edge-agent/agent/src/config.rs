@@ -57,8 +57,8 @@ fn default_server_name() -> String {
 
 impl AgentConfig {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let cfg: AgentConfig =
             toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         anyhow::ensure!(!cfg.servers.is_empty(), "config lists no servers");
@@ -84,7 +84,9 @@ impl TargetConfig {
     pub fn password(&self) -> std::io::Result<String> {
         match (&self.password, &self.password_file) {
             (Some(p), _) => Ok(p.clone()),
-            (None, Some(f)) => Ok(std::fs::read_to_string(f)?.trim_end_matches(['\n', '\r']).to_string()),
+            (None, Some(f)) => Ok(std::fs::read_to_string(f)?
+                .trim_end_matches(['\n', '\r'])
+                .to_string()),
             (None, None) => Ok(String::new()),
         }
     }

@@ -50,7 +50,16 @@ pub async fn enroll(cfg: &AgentConfig, token: &str, files: &IdentityFiles) -> an
     tls.alpn_protocols = vec![ALPN_ENROLL.to_vec()];
     let mut last_err = None;
     for server in &cfg.servers {
-        match enroll_at(*server, &cfg.server_name, tls.clone(), secret, &cfg.name, &key.csr_pem).await {
+        match enroll_at(
+            *server,
+            &cfg.server_name,
+            tls.clone(),
+            secret,
+            &cfg.name,
+            &key.csr_pem,
+        )
+        .await
+        {
             Ok(resp) if resp.error.is_empty() => {
                 std::fs::create_dir_all(&cfg.data_dir)?;
                 write_private(&files.key, &key.key_pem)?;

@@ -56,7 +56,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 async fn shutdown() {
-    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    else {
         let _ = tokio::signal::ctrl_c().await;
         return;
     };

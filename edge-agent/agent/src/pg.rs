@@ -46,7 +46,9 @@ enum UpstreamError {
 
 /// Handles one session stream until either side ends.
 pub async fn session(ctx: Arc<AgentCtx>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
-    let open = match tokio::time::timeout(CONNECT_TIMEOUT, read_frame::<SessionOpen, _>(&mut recv)).await {
+    let open = match tokio::time::timeout(CONNECT_TIMEOUT, read_frame::<SessionOpen, _>(&mut recv))
+        .await
+    {
         Ok(Ok(Some(o))) => o,
         _ => return,
     };
@@ -54,7 +56,11 @@ pub async fn session(ctx: Arc<AgentCtx>, mut send: quinn::SendStream, mut recv: 
         Ok(reason) => reason,
         Err(message) => {
             let _ = send
-                .write_all(&build::error_response(Severity::Fatal, &message.0, &message.1))
+                .write_all(&build::error_response(
+                    Severity::Fatal,
+                    &message.0,
+                    &message.1,
+                ))
                 .await;
             message.1
         }
@@ -66,7 +72,12 @@ pub async fn session(ctx: Arc<AgentCtx>, mut send: quinn::SendStream, mut recv: 
 /// An error for the client: SQLSTATE and message.
 struct ClientError(String, String);
 
-fn base_event(ctx: &AgentCtx, open: &SessionOpen, kind: EventKind, decision: Decision) -> AuditEvent {
+fn base_event(
+    ctx: &AgentCtx,
+    open: &SessionOpen,
+    kind: EventKind,
+    decision: Decision,
+) -> AuditEvent {
     AuditEvent {
         id: ctx.new_id(),
         agent: String::new(),
@@ -90,18 +101,33 @@ async fn run(
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
 ) -> Result<String, ClientError> {
-    let audit_down = || ClientError("58000".into(), "audit pipeline unavailable; refusing to proceed".into());
+    let audit_down = || {
+        ClientError(
+            "58000".into(),
+            "audit pipeline unavailable; refusing to proceed".into(),
+        )
+    };
     let Some(target) = ctx.config.target(&open.target) else {
         return Err(ClientError(
             "08001".into(),
-            format!("agent {} does not serve target \"{}\"", ctx.config.name, open.target),
+            format!(
+                "agent {} does not serve target \"{}\"",
+                ctx.config.name, open.target
+            ),
         ));
     };
-    let db_user = if open.db_user.is_empty() { target.user.clone() } else { open.db_user.clone() };
+    let db_user = if open.db_user.is_empty() {
+        target.user.clone()
+    } else {
+        open.db_user.clone()
+    };
     if db_user != target.user {
         return Err(ClientError(
             "28000".into(),
-            format!("agent holds no credential for role \"{db_user}\" on target \"{}\"", open.target),
+            format!(
+                "agent holds no credential for role \"{db_user}\" on target \"{}\"",
+                open.target
+            ),
         ));
     }
     let mut recorder = Recorder::start(
@@ -119,7 +145,12 @@ async fn run(
             started_ms: open.started_ms,
         },
     )
-    .map_err(|e| ClientError("58030".into(), format!("session recording unavailable: {e}")))?;
+    .map_err(|e| {
+        ClientError(
+            "58030".into(),
+            format!("session recording unavailable: {e}"),
+        )
+    })?;
 
     let (upstream, leftover) = match connect_upstream(target, open, &db_user).await {
         Ok(x) => x,
@@ -127,7 +158,13 @@ async fn run(
             let mut ev = base_event(ctx, open, EventKind::SessionStart, Decision::Deny);
             ev.detail = Some(e.to_string());
             ctx.audit(ev).await.map_err(|_| audit_down())?;
-            let _ = recorder.record(now_ms(), RecordEvent::Error { code: "08006".into(), message: e.to_string() });
+            let _ = recorder.record(
+                now_ms(),
+                RecordEvent::Error {
+                    code: "08006".into(),
+                    message: e.to_string(),
+                },
+            );
             let _ = recorder.finish(ctx, "upstream refused").await;
             return match e {
                 UpstreamError::Refused { raw, .. } => {
@@ -139,7 +176,10 @@ async fn run(
         }
     };
     let mut ev = base_event(ctx, open, EventKind::SessionStart, Decision::Allow);
-    ev.detail = Some(format!("client {} as {db_user} to database {}", open.client_addr, open.database));
+    ev.detail = Some(format!(
+        "client {} as {db_user} to database {}",
+        open.client_addr, open.database
+    ));
     ctx.audit(ev).await.map_err(|_| audit_down())?;
     send.write_all(&build::authentication_ok())
         .await
@@ -155,13 +195,16 @@ async fn run(
     let mut end = base_event(ctx, open, EventKind::SessionEnd, Decision::Allow);
     end.detail = Some(reason.clone());
     let _ = ctx.audit(end).await;
-    if let Some(r) = recorder {
-        if let Err(e) = r.finish(ctx, &reason).await {
-            tracing::error!(session_id = %open.session_id, error = %e, "recording upload failed");
-        }
+    if let Some(r) = recorder
+        && let Err(e) = r.finish(ctx, &reason).await
+    {
+        tracing::error!(session_id = %open.session_id, error = %e, "recording upload failed");
     }
     Ok(reason)
 }
+
+/// A finished statement cycle: statements, outcome, start time.
+type Done = (Vec<String>, Outcome, i64);
 
 /// Inspector and recorder of one session, shared by both directions.
 struct Session {
@@ -172,7 +215,7 @@ struct Session {
 
 impl Session {
     /// Records events and returns the bytes to forward and the statements to audit.
-    fn take(&mut self, out: &mut Vec<Action>) -> (Vec<bytes::Bytes>, Vec<(Vec<String>, Outcome, i64)>) {
+    fn take(&mut self, out: &mut Vec<Action>) -> (Vec<bytes::Bytes>, Vec<Done>) {
         let mut fwd = Vec::new();
         let mut done = Vec::new();
         for a in out.drain(..) {
@@ -181,21 +224,37 @@ impl Session {
                 Action::Event { at_ms, event } => {
                     let rec = match event {
                         SessionEvent::Query { text } => Some(RecordEvent::Query { text }),
-                        SessionEvent::Parse { name, text } => Some(RecordEvent::Parse { name, text }),
-                        SessionEvent::RowDescription { columns } => Some(RecordEvent::RowDescription { columns }),
-                        SessionEvent::CommandComplete { tag } => Some(RecordEvent::CommandComplete { tag }),
-                        SessionEvent::Error { code, message } => Some(RecordEvent::Error { code, message }),
-                        SessionEvent::StatementDone { statements, outcome, started_ms, .. } => {
-                            let r = RecordEvent::StatementDone { statements: statements.clone(), rows: outcome.rows };
+                        SessionEvent::Parse { name, text } => {
+                            Some(RecordEvent::Parse { name, text })
+                        }
+                        SessionEvent::RowDescription { columns } => {
+                            Some(RecordEvent::RowDescription { columns })
+                        }
+                        SessionEvent::CommandComplete { tag } => {
+                            Some(RecordEvent::CommandComplete { tag })
+                        }
+                        SessionEvent::Error { code, message } => {
+                            Some(RecordEvent::Error { code, message })
+                        }
+                        SessionEvent::StatementDone {
+                            statements,
+                            outcome,
+                            started_ms,
+                            ..
+                        } => {
+                            let r = RecordEvent::StatementDone {
+                                statements: statements.clone(),
+                                rows: outcome.rows,
+                            };
                             done.push((statements, outcome, started_ms));
                             Some(r)
                         }
                         SessionEvent::Terminate => None,
                     };
-                    if let (Some(rec), Some(recorder)) = (rec, self.recorder.as_mut()) {
-                        if let Err(e) = recorder.record(at_ms, rec) {
-                            self.failed = Some(format!("recording failed: {e}"));
-                        }
+                    if let (Some(rec), Some(recorder)) = (rec, self.recorder.as_mut())
+                        && let Err(e) = recorder.record(at_ms, rec)
+                    {
+                        self.failed = Some(format!("recording failed: {e}"));
                     }
                 }
             }
@@ -214,7 +273,7 @@ async fn relay(
     recv: &mut quinn::RecvStream,
 ) -> String {
     let (mut ur, mut uw) = upstream.into_split();
-    let audit = |stmts: Vec<(Vec<String>, Outcome, i64)>| async move {
+    let audit = |stmts: Vec<Done>| async move {
         for (statements, outcome, started) in stmts {
             let mut ev = base_event(ctx, open, EventKind::Statement, Decision::Allow);
             ev.time_ms = started;
@@ -233,7 +292,9 @@ async fn relay(
                 Ok(_) => {}
             }
             let (fwd, done, failed) = {
-                let Ok(mut s) = state.lock() else { return "internal error".into() };
+                let Ok(mut s) = state.lock() else {
+                    return "internal error".into();
+                };
                 if let Err(e) = s.insp.on_client(&mut buf, now_ms(), &mut out) {
                     return format!("protocol error: {e}");
                 }
@@ -259,7 +320,9 @@ async fn relay(
         loop {
             if !buf.is_empty() {
                 let (fwd, done, failed) = {
-                    let Ok(mut s) = state.lock() else { return "internal error".into() };
+                    let Ok(mut s) = state.lock() else {
+                        return "internal error".into();
+                    };
                     if let Err(e) = s.insp.on_upstream(&mut buf, now_ms(), &mut out) {
                         return format!("protocol error: {e}");
                     }
@@ -326,7 +389,9 @@ async fn connect_upstream(
             Ok(Some(m)) => m,
             Ok(None) => {
                 if sock.read_buf(&mut buf).await? == 0 {
-                    return Err(UpstreamError::Protocol("connection closed during authentication".into()));
+                    return Err(UpstreamError::Protocol(
+                        "connection closed during authentication".into(),
+                    ));
                 }
                 continue;
             }
@@ -344,7 +409,11 @@ async fn connect_upstream(
                     .try_into()
                     .map_err(|_| UpstreamError::Protocol("bad MD5 salt".into()))?;
                 let pw = target.password()?;
-                let hashed = postgres_protocol::authentication::md5_hash(db_user.as_bytes(), pw.as_bytes(), salt);
+                let hashed = postgres_protocol::authentication::md5_hash(
+                    db_user.as_bytes(),
+                    pw.as_bytes(),
+                    salt,
+                );
                 sock.write_all(&build::password(&hashed)).await?;
             }
             PgWireBackendMessage::Authentication(Authentication::SASL(mechs)) => {
@@ -353,27 +422,49 @@ async fn connect_upstream(
                 }
                 let pw = target.password()?;
                 let s = ScramSha256::new(pw.as_bytes(), ChannelBinding::unsupported());
-                sock.write_all(&build::sasl_initial_response("SCRAM-SHA-256", s.message())).await?;
+                sock.write_all(&build::sasl_initial_response("SCRAM-SHA-256", s.message()))
+                    .await?;
                 scram = Some(s);
             }
             PgWireBackendMessage::Authentication(Authentication::SASLContinue(data)) => {
-                let s = scram.as_mut().ok_or_else(|| UpstreamError::Protocol("unexpected SASL continue".into()))?;
-                s.update(&data).map_err(|e| UpstreamError::Protocol(e.to_string()))?;
+                let s = scram
+                    .as_mut()
+                    .ok_or_else(|| UpstreamError::Protocol("unexpected SASL continue".into()))?;
+                s.update(&data)
+                    .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
                 sock.write_all(&build::sasl_response(s.message())).await?;
             }
             PgWireBackendMessage::Authentication(Authentication::SASLFinal(data)) => {
-                let mut s = scram.take().ok_or_else(|| UpstreamError::Protocol("unexpected SASL final".into()))?;
-                s.finish(&data).map_err(|e| UpstreamError::Protocol(format!("server signature: {e}")))?;
+                let mut s = scram
+                    .take()
+                    .ok_or_else(|| UpstreamError::Protocol("unexpected SASL final".into()))?;
+                s.finish(&data)
+                    .map_err(|e| UpstreamError::Protocol(format!("server signature: {e}")))?;
             }
             PgWireBackendMessage::Authentication(_) => return Err(UpstreamError::UnsupportedAuth),
             PgWireBackendMessage::ErrorResponse(e) => {
-                let field = |k: u8| e.fields.iter().find(|(f, _)| *f == k).map(|(_, v)| v.clone()).unwrap_or_default();
+                let field = |k: u8| {
+                    e.fields
+                        .iter()
+                        .find(|(f, _)| *f == k)
+                        .map(|(_, v)| v.clone())
+                        .unwrap_or_default()
+                };
                 let (code, message) = (field(b'C'), field(b'M'));
-                let raw = build::error_response(Severity::Fatal, &code, &format!("target \"{}\": {message}", open.target));
+                let raw = build::error_response(
+                    Severity::Fatal,
+                    &code,
+                    &format!("target \"{}\": {message}", open.target),
+                );
                 return Err(UpstreamError::Refused { code, message, raw });
             }
-            PgWireBackendMessage::NoticeResponse(_) | PgWireBackendMessage::NegotiateProtocolVersion(_) => {}
-            other => return Err(UpstreamError::Protocol(format!("unexpected {other:?} during authentication"))),
+            PgWireBackendMessage::NoticeResponse(_)
+            | PgWireBackendMessage::NegotiateProtocolVersion(_) => {}
+            other => {
+                return Err(UpstreamError::Protocol(format!(
+                    "unexpected {other:?} during authentication"
+                )));
+            }
         }
     }
 }

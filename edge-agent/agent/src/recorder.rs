@@ -5,8 +5,8 @@
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 
-use gatehouse_recording::{FORMAT_VERSION, Header, Record, RecordEvent, line};
 use gatehouse_proto::tunnel::SessionRecorded;
+use gatehouse_recording::{FORMAT_VERSION, Header, Record, RecordEvent, line};
 use object_store::{ObjectStore, ObjectStoreExt, WriteMultipart};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
@@ -78,9 +78,12 @@ impl Recorder {
     /// Ends the recording: fsync, upload, verify, report for the index.
     pub async fn finish(mut self, ctx: &AgentCtx, reason: &str) -> Result<(), RecordError> {
         let now = now_ms();
-        self.record(now, RecordEvent::End {
-            reason: reason.to_string(),
-        })?;
+        self.record(
+            now,
+            RecordEvent::End {
+                reason: reason.to_string(),
+            },
+        )?;
         self.file.flush()?;
         self.file.get_ref().sync_all()?;
         let sha256 = hex::encode(self.hash.finalize_reset());

@@ -6,8 +6,7 @@ use bytes::{Bytes, BytesMut};
 use gatehouse_audit::{Outcome, rows_of_command_tag};
 use pgwire::messages::{
     DecodeContext, Message, data::RowDescription, extendedquery::Bind, extendedquery::Execute,
-    extendedquery::Parse, response::CommandComplete, response::ErrorResponse,
-    simplequery::Query,
+    extendedquery::Parse, response::CommandComplete, response::ErrorResponse, simplequery::Query,
 };
 
 use crate::framer::{Frame, FrameError, Framer};
@@ -133,7 +132,9 @@ impl PgInspector {
         loop {
             let frame = self
                 .client
-                .next(buf, pos, |t| matches!(t, b'Q' | b'P' | b'B' | b'E' | b'S' | b'X'))
+                .next(buf, pos, |t| {
+                    matches!(t, b'Q' | b'P' | b'B' | b'E' | b'S' | b'X')
+                })
                 .map_err(|e| frame_error(Side::Client, e))?;
             match frame {
                 Frame::Incomplete => break,
@@ -208,7 +209,14 @@ impl PgInspector {
                 let p: Parse = decode(msg, &self.ctx, side, ty)?;
                 let name = p.name.unwrap_or_default();
                 remember(&mut self.statements, name.clone(), p.query.clone());
-                event(out, now_ms, SessionEvent::Parse { name, text: p.query });
+                event(
+                    out,
+                    now_ms,
+                    SessionEvent::Parse {
+                        name,
+                        text: p.query,
+                    },
+                );
             }
             b'B' => {
                 let b: Bind = decode(msg, &self.ctx, side, ty)?;
@@ -272,7 +280,10 @@ impl PgInspector {
                 let (code, message) = match decode::<ErrorResponse>(msg, &self.ctx, side, ty) {
                     Ok(e) => error_fields(&e.fields),
                     // Oversized errors are forwarded untouched; record what we know.
-                    Err(_) => ("XX000".to_string(), "<error message too large to inspect>".into()),
+                    Err(_) => (
+                        "XX000".to_string(),
+                        "<error message too large to inspect>".into(),
+                    ),
                 };
                 if let Some(p) = self.pending.front_mut() {
                     p.outcome.error_code.get_or_insert_with(|| code.clone());

@@ -212,7 +212,13 @@ fn bad_length_is_an_error_naming_the_side() {
     let mut out = Vec::new();
     let mut buf = BytesMut::from(&[b'Q', 0, 0, 0, 2][..]);
     let err = insp.on_client(&mut buf, 0, &mut out).unwrap_err();
-    assert!(matches!(err, InspectError::BadLength { side: Side::Client, len: 2 }));
+    assert!(matches!(
+        err,
+        InspectError::BadLength {
+            side: Side::Client,
+            len: 2
+        }
+    ));
 }
 
 #[test]

@@ -72,10 +72,16 @@ pub fn line<T: Serialize>(value: &T) -> Vec<u8> {
 pub fn parse(data: &[u8]) -> Result<(Header, Vec<Record>), ParseError> {
     let mut lines = data.split(|b| *b == b'\n').filter(|l| !l.is_empty());
     let first = lines.next().ok_or(ParseError::Empty)?;
-    let header = serde_json::from_slice(first).map_err(|source| ParseError::Line { line: 1, source })?;
+    let header =
+        serde_json::from_slice(first).map_err(|source| ParseError::Line { line: 1, source })?;
     let mut records = Vec::new();
     for (i, l) in lines.enumerate() {
-        records.push(serde_json::from_slice(l).map_err(|source| ParseError::Line { line: i + 2, source })?);
+        records.push(
+            serde_json::from_slice(l).map_err(|source| ParseError::Line {
+                line: i + 2,
+                source,
+            })?,
+        );
     }
     Ok((header, records))
 }
@@ -116,6 +122,9 @@ mod tests {
             "{\"t\":5,\"type\":\"query\",\"text\":\"select 1\"}\n"
         );
         assert_eq!(parse(&data).unwrap(), (h, vec![r]));
-        assert!(matches!(parse(b"{}\n"), Err(ParseError::Line { line: 1, .. })));
+        assert!(matches!(
+            parse(b"{}\n"),
+            Err(ParseError::Line { line: 1, .. })
+        ));
     }
 }
