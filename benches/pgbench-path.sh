@@ -3,11 +3,13 @@
 # (ingress -> QUIC -> agent -> PostgreSQL, audit and recording on), interleaved,
 # in one run. Prints TPS for each and the ratio. Usage:
 #   bash benches/pgbench-path.sh [clients=4] [seconds=10] [rounds=2]
+# PROFILE=debug uses the debug build instead of building release binaries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 clients=${1:-4}; secs=${2:-10}; rounds=${3:-2}
-cargo build --release --workspace --bins -q
-bin=target/release
+profile=${PROFILE:-release}
+if [ "$profile" = release ]; then cargo build --release --workspace --bins -q; else cargo build --workspace --bins -q; fi
+bin=target/$profile
 work=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
 ( cd "$work" && "$OLDPWD/$bin/gatehouse" dev --data-dir "$work/dev" > "$work/dev.out" 2>&1 ) &
 for _ in $(seq 1 120); do [ -f "$work/dev/dev.env" ] && break; sleep 0.5; done
