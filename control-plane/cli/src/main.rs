@@ -507,10 +507,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         .map(|e| {
                             vec![
                                 fmt_ms(e.time_ms),
-                                format!("{:?}", e.kind).to_lowercase(),
+                                serde_json::to_value(e.kind)
+                                    .ok()
+                                    .and_then(|v| v.as_str().map(String::from))
+                                    .unwrap_or_default(),
                                 e.identity,
                                 e.target,
-                                format!("{:?}", e.decision).to_lowercase(),
+                                serde_json::to_value(e.decision)
+                                    .ok()
+                                    .and_then(|v| v.as_str().map(String::from))
+                                    .unwrap_or_default(),
                                 e.outcome
                                     .as_ref()
                                     .map(|o| o.rows.to_string())

@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use gatehouse_audit::{AuditEvent, Decision, EventKind, Outcome};
 use gatehouse_pgwire_inspect::build::{self, Severity};
-use gatehouse_pgwire_inspect::{Action, PgInspector, SessionEvent};
+use gatehouse_pgwire_inspect::{Action, PgInspector, SessionEvent, Side};
 use gatehouse_proto::read_frame;
 use gatehouse_proto::tunnel::SessionOpen;
 use gatehouse_recording::{Header, RecordEvent};
@@ -273,57 +273,49 @@ async fn relay(
     recv: &mut quinn::RecvStream,
 ) -> String {
     let (mut ur, mut uw) = upstream.into_split();
-    let audit = |stmts: Vec<Done>| async move {
-        for (statements, outcome, started) in stmts {
-            let mut ev = base_event(ctx, open, EventKind::Statement, Decision::Allow);
-            ev.time_ms = started;
-            ev.statement = Some(statements.join(";\n"));
-            ev.outcome = Some(outcome);
-            ctx.audit(ev).await?;
-        }
-        Ok::<_, crate::AuditClosed>(())
+    let pump = Pump {
+        ctx,
+        open,
+        state: &state,
     };
-    let client_to_upstream = async {
-        let mut buf = BytesMut::with_capacity(64 << 10);
-        let mut out = Vec::new();
-        loop {
-            match recv.read_buf(&mut buf).await {
-                Ok(0) | Err(_) => return "client disconnected".to_string(),
-                Ok(_) => {}
-            }
-            let (fwd, done, failed) = {
-                let Ok(mut s) = state.lock() else {
-                    return "internal error".into();
-                };
-                if let Err(e) = s.insp.on_client(&mut buf, now_ms(), &mut out) {
-                    return format!("protocol error: {e}");
-                }
-                let (f, d) = s.take(&mut out);
-                (f, d, s.failed.clone())
-            };
-            if let Some(f) = failed {
-                return f;
-            }
-            if audit(done).await.is_err() {
-                return "audit pipeline closed".into();
-            }
-            for b in fwd {
-                if uw.write_all(&b).await.is_err() {
-                    return "target closed the connection".into();
-                }
-            }
-        }
-    };
-    let upstream_to_client = async {
-        let mut buf = leftover;
+    tokio::select! {
+        r = pump.run(Side::Client, BytesMut::with_capacity(64 << 10), recv, &mut uw) => r,
+        r = pump.run(Side::Upstream, leftover, &mut ur, send) => r,
+    }
+}
+
+/// One direction of the relay.
+struct Pump<'a> {
+    ctx: &'a AgentCtx,
+    open: &'a SessionOpen,
+    state: &'a Mutex<Session>,
+}
+
+impl Pump<'_> {
+    /// Reads from `from`, inspects, audits finished statements, then
+    /// forwards: the client sees the end of a statement only after its audit
+    /// event is queued. Returns why the direction ended.
+    async fn run<R, W>(&self, side: Side, mut buf: BytesMut, from: &mut R, to: &mut W) -> String
+    where
+        R: tokio::io::AsyncRead + Unpin,
+        W: tokio::io::AsyncWrite + Unpin,
+    {
+        let (closed, write_failed) = match side {
+            Side::Client => ("client disconnected", "target closed the connection"),
+            Side::Upstream => ("target closed the connection", "client disconnected"),
+        };
         let mut out = Vec::new();
         loop {
             if !buf.is_empty() {
                 let (fwd, done, failed) = {
-                    let Ok(mut s) = state.lock() else {
+                    let Ok(mut s) = self.state.lock() else {
                         return "internal error".into();
                     };
-                    if let Err(e) = s.insp.on_upstream(&mut buf, now_ms(), &mut out) {
+                    let r = match side {
+                        Side::Client => s.insp.on_client(&mut buf, now_ms(), &mut out),
+                        Side::Upstream => s.insp.on_upstream(&mut buf, now_ms(), &mut out),
+                    };
+                    if let Err(e) = r {
                         return format!("protocol error: {e}");
                     }
                     let (f, d) = s.take(&mut out);
@@ -332,26 +324,27 @@ async fn relay(
                 if let Some(f) = failed {
                     return f;
                 }
-                // Evidence first: the client sees the end of a statement
-                // only after its audit event is queued.
-                if audit(done).await.is_err() {
-                    return "audit pipeline closed".into();
+                for (statements, outcome, started) in done {
+                    let mut ev =
+                        base_event(self.ctx, self.open, EventKind::Statement, Decision::Allow);
+                    ev.time_ms = started;
+                    ev.statement = Some(statements.join(";\n"));
+                    ev.outcome = Some(outcome);
+                    if self.ctx.audit(ev).await.is_err() {
+                        return "audit pipeline closed".into();
+                    }
                 }
                 for b in fwd {
-                    if send.write_all(&b).await.is_err() {
-                        return "client disconnected".into();
+                    if to.write_all(&b).await.is_err() {
+                        return write_failed.into();
                     }
                 }
             }
-            match ur.read_buf(&mut buf).await {
-                Ok(0) | Err(_) => return "target closed the connection".to_string(),
+            match from.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return closed.into(),
                 Ok(_) => {}
             }
         }
-    };
-    tokio::select! {
-        r = client_to_upstream => r,
-        r = upstream_to_client => r,
     }
 }
 

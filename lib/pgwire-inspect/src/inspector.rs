@@ -128,28 +128,7 @@ impl PgInspector {
         now_ms: i64,
         out: &mut Vec<Action>,
     ) -> Result<(), InspectError> {
-        let mut pos = 0;
-        loop {
-            let frame = self
-                .client
-                .next(buf, pos, |t| {
-                    matches!(t, b'Q' | b'P' | b'B' | b'E' | b'S' | b'X')
-                })
-                .map_err(|e| frame_error(Side::Client, e))?;
-            match frame {
-                Frame::Incomplete => break,
-                Frame::Pass(n) => pos += n,
-                Frame::Whole { ty, len } => {
-                    let msg = buf.get(pos..pos + len).unwrap_or_default();
-                    self.client_message(ty, msg, now_ms, out)?;
-                    pos += len;
-                }
-            }
-        }
-        if pos > 0 {
-            out.push(Action::ToUpstream(buf.split_to(pos).freeze()));
-        }
-        Ok(())
+        self.pump(Side::Client, buf, now_ms, out)
     }
 
     /// Same as [`Self::on_client`] for bytes from the upstream.
@@ -159,24 +138,46 @@ impl PgInspector {
         now_ms: i64,
         out: &mut Vec<Action>,
     ) -> Result<(), InspectError> {
+        self.pump(Side::Upstream, buf, now_ms, out)
+    }
+
+    fn pump(
+        &mut self,
+        side: Side,
+        buf: &mut BytesMut,
+        now_ms: i64,
+        out: &mut Vec<Action>,
+    ) -> Result<(), InspectError> {
         let mut pos = 0;
         loop {
-            let frame = self
-                .upstream
-                .next(buf, pos, |t| matches!(t, b'C' | b'E' | b'T' | b'Z'))
-                .map_err(|e| frame_error(Side::Upstream, e))?;
+            let frame = match side {
+                Side::Client => self.client.next(buf, pos, |t| {
+                    matches!(t, b'Q' | b'P' | b'B' | b'E' | b'S' | b'X')
+                }),
+                Side::Upstream => self
+                    .upstream
+                    .next(buf, pos, |t| matches!(t, b'C' | b'E' | b'T' | b'Z')),
+            }
+            .map_err(|e| frame_error(side, e))?;
             match frame {
                 Frame::Incomplete => break,
                 Frame::Pass(n) => pos += n,
                 Frame::Whole { ty, len } => {
                     let msg = buf.get(pos..pos + len).unwrap_or_default();
-                    self.upstream_message(ty, msg, now_ms, out)?;
+                    match side {
+                        Side::Client => self.client_message(ty, msg, now_ms, out)?,
+                        Side::Upstream => self.upstream_message(ty, msg, now_ms, out)?,
+                    }
                     pos += len;
                 }
             }
         }
         if pos > 0 {
-            out.push(Action::ToClient(buf.split_to(pos).freeze()));
+            let bytes = buf.split_to(pos).freeze();
+            out.push(match side {
+                Side::Client => Action::ToUpstream(bytes),
+                Side::Upstream => Action::ToClient(bytes),
+            });
         }
         Ok(())
     }
