@@ -16,7 +16,7 @@ for _ in $(seq 1 120); do [ -f "$work/dev/dev.env" ] && break; sleep 0.5; done
 source "$work/dev/dev.env"
 pgport=$(grep -o 'port = [0-9]*' "$work/dev/agent/agent.toml" | grep -o '[0-9]*')
 pgpw=$(cat "$work/dev/agent/demo.password")
-PGPASSWORD=$pgpw pgbench -i -s 1 -q -h 127.0.0.1 -p "$pgport" -U gatehouse_agent app >/dev/null 2>&1
+PGPASSWORD=$pgpw PGSSLMODE=disable pgbench -i -s 1 -q -h 127.0.0.1 -p "$pgport" -U gatehouse_agent app >/dev/null 2>&1
 tps() { grep -o 'tps = [0-9.]*' | head -1 | grep -o '[0-9.]*'; }
 for r in $(seq 1 "$rounds"); do
   d=$(PGPASSWORD=$pgpw PGSSLMODE=disable pgbench -S -n -c "$clients" -T "$secs" -h 127.0.0.1 -p "$pgport" -U gatehouse_agent app | tps)
