@@ -132,6 +132,8 @@ impl Stack {
                 "127.0.0.1:0".into(),
                 "--tunnel-listen".into(),
                 "127.0.0.1:0".into(),
+                "--raft-listen".into(),
+                "127.0.0.1:0".into(),
             ],
             &tmp.path().join("server.log"),
         );
