@@ -19,9 +19,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
+pub use network::PeerTls;
 pub use read::StateReader;
 pub use store::{LogStore, StateMachineStore, open_database};
-pub use network::PeerTls;
 pub use types::{Command, CommandResult, NodeInfo, Rejection, TypeConfig};
 
 /// The handle to the local Raft member.
@@ -59,6 +59,7 @@ pub async fn start(
     me: NodeInfo,
     tls: PeerTls,
     bootstrap: Bootstrap,
+    snapshot_every: u64,
 ) -> Result<Member, StartError> {
     std::fs::create_dir_all(dir).map_err(|e| store::OpenError(redb::Error::Io(e)))?;
     let db = Arc::new(open_database(&dir.join("state.redb"))?);
@@ -69,8 +70,8 @@ pub async fn start(
         heartbeat_interval: 150,
         election_timeout_min: 600,
         election_timeout_max: 1_200,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(20_000),
-        max_in_snapshot_log_to_keep: 1_000,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_every),
+        max_in_snapshot_log_to_keep: snapshot_every.min(1_000),
         ..Default::default()
     }
     .validate()

@@ -11,13 +11,15 @@ use std::time::Duration;
 
 use gatehouse_proto::cluster::RaftPayload;
 use gatehouse_proto::cluster::raft_peer_client::RaftPeerClient;
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::AnyError;
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::AnyError;
 use serde::de::DeserializeOwned;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
@@ -83,7 +85,11 @@ impl PeerTls {
     }
 
     /// Proposes `cmd` on the leader at `addr` and returns its result.
-    pub async fn forward(&self, addr: &str, cmd: &Command) -> Result<Result<CommandResult, String>, PeerError> {
+    pub async fn forward(
+        &self,
+        addr: &str,
+        cmd: &Command,
+    ) -> Result<Result<CommandResult, String>, PeerError> {
         let mut c = self.client(addr)?;
         let resp = c
             .forward(payload(addr, cmd)?)
@@ -100,7 +106,9 @@ impl PeerTls {
     pub async fn read_index(&self, addr: &str) -> Result<Result<u64, String>, PeerError> {
         let mut c = self.client(addr)?;
         let resp = c
-            .read_index(RaftPayload { json: b"null".to_vec() })
+            .read_index(RaftPayload {
+                json: b"null".to_vec(),
+            })
             .await
             .map_err(|s| PeerError::Transport {
                 addr: addr.to_string(),
@@ -180,7 +188,8 @@ impl PeerLink {
         let Some(client) = self.client.as_mut() else {
             return Err(unreachable(&"no client"));
         };
-        let body = payload(&self.addr, req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let body =
+            payload(&self.addr, req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let fut = async {
             match which {
                 Rpc::Append => client.append_entries(body).await,
@@ -193,12 +202,16 @@ impl PeerLink {
             Ok(Err(status)) => {
                 // Drop the channel so the next call reconnects.
                 self.client = None;
-                return Err(unreachable(&format!("peer {}: {}", self.addr, status.message())));
+                return Err(unreachable(&format!(
+                    "peer {}: {}",
+                    self.addr,
+                    status.message()
+                )));
             }
             Ok(Ok(r)) => r.into_inner(),
         };
-        let result: Result<Resp, E> = decode(&self.addr, &resp.json)
-            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let result: Result<Resp, E> =
+            decode(&self.addr, &resp.json).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }

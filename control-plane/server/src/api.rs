@@ -470,7 +470,11 @@ impl Admin for AdminService {
         if req.node_id == 0 {
             return Err(ApiError::InvalidArgument("node id 0 is reserved".into()).into());
         }
-        let ttl = if req.ttl_seconds == 0 { 3600 } else { req.ttl_seconds.min(7 * 86_400) as i64 };
+        let ttl = if req.ttl_seconds == 0 {
+            3600
+        } else {
+            req.ttl_seconds.min(7 * 86_400) as i64
+        };
         let secret = format!("ghj_{}", self.cluster.new_secret(24));
         let now = now_ms();
         let expires_ms = now + ttl * 1000;
@@ -493,16 +497,23 @@ impl Admin for AdminService {
         Ok(Response::new(self.cluster_status()))
     }
 
-    async fn remove_node(&self, req: Request<RemoveNodeRequest>) -> ApiResult<ClusterStatusResponse> {
+    async fn remove_node(
+        &self,
+        req: Request<RemoveNodeRequest>,
+    ) -> ApiResult<ClusterStatusResponse> {
         let id = req.into_inner().node_id;
         let m = self.cluster.raft.metrics().borrow().clone();
         if m.current_leader != Some(self.cluster.node_id) {
-            let leader = m
-                .current_leader
-                .and_then(|l| m.membership_config.membership().get_node(&l).map(|n| n.api_addr.clone()));
+            let leader = m.current_leader.and_then(|l| {
+                m.membership_config
+                    .membership()
+                    .get_node(&l)
+                    .map(|n| n.api_addr.clone())
+            });
             return Err(ApiError::NotLeader { leader }.into());
         }
-        let voters: std::collections::BTreeSet<u64> = m.membership_config.membership().voter_ids().collect();
+        let voters: std::collections::BTreeSet<u64> =
+            m.membership_config.membership().voter_ids().collect();
         let change = if voters.contains(&id) {
             openraft::ChangeMembers::RemoveVoters(std::collections::BTreeSet::from([id]))
         } else {

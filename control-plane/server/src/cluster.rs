@@ -63,7 +63,9 @@ impl Cluster {
             let err = match self.propose_local(cmd.clone()).await {
                 Err(ProposeError::ForwardToLeader { leader: Some(addr) }) => {
                     match self.peers.forward(&addr, &cmd).await {
-                        Ok(Ok(CommandResult::Rejected(r))) => return Err(ProposeError::Rejected(r)),
+                        Ok(Ok(CommandResult::Rejected(r))) => {
+                            return Err(ProposeError::Rejected(r));
+                        }
                         Ok(Ok(r)) => return Ok(r),
                         Ok(Err(msg)) => ProposeError::Raft(msg),
                         Err(e) => ProposeError::Raft(e.to_string()),

@@ -203,7 +203,10 @@ async fn admit(
     };
     let session_id = cluster.new_id();
     // Decide on state that includes every earlier write (revocations too).
-    cluster.linearizable().await.map_err(|_| Refusal::StateUnconfirmed)?;
+    cluster
+        .linearizable()
+        .await
+        .map_err(|_| Refusal::StateUnconfirmed)?;
     let account = cluster
         .reader
         .verify_api_key(password)

@@ -19,7 +19,13 @@ use crate::peer::LEADER_API;
 use crate::{NodeFiles, NodeIdentity};
 
 /// Joins through the API at `url`, following redirects to the leader.
-pub async fn join(url: &str, token: &str, node_id: u64, me: &NodeInfo, files: &NodeFiles) -> anyhow::Result<()> {
+pub async fn join(
+    url: &str,
+    token: &str,
+    node_id: u64,
+    me: &NodeInfo,
+    files: &NodeFiles,
+) -> anyhow::Result<()> {
     let (secret, fingerprint) = token
         .trim()
         .rsplit_once('.')
@@ -28,8 +34,14 @@ pub async fn join(url: &str, token: &str, node_id: u64, me: &NodeInfo, files: &N
     let mut url = url.to_string();
     let mut last = String::new();
     for _ in 0..20 {
-        let uri: Uri = url.parse().with_context(|| format!("invalid join address {url}"))?;
-        let host = uri.host().unwrap_or("localhost").trim_matches(['[', ']']).to_string();
+        let uri: Uri = url
+            .parse()
+            .with_context(|| format!("invalid join address {url}"))?;
+        let host = uri
+            .host()
+            .unwrap_or("localhost")
+            .trim_matches(['[', ']'])
+            .to_string();
         let port = uri.port_u16().unwrap_or(443);
         let ca_pem = match pinned_ca(&host, port, fingerprint).await {
             Ok(c) => c,
@@ -86,7 +98,8 @@ pub async fn join(url: &str, token: &str, node_id: u64, me: &NodeInfo, files: &N
 /// The cluster CA as presented in the API's TLS chain, if it matches the pin.
 async fn pinned_ca(host: &str, port: u16, fingerprint: &str) -> anyhow::Result<String> {
     use rustls::pki_types::ServerName;
-    let verifier = gatehouse_pki::PinnedCa::new(fingerprint).context("malformed CA fingerprint in join token")?;
+    let verifier = gatehouse_pki::PinnedCa::new(fingerprint)
+        .context("malformed CA fingerprint in join token")?;
     let cfg = rustls::ClientConfig::builder()
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))

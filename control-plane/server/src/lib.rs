@@ -52,6 +52,9 @@ pub struct Config {
     /// Single-use join token from `gatehouse cluster join`.
     #[arg(long, env = "GATEHOUSE_JOIN_TOKEN", hide_env_values = true)]
     pub join_token: Option<String>,
+    /// Build a snapshot (and compact the log) after this many entries.
+    #[arg(long, default_value_t = 20_000)]
+    pub snapshot_every: u64,
     /// PostgreSQL client ingress.
     #[arg(long, default_value = "127.0.0.1:6432")]
     pub pg_listen: SocketAddr,
@@ -84,7 +87,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
     std::fs::create_dir_all(&config.recordings_dir).with_context(|| {
-        format!("creating recordings dir {}", config.recordings_dir.display())
+        format!(
+            "creating recordings dir {}",
+            config.recordings_dir.display()
+        )
     })?;
     anyhow::ensure!(config.node_id != 0, "node id 0 is reserved");
 
@@ -126,6 +132,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         me.clone(),
         peers.clone(),
         bootstrap,
+        config.snapshot_every,
     )
     .await
     .context("starting raft")?;
@@ -198,7 +205,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         cluster: cluster.clone(),
         ca: ca.clone(),
     };
-    tokio::spawn(api::serve(api_listener, api, join_svc, admin_token, chain.clone()));
+    tokio::spawn(api::serve(
+        api_listener,
+        api,
+        join_svc,
+        admin_token,
+        chain.clone(),
+    ));
 
     let ready = Ready {
         api: format!("https://{api_addr}"),
@@ -226,7 +239,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 /// issued by the cluster CA.
 async fn peer_serve(listener: tokio::net::TcpListener, cluster: Arc<Cluster>, id: NodeIdentity) {
     let tls = tonic::transport::ServerTlsConfig::new()
-        .identity(tonic::transport::Identity::from_pem(&id.cert_pem, &id.key_pem))
+        .identity(tonic::transport::Identity::from_pem(
+            &id.cert_pem,
+            &id.key_pem,
+        ))
         .client_ca_root(tonic::transport::Certificate::from_pem(&id.ca_pem));
     let mut server = match tonic::transport::Server::builder().tls_config(tls) {
         Ok(s) => s,
@@ -235,9 +251,11 @@ async fn peer_serve(listener: tokio::net::TcpListener, cluster: Arc<Cluster>, id
             return;
         }
     };
-    let svc = gatehouse_proto::cluster::raft_peer_server::RaftPeerServer::new(peer::PeerService { cluster })
-        .max_decoding_message_size(256 << 20)
-        .max_encoding_message_size(256 << 20);
+    let svc = gatehouse_proto::cluster::raft_peer_server::RaftPeerServer::new(peer::PeerService {
+        cluster,
+    })
+    .max_decoding_message_size(256 << 20)
+    .max_encoding_message_size(256 << 20);
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     if let Err(e) = server.add_service(svc).serve_with_incoming(incoming).await {
         tracing::error!(error = %e, "Raft port failed");
@@ -287,7 +305,11 @@ impl NodeFiles {
     }
 }
 
-fn issue_node_identity(ca: &ClusterCa, cluster: &Cluster, files: &NodeFiles) -> anyhow::Result<NodeIdentity> {
+fn issue_node_identity(
+    ca: &ClusterCa,
+    cluster: &Cluster,
+    files: &NodeFiles,
+) -> anyhow::Result<NodeIdentity> {
     let key = gatehouse_pki::AgentKey::generate(&format!("node-{}", cluster.node_id))?;
     let now = now_ms() / 1000;
     let cert_pem = ca.sign_node(&gatehouse_pki::NodeCertRequest {
@@ -341,7 +363,10 @@ async fn bootstrap_ca(cluster: &Cluster) -> anyhow::Result<ClusterCa> {
         if let Some(k) = cluster.reader.cluster_keys()? {
             break k;
         }
-        anyhow::ensure!(std::time::Instant::now() < deadline, "the cluster CA never arrived");
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the cluster CA never arrived"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     Ok(ClusterCa::from_pem(&CertifiedKey {

@@ -34,7 +34,10 @@ fn parse<T: serde::de::DeserializeOwned>(req: Request<RaftPayload>) -> Result<T,
 
 #[tonic::async_trait]
 impl RaftPeer for PeerService {
-    async fn append_entries(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+    async fn append_entries(
+        &self,
+        req: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
         let r = self.cluster.raft.append_entries(parse(req)?).await;
         json(&r)
     }
@@ -44,7 +47,10 @@ impl RaftPeer for PeerService {
         json(&r)
     }
 
-    async fn install_snapshot(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+    async fn install_snapshot(
+        &self,
+        req: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
         let r = self.cluster.raft.install_snapshot(parse(req)?).await;
         json(&r)
     }
@@ -59,7 +65,10 @@ impl RaftPeer for PeerService {
         json(&r)
     }
 
-    async fn read_index(&self, _req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+    async fn read_index(
+        &self,
+        _req: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
         let r = match self.cluster.raft.ensure_linearizable().await {
             Ok(log_id) => Ok(log_id.map(|l| l.index).unwrap_or(0)),
             Err(e) => Err(e.to_string()),
@@ -81,10 +90,12 @@ impl Join for JoinService {
         let m = self.cluster.raft.metrics().borrow().clone();
         if m.current_leader != Some(self.cluster.node_id) {
             let mut st = Status::unavailable("this node is not the leader; retry at the leader");
-            if let Some(api) = m
-                .current_leader
-                .and_then(|l| m.membership_config.membership().get_node(&l).map(|n| n.api_addr.clone()))
-                && let Ok(v) = api.parse()
+            if let Some(api) = m.current_leader.and_then(|l| {
+                m.membership_config
+                    .membership()
+                    .get_node(&l)
+                    .map(|n| n.api_addr.clone())
+            }) && let Ok(v) = api.parse()
             {
                 st.metadata_mut().insert(LEADER_API, v);
             }
@@ -93,8 +104,15 @@ impl Join for JoinService {
         if req.node_id == 0 {
             return Err(Status::invalid_argument("node id 0 is reserved"));
         }
-        if m.membership_config.membership().get_node(&req.node_id).is_some() {
-            return Err(Status::already_exists(format!("node {} is already a member", req.node_id)));
+        if m.membership_config
+            .membership()
+            .get_node(&req.node_id)
+            .is_some()
+        {
+            return Err(Status::already_exists(format!(
+                "node {} is already a member",
+                req.node_id
+            )));
         }
         let now = now_ms();
         match self

@@ -44,7 +44,8 @@ pub async fn enroll(cfg: &AgentConfig, token: &str, files: &IdentityFiles) -> an
     let mut tls = rustls::ClientConfig::builder()
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(
-            gatehouse_pki::PinnedCa::new(ca_fp).context("malformed CA fingerprint in enrollment token")?,
+            gatehouse_pki::PinnedCa::new(ca_fp)
+                .context("malformed CA fingerprint in enrollment token")?,
         ))
         .with_no_client_auth();
     tls.alpn_protocols = vec![ALPN_ENROLL.to_vec()];

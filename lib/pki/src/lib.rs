@@ -329,6 +329,11 @@ fn at(unix: i64) -> Result<OffsetDateTime, PkiError> {
     OffsetDateTime::from_unix_timestamp(unix).map_err(|e| PkiError::Time(e.to_string()))
 }
 
+/// PEM text of a DER certificate.
+pub fn der_to_pem(der: &[u8]) -> String {
+    pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -368,9 +373,4 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, PkiError::BadCsr(_)));
     }
-}
-
-/// PEM text of a DER certificate.
-pub fn der_to_pem(der: &[u8]) -> String {
-    pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()))
 }
