@@ -6,7 +6,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .compile_with_config(
             config,
-            &["gatehouse/v1/admin.proto", "gatehouse/v1/tunnel.proto"],
+            &[
+                "gatehouse/v1/admin.proto",
+                "gatehouse/v1/tunnel.proto",
+                "gatehouse/v1/cluster.proto",
+            ],
             &["."],
         )?;
     println!("cargo:rerun-if-changed=gatehouse");

@@ -11,6 +11,10 @@ pub mod tunnel {
     tonic::include_proto!("gatehouse.tunnel.v1");
 }
 
+pub mod cluster {
+    tonic::include_proto!("gatehouse.cluster.v1");
+}
+
 /// ALPN of the enrollment connection.
 pub const ALPN_ENROLL: &[u8] = b"gatehouse-enroll/1";
 /// ALPN of an enrolled agent's connection.

@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod cluster;
 pub mod rawpg;
 
 use std::path::{Path, PathBuf};
@@ -131,6 +132,8 @@ impl Stack {
                 "--api-listen".into(),
                 "127.0.0.1:0".into(),
                 "--tunnel-listen".into(),
+                "127.0.0.1:0".into(),
+                "--raft-listen".into(),
                 "127.0.0.1:0".into(),
             ],
             &tmp.path().join("server.log"),

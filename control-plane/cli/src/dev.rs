@@ -138,6 +138,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             format!("127.0.0.1:{api_port}"),
             "--tunnel-listen".into(),
             format!("127.0.0.1:{tunnel_port}"),
+            "--raft-listen".into(),
+            format!("127.0.0.1:{}", free_port()?),
         ],
         &data.join("server.log"),
     )?;

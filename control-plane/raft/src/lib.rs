@@ -7,7 +7,7 @@
 //! - [`store`]: durable log storage and state machine on one redb database,
 //!   passing openraft's storage test suite.
 //! - [`read`]: queries over the applied state for the API and ingress.
-//! - [`network`]: the peer transport (single node for now).
+//! - [`network`]: the peer transport (gRPC with mutual TLS).
 
 pub mod network;
 pub mod read;
@@ -19,9 +19,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
+pub use network::PeerTls;
 pub use read::StateReader;
 pub use store::{LogStore, StateMachineStore, open_database};
-pub use types::{Command, CommandResult, Rejection, TypeConfig};
+pub use types::{Command, CommandResult, NodeInfo, Rejection, TypeConfig};
 
 /// The handle to the local Raft member.
 pub type Raft = openraft::Raft<TypeConfig>;
@@ -43,39 +44,48 @@ pub struct Member {
     pub reader: StateReader,
 }
 
-/// Opens (or creates) the member's storage under `dir` and starts Raft. A
-/// fresh single-node cluster initializes itself with `node_id` as its only voter.
-pub async fn start_single(dir: &Path, node_id: u64, addr: &str) -> Result<Member, StartError> {
+/// How a member starts.
+pub enum Bootstrap {
+    /// A fresh store initializes a new cluster with this node as its only voter.
+    NewCluster,
+    /// A fresh store waits to be added by the cluster's leader.
+    Join,
+}
+
+/// Opens (or creates) the member's storage under `dir` and starts Raft.
+pub async fn start(
+    dir: &Path,
+    node_id: u64,
+    me: NodeInfo,
+    tls: PeerTls,
+    bootstrap: Bootstrap,
+    snapshot_every: u64,
+) -> Result<Member, StartError> {
     std::fs::create_dir_all(dir).map_err(|e| store::OpenError(redb::Error::Io(e)))?;
     let db = Arc::new(open_database(&dir.join("state.redb"))?);
     let log = LogStore::new(db.clone());
     let sm = StateMachineStore::new(db.clone())?;
     let config = openraft::Config {
         cluster_name: "gatehouse".into(),
-        heartbeat_interval: 250,
-        election_timeout_min: 1_000,
-        election_timeout_max: 2_000,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(20_000),
-        max_in_snapshot_log_to_keep: 1_000,
+        heartbeat_interval: 150,
+        election_timeout_min: 600,
+        election_timeout_max: 1_200,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_every),
+        max_in_snapshot_log_to_keep: snapshot_every.min(1_000),
         ..Default::default()
     }
     .validate()
     .map_err(|e| StartError::Config(e.to_string()))?;
-    let raft = openraft::Raft::new(node_id, Arc::new(config), network::Network, log, sm)
+    let raft = openraft::Raft::new(node_id, Arc::new(config), network::Network { tls }, log, sm)
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
     let initialized = raft
         .is_initialized()
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
-    if !initialized {
+    if !initialized && matches!(bootstrap, Bootstrap::NewCluster) {
         let mut members = BTreeMap::new();
-        members.insert(
-            node_id,
-            openraft::BasicNode {
-                addr: addr.to_string(),
-            },
-        );
+        members.insert(node_id, me);
         raft.initialize(members)
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;

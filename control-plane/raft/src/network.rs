@@ -1,71 +1,253 @@
-//! Peer transport. A single-node cluster never sends a Raft RPC; the
-//! multi-node gRPC transport replaces this when clusters form.
+//! Node-to-node transport: openraft RPCs over gRPC with mutual TLS.
+//!
+//! Both ends present node certificates issued by the cluster CA (SAN
+//! `gatehouse-node`). Requests and responses are openraft's own types,
+//! JSON-encoded in a bytes field. Until the node has its certificate (the
+//! first node creates the CA through Raft after it starts), every peer is
+//! unreachable; a single node does not need its peers to elect itself.
 
-use openraft::error::{InstallSnapshotError, RPCError, RaftError, Unreachable};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use gatehouse_proto::cluster::RaftPayload;
+use gatehouse_proto::cluster::raft_peer_client::RaftPeerClient;
+use openraft::AnyError;
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::{AnyError, BasicNode};
+use serde::de::DeserializeOwned;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
-use crate::types::TypeConfig;
+use crate::types::{Command, CommandResult, NodeInfo, TypeConfig};
 
 type NodeId = u64;
 
-/// The transport for a single-node cluster: every peer is unreachable.
-#[derive(Clone, Copy, Default)]
-pub struct Network;
+/// The node's client TLS identity for peers, set once it has a certificate.
+#[derive(Clone, Default)]
+pub struct PeerTls {
+    inner: Arc<RwLock<Option<ClientTlsConfig>>>,
+}
 
-/// A connection to one peer.
-pub struct PeerLink {
-    target: NodeId,
+/// A peer call failed before an answer came back.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("no node certificate yet")]
+    NoIdentity,
+    #[error("peer {addr}: {reason}")]
+    Transport { addr: String, reason: String },
+    #[error("peer {addr} answered malformed data: {reason}")]
+    Malformed { addr: String, reason: String },
+}
+
+// === impl PeerTls ===
+
+impl PeerTls {
+    /// Sets the identity: the node's certificate chain and key, and the CA
+    /// peers must chain to.
+    pub fn set(&self, cert_pem: &str, key_pem: &str, ca_pem: &str) {
+        let cfg = ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(ca_pem))
+            .identity(tonic::transport::Identity::from_pem(cert_pem, key_pem))
+            .domain_name(gatehouse_pki_san());
+        match self.inner.write() {
+            Ok(mut g) => *g = Some(cfg),
+            Err(p) => *p.into_inner() = Some(cfg),
+        }
+    }
+
+    fn get(&self) -> Option<ClientTlsConfig> {
+        match self.inner.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// A lazily connecting client for the peer at `addr`.
+    pub fn client(&self, addr: &str) -> Result<RaftPeerClient<Channel>, PeerError> {
+        let tls = self.get().ok_or(PeerError::NoIdentity)?;
+        let transport = |e: tonic::transport::Error| PeerError::Transport {
+            addr: addr.to_string(),
+            reason: e.to_string(),
+        };
+        let ch = Endpoint::from_shared(format!("https://{addr}"))
+            .map_err(transport)?
+            .tls_config(tls)
+            .map_err(transport)?
+            .connect_timeout(Duration::from_millis(500))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        Ok(RaftPeerClient::new(ch).max_decoding_message_size(256 << 20))
+    }
+
+    /// Proposes `cmd` on the leader at `addr` and returns its result.
+    pub async fn forward(
+        &self,
+        addr: &str,
+        cmd: &Command,
+    ) -> Result<Result<CommandResult, String>, PeerError> {
+        let mut c = self.client(addr)?;
+        let resp = c
+            .forward(payload(addr, cmd)?)
+            .await
+            .map_err(|s| PeerError::Transport {
+                addr: addr.to_string(),
+                reason: s.message().to_string(),
+            })?;
+        decode(addr, &resp.into_inner().json)
+    }
+
+    /// Asks the leader at `addr` to confirm its leadership and returns the
+    /// log index a linearizable read must wait for.
+    pub async fn read_index(&self, addr: &str) -> Result<Result<u64, String>, PeerError> {
+        let mut c = self.client(addr)?;
+        let resp = c
+            .read_index(RaftPayload {
+                json: b"null".to_vec(),
+            })
+            .await
+            .map_err(|s| PeerError::Transport {
+                addr: addr.to_string(),
+                reason: s.message().to_string(),
+            })?;
+        decode(addr, &resp.into_inner().json)
+    }
+}
+
+fn gatehouse_pki_san() -> &'static str {
+    "gatehouse-node"
+}
+
+fn payload<T: serde::Serialize>(addr: &str, v: &T) -> Result<RaftPayload, PeerError> {
+    serde_json::to_vec(v)
+        .map(|json| RaftPayload { json })
+        .map_err(|e| PeerError::Malformed {
+            addr: addr.to_string(),
+            reason: e.to_string(),
+        })
+}
+
+fn decode<T: DeserializeOwned>(addr: &str, json: &[u8]) -> Result<T, PeerError> {
+    serde_json::from_slice(json).map_err(|e| PeerError::Malformed {
+        addr: addr.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// Creates one [`PeerLink`] per replication target.
+#[derive(Clone, Default)]
+pub struct Network {
+    pub tls: PeerTls,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerLink;
 
-    async fn new_client(&mut self, target: NodeId, _node: &BasicNode) -> PeerLink {
-        PeerLink { target }
+    async fn new_client(&mut self, target: NodeId, node: &NodeInfo) -> PeerLink {
+        PeerLink {
+            target,
+            addr: node.raft_addr.clone(),
+            tls: self.tls.clone(),
+            client: None,
+        }
     }
+}
+
+/// The connection to one peer.
+pub struct PeerLink {
+    target: NodeId,
+    addr: String,
+    tls: PeerTls,
+    client: Option<RaftPeerClient<Channel>>,
 }
 
 // === impl PeerLink ===
 
 impl PeerLink {
-    fn unreachable<E: std::error::Error>(&self) -> RPCError<NodeId, BasicNode, E> {
-        RPCError::Unreachable(Unreachable::new(&AnyError::error(format!(
-            "node {} is not reachable: this build runs a single-node cluster",
-            self.target
-        ))))
+    async fn call<Req, Resp, E>(
+        &mut self,
+        which: Rpc,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, NodeInfo, E>>
+    where
+        Req: serde::Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let unreachable = |e: &dyn std::fmt::Display| {
+            RPCError::Unreachable(Unreachable::new(&AnyError::error(e.to_string())))
+        };
+        if self.client.is_none() {
+            self.client = Some(self.tls.client(&self.addr).map_err(|e| unreachable(&e))?);
+        }
+        let Some(client) = self.client.as_mut() else {
+            return Err(unreachable(&"no client"));
+        };
+        let body =
+            payload(&self.addr, req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let fut = async {
+            match which {
+                Rpc::Append => client.append_entries(body).await,
+                Rpc::Vote => client.vote(body).await,
+                Rpc::Snapshot => client.install_snapshot(body).await,
+            }
+        };
+        let resp = match tokio::time::timeout(option.hard_ttl(), fut).await {
+            Err(_) => return Err(unreachable(&format!("peer {} timed out", self.addr))),
+            Ok(Err(status)) => {
+                // Drop the channel so the next call reconnects.
+                self.client = None;
+                return Err(unreachable(&format!(
+                    "peer {}: {}",
+                    self.addr,
+                    status.message()
+                )));
+            }
+            Ok(Ok(r)) => r.into_inner(),
+        };
+        let result: Result<Resp, E> =
+            decode(&self.addr, &resp.json).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
+}
+
+#[derive(Clone, Copy)]
+enum Rpc {
+    Append,
+    Vote,
+    Snapshot,
 }
 
 impl RaftNetwork<TypeConfig> for PeerLink {
     async fn append_entries(
         &mut self,
-        _rpc: AppendEntriesRequest<TypeConfig>,
-        _option: RPCOption,
-    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        Err(self.unreachable())
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, NodeInfo, RaftError<NodeId>>> {
+        self.call(Rpc::Append, &rpc, &option).await
     }
 
     async fn install_snapshot(
         &mut self,
-        _rpc: InstallSnapshotRequest<TypeConfig>,
-        _option: RPCOption,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
     ) -> Result<
         InstallSnapshotResponse<NodeId>,
-        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
+        RPCError<NodeId, NodeInfo, RaftError<NodeId, InstallSnapshotError>>,
     > {
-        Err(self.unreachable())
+        self.call(Rpc::Snapshot, &rpc, &option).await
     }
 
     async fn vote(
         &mut self,
-        _rpc: VoteRequest<NodeId>,
-        _option: RPCOption,
-    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        Err(self.unreachable())
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, NodeInfo, RaftError<NodeId>>> {
+        self.call(Rpc::Vote, &rpc, &option).await
     }
 }

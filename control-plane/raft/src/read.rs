@@ -166,6 +166,28 @@ impl StateReader {
         t.len().map_err(err)
     }
 
+    /// SHA-256 over every entity and every audit event, in key order: equal
+    /// on two members exactly when their applied state is equal.
+    pub fn digest(&self) -> Result<String, ReadError> {
+        use sha2::{Digest, Sha256};
+        let txn = self.db.begin_read().map_err(err)?;
+        let mut h = Sha256::new();
+        for item in txn.open_table(KV).map_err(err)?.iter().map_err(err)? {
+            let (k, v) = item.map_err(err)?;
+            h.update(k.value().as_bytes());
+            h.update([0]);
+            h.update(v.value().as_bytes());
+            h.update([0]);
+        }
+        for item in txn.open_table(AUDIT).map_err(err)?.iter().map_err(err)? {
+            let (k, v) = item.map_err(err)?;
+            h.update(k.value().to_be_bytes());
+            h.update(v.value().as_bytes());
+            h.update([0]);
+        }
+        Ok(hex::encode(h.finalize()))
+    }
+
     /// Canonical audit events in log order, filtered.
     pub fn audit_events(&self, f: &AuditFilter) -> Result<Vec<String>, ReadError> {
         let txn = self.db.begin_read().map_err(err)?;

@@ -67,6 +67,15 @@ pub struct EnrollmentToken {
     pub used_ms: Option<i64>,
 }
 
+/// Single-use token for a node to join.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinToken {
+    pub node_id: u64,
+    pub created_ms: i64,
+    pub expires_ms: i64,
+    pub used_ms: Option<i64>,
+}
+
 /// One entry of the sessions index.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionRecord {
@@ -111,6 +120,9 @@ pub(crate) mod key {
     }
     pub fn enroll(hash: &str) -> String {
         format!("enroll/{hash}")
+    }
+    pub fn join(hash: &str) -> String {
+        format!("join/{hash}")
     }
     pub fn session(id: &str) -> String {
         format!("session/{id}")
@@ -239,6 +251,46 @@ pub(crate) fn apply(txn: &WriteTransaction, cmd: &Command) -> ApplyResult<Comman
                     revoked: false,
                 },
             )?;
+            CommandResult::Ok
+        }
+        Command::CreateJoinToken {
+            token_sha256,
+            node_id,
+            expires_ms,
+            now_ms,
+        } => {
+            let tok = JoinToken {
+                node_id: *node_id,
+                created_ms: *now_ms,
+                expires_ms: *expires_ms,
+                used_ms: None,
+            };
+            put(&mut kv, &key::join(token_sha256), &tok)?;
+            CommandResult::Ok
+        }
+        Command::ConsumeJoinToken {
+            token_sha256,
+            node_id,
+            now_ms,
+        } => {
+            let k = key::join(token_sha256);
+            let Some(mut tok) = get::<JoinToken>(&kv, &k)? else {
+                return Ok(reject(Rejection::NotFound("join token".into())));
+            };
+            if tok.used_ms.is_some() {
+                return Ok(reject(Rejection::TokenUsed));
+            }
+            if *now_ms >= tok.expires_ms {
+                return Ok(reject(Rejection::TokenExpired));
+            }
+            if tok.node_id != *node_id {
+                return Ok(reject(Rejection::Invalid(format!(
+                    "join token is bound to node {}",
+                    tok.node_id
+                ))));
+            }
+            tok.used_ms = Some(*now_ms);
+            put(&mut kv, &k, &tok)?;
             CommandResult::Ok
         }
         Command::AppendAudit { agent, events } => {

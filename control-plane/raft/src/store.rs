@@ -30,8 +30,8 @@ const SM_META: TableDefinition<&str, &str> = TableDefinition::new("sm_meta");
 const SNAPSHOT: TableDefinition<&str, &str> = TableDefinition::new("snapshot");
 
 type NodeId = u64;
-type Membership = StoredMembership<NodeId, openraft::BasicNode>;
-type Meta = SnapshotMeta<NodeId, openraft::BasicNode>;
+type Membership = StoredMembership<NodeId, crate::types::NodeInfo>;
+type Meta = SnapshotMeta<NodeId, crate::types::NodeInfo>;
 
 /// The state database could not be opened.
 #[derive(Debug, thiserror::Error)]

@@ -12,11 +12,26 @@ openraft::declare_raft_types!(
         D = Command,
         R = CommandResult,
         NodeId = u64,
-        Node = openraft::BasicNode,
+        Node = NodeInfo,
         Entry = openraft::Entry<TypeConfig>,
         SnapshotData = Cursor<Vec<u8>>,
         AsyncRuntime = openraft::TokioRuntime,
 );
+
+/// How to reach a member.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// host:port of the node-to-node (Raft) gRPC service.
+    pub raft_addr: String,
+    /// https://host:port of the admin API.
+    pub api_addr: String,
+}
+
+impl std::fmt::Display for NodeInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "raft={} api={}", self.raft_addr, self.api_addr)
+    }
+}
 
 /// A write proposed to the log. Everything non-deterministic (times, ids,
 /// key material) is chosen by the proposer and carried here.
@@ -45,6 +60,18 @@ pub enum Command {
         token_sha256: String,
         agent: String,
         expires_ms: i64,
+        now_ms: i64,
+    },
+    /// A single-use token for node `node_id` to join the cluster.
+    CreateJoinToken {
+        token_sha256: String,
+        node_id: u64,
+        expires_ms: i64,
+        now_ms: i64,
+    },
+    ConsumeJoinToken {
+        token_sha256: String,
+        node_id: u64,
         now_ms: i64,
     },
     /// Marks the token used and registers the agent with its certificate.

@@ -81,6 +81,7 @@ pub struct AdminService {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     svc: AdminService,
+    join: crate::peer::JoinService,
     admin_token: String,
     chain: TlsChain,
 ) {
@@ -110,6 +111,7 @@ pub async fn serve(
     let incoming = tonic::transport::server::TcpIncoming::from(listener);
     if let Err(e) = server
         .add_service(AdminServer::with_interceptor(svc, auth))
+        .add_service(gatehouse_proto::cluster::join_server::JoinServer::new(join))
         .serve_with_incoming(incoming)
         .await
     {
@@ -460,6 +462,80 @@ impl Admin for AdminService {
         Ok(Response::new(ListAuditEventsResponse { events }))
     }
 
+    async fn create_join_token(
+        &self,
+        req: Request<CreateJoinTokenRequest>,
+    ) -> ApiResult<CreateJoinTokenResponse> {
+        let req = req.into_inner();
+        if req.node_id == 0 {
+            return Err(ApiError::InvalidArgument("node id 0 is reserved".into()).into());
+        }
+        let ttl = if req.ttl_seconds == 0 {
+            3600
+        } else {
+            req.ttl_seconds.min(7 * 86_400) as i64
+        };
+        let secret = format!("ghj_{}", self.cluster.new_secret(24));
+        let now = now_ms();
+        let expires_ms = now + ttl * 1000;
+        self.cluster
+            .propose(Command::CreateJoinToken {
+                token_sha256: state::sha256_hex(secret.as_bytes()),
+                node_id: req.node_id,
+                expires_ms,
+                now_ms: now,
+            })
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(CreateJoinTokenResponse {
+            token: format!("{secret}.{}", self.ca_fingerprint),
+            expires_ms,
+        }))
+    }
+
+    async fn cluster_status(&self, _req: Request<ListRequest>) -> ApiResult<ClusterStatusResponse> {
+        Ok(Response::new(self.cluster_status()))
+    }
+
+    async fn remove_node(
+        &self,
+        req: Request<RemoveNodeRequest>,
+    ) -> ApiResult<ClusterStatusResponse> {
+        let id = req.into_inner().node_id;
+        let m = self.cluster.raft.metrics().borrow().clone();
+        if m.current_leader != Some(self.cluster.node_id) {
+            let leader = m.current_leader.and_then(|l| {
+                m.membership_config
+                    .membership()
+                    .get_node(&l)
+                    .map(|n| n.api_addr.clone())
+            });
+            return Err(ApiError::NotLeader { leader }.into());
+        }
+        let voters: std::collections::BTreeSet<u64> =
+            m.membership_config.membership().voter_ids().collect();
+        let change = if voters.contains(&id) {
+            openraft::ChangeMembers::RemoveVoters(std::collections::BTreeSet::from([id]))
+        } else {
+            openraft::ChangeMembers::RemoveNodes(std::collections::BTreeSet::from([id]))
+        };
+        self.cluster
+            .raft
+            .change_membership(change, false)
+            .await
+            .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        Ok(Response::new(self.cluster_status()))
+    }
+
+    async fn state_digest(&self, _req: Request<ListRequest>) -> ApiResult<StateDigestResponse> {
+        let m = self.cluster.raft.metrics().borrow().clone();
+        Ok(Response::new(StateDigestResponse {
+            digest: self.cluster.reader.digest().map_err(ApiError::from)?,
+            last_applied: m.last_applied.map(|l| l.index).unwrap_or(0),
+            audit_events: self.cluster.reader.audit_count().map_err(ApiError::from)?,
+        }))
+    }
+
     async fn status(&self, _req: Request<ListRequest>) -> ApiResult<StatusResponse> {
         let m = self.cluster.raft.metrics().borrow().clone();
         Ok(Response::new(StatusResponse {
@@ -477,6 +553,33 @@ impl Admin for AdminService {
 }
 
 impl AdminService {
+    fn cluster_status(&self) -> ClusterStatusResponse {
+        let m = self.cluster.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+        let matched = m.replication.clone().unwrap_or_default();
+        ClusterStatusResponse {
+            leader_id: m.current_leader.unwrap_or(0),
+            term: m.current_term,
+            last_applied: m.last_applied.map(|l| l.index).unwrap_or(0),
+            node_id: self.cluster.node_id,
+            nodes: membership
+                .nodes()
+                .map(|(id, n)| ClusterNode {
+                    id: *id,
+                    raft_addr: n.raft_addr.clone(),
+                    api_addr: n.api_addr.clone(),
+                    voter: voters.contains(id),
+                    matched_index: matched
+                        .get(id)
+                        .and_then(|l| l.as_ref())
+                        .map(|l| l.index)
+                        .unwrap_or(0),
+                })
+                .collect(),
+        }
+    }
+
     fn target_proto(&self, t: state::Target) -> Target {
         Target {
             online: self.agents.get(&t.agent).is_some(),

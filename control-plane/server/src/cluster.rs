@@ -4,13 +4,16 @@ use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use gatehouse_audit::{AuditEvent, Decision, EventKind};
-use gatehouse_cp_raft::{Command, CommandResult, Member, Raft, Rejection, StateReader};
+use std::time::Duration;
+
+use gatehouse_cp_raft::{Command, CommandResult, Member, PeerTls, Raft, Rejection, StateReader};
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 
 /// Why a proposal did not take effect.
 #[derive(Debug, thiserror::Error)]
 pub enum ProposeError {
+    /// Not the leader; `leader` is the leader's Raft address, if known.
     #[error("not the leader; leader is {leader:?}")]
     ForwardToLeader { leader: Option<String> },
     #[error("raft: {0}")]
@@ -24,6 +27,7 @@ pub struct Cluster {
     pub node_id: u64,
     pub raft: Raft,
     pub reader: StateReader,
+    pub peers: PeerTls,
     rng: Mutex<StdRng>,
     /// Sequence numbers of audit events this node produces itself.
     audit_seq: Mutex<u64>,
@@ -32,13 +36,14 @@ pub struct Cluster {
 // === impl Cluster ===
 
 impl Cluster {
-    pub fn new(node_id: u64, member: Member) -> Self {
+    pub fn new(node_id: u64, member: Member, peers: PeerTls) -> Self {
         let producer = Self::producer_name(node_id);
         let high = member.reader.agent_high_water(&producer).unwrap_or(0);
         Self {
             node_id,
             raft: member.raft,
             reader: member.reader,
+            peers,
             rng: Mutex::new(StdRng::from_os_rng()),
             audit_seq: Mutex::new(high),
         }
@@ -49,8 +54,68 @@ impl Cluster {
         format!("control-plane-{node_id}")
     }
 
-    /// Proposes a command and waits until it is committed and applied.
+    /// Proposes a command and waits until it is committed and applied. On a
+    /// follower the command is forwarded to the leader; while no leader is
+    /// known (an election), it retries for up to ten seconds.
     pub async fn propose(&self, cmd: Command) -> Result<CommandResult, ProposeError> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let err = match self.propose_local(cmd.clone()).await {
+                Err(ProposeError::ForwardToLeader { leader: Some(addr) }) => {
+                    match self.peers.forward(&addr, &cmd).await {
+                        Ok(Ok(CommandResult::Rejected(r))) => {
+                            return Err(ProposeError::Rejected(r));
+                        }
+                        Ok(Ok(r)) => return Ok(r),
+                        Ok(Err(msg)) => ProposeError::Raft(msg),
+                        Err(e) => ProposeError::Raft(e.to_string()),
+                    }
+                }
+                other => match other {
+                    Err(e @ ProposeError::ForwardToLeader { leader: None }) => e,
+                    done => return done,
+                },
+            };
+            if std::time::Instant::now() >= deadline {
+                return Err(err);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until this node has applied everything committed before the
+    /// call (a read index confirmed by the leader), so a read that decides
+    /// access sees every earlier write, whichever node took it.
+    pub async fn linearizable(&self) -> Result<(), ProposeError> {
+        let m = self.raft.metrics().borrow().clone();
+        if m.current_leader == Some(self.node_id) {
+            return self
+                .raft
+                .ensure_linearizable()
+                .await
+                .map(|_| ())
+                .map_err(|e| ProposeError::Raft(e.to_string()));
+        }
+        let leader = m
+            .current_leader
+            .and_then(|l| m.membership_config.membership().get_node(&l).cloned())
+            .ok_or(ProposeError::ForwardToLeader { leader: None })?;
+        let index = self
+            .peers
+            .read_index(&leader.raft_addr)
+            .await
+            .map_err(|e| ProposeError::Raft(e.to_string()))?
+            .map_err(ProposeError::Raft)?;
+        self.raft
+            .wait(Some(Duration::from_secs(5)))
+            .applied_index_at_least(Some(index), "linearizable read")
+            .await
+            .map(|_| ())
+            .map_err(|e| ProposeError::Raft(e.to_string()))
+    }
+
+    /// Proposes on this node only.
+    pub async fn propose_local(&self, cmd: Command) -> Result<CommandResult, ProposeError> {
         match self.raft.client_write(cmd).await {
             Ok(resp) => match resp.data {
                 CommandResult::Rejected(r) => Err(ProposeError::Rejected(r)),
@@ -59,7 +124,7 @@ impl Cluster {
             Err(e) => {
                 if let Some(f) = e.forward_to_leader() {
                     return Err(ProposeError::ForwardToLeader {
-                        leader: f.leader_node.as_ref().map(|n| n.addr.clone()),
+                        leader: f.leader_node.as_ref().map(|n| n.raft_addr.clone()),
                     });
                 }
                 Err(ProposeError::Raft(e.to_string()))

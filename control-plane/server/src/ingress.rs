@@ -48,6 +48,8 @@ enum Refusal {
     Unavailable { target: String, reason: String },
     #[error("the session could not be recorded in the index; refusing to proceed")]
     NotDurable,
+    #[error("the control plane cannot confirm the current access state; retry shortly")]
+    StateUnconfirmed,
     #[error("protocol violation during startup: {0}")]
     Protocol(String),
 }
@@ -57,7 +59,7 @@ impl Refusal {
         match self {
             Refusal::TlsRequired | Refusal::NotAllowed { .. } | Refusal::NoSuchTarget(_) => "28000",
             Refusal::BadCredentials(_) => "28P01",
-            Refusal::Unavailable { .. } => "57P03",
+            Refusal::Unavailable { .. } | Refusal::StateUnconfirmed => "57P03",
             Refusal::NotDurable => "58000",
             Refusal::Protocol(_) => "08P01",
         }
@@ -200,6 +202,11 @@ async fn admit(
         None => (String::new(), user.clone()),
     };
     let session_id = cluster.new_id();
+    // Decide on state that includes every earlier write (revocations too).
+    cluster
+        .linearizable()
+        .await
+        .map_err(|_| Refusal::StateUnconfirmed)?;
     let account = cluster
         .reader
         .verify_api_key(password)

@@ -7,6 +7,8 @@
 pub mod api;
 pub mod cluster;
 pub mod ingress;
+mod join;
+pub mod peer;
 pub mod tunnel;
 
 use std::net::SocketAddr;
@@ -15,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use gatehouse_cp_raft::Command;
+use gatehouse_cp_raft::{Bootstrap, Command, NodeInfo, PeerTls};
 use gatehouse_pki::{CertifiedKey, ClusterCa};
 
 use crate::cluster::{Cluster, now_ms};
@@ -40,6 +42,19 @@ pub struct Config {
     /// QUIC endpoint (UDP) that agents dial.
     #[arg(long, default_value = "127.0.0.1:7444")]
     pub tunnel_listen: SocketAddr,
+    /// Node-to-node Raft port (gRPC, mutual TLS).
+    #[arg(long, default_value = "127.0.0.1:7445")]
+    pub raft_listen: SocketAddr,
+    /// Join the cluster whose API is at this address (https://host:port)
+    /// on first start.
+    #[arg(long)]
+    pub join: Option<String>,
+    /// Single-use join token from `gatehouse cluster join`.
+    #[arg(long, env = "GATEHOUSE_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
+    /// Build a snapshot (and compact the log) after this many entries.
+    #[arg(long, default_value_t = 20_000)]
+    pub snapshot_every: u64,
     /// PostgreSQL client ingress.
     #[arg(long, default_value = "127.0.0.1:6432")]
     pub pg_listen: SocketAddr,
@@ -61,6 +76,7 @@ pub struct Ready {
     pub api: String,
     pub tunnel: String,
     pub pg: String,
+    pub raft: String,
     pub ca_file: String,
     pub admin_token_file: String,
 }
@@ -76,23 +92,74 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             config.recordings_dir.display()
         )
     })?;
+    anyhow::ensure!(config.node_id != 0, "node id 0 is reserved");
 
-    let member = gatehouse_cp_raft::start_single(
+    // Bind first, so addresses given as port 0 are known before joining.
+    let raft_listener = tokio::net::TcpListener::bind(config.raft_listen)
+        .await
+        .with_context(|| format!("binding Raft port {}", config.raft_listen))?;
+    let raft_addr = raft_listener.local_addr()?;
+    let api_listener = tokio::net::TcpListener::bind(config.api_listen)
+        .await
+        .with_context(|| format!("binding API {}", config.api_listen))?;
+    let api_addr = api_listener.local_addr()?;
+    let me = NodeInfo {
+        raft_addr: raft_addr.to_string(),
+        api_addr: format!("https://{api_addr}"),
+    };
+
+    let files = NodeFiles::new(&config.data_dir);
+    if let Some(join_url) = &config.join
+        && !files.exist()
+    {
+        let token = config
+            .join_token
+            .as_deref()
+            .context("--join needs --join-token")?;
+        join::join(join_url, token, config.node_id, &me, &files)
+            .await
+            .context("joining the cluster")?;
+    }
+    let peers = PeerTls::default();
+    let bootstrap = if config.join.is_some() {
+        Bootstrap::Join
+    } else {
+        Bootstrap::NewCluster
+    };
+    let member = gatehouse_cp_raft::start(
         &config.data_dir.join("raft"),
         config.node_id,
-        &config.api_listen.to_string(),
+        me.clone(),
+        peers.clone(),
+        bootstrap,
+        config.snapshot_every,
     )
     .await
     .context("starting raft")?;
-    let cluster = Arc::new(Cluster::new(config.node_id, member));
+    let cluster = Arc::new(Cluster::new(config.node_id, member, peers.clone()));
+    let mut raft_listener = Some(raft_listener);
+    if files.exist() {
+        let id = files.load()?;
+        peers.set(&id.cert_pem, &id.key_pem, &id.ca_pem);
+        if let Some(l) = raft_listener.take() {
+            tokio::spawn(peer_serve(l, cluster.clone(), id));
+        }
+    }
+    tracing::info!(node_id = config.node_id, raft = %raft_addr, "waiting for a leader");
     cluster
         .raft
-        .wait(Some(Duration::from_secs(30)))
-        .current_leader(config.node_id, "single node elects itself")
+        .wait(None)
+        .metrics(|m| m.current_leader.is_some(), "a leader is known")
         .await
-        .context("waiting for leadership")?;
+        .context("waiting for a leader")?;
 
     let ca = bootstrap_ca(&cluster).await?;
+    if let Some(l) = raft_listener.take() {
+        // The founding node's first start: issue its own node certificate.
+        let id = issue_node_identity(&ca, &cluster, &files)?;
+        peers.set(&id.cert_pem, &id.key_pem, &id.ca_pem);
+        tokio::spawn(peer_serve(l, cluster.clone(), id));
+    }
     let server_cert = ca
         .issue_server(&config.hostnames, now_ms() / 1000, 365)
         .context("issuing the node's TLS certificate")?;
@@ -119,10 +186,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding PostgreSQL ingress {}", config.pg_listen))?;
     let pg_addr = pg_listener.local_addr()?;
-    let api_listener = tokio::net::TcpListener::bind(config.api_listen)
-        .await
-        .with_context(|| format!("binding API {}", config.api_listen))?;
-    let api_addr = api_listener.local_addr()?;
 
     let ca = Arc::new(ca);
     tokio::spawn(tunnel::serve(
@@ -138,12 +201,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         agents.clone(),
     ));
     let api = api::AdminService::new(cluster.clone(), agents.clone(), recordings, ca.cert_pem());
-    tokio::spawn(api::serve(api_listener, api, admin_token, chain.clone()));
+    let join_svc = peer::JoinService {
+        cluster: cluster.clone(),
+        ca: ca.clone(),
+    };
+    tokio::spawn(api::serve(
+        api_listener,
+        api,
+        join_svc,
+        admin_token,
+        chain.clone(),
+    ));
 
     let ready = Ready {
         api: format!("https://{api_addr}"),
         tunnel: tunnel_addr.to_string(),
         pg: pg_addr.to_string(),
+        raft: raft_addr.to_string(),
         ca_file: ca_file.display().to_string(),
         admin_token_file: token_file.display().to_string(),
     };
@@ -152,13 +226,106 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         serde_json::to_vec_pretty(&ready)?,
     )
     .context("writing ready.json")?;
-    tracing::info!(api = %api_addr, tunnel = %tunnel_addr, pg = %pg_addr, "gatehouse-server ready");
+    tracing::info!(api = %api_addr, tunnel = %tunnel_addr, pg = %pg_addr, raft = %raft_addr, "gatehouse-server ready");
 
     shutdown_signal().await;
     tracing::info!("shutting down");
     tunnel_ep.close(0u32.into(), b"server shutting down");
     let _ = cluster.raft.shutdown().await;
     Ok(())
+}
+
+/// Serves the Raft port with mutual TLS: peers must present a certificate
+/// issued by the cluster CA.
+async fn peer_serve(listener: tokio::net::TcpListener, cluster: Arc<Cluster>, id: NodeIdentity) {
+    let tls = tonic::transport::ServerTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(
+            &id.cert_pem,
+            &id.key_pem,
+        ))
+        .client_ca_root(tonic::transport::Certificate::from_pem(&id.ca_pem));
+    let mut server = match tonic::transport::Server::builder().tls_config(tls) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "Raft port TLS configuration failed");
+            return;
+        }
+    };
+    let svc = gatehouse_proto::cluster::raft_peer_server::RaftPeerServer::new(peer::PeerService {
+        cluster,
+    })
+    .max_decoding_message_size(256 << 20)
+    .max_encoding_message_size(256 << 20);
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    if let Err(e) = server.add_service(svc).serve_with_incoming(incoming).await {
+        tracing::error!(error = %e, "Raft port failed");
+    }
+}
+
+/// A node's certificate for the Raft port, its key and the cluster CA.
+pub struct NodeIdentity {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub ca_pem: String,
+}
+
+/// Where a node keeps its identity.
+pub struct NodeFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+impl NodeFiles {
+    fn new(dir: &std::path::Path) -> Self {
+        Self {
+            cert: dir.join("node.crt"),
+            key: dir.join("node.key"),
+            ca: dir.join("node-ca.pem"),
+        }
+    }
+
+    fn exist(&self) -> bool {
+        self.cert.exists() && self.key.exists() && self.ca.exists()
+    }
+
+    fn load(&self) -> anyhow::Result<NodeIdentity> {
+        Ok(NodeIdentity {
+            cert_pem: std::fs::read_to_string(&self.cert).context("reading node.crt")?,
+            key_pem: std::fs::read_to_string(&self.key).context("reading node.key")?,
+            ca_pem: std::fs::read_to_string(&self.ca).context("reading node-ca.pem")?,
+        })
+    }
+
+    fn store(&self, id: &NodeIdentity) -> anyhow::Result<()> {
+        write_private(&self.key, &id.key_pem).context("writing node.key")?;
+        std::fs::write(&self.cert, &id.cert_pem).context("writing node.crt")?;
+        std::fs::write(&self.ca, &id.ca_pem).context("writing node-ca.pem")?;
+        Ok(())
+    }
+}
+
+fn issue_node_identity(
+    ca: &ClusterCa,
+    cluster: &Cluster,
+    files: &NodeFiles,
+) -> anyhow::Result<NodeIdentity> {
+    let key = gatehouse_pki::AgentKey::generate(&format!("node-{}", cluster.node_id))?;
+    let now = now_ms() / 1000;
+    let cert_pem = ca.sign_node(&gatehouse_pki::NodeCertRequest {
+        csr_pem: &key.csr_pem,
+        node_id: cluster.node_id,
+        serial: cluster.random_u64(),
+        not_before_unix: now - 300,
+        not_after_unix: now + 365 * 86_400,
+    })?;
+    let id = NodeIdentity {
+        cert_pem,
+        key_pem: key.key_pem,
+        ca_pem: ca.cert_pem().to_string(),
+    };
+    files.store(&id)?;
+    Ok(id)
 }
 
 /// TLS material for every listener: the node certificate followed by the CA
@@ -176,9 +343,11 @@ fn tls_chain(leaf: &CertifiedKey, ca_pem: &str) -> anyhow::Result<TlsChain> {
     })
 }
 
-/// Creates the cluster CA through Raft on first start; loads it afterwards.
+/// Creates the cluster CA through Raft on the founding node's first start;
+/// every other start waits until the CA has been applied here.
 async fn bootstrap_ca(cluster: &Cluster) -> anyhow::Result<ClusterCa> {
-    if cluster.reader.cluster_keys()?.is_none() {
+    let leads = cluster.raft.metrics().borrow().current_leader == Some(cluster.node_id);
+    if leads && cluster.reader.cluster_keys()?.is_none() {
         let ca = ClusterCa::generate("gatehouse", now_ms() / 1000).context("generating the CA")?;
         cluster
             .propose(Command::InitCluster {
@@ -189,10 +358,17 @@ async fn bootstrap_ca(cluster: &Cluster) -> anyhow::Result<ClusterCa> {
             .await
             .context("committing the cluster CA")?;
     }
-    let keys = cluster
-        .reader
-        .cluster_keys()?
-        .context("cluster keys missing after bootstrap")?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let keys = loop {
+        if let Some(k) = cluster.reader.cluster_keys()? {
+            break k;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the cluster CA never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     Ok(ClusterCa::from_pem(&CertifiedKey {
         cert_pem: keys.ca_cert_pem,
         key_pem: keys.ca_key_pem,

@@ -264,6 +264,11 @@ fn authenticate(conn: &quinn::Connection, cluster: &Cluster) -> Result<String, S
 }
 
 async fn agent_connection(conn: quinn::Connection, cluster: Arc<Cluster>, agents: AgentRegistry) {
+    if let Err(e) = cluster.linearizable().await {
+        tracing::warn!(remote = %conn.remote_address(), error = %e, "cannot confirm agent registration");
+        conn.close(4u32.into(), b"control plane unavailable");
+        return;
+    }
     let name = match authenticate(&conn, &cluster) {
         Ok(n) => n,
         Err(reason) => {

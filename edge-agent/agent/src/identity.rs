@@ -7,9 +7,7 @@ use anyhow::Context;
 use gatehouse_pki::AgentKey;
 use gatehouse_proto::tunnel::{EnrollRequest, EnrollResponse};
 use gatehouse_proto::{ALPN_AGENT, ALPN_ENROLL, frame, read_frame};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 
 use crate::config::AgentConfig;
 
@@ -45,7 +43,10 @@ pub async fn enroll(cfg: &AgentConfig, token: &str, files: &IdentityFiles) -> an
     let key = AgentKey::generate(&cfg.name).context("generating the agent key")?;
     let mut tls = rustls::ClientConfig::builder()
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinnedCa::new(ca_fp)?))
+        .with_custom_certificate_verifier(Arc::new(
+            gatehouse_pki::PinnedCa::new(ca_fp)
+                .context("malformed CA fingerprint in enrollment token")?,
+        ))
         .with_no_client_auth();
     tls.alpn_protocols = vec![ALPN_ENROLL.to_vec()];
     let mut last_err = None;
@@ -145,88 +146,4 @@ fn write_private(path: &Path, data: &str) -> std::io::Result<()> {
         .open(path)?;
     f.write_all(data.as_bytes())?;
     f.sync_all()
-}
-
-/// Accepts a server whose chain contains the CA with the pinned SHA-256,
-/// verified with that CA as the only root.
-#[derive(Debug)]
-struct PinnedCa {
-    fingerprint: String,
-    provider: Arc<rustls::crypto::CryptoProvider>,
-}
-
-impl PinnedCa {
-    fn new(fingerprint: &str) -> anyhow::Result<Self> {
-        anyhow::ensure!(
-            fingerprint.len() == 64 && fingerprint.chars().all(|c| c.is_ascii_hexdigit()),
-            "malformed CA fingerprint in enrollment token"
-        );
-        Ok(Self {
-            fingerprint: fingerprint.to_ascii_lowercase(),
-            provider: Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
-        })
-    }
-}
-
-impl ServerCertVerifier for PinnedCa {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let ca = intermediates
-            .iter()
-            .find(|c| gatehouse_pki::fingerprint_der(c) == self.fingerprint)
-            .ok_or_else(|| {
-                rustls::Error::General("server did not present the pinned cluster CA".into())
-            })?;
-        let mut roots = rustls::RootCertStore::empty();
-        roots
-            .add(ca.clone().into_owned())
-            .map_err(|e| rustls::Error::General(e.to_string()))?;
-        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
-            Arc::new(roots),
-            self.provider.clone(),
-        )
-        .build()
-        .map_err(|e| rustls::Error::General(e.to_string()))?;
-        inner.verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
 }

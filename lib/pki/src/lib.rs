@@ -132,6 +132,44 @@ impl ClusterCa {
     }
 }
 
+/// What the CA puts into a control-plane node certificate.
+pub struct NodeCertRequest<'a> {
+    pub csr_pem: &'a str,
+    pub node_id: u64,
+    pub serial: u64,
+    pub not_before_unix: i64,
+    pub not_after_unix: i64,
+}
+
+/// The DNS name every node certificate carries; peers verify each other by it.
+pub const NODE_SAN: &str = "gatehouse-node";
+
+impl ClusterCa {
+    /// Signs a joining node's CSR: a certificate for both ends of node-to-node
+    /// mutual TLS, named `node-<id>` with the SAN [`NODE_SAN`].
+    pub fn sign_node(&self, req: &NodeCertRequest<'_>) -> Result<String, PkiError> {
+        let csr = CertificateSigningRequestParams::from_pem(req.csr_pem)
+            .map_err(|e| PkiError::BadCsr(e.to_string()))?;
+        let mut params = CertificateParams::new(vec![NODE_SAN.to_string()])?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, format!("node-{}", req.node_id));
+        params.distinguished_name = dn;
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.serial_number = Some(SerialNumber::from_slice(&req.serial.to_be_bytes()));
+        params.not_before = at(req.not_before_unix)?;
+        params.not_after = at(req.not_after_unix)?;
+        let signed = CertificateSigningRequestParams {
+            params,
+            public_key: csr.public_key,
+        }
+        .signed_by(&self.issuer)?;
+        Ok(signed.pem())
+    }
+}
+
 /// An agent's freshly generated key pair and the CSR that carries its public key.
 pub struct AgentKey {
     pub key_pem: String,
@@ -194,8 +232,106 @@ pub fn first_der(pem_text: &str) -> Option<Vec<u8>> {
         .map(|c| c.to_vec())
 }
 
+pub use pinned::PinnedCa;
+
+mod pinned {
+    use std::sync::Arc;
+
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use rustls::{DigitallySignedStruct, SignatureScheme};
+
+    /// Trusts a server whose chain contains the CA with a pinned SHA-256,
+    /// verified with that CA as the only root. Used where a newcomer (an
+    /// enrolling agent, a joining node) holds only a token naming the CA.
+    #[derive(Debug)]
+    pub struct PinnedCa {
+        fingerprint: String,
+        provider: Arc<rustls::crypto::CryptoProvider>,
+    }
+
+    impl PinnedCa {
+        /// `None` if the fingerprint is not 64 hex digits.
+        pub fn new(fingerprint: &str) -> Option<Self> {
+            let ok = fingerprint.len() == 64 && fingerprint.chars().all(|c| c.is_ascii_hexdigit());
+            ok.then(|| Self {
+                fingerprint: fingerprint.to_ascii_lowercase(),
+                provider: Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
+            })
+        }
+    }
+
+    impl ServerCertVerifier for PinnedCa {
+        fn verify_server_cert(
+            &self,
+            end_entity: &CertificateDer<'_>,
+            intermediates: &[CertificateDer<'_>],
+            server_name: &ServerName<'_>,
+            ocsp: &[u8],
+            now: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            let ca = intermediates
+                .iter()
+                .find(|c| super::fingerprint_der(c) == self.fingerprint)
+                .ok_or_else(|| {
+                    rustls::Error::General("server did not present the pinned cluster CA".into())
+                })?;
+            let mut roots = rustls::RootCertStore::empty();
+            roots
+                .add(ca.clone().into_owned())
+                .map_err(|e| rustls::Error::General(e.to_string()))?;
+            let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                Arc::new(roots),
+                self.provider.clone(),
+            )
+            .build()
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+            inner.verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.provider.signature_verification_algorithms,
+            )
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.provider.signature_verification_algorithms,
+            )
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.provider
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    }
+}
+
 fn at(unix: i64) -> Result<OffsetDateTime, PkiError> {
     OffsetDateTime::from_unix_timestamp(unix).map_err(|e| PkiError::Time(e.to_string()))
+}
+
+/// PEM text of a DER certificate.
+pub fn der_to_pem(der: &[u8]) -> String {
+    pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()))
 }
 
 #[cfg(test)]

@@ -1,0 +1,167 @@
+//! Node-to-node services: Raft RPCs and forwarding on the Raft port (mutual
+//! TLS), and joining on the API port (authorized by a single-use join token).
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use gatehouse_cp_raft::{Command, NodeInfo, Rejection};
+use gatehouse_pki::{ClusterCa, NodeCertRequest};
+use gatehouse_proto::cluster::join_server::Join;
+use gatehouse_proto::cluster::raft_peer_server::RaftPeer;
+use gatehouse_proto::cluster::{JoinRequest, JoinResponse, RaftPayload};
+use tonic::{Request, Response, Status};
+
+use crate::cluster::{Cluster, ProposeError, now_ms};
+
+/// Metadata key naming the leader's API when a follower cannot serve a call.
+pub const LEADER_API: &str = "x-gatehouse-leader-api";
+
+/// The Raft port's service.
+pub struct PeerService {
+    pub cluster: Arc<Cluster>,
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Result<Response<RaftPayload>, Status> {
+    serde_json::to_vec(v)
+        .map(|json| Response::new(RaftPayload { json }))
+        .map_err(|e| Status::internal(e.to_string()))
+}
+
+fn parse<T: serde::de::DeserializeOwned>(req: Request<RaftPayload>) -> Result<T, Status> {
+    serde_json::from_slice(&req.into_inner().json)
+        .map_err(|e| Status::invalid_argument(format!("malformed raft payload: {e}")))
+}
+
+#[tonic::async_trait]
+impl RaftPeer for PeerService {
+    async fn append_entries(
+        &self,
+        req: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
+        let r = self.cluster.raft.append_entries(parse(req)?).await;
+        json(&r)
+    }
+
+    async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let r = self.cluster.raft.vote(parse(req)?).await;
+        json(&r)
+    }
+
+    async fn install_snapshot(
+        &self,
+        req: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
+        let r = self.cluster.raft.install_snapshot(parse(req)?).await;
+        json(&r)
+    }
+
+    async fn forward(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let cmd: Command = parse(req)?;
+        let r = self
+            .cluster
+            .propose_local(cmd)
+            .await
+            .map_err(|e| e.to_string());
+        json(&r)
+    }
+
+    async fn read_index(
+        &self,
+        _req: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
+        let r = match self.cluster.raft.ensure_linearizable().await {
+            Ok(log_id) => Ok(log_id.map(|l| l.index).unwrap_or(0)),
+            Err(e) => Err(e.to_string()),
+        };
+        json(&r)
+    }
+}
+
+/// The API port's join service.
+pub struct JoinService {
+    pub cluster: Arc<Cluster>,
+    pub ca: Arc<ClusterCa>,
+}
+
+#[tonic::async_trait]
+impl Join for JoinService {
+    async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        let req = req.into_inner();
+        let m = self.cluster.raft.metrics().borrow().clone();
+        if m.current_leader != Some(self.cluster.node_id) {
+            let mut st = Status::unavailable("this node is not the leader; retry at the leader");
+            if let Some(api) = m.current_leader.and_then(|l| {
+                m.membership_config
+                    .membership()
+                    .get_node(&l)
+                    .map(|n| n.api_addr.clone())
+            }) && let Ok(v) = api.parse()
+            {
+                st.metadata_mut().insert(LEADER_API, v);
+            }
+            return Err(st);
+        }
+        if req.node_id == 0 {
+            return Err(Status::invalid_argument("node id 0 is reserved"));
+        }
+        if m.membership_config
+            .membership()
+            .get_node(&req.node_id)
+            .is_some()
+        {
+            return Err(Status::already_exists(format!(
+                "node {} is already a member",
+                req.node_id
+            )));
+        }
+        let now = now_ms();
+        match self
+            .cluster
+            .propose(Command::ConsumeJoinToken {
+                token_sha256: gatehouse_cp_raft::state::sha256_hex(req.token.trim().as_bytes()),
+                node_id: req.node_id,
+                now_ms: now,
+            })
+            .await
+        {
+            Ok(_) => {}
+            Err(ProposeError::Rejected(Rejection::NotFound(_))) => {
+                return Err(Status::permission_denied("unknown join token"));
+            }
+            Err(ProposeError::Rejected(r)) => return Err(Status::permission_denied(r.to_string())),
+            Err(e) => return Err(Status::unavailable(e.to_string())),
+        }
+        let cert_pem = self
+            .ca
+            .sign_node(&NodeCertRequest {
+                csr_pem: &req.csr_pem,
+                node_id: req.node_id,
+                serial: self.cluster.random_u64(),
+                not_before_unix: now / 1000 - 300,
+                not_after_unix: now / 1000 + 365 * 86_400,
+            })
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let node = NodeInfo {
+            raft_addr: req.raft_addr.clone(),
+            api_addr: req.api_addr.clone(),
+        };
+        let raft = self.cluster.raft.clone();
+        let id = req.node_id;
+        tokio::spawn(async move {
+            if let Err(e) = raft.add_learner(id, node, true).await {
+                tracing::error!(node_id = id, error = %e, "adding learner failed");
+                return;
+            }
+            let add = openraft::ChangeMembers::AddVoterIds(BTreeSet::from([id]));
+            match raft.change_membership(add, false).await {
+                Ok(_) => tracing::info!(node_id = id, "node joined as voter"),
+                Err(e) => tracing::error!(node_id = id, error = %e, "promoting to voter failed"),
+            }
+        });
+        Ok(Response::new(JoinResponse {
+            cert_pem,
+            ca_pem: self.ca.cert_pem().to_string(),
+            leader_id: self.cluster.node_id,
+        }))
+    }
+}

@@ -1,0 +1,276 @@
+//! A multi-node control plane for tests: real `gatehouse-server` processes
+//! sharing one admin token, joined with real join tokens.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use gatehouse_cli::client::{Client, connect};
+use gatehouse_proto::v1::{ClusterStatusResponse, ListRequest};
+
+use crate::{Proc, bin};
+
+/// One node's process and addresses.
+pub struct Node {
+    pub id: u64,
+    pub dir: PathBuf,
+    pub proc: Option<Proc>,
+    pub api: String,
+    pub raft: String,
+    pub pg: String,
+    pub tunnel: String,
+    join: Option<(String, String)>,
+}
+
+/// A cluster of server processes in one temp dir.
+pub struct TestCluster {
+    pub tmp: tempfile::TempDir,
+    pub token: String,
+    pub token_file: PathBuf,
+    pub ca_file: PathBuf,
+    pub nodes: Vec<Node>,
+    pub snapshot_every: u64,
+}
+
+impl TestCluster {
+    /// Node 1 founds the cluster; nodes 2..=n join it.
+    pub fn start(n: u64, snapshot_every: u64) -> Self {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let tmp = tempfile::tempdir().unwrap();
+        let token = "gha_test_cluster_admin_token_0123456789".to_string();
+        let token_file = tmp.path().join("admin.token");
+        std::fs::write(&token_file, &token).unwrap();
+        let mut c = Self {
+            ca_file: tmp.path().join("node1").join("ca.pem"),
+            tmp,
+            token,
+            token_file,
+            nodes: Vec::new(),
+            snapshot_every,
+        };
+        c.add_node(1, None);
+        for id in 2..=n {
+            c.join_node(id);
+        }
+        c.wait_voters(n as usize);
+        c
+    }
+
+    /// Creates a join token on a live node and starts node `id` with it.
+    pub fn join_node(&mut self, id: u64) {
+        let via = self.live().next().unwrap().api.clone();
+        let out = self.cli(&via, &["cluster", "join", "--node-id", &id.to_string()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        self.add_node(id, Some((via, token)));
+    }
+
+    fn add_node(&mut self, id: u64, join: Option<(String, String)>) {
+        let dir = self.tmp.path().join(format!("node{id}"));
+        let mut node = Node {
+            id,
+            dir,
+            proc: None,
+            api: String::new(),
+            raft: String::new(),
+            pg: String::new(),
+            tunnel: String::new(),
+            join,
+        };
+        self.spawn(&mut node);
+        self.nodes.push(node);
+    }
+
+    fn spawn(&self, node: &mut Node) {
+        let _ = std::fs::remove_file(node.dir.join("ready.json"));
+        let mut args: Vec<String> = vec![
+            "--node-id".into(),
+            node.id.to_string(),
+            "--data-dir".into(),
+            node.dir.display().to_string(),
+            "--recordings-dir".into(),
+            self.tmp.path().join("recordings").display().to_string(),
+            "--admin-token-file".into(),
+            self.token_file.display().to_string(),
+            "--snapshot-every".into(),
+            self.snapshot_every.to_string(),
+        ];
+        // Restarts keep their ports: peers know them by address.
+        let port = |a: &str| {
+            if a.is_empty() {
+                "127.0.0.1:0".to_string()
+            } else {
+                a.to_string()
+            }
+        };
+        for (flag, addr) in [
+            (
+                "--api-listen",
+                port(node.api.trim_start_matches("https://")),
+            ),
+            ("--raft-listen", port(&node.raft)),
+            ("--pg-listen", port(&node.pg)),
+            ("--tunnel-listen", port(&node.tunnel)),
+        ] {
+            args.push(flag.into());
+            args.push(addr);
+        }
+        if let Some((via, token)) = &node.join {
+            args.extend([
+                "--join".into(),
+                via.clone(),
+                "--join-token".into(),
+                token.clone(),
+            ]);
+        }
+        std::fs::create_dir_all(&node.dir).unwrap();
+        let log = self.tmp.path().join(format!("node{}.log", node.id));
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = std::process::Command::new(bin("gatehouse-server"))
+            .args(&args)
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .unwrap();
+        let mut proc = Proc { child, log };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let ready: serde_json::Value = loop {
+            if let Some(v) = std::fs::read(node.dir.join("ready.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+            {
+                break v;
+            }
+            let exited = proc.child.try_wait().unwrap();
+            if exited.is_some() || Instant::now() > deadline {
+                panic!(
+                    "node {} did not start ({exited:?}):\n{}",
+                    node.id,
+                    proc.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        node.proc = Some(proc);
+        node.api = ready["api"].as_str().unwrap().into();
+        node.raft = ready["raft"].as_str().unwrap().into();
+        node.pg = ready["pg"].as_str().unwrap().into();
+        node.tunnel = ready["tunnel"].as_str().unwrap().into();
+    }
+
+    pub fn node(&self, id: u64) -> &Node {
+        self.nodes.iter().find(|n| n.id == id).unwrap()
+    }
+
+    pub fn live(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.iter().filter(|n| n.proc.is_some())
+    }
+
+    pub fn kill9(&mut self, id: u64) {
+        let n = self.nodes.iter_mut().find(|n| n.id == id).unwrap();
+        if let Some(mut p) = n.proc.take() {
+            p.kill9();
+        }
+    }
+
+    /// Restarts a killed node with its disk and its addresses.
+    pub fn restart(&mut self, id: u64) {
+        let idx = self.nodes.iter().position(|n| n.id == id).unwrap();
+        let mut node = self.nodes.remove(idx);
+        self.spawn(&mut node);
+        self.nodes.insert(idx, node);
+    }
+
+    /// Forgets a node entirely (its process must be dead).
+    pub fn forget(&mut self, id: u64) {
+        self.nodes.retain(|n| n.id != id);
+    }
+
+    pub fn cli(&self, api: &str, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(bin("gatehouse"))
+            .args(args)
+            .env("GATEHOUSE_API", api)
+            .env("GATEHOUSE_TOKEN", &self.token)
+            .env("GATEHOUSE_CA_FILE", &self.ca_file)
+            .output()
+            .unwrap()
+    }
+
+    pub async fn client(&self, id: u64) -> anyhow::Result<Client> {
+        let ca = std::fs::read_to_string(&self.ca_file)?;
+        connect(&self.node(id).api, &self.token, &ca).await
+    }
+
+    /// Cluster status as seen by node `id`.
+    pub async fn status(&self, id: u64) -> Option<ClusterStatusResponse> {
+        let mut c = self.client(id).await.ok()?;
+        let fut = c.cluster_status(ListRequest {});
+        tokio::time::timeout(Duration::from_millis(500), fut)
+            .await
+            .ok()?
+            .ok()
+            .map(|r| r.into_inner())
+    }
+
+    pub fn wait_voters(&self, n: usize) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let ok = rt.block_on(async {
+                for node in self.live() {
+                    let Some(s) = self.status(node.id).await else {
+                        return false;
+                    };
+                    if s.leader_id == 0 || s.nodes.iter().filter(|x| x.voter).count() != n {
+                        return false;
+                    }
+                }
+                true
+            });
+            if ok {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cluster never reached {n} voters"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// State digests of every live node once they agree, or panics after the timeout.
+    pub async fn converged_digest(&self, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut digests = Vec::new();
+            for n in self.live() {
+                if let Ok(mut c) = self.client(n.id).await
+                    && let Ok(d) = c.state_digest(ListRequest {}).await
+                {
+                    digests.push((n.id, d.into_inner().digest));
+                }
+            }
+            let live = self.live().count();
+            if digests.len() == live && digests.windows(2).all(|w| w[0].1 == w[1].1) {
+                return digests[0].1.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nodes did not converge: {digests:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
