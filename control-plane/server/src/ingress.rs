@@ -179,7 +179,10 @@ async fn handle(
             }
         };
     match admit(&startup, &password, peer, &cluster, &agents).await {
-        Ok((open, agent)) => relay(stream, buf, open, &agent, &agents).await,
+        Ok((open, agent, Route::Local)) => relay(stream, buf, open, &agent, &agents).await,
+        Ok((open, agent, Route::Peer(addr))) => {
+            relay_via_peer(stream, buf, open, &agent, &addr, &cluster).await
+        }
         Err(r) => {
             tracing::info!(%peer, refusal = %r, "client refused");
             refuse(&mut stream, &r).await;
@@ -195,7 +198,7 @@ async fn admit(
     peer: SocketAddr,
     cluster: &Cluster,
     agents: &AgentRegistry,
-) -> Result<(SessionOpen, String), Refusal> {
+) -> Result<(SessionOpen, String, Route), Refusal> {
     let user = startup.params.get("user").cloned().unwrap_or_default();
     let (db_user, target_name) = match user.rsplit_once('@') {
         Some((u, t)) => (u.to_string(), t.to_string()),
@@ -250,12 +253,12 @@ async fn admit(
             .map_err(|_| Refusal::NotDurable)?;
         return Err(r);
     }
-    if agents.get(&target.agent).is_none() {
+    let Some(route) = locate(cluster, agents, &target.agent).await else {
         return Err(Refusal::Unavailable {
             target: target.name.clone(),
             reason: format!("its agent {} is not connected", target.agent),
         });
-    }
+    };
     let db_user = if db_user.is_empty() {
         target.default_db_user.clone()
     } else {
@@ -304,7 +307,44 @@ async fn admit(
             started_ms,
         },
         target.agent,
+        route,
     ))
+}
+
+/// Where the agent serving a target is connected.
+enum Route {
+    Local,
+    /// The Raft address of the node holding the agent's connection.
+    Peer(String),
+}
+
+async fn locate(cluster: &Cluster, agents: &AgentRegistry, agent: &str) -> Option<Route> {
+    if agents.get(agent).is_some() {
+        return Some(Route::Local);
+    }
+    let m = cluster.raft.metrics().borrow().clone();
+    let peers: Vec<String> = m
+        .membership_config
+        .membership()
+        .nodes()
+        .filter(|(id, _)| **id != cluster.node_id)
+        .map(|(_, n)| n.raft_addr.clone())
+        .collect();
+    for addr in peers {
+        let Ok(mut c) = cluster.peers.client(&addr) else {
+            continue;
+        };
+        let Ok(json) = serde_json::to_vec(agent) else {
+            continue;
+        };
+        let ask = c.has_agent(gatehouse_proto::cluster::RaftPayload { json });
+        if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_millis(500), ask).await
+            && serde_json::from_slice::<bool>(&resp.into_inner().json).unwrap_or(false)
+        {
+            return Some(Route::Peer(addr));
+        }
+    }
+    None
 }
 
 /// Opens the agent stream and pipes bytes both ways until either side ends.
@@ -337,6 +377,79 @@ where
     let _ =
         tokio::io::copy_bidirectional_with_sizes(&mut client, &mut agent_io, 64 << 10, 64 << 10)
             .await;
+    Ok(())
+}
+
+/// Relays the session through the node that holds the agent's connection.
+async fn relay_via_peer<S>(
+    mut client: S,
+    leftover: BytesMut,
+    open: SessionOpen,
+    agent: &str,
+    peer: &str,
+    cluster: &Cluster,
+) -> anyhow::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    use gatehouse_proto::cluster::RelayChunk;
+    use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
+    let (tx, rx) = tokio::sync::mpsc::channel::<RelayChunk>(32);
+    tx.send(RelayChunk { data: frame(&open) }).await?;
+    if !leftover.is_empty() {
+        tx.send(RelayChunk {
+            data: leftover.to_vec(),
+        })
+        .await?;
+    }
+    let mut req = tonic::Request::new(ReceiverStream::new(rx));
+    req.metadata_mut()
+        .insert(crate::peer::RELAY_AGENT, agent.parse()?);
+    let opened = match cluster.peers.client(peer) {
+        Ok(mut c) => c
+            .relay_session(req)
+            .await
+            .map_err(|s| s.message().to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    let mut inbound = match opened {
+        Ok(r) => r.into_inner(),
+        Err(reason) => {
+            let r = Refusal::Unavailable {
+                target: open.target.clone(),
+                reason,
+            };
+            refuse(&mut client, &r).await;
+            return Ok(());
+        }
+    };
+    let (mut cr, mut cw) = tokio::io::split(client);
+    let up = async {
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            match cr.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let data = buf.get(..n).unwrap_or_default().to_vec();
+                    if tx.send(RelayChunk { data }).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    };
+    let down = async {
+        while let Ok(Some(chunk)) = inbound.message().await {
+            if cw.write_all(&chunk.data).await.is_err() {
+                break;
+            }
+        }
+        let _ = cw.shutdown().await;
+    };
+    tokio::select! {
+        _ = up => {}
+        _ = down => {}
+    }
     Ok(())
 }
 

@@ -137,12 +137,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     .await
     .context("starting raft")?;
     let cluster = Arc::new(Cluster::new(config.node_id, member, peers.clone()));
+    let agents = tunnel::AgentRegistry::default();
     let mut raft_listener = Some(raft_listener);
     if files.exist() {
         let id = files.load()?;
         peers.set(&id.cert_pem, &id.key_pem, &id.ca_pem);
         if let Some(l) = raft_listener.take() {
-            tokio::spawn(peer_serve(l, cluster.clone(), id));
+            tokio::spawn(peer_serve(l, cluster.clone(), agents.clone(), id));
         }
     }
     tracing::info!(node_id = config.node_id, raft = %raft_addr, "waiting for a leader");
@@ -158,7 +159,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         // The founding node's first start: issue its own node certificate.
         let id = issue_node_identity(&ca, &cluster, &files)?;
         peers.set(&id.cert_pem, &id.key_pem, &id.ca_pem);
-        tokio::spawn(peer_serve(l, cluster.clone(), id));
+        tokio::spawn(peer_serve(l, cluster.clone(), agents.clone(), id));
     }
     let server_cert = ca
         .issue_server(&config.hostnames, now_ms() / 1000, 365)
@@ -176,7 +177,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             .context("opening the recordings store")?,
     );
 
-    let agents = tunnel::AgentRegistry::default();
     let chain = tls_chain(&server_cert, ca.cert_pem())?;
 
     let tunnel_ep = tunnel::bind(config.tunnel_listen, &chain, ca.cert_pem())
@@ -237,7 +237,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
 /// Serves the Raft port with mutual TLS: peers must present a certificate
 /// issued by the cluster CA.
-async fn peer_serve(listener: tokio::net::TcpListener, cluster: Arc<Cluster>, id: NodeIdentity) {
+async fn peer_serve(
+    listener: tokio::net::TcpListener,
+    cluster: Arc<Cluster>,
+    agents: tunnel::AgentRegistry,
+    id: NodeIdentity,
+) {
     let tls = tonic::transport::ServerTlsConfig::new()
         .identity(tonic::transport::Identity::from_pem(
             &id.cert_pem,
@@ -253,6 +258,7 @@ async fn peer_serve(listener: tokio::net::TcpListener, cluster: Arc<Cluster>, id
     };
     let svc = gatehouse_proto::cluster::raft_peer_server::RaftPeerServer::new(peer::PeerService {
         cluster,
+        agents,
     })
     .max_decoding_message_size(256 << 20)
     .max_encoding_message_size(256 << 20);

@@ -11,14 +11,23 @@ use gatehouse_proto::cluster::raft_peer_server::RaftPeer;
 use gatehouse_proto::cluster::{JoinRequest, JoinResponse, RaftPayload};
 use tonic::{Request, Response, Status};
 
+use gatehouse_proto::cluster::RelayChunk;
+use tokio::sync::mpsc;
+use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
+
 use crate::cluster::{Cluster, ProposeError, now_ms};
+use crate::tunnel::AgentRegistry;
 
 /// Metadata key naming the leader's API when a follower cannot serve a call.
 pub const LEADER_API: &str = "x-gatehouse-leader-api";
 
+/// Metadata key naming the agent of a relayed session.
+pub const RELAY_AGENT: &str = "x-gatehouse-agent";
+
 /// The Raft port's service.
 pub struct PeerService {
     pub cluster: Arc<Cluster>,
+    pub agents: AgentRegistry,
 }
 
 fn json<T: serde::Serialize>(v: &T) -> Result<Response<RaftPayload>, Status> {
@@ -34,6 +43,55 @@ fn parse<T: serde::de::DeserializeOwned>(req: Request<RaftPayload>) -> Result<T,
 
 #[tonic::async_trait]
 impl RaftPeer for PeerService {
+    type RelaySessionStream = ReceiverStream<Result<RelayChunk, Status>>;
+
+    async fn has_agent(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let name: String = parse(req)?;
+        json(&self.agents.get(&name).is_some())
+    }
+
+    async fn relay_session(
+        &self,
+        req: Request<tonic::Streaming<RelayChunk>>,
+    ) -> Result<Response<Self::RelaySessionStream>, Status> {
+        let agent = req
+            .metadata()
+            .get(RELAY_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| Status::invalid_argument("relay names no agent"))?
+            .to_string();
+        let (mut send, mut recv) = self
+            .agents
+            .open_session(&agent)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let mut inbound = req.into_inner();
+        tokio::spawn(async move {
+            while let Ok(Some(chunk)) = inbound.message().await {
+                if send.write_all(&chunk.data).await.is_err() {
+                    break;
+                }
+            }
+            let _ = send.finish();
+        });
+        let (tx, rx) = mpsc::channel(32);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                match recv.read(&mut buf).await {
+                    Ok(Some(n)) => {
+                        let data = buf.get(..n).unwrap_or_default().to_vec();
+                        if tx.send(Ok(RelayChunk { data })).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
     async fn append_entries(
         &self,
         req: Request<RaftPayload>,

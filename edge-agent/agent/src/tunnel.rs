@@ -56,6 +56,8 @@ pub async fn run(ctx: Arc<AgentCtx>, mut queues: AgentQueues) -> anyhow::Result<
                 }
                 conn.close(0u32.into(), b"reconnecting");
                 endpoint.close(0u32.into(), b"reconnecting");
+                // The node may be gone: try the next one first.
+                next_server += 1;
             }
             Err(e) => {
                 tracing::warn!(%server, error = %e, "cannot reach control plane");
@@ -65,6 +67,11 @@ pub async fn run(ctx: Arc<AgentCtx>, mut queues: AgentQueues) -> anyhow::Result<
         // Nothing in flight survives the connection.
         outbox.sent = 0;
         outbox.inflight.clear();
+        if ctx.config.servers.len() > 1 && next_server % ctx.config.servers.len() != 0 {
+            // Another node is waiting to be tried: no need to back off yet.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
         let jitter = rand::rng().random_range(0..=backoff.as_millis() as u64 / 2);
         tokio::time::sleep(backoff + Duration::from_millis(jitter)).await;
         backoff = (backoff * 2).min(Duration::from_secs(10));
@@ -81,12 +88,12 @@ async fn connect(
         quinn::crypto::rustls::QuicClientConfig::try_from(tls)?,
     ));
     let mut transport = quinn::TransportConfig::default();
-    transport.keep_alive_interval(Some(Duration::from_secs(2)));
-    transport.max_idle_timeout(Some(quinn::IdleTimeout::try_from(Duration::from_secs(10))?));
+    transport.keep_alive_interval(Some(Duration::from_secs(1)));
+    transport.max_idle_timeout(Some(quinn::IdleTimeout::try_from(Duration::from_secs(4))?));
     qcfg.transport_config(Arc::new(transport));
     let endpoint = client_endpoint(server)?;
     let conn = tokio::time::timeout(
-        Duration::from_secs(10),
+        Duration::from_secs(3),
         endpoint.connect_with(qcfg, server, &ctx.config.server_name)?,
     )
     .await
