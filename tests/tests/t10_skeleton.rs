@@ -496,3 +496,38 @@ fn pgbench_select_only_runs_through_the_gateway() {
     );
     assert!(out.contains("number of failed transactions: 0"), "{out}");
 }
+
+#[test]
+fn agent_killed_before_acknowledgement_delivers_its_spooled_events_once_after_restart() {
+    let (mut stack, key) = Stack::start();
+    for round in 0..3 {
+        let tags: Vec<String> = (0..10).map(|i| format!("r{round}-s{i}")).collect();
+        for t in &tags {
+            let o = stack.psql_gateway("db", &key, "app", &format!("select '{t}'"));
+            assert!(o.status.success(), "{}", text(&o));
+        }
+        // No waiting for the commit: whatever was not acknowledged yet is
+        // only in the agent's spool now.
+        stack.agent.as_mut().unwrap().kill9();
+        stack.start_agent(None);
+        stack.wait_agent_connected("edge-1");
+        let events = wait_until("spooled events delivered", Duration::from_secs(30), || {
+            let ev = stack.audit_events(&["--target", "db"]);
+            tags.iter()
+                .all(|t| ev.iter().any(|e| e["statement"] == format!("select '{t}'")))
+                .then_some(ev)
+        });
+        for t in &tags {
+            let n = events
+                .iter()
+                .filter(|e| e["statement"] == format!("select '{t}'"))
+                .count();
+            assert_eq!(n, 1, "{t} audited {n} times");
+        }
+    }
+    let log = std::fs::read_to_string(stack.tmp.path().join("agent.log")).unwrap();
+    println!(
+        "restarts that found unacknowledged events in the spool: {}",
+        log.matches("re-sending audit events").count()
+    );
+}

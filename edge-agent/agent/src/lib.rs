@@ -12,6 +12,7 @@ pub mod config;
 pub mod identity;
 pub mod pg;
 pub mod recorder;
+pub mod spool;
 pub mod tunnel;
 
 use std::sync::Mutex;

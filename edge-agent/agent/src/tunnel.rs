@@ -3,7 +3,8 @@
 //! The agent only dials out. It keeps one QUIC connection with keep-alives,
 //! reconnects with jittered exponential backoff, and on each connection:
 //! sends hello, learns the committed audit high water, re-sends every audit
-//! event not yet acknowledged, and accepts session streams.
+//! event not yet acknowledged (kept in the fsync'd [`AuditSpool`] across
+//! restarts), and accepts session streams.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use rand::Rng;
 use tokio::sync::mpsc;
 
 use crate::identity::{IdentityFiles, client_endpoint, client_tls};
+use crate::spool::{AuditSpool, SpoolError};
 use crate::{AgentCtx, AgentQueues, now_ms};
 
 const HEARTBEAT: Duration = Duration::from_secs(5);
@@ -40,7 +42,19 @@ struct Outbox {
 /// Runs until the process is stopped.
 pub async fn run(ctx: Arc<AgentCtx>, mut queues: AgentQueues) -> anyhow::Result<()> {
     let files = IdentityFiles::new(&ctx.config.data_dir);
-    let mut outbox = Outbox::default();
+    let (mut spool, pending) = AuditSpool::open(&ctx.config.data_dir.join("audit"))?;
+    if !pending.is_empty() {
+        tracing::info!(
+            events = pending.len(),
+            "re-sending audit events not acknowledged before the restart"
+        );
+    }
+    // New events must sort after the ones still waiting.
+    ctx.raise_seq(pending.iter().map(|e| e.seq).max().unwrap_or(0));
+    let mut outbox = Outbox {
+        events: pending.into(),
+        ..Default::default()
+    };
     let mut backoff = Duration::from_millis(200);
     let mut next_server = 0usize;
     loop {
@@ -49,7 +63,15 @@ pub async fn run(ctx: Arc<AgentCtx>, mut queues: AgentQueues) -> anyhow::Result<
             Ok((endpoint, conn)) => {
                 backoff = Duration::from_millis(200);
                 tracing::info!(%server, "connected to control plane");
-                let result = serve_connection(&ctx, &conn, &mut queues, &mut outbox).await;
+                let result =
+                    serve_connection(&ctx, &conn, &mut queues, &mut outbox, &mut spool).await;
+                if let Err(e) = &result
+                    && e.downcast_ref::<SpoolError>().is_some()
+                {
+                    // Evidence cannot be made durable: stop rather than relay unrecorded actions.
+                    conn.close(1u32.into(), b"audit spool failed");
+                    return result;
+                }
                 match result {
                     Ok(()) => tracing::info!(%server, "control plane connection closed"),
                     Err(e) => tracing::warn!(%server, error = %e, "control plane connection lost"),
@@ -106,6 +128,7 @@ async fn serve_connection(
     conn: &quinn::Connection,
     queues: &mut AgentQueues,
     outbox: &mut Outbox,
+    spool: &mut AuditSpool,
 ) -> anyhow::Result<()> {
     let (mut send, mut recv) = conn.open_bi().await?;
     let hello = AgentMessage {
@@ -142,6 +165,8 @@ async fn serve_connection(
     }
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     let result = loop {
+        // Durable on the agent's disk before it leaves.
+        spool.sync()?;
         flush(&mut send, outbox).await?;
         tokio::select! {
             incoming = conn.accept_bi() => {
@@ -151,14 +176,21 @@ async fn serve_connection(
             }
             reply = reply_rx.recv() => {
                 let Some(reply) = reply else { break Ok(()) };
-                on_reply(reply, outbox);
+                let acked = on_reply(reply, outbox);
+                if acked > 0 {
+                    spool.ack(acked as u64)?;
+                }
             }
             ev = queues.audit_rx.recv() => {
                 let Some(ev) = ev else { break Ok(()) };
+                spool.append(&ev)?;
                 outbox.events.push_back(ev);
                 while outbox.events.len() < outbox.sent + MAX_BATCH {
                     match queues.audit_rx.try_recv() {
-                        Ok(ev) => outbox.events.push_back(ev),
+                        Ok(ev) => {
+                            spool.append(&ev)?;
+                            outbox.events.push_back(ev);
+                        }
                         Err(_) => break,
                     }
                 }
@@ -198,18 +230,22 @@ async fn flush(send: &mut quinn::SendStream, outbox: &mut Outbox) -> anyhow::Res
     Ok(())
 }
 
-fn on_reply(reply: ServerMessage, outbox: &mut Outbox) {
+/// Applies a reply; returns how many audit events it acknowledged.
+fn on_reply(reply: ServerMessage, outbox: &mut Outbox) -> usize {
     match reply.msg {
         Some(server_message::Msg::AuditAck(_)) => {
             // Batches are committed in the order they were sent.
             if let Some(n) = outbox.inflight.pop_front() {
                 outbox.events.drain(..n);
                 outbox.sent -= n;
+                return n;
             }
+            0
         }
         Some(server_message::Msg::RecordedAck(a)) => {
             outbox.reports.retain(|r| r.session_id != a.session_id);
+            0
         }
-        _ => {}
+        _ => 0,
     }
 }
