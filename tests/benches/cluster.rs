@@ -20,13 +20,20 @@ const EVENTS: u64 = 200_000;
 const KILLS: usize = 7;
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let mut c = TestCluster::start(3, 20_000);
     let api = c.node(1).api.clone();
     let out = c.cli(&api, &["agents", "enroll-token", "--agent", "bench-agent"]);
     let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
     let dir = c.tmp.path().join("bench-agent");
-    let servers: Vec<String> = [1, 2, 3].iter().map(|id| format!("\"{}\"", c.node(*id).tunnel)).collect();
+    let servers: Vec<String> = [1, 2, 3]
+        .iter()
+        .map(|id| format!("\"{}\"", c.node(*id).tunnel))
+        .collect();
     let cfg_path = dir.join("agent.toml");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(
@@ -115,11 +122,20 @@ fn main() {
             loop {
                 let mut leaders = Vec::new();
                 for cl in clients.iter_mut() {
-                    if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_millis(300), cl.cluster_status(ListRequest {})).await {
+                    if let Ok(Ok(r)) = tokio::time::timeout(
+                        Duration::from_millis(300),
+                        cl.cluster_status(ListRequest {}),
+                    )
+                    .await
+                    {
                         leaders.push(r.into_inner().leader_id);
                     }
                 }
-                if leaders.len() == survivors.len() && leaders.iter().all(|l| *l != 0 && *l != leader && *l == leaders[0]) {
+                if leaders.len() == survivors.len()
+                    && leaders
+                        .iter()
+                        .all(|l| *l != 0 && *l != leader && *l == leaders[0])
+                {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;

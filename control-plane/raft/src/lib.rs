@@ -67,9 +67,9 @@ pub async fn start(
     let sm = StateMachineStore::new(db.clone())?;
     let config = openraft::Config {
         cluster_name: "gatehouse".into(),
-        heartbeat_interval: 150,
-        election_timeout_min: 600,
-        election_timeout_max: 1_200,
+        heartbeat_interval: 100,
+        election_timeout_min: 500,
+        election_timeout_max: 1_000,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_every),
         max_in_snapshot_log_to_keep: snapshot_every.min(1_000),
         ..Default::default()

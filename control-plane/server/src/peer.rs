@@ -77,15 +77,10 @@ impl RaftPeer for PeerService {
         let (tx, rx) = mpsc::channel(32);
         tokio::spawn(async move {
             let mut buf = vec![0u8; 64 << 10];
-            loop {
-                match recv.read(&mut buf).await {
-                    Ok(Some(n)) => {
-                        let data = buf.get(..n).unwrap_or_default().to_vec();
-                        if tx.send(Ok(RelayChunk { data })).await.is_err() {
-                            break;
-                        }
-                    }
-                    Ok(None) | Err(_) => break,
+            while let Ok(Some(n)) = recv.read(&mut buf).await {
+                let data = buf.get(..n).unwrap_or_default().to_vec();
+                if tx.send(Ok(RelayChunk { data })).await.is_err() {
+                    break;
                 }
             }
         });

@@ -71,6 +71,7 @@ impl AuditSpool {
         }
         let file = OpenOptions::new()
             .create(true)
+            .truncate(false)
             .read(true)
             .write(true)
             .open(&log)

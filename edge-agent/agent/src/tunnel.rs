@@ -89,7 +89,7 @@ pub async fn run(ctx: Arc<AgentCtx>, mut queues: AgentQueues) -> anyhow::Result<
         // Nothing in flight survives the connection.
         outbox.sent = 0;
         outbox.inflight.clear();
-        if ctx.config.servers.len() > 1 && next_server % ctx.config.servers.len() != 0 {
+        if ctx.config.servers.len() > 1 && !next_server.is_multiple_of(ctx.config.servers.len()) {
             // Another node is waiting to be tried: no need to back off yet.
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
