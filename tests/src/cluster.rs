@@ -135,7 +135,11 @@ impl TestCluster {
             .unwrap();
         let child = std::process::Command::new(bin("gatehouse-server"))
             .args(&args)
-            .env("RUST_LOG", "info,openraft=warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("GATEHOUSE_TEST_NODE_LOG")
+                    .unwrap_or_else(|_| "info,openraft=warn".into()),
+            )
             .stdin(std::process::Stdio::null())
             .stdout(f.try_clone().unwrap())
             .stderr(f)

@@ -184,15 +184,23 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let txn = self.db.begin_write().map_err(write_err)?;
-        {
-            let mut t = txn.open_table(LOG).map_err(write_err)?;
-            for e in entries {
-                let s = to_json(&e)?;
-                t.insert(e.log_id.index, s.as_str()).map_err(write_err)?;
+        // The commit fsyncs: keep it off the async workers so timers and
+        // heartbeats are not delayed behind the disk.
+        let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let txn = db.begin_write().map_err(write_err)?;
+            {
+                let mut t = txn.open_table(LOG).map_err(write_err)?;
+                for e in &entries {
+                    let s = to_json(e)?;
+                    t.insert(e.log_id.index, s.as_str()).map_err(write_err)?;
+                }
             }
-        }
-        txn.commit().map_err(write_err)?;
+            txn.commit().map_err(write_err)
+        })
+        .await
+        .map_err(|e| StorageError::from(StorageIOError::write(&e)))??;
         callback.log_io_completed(Ok(()));
         Ok(())
     }
@@ -350,36 +358,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let txn = self.db.begin_write().map_err(write_err)?;
-        let mut results = Vec::new();
-        let mut last = None;
-        let mut membership = None;
-        for e in entries {
-            last = Some(e.log_id);
-            match e.payload {
-                EntryPayload::Blank => results.push(CommandResult::Ok),
-                EntryPayload::Normal(cmd) => {
-                    results.push(state::apply(&txn, &cmd).map_err(write_err)?);
-                }
-                EntryPayload::Membership(m) => {
-                    membership = Some(Membership::new(Some(e.log_id), m));
-                    results.push(CommandResult::Ok);
-                }
-            }
-        }
-        {
-            let mut meta = txn.open_table(SM_META).map_err(write_err)?;
-            if let Some(l) = last {
-                let s = to_json(&Some(l))?;
-                meta.insert("last_applied", s.as_str()).map_err(write_err)?;
-            }
-            if let Some(m) = membership {
-                let s = to_json(&m)?;
-                meta.insert("membership", s.as_str()).map_err(write_err)?;
-            }
-        }
-        txn.commit().map_err(write_err)?;
-        Ok(results)
+        let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || apply_entries(&db, entries))
+            .await
+            .map_err(|e| StorageError::from(StorageIOError::write(&e)))?
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
@@ -453,6 +436,43 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             snapshot: Box::new(Cursor::new(d.value().as_bytes().to_vec())),
         }))
     }
+}
+
+/// Applies entries in one write transaction (one fsync).
+fn apply_entries(
+    db: &Database,
+    entries: Vec<Entry<TypeConfig>>,
+) -> Result<Vec<CommandResult>, StorageError<NodeId>> {
+    let txn = db.begin_write().map_err(write_err)?;
+    let mut results = Vec::new();
+    let mut last = None;
+    let mut membership = None;
+    for e in entries {
+        last = Some(e.log_id);
+        match e.payload {
+            EntryPayload::Blank => results.push(CommandResult::Ok),
+            EntryPayload::Normal(cmd) => {
+                results.push(state::apply(&txn, &cmd).map_err(write_err)?);
+            }
+            EntryPayload::Membership(m) => {
+                membership = Some(Membership::new(Some(e.log_id), m));
+                results.push(CommandResult::Ok);
+            }
+        }
+    }
+    {
+        let mut meta = txn.open_table(SM_META).map_err(write_err)?;
+        if let Some(l) = last {
+            let s = to_json(&Some(l))?;
+            meta.insert("last_applied", s.as_str()).map_err(write_err)?;
+        }
+        if let Some(m) = membership {
+            let s = to_json(&m)?;
+            meta.insert("membership", s.as_str()).map_err(write_err)?;
+        }
+    }
+    txn.commit().map_err(write_err)?;
+    Ok(results)
 }
 
 #[cfg(test)]

@@ -29,11 +29,17 @@ use crate::config::AgentConfig;
 /// Capacity of the audit queue; a full queue makes sessions wait.
 pub const AUDIT_QUEUE: usize = 8192;
 
+/// An audit event on its way to the spool, and who waits for it to be durable.
+pub struct PendingAudit {
+    pub event: AuditEvent,
+    pub durable: tokio::sync::oneshot::Sender<bool>,
+}
+
 /// State shared by every task of the agent.
 pub struct AgentCtx {
     pub config: AgentConfig,
     pub recordings: std::sync::Arc<dyn object_store::ObjectStore>,
-    audit_tx: mpsc::Sender<AuditEvent>,
+    audit_tx: mpsc::Sender<PendingAudit>,
     pub(crate) report_tx: mpsc::UnboundedSender<gatehouse_proto::tunnel::SessionRecorded>,
     seq: AtomicU64,
     rng: Mutex<StdRng>,
@@ -41,7 +47,7 @@ pub struct AgentCtx {
 
 /// The receiving ends the tunnel task drains.
 pub struct AgentQueues {
-    pub audit_rx: mpsc::Receiver<AuditEvent>,
+    pub audit_rx: mpsc::Receiver<PendingAudit>,
     pub report_rx: mpsc::UnboundedReceiver<gatehouse_proto::tunnel::SessionRecorded>,
 }
 
@@ -86,12 +92,21 @@ impl AgentCtx {
         self.seq.fetch_max(floor, Ordering::SeqCst);
     }
 
-    /// Stamps the event with this agent's name and next sequence number and
-    /// queues it; waits while the queue is full (back-pressure, never drop).
+    /// Stamps the event with this agent's name and next sequence number,
+    /// queues it (waiting while the queue is full: back-pressure, never
+    /// drop), and returns once it is fsync'd in the agent's spool.
     pub async fn audit(&self, mut ev: AuditEvent) -> Result<(), AuditClosed> {
         ev.agent = self.config.name.clone();
         ev.seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
-        self.audit_tx.send(ev).await.map_err(|_| AuditClosed)
+        let (durable, done) = tokio::sync::oneshot::channel();
+        self.audit_tx
+            .send(PendingAudit { event: ev, durable })
+            .await
+            .map_err(|_| AuditClosed)?;
+        match done.await {
+            Ok(true) => Ok(()),
+            _ => Err(AuditClosed),
+        }
     }
 }
 

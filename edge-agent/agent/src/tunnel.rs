@@ -19,6 +19,7 @@ use gatehouse_proto::{frame, read_frame};
 use rand::Rng;
 use tokio::sync::mpsc;
 
+use crate::PendingAudit;
 use crate::identity::{IdentityFiles, client_endpoint, client_tls};
 use crate::spool::{AuditSpool, SpoolError};
 use crate::{AgentCtx, AgentQueues, now_ms};
@@ -42,7 +43,7 @@ struct Outbox {
 /// Runs until the process is stopped.
 pub async fn run(ctx: Arc<AgentCtx>, mut queues: AgentQueues) -> anyhow::Result<()> {
     let files = IdentityFiles::new(&ctx.config.data_dir);
-    let (mut spool, pending) = AuditSpool::open(&ctx.config.data_dir.join("audit"))?;
+    let (spool, pending) = AuditSpool::open(&ctx.config.data_dir.join("audit"))?;
     if !pending.is_empty() {
         tracing::info!(
             events = pending.len(),
@@ -55,6 +56,11 @@ pub async fn run(ctx: Arc<AgentCtx>, mut queues: AgentQueues) -> anyhow::Result<
         events: pending.into(),
         ..Default::default()
     };
+    let spool = Arc::new(std::sync::Mutex::new(spool));
+    let (durable_tx, mut durable_rx) = mpsc::unbounded_channel();
+    let (dead_tx, mut spool_dead) = tokio::sync::oneshot::channel::<SpoolError>();
+    let audit_rx = std::mem::replace(&mut queues.audit_rx, mpsc::channel(1).1);
+    tokio::spawn(spool_writer(spool.clone(), audit_rx, durable_tx, dead_tx));
     let mut backoff = Duration::from_millis(200);
     let mut next_server = 0usize;
     loop {
@@ -63,11 +69,17 @@ pub async fn run(ctx: Arc<AgentCtx>, mut queues: AgentQueues) -> anyhow::Result<
             Ok((endpoint, conn)) => {
                 backoff = Duration::from_millis(200);
                 tracing::info!(%server, "connected to control plane");
-                let result =
-                    serve_connection(&ctx, &conn, &mut queues, &mut outbox, &mut spool).await;
-                if let Err(e) = &result
-                    && e.downcast_ref::<SpoolError>().is_some()
-                {
+                let (result, fatal) = tokio::select! {
+                    r = serve_connection(&ctx, &conn, &mut durable_rx, &mut queues, &mut outbox, &spool) => {
+                        let fatal = r.as_ref().err().is_some_and(|e| e.downcast_ref::<SpoolError>().is_some());
+                        (r, fatal)
+                    }
+                    e = &mut spool_dead => {
+                        let e = e.map(anyhow::Error::from).unwrap_or_else(|_| anyhow::anyhow!("audit spool writer stopped"));
+                        (Err(e), true)
+                    }
+                };
+                if fatal {
                     // Evidence cannot be made durable: stop rather than relay unrecorded actions.
                     conn.close(1u32.into(), b"audit spool failed");
                     return result;
@@ -126,9 +138,10 @@ async fn connect(
 async fn serve_connection(
     ctx: &Arc<AgentCtx>,
     conn: &quinn::Connection,
+    durable_rx: &mut mpsc::UnboundedReceiver<AuditEvent>,
     queues: &mut AgentQueues,
     outbox: &mut Outbox,
-    spool: &mut AuditSpool,
+    spool: &std::sync::Mutex<AuditSpool>,
 ) -> anyhow::Result<()> {
     let (mut send, mut recv) = conn.open_bi().await?;
     let hello = AgentMessage {
@@ -165,8 +178,6 @@ async fn serve_connection(
     }
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     let result = loop {
-        // Durable on the agent's disk before it leaves.
-        spool.sync()?;
         flush(&mut send, outbox).await?;
         tokio::select! {
             incoming = conn.accept_bi() => {
@@ -178,19 +189,18 @@ async fn serve_connection(
                 let Some(reply) = reply else { break Ok(()) };
                 let acked = on_reply(reply, outbox);
                 if acked > 0 {
-                    spool.ack(acked as u64)?;
+                    match spool.lock() {
+                        Ok(mut s) => s.ack(acked as u64)?,
+                        Err(p) => p.into_inner().ack(acked as u64)?,
+                    }
                 }
             }
-            ev = queues.audit_rx.recv() => {
+            ev = durable_rx.recv() => {
                 let Some(ev) = ev else { break Ok(()) };
-                spool.append(&ev)?;
                 outbox.events.push_back(ev);
                 while outbox.events.len() < outbox.sent + MAX_BATCH {
-                    match queues.audit_rx.try_recv() {
-                        Ok(ev) => {
-                            spool.append(&ev)?;
-                            outbox.events.push_back(ev);
-                        }
+                    match durable_rx.try_recv() {
+                        Ok(ev) => outbox.events.push_back(ev),
                         Err(_) => break,
                     }
                 }
@@ -209,6 +219,58 @@ async fn serve_connection(
     };
     reader.abort();
     result
+}
+
+/// Appends queued events to the spool and fsyncs them, a group at a time,
+/// whether or not the control plane is reachable; then releases the sessions
+/// waiting for them and hands the events, in spool order, to the shipper.
+/// On a spool failure every waiting session is refused and the writer stops.
+async fn spool_writer(
+    spool: Arc<std::sync::Mutex<AuditSpool>>,
+    mut rx: mpsc::Receiver<PendingAudit>,
+    out: mpsc::UnboundedSender<AuditEvent>,
+    dead: tokio::sync::oneshot::Sender<SpoolError>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < 4096 {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let events: Vec<AuditEvent> = batch.iter().map(|p| p.event.clone()).collect();
+        let sp = spool.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            let mut s = match sp.lock() {
+                Ok(s) => s,
+                Err(p) => p.into_inner(),
+            };
+            for e in &events {
+                s.append(e)?;
+            }
+            s.sync()?;
+            Ok::<_, SpoolError>(events)
+        })
+        .await;
+        match written {
+            Ok(Ok(events)) => {
+                for (p, e) in batch.into_iter().zip(events) {
+                    let _ = out.send(e);
+                    let _ = p.durable.send(true);
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "audit spool failed: refusing every further action");
+                for p in batch {
+                    let _ = p.durable.send(false);
+                }
+                let _ = dead.send(e);
+                return;
+            }
+            Err(_) => return,
+        }
+    }
 }
 
 /// Sends unsent audit events in batches.
