@@ -17,6 +17,8 @@ use gatehouse_e2e::cluster::TestCluster;
 use gatehouse_proto::v1::ListRequest;
 
 const EVENTS: u64 = 200_000;
+/// Concurrent producers, as many sessions of one agent would be.
+const PRODUCERS: u64 = 64;
 const KILLS: usize = 7;
 
 fn main() {
@@ -59,10 +61,11 @@ fn main() {
         let mut client = c.client(1).await.unwrap();
         let base = client.status(ListRequest {}).await.unwrap().into_inner().audit_events;
         let t0 = Instant::now();
-        let producer = {
+        let mut producers = Vec::new();
+        for p in 0..PRODUCERS {
             let ctx = ctx.clone();
-            tokio::spawn(async move {
-                for i in 0..EVENTS {
+            producers.push(tokio::spawn(async move {
+                for i in (p..EVENTS).step_by(PRODUCERS as usize) {
                     let ev = AuditEvent {
                         id: ctx.new_id(),
                         agent: String::new(),
@@ -80,8 +83,8 @@ fn main() {
                     };
                     ctx.audit(ev).await.unwrap();
                 }
-            })
-        };
+            }));
+        }
         loop {
             let n = client.status(ListRequest {}).await.unwrap().into_inner().audit_events - base;
             if n >= EVENTS {
@@ -90,10 +93,12 @@ fn main() {
             assert!(t0.elapsed() < Duration::from_secs(600), "only {n} events committed");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        producer.await.unwrap();
+        for p in producers {
+            p.await.unwrap();
+        }
         let secs = t0.elapsed().as_secs_f64();
         println!(
-            "audit: {EVENTS} events committed on 3 nodes in {secs:.2} s = {:.0} events/s (agent spool fsync'd, batched, acknowledged after Raft commit)",
+            "audit: {EVENTS} events from {PRODUCERS} concurrent producers committed on 3 nodes in {secs:.2} s = {:.0} events/s (agent spool fsync'd, batched, acknowledged after Raft commit)",
             EVENTS as f64 / secs
         );
     });
