@@ -49,60 +49,6 @@ fn main() {
     )
     .unwrap();
 
-    rt.block_on(async {
-        let cfg = gatehouse_agent::config::AgentConfig::load(&cfg_path).unwrap();
-        let files = gatehouse_agent::identity::IdentityFiles::new(&cfg.data_dir);
-        gatehouse_agent::identity::enroll(&cfg, &token, &files).await.unwrap();
-        std::fs::create_dir_all(&cfg.recordings_dir).unwrap();
-        let store = object_store::local::LocalFileSystem::new_with_prefix(&cfg.recordings_dir).unwrap();
-        let (ctx, queues) = gatehouse_agent::AgentCtx::new(cfg, Arc::new(store));
-        let ctx = Arc::new(ctx);
-        tokio::spawn(gatehouse_agent::tunnel::run(ctx.clone(), queues));
-        let mut client = c.client(1).await.unwrap();
-        let base = client.status(ListRequest {}).await.unwrap().into_inner().audit_events;
-        let t0 = Instant::now();
-        let mut producers = Vec::new();
-        for p in 0..PRODUCERS {
-            let ctx = ctx.clone();
-            producers.push(tokio::spawn(async move {
-                for i in (p..EVENTS).step_by(PRODUCERS as usize) {
-                    let ev = AuditEvent {
-                        id: ctx.new_id(),
-                        agent: String::new(),
-                        seq: 0,
-                        time_ms: gatehouse_agent::now_ms(),
-                        kind: EventKind::Statement,
-                        session_id: "bench".into(),
-                        identity: "sa:bench".into(),
-                        target: "bench".into(),
-                        policy_version: "bench".into(),
-                        decision: Decision::Allow,
-                        statement: Some(format!("select {i} from orders where id = {i}")),
-                        outcome: None,
-                        detail: None,
-                    };
-                    ctx.audit(ev).await.unwrap();
-                }
-            }));
-        }
-        loop {
-            let n = client.status(ListRequest {}).await.unwrap().into_inner().audit_events - base;
-            if n >= EVENTS {
-                break;
-            }
-            assert!(t0.elapsed() < Duration::from_secs(600), "only {n} events committed");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        for p in producers {
-            p.await.unwrap();
-        }
-        let secs = t0.elapsed().as_secs_f64();
-        println!(
-            "audit: {EVENTS} events from {PRODUCERS} concurrent producers committed on 3 nodes in {secs:.2} s = {:.0} events/s (agent spool fsync'd, batched, acknowledged after Raft commit)",
-            EVENTS as f64 / secs
-        );
-    });
-
     let mut times = Vec::new();
     for _ in 0..KILLS {
         let leader = rt.block_on(async {
@@ -157,4 +103,57 @@ fn main() {
         times[times.len() / 2],
         times[times.len() - 1]
     );
+    rt.block_on(async {
+        let cfg = gatehouse_agent::config::AgentConfig::load(&cfg_path).unwrap();
+        let files = gatehouse_agent::identity::IdentityFiles::new(&cfg.data_dir);
+        gatehouse_agent::identity::enroll(&cfg, &token, &files).await.unwrap();
+        std::fs::create_dir_all(&cfg.recordings_dir).unwrap();
+        let store = object_store::local::LocalFileSystem::new_with_prefix(&cfg.recordings_dir).unwrap();
+        let (ctx, queues) = gatehouse_agent::AgentCtx::new(cfg, Arc::new(store));
+        let ctx = Arc::new(ctx);
+        tokio::spawn(gatehouse_agent::tunnel::run(ctx.clone(), queues));
+        let mut client = c.client(1).await.unwrap();
+        let base = client.status(ListRequest {}).await.unwrap().into_inner().audit_events;
+        let t0 = Instant::now();
+        let mut producers = Vec::new();
+        for p in 0..PRODUCERS {
+            let ctx = ctx.clone();
+            producers.push(tokio::spawn(async move {
+                for i in (p..EVENTS).step_by(PRODUCERS as usize) {
+                    let ev = AuditEvent {
+                        id: ctx.new_id(),
+                        agent: String::new(),
+                        seq: 0,
+                        time_ms: gatehouse_agent::now_ms(),
+                        kind: EventKind::Statement,
+                        session_id: "bench".into(),
+                        identity: "sa:bench".into(),
+                        target: "bench".into(),
+                        policy_version: "bench".into(),
+                        decision: Decision::Allow,
+                        statement: Some(format!("select {i} from orders where id = {i}")),
+                        outcome: None,
+                        detail: None,
+                    };
+                    ctx.audit(ev).await.unwrap();
+                }
+            }));
+        }
+        loop {
+            let n = client.status(ListRequest {}).await.unwrap().into_inner().audit_events - base;
+            if n >= EVENTS {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(600), "only {n} events committed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for p in producers {
+            p.await.unwrap();
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        println!(
+            "audit: {EVENTS} events from {PRODUCERS} concurrent producers committed on 3 nodes in {secs:.2} s = {:.0} events/s (agent spool fsync'd, batched, acknowledged after Raft commit)",
+            EVENTS as f64 / secs
+        );
+    });
 }

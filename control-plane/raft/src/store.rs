@@ -312,7 +312,12 @@ impl StateMachineStore {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
-        let (last_applied, membership, data) = self.dump()?;
+        // Serializing the whole state is slow for a large audit log: keep it
+        // off the async workers.
+        let me = self.clone();
+        let (last_applied, membership, data) = tokio::task::spawn_blocking(move || me.dump())
+            .await
+            .map_err(|e| StorageError::from(StorageIOError::read(&e)))??;
         let n = self.snapshot_seq.fetch_add(1, Ordering::Relaxed) + 1;
         let snapshot_id = match last_applied {
             Some(l) => format!("{}-{}-{n}", l.leader_id, l.index),
@@ -323,7 +328,12 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             last_membership: membership,
             snapshot_id,
         };
-        save_snapshot(&self.db, &meta, &data)?;
+        let db = self.db.clone();
+        let (meta, data) = tokio::task::spawn_blocking(move || {
+            save_snapshot(&db, &meta, &data).map(|()| (meta, data))
+        })
+        .await
+        .map_err(|e| StorageError::from(StorageIOError::write(&e)))??;
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data.into_bytes())),
