@@ -51,13 +51,17 @@ fn main() {
 
     let mut times = Vec::new();
     for _ in 0..KILLS {
+        // The leader every node agrees on (a single reply can be stale).
         let leader = rt.block_on(async {
             loop {
-                if let Some(s) = c.status(1).await.filter(|s| s.leader_id != 0) {
-                    break s.leader_id;
+                let mut seen = Vec::new();
+                for id in [1, 2, 3] {
+                    if let Some(s) = c.status(id).await {
+                        seen.push(s.leader_id);
+                    }
                 }
-                if let Some(s) = c.status(2).await.filter(|s| s.leader_id != 0) {
-                    break s.leader_id;
+                if seen.len() == 3 && seen[0] != 0 && seen.iter().all(|l| *l == seen[0]) {
+                    break seen[0];
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
