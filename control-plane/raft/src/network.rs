@@ -53,7 +53,7 @@ impl PeerTls {
         let cfg = ClientTlsConfig::new()
             .ca_certificate(tonic::transport::Certificate::from_pem(ca_pem))
             .identity(tonic::transport::Identity::from_pem(cert_pem, key_pem))
-            .domain_name(gatehouse_pki_san());
+            .domain_name(gatehouse_pki::NODE_SAN);
         match self.inner.write() {
             Ok(mut g) => *g = Some(cfg),
             Err(p) => *p.into_inner() = Some(cfg),
@@ -116,10 +116,6 @@ impl PeerTls {
             })?;
         decode(addr, &resp.into_inner().json)
     }
-}
-
-fn gatehouse_pki_san() -> &'static str {
-    "gatehouse-node"
 }
 
 fn payload<T: serde::Serialize>(addr: &str, v: &T) -> Result<RaftPayload, PeerError> {

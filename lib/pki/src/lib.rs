@@ -113,16 +113,30 @@ impl ClusterCa {
     /// subject and extensions are ignored: the certificate names exactly the
     /// agent the enrollment token was bound to.
     pub fn sign_agent(&self, req: &AgentCertRequest<'_>) -> Result<String, PkiError> {
-        let csr = CertificateSigningRequestParams::from_pem(req.csr_pem)
+        self.sign_csr(&CsrGrant {
+            csr_pem: req.csr_pem,
+            common_name: req.agent_name.to_string(),
+            san: agent_san(req.agent_name),
+            extended_key_usages: vec![ExtendedKeyUsagePurpose::ClientAuth],
+            serial: req.serial,
+            not_before_unix: req.not_before_unix,
+            not_after_unix: req.not_after_unix,
+        })
+    }
+
+    /// Signs a CSR after checking its proof of possession. Only the public
+    /// key is taken from the CSR; name, SAN, usages and validity are ours.
+    fn sign_csr(&self, g: &CsrGrant<'_>) -> Result<String, PkiError> {
+        let csr = CertificateSigningRequestParams::from_pem(g.csr_pem)
             .map_err(|e| PkiError::BadCsr(e.to_string()))?;
-        let mut params = CertificateParams::new(vec![agent_san(req.agent_name)])?;
+        let mut params = CertificateParams::new(vec![g.san.clone()])?;
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, req.agent_name);
+        dn.push(DnType::CommonName, g.common_name.as_str());
         params.distinguished_name = dn;
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.serial_number = Some(SerialNumber::from_slice(&req.serial.to_be_bytes()));
-        params.not_before = at(req.not_before_unix)?;
-        params.not_after = at(req.not_after_unix)?;
+        params.extended_key_usages = g.extended_key_usages.clone();
+        params.serial_number = Some(SerialNumber::from_slice(&g.serial.to_be_bytes()));
+        params.not_before = at(g.not_before_unix)?;
+        params.not_after = at(g.not_after_unix)?;
         let signed = CertificateSigningRequestParams {
             params,
             public_key: csr.public_key,
@@ -130,6 +144,17 @@ impl ClusterCa {
         .signed_by(&self.issuer)?;
         Ok(signed.pem())
     }
+}
+
+/// What a signed CSR is granted.
+struct CsrGrant<'a> {
+    csr_pem: &'a str,
+    common_name: String,
+    san: String,
+    extended_key_usages: Vec<ExtendedKeyUsagePurpose>,
+    serial: u64,
+    not_before_unix: i64,
+    not_after_unix: i64,
 }
 
 /// What the CA puts into a control-plane node certificate.
@@ -148,25 +173,18 @@ impl ClusterCa {
     /// Signs a joining node's CSR: a certificate for both ends of node-to-node
     /// mutual TLS, named `node-<id>` with the SAN [`NODE_SAN`].
     pub fn sign_node(&self, req: &NodeCertRequest<'_>) -> Result<String, PkiError> {
-        let csr = CertificateSigningRequestParams::from_pem(req.csr_pem)
-            .map_err(|e| PkiError::BadCsr(e.to_string()))?;
-        let mut params = CertificateParams::new(vec![NODE_SAN.to_string()])?;
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, format!("node-{}", req.node_id));
-        params.distinguished_name = dn;
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.serial_number = Some(SerialNumber::from_slice(&req.serial.to_be_bytes()));
-        params.not_before = at(req.not_before_unix)?;
-        params.not_after = at(req.not_after_unix)?;
-        let signed = CertificateSigningRequestParams {
-            params,
-            public_key: csr.public_key,
-        }
-        .signed_by(&self.issuer)?;
-        Ok(signed.pem())
+        self.sign_csr(&CsrGrant {
+            csr_pem: req.csr_pem,
+            common_name: format!("node-{}", req.node_id),
+            san: NODE_SAN.to_string(),
+            extended_key_usages: vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+            serial: req.serial,
+            not_before_unix: req.not_before_unix,
+            not_after_unix: req.not_after_unix,
+        })
     }
 }
 
