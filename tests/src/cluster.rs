@@ -1,13 +1,64 @@
 //! A multi-node control plane for tests: real `gatehouse-server` processes
 //! sharing one admin token, joined with real join tokens.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use gatehouse_cli::client::{Client, connect};
 use gatehouse_proto::v1::{ClusterStatusResponse, ListRequest};
 
+use crate::proxy::LinkProxy;
 use crate::{Proc, bin};
+
+/// Every node-to-node Raft link through its own [`LinkProxy`], so a test can
+/// partition any node from the others.
+pub struct Links {
+    /// Node id → its advertised Raft address (picked before it starts).
+    raft: BTreeMap<u64, String>,
+    /// (from, to) → the proxy `from` dials `to` through.
+    proxies: BTreeMap<(u64, u64), LinkProxy>,
+}
+
+impl Links {
+    fn new(n: u64) -> Self {
+        // Reserve the Raft ports up front: every node must know every
+        // peer's advertised address to route it through a proxy.
+        let held: Vec<(u64, std::net::TcpListener)> = (1..=n)
+            .map(|id| (id, std::net::TcpListener::bind("127.0.0.1:0").unwrap()))
+            .collect();
+        let raft: BTreeMap<u64, String> = held
+            .iter()
+            .map(|(id, l)| (*id, l.local_addr().unwrap().to_string()))
+            .collect();
+        drop(held);
+        let mut proxies = BTreeMap::new();
+        for from in 1..=n {
+            for to in 1..=n {
+                if from != to {
+                    proxies.insert((from, to), LinkProxy::start(raft[&to].clone()));
+                }
+            }
+        }
+        Self { raft, proxies }
+    }
+
+    /// Cuts every link to and from `id`.
+    pub fn isolate(&self, id: u64) {
+        for ((from, to), p) in &self.proxies {
+            if *from == id || *to == id {
+                p.cut();
+            }
+        }
+    }
+
+    /// Heals every link.
+    pub fn heal_all(&self) {
+        for p in self.proxies.values() {
+            p.heal();
+        }
+    }
+}
 
 /// One node's process and addresses.
 pub struct Node {
@@ -29,11 +80,21 @@ pub struct TestCluster {
     pub ca_file: PathBuf,
     pub nodes: Vec<Node>,
     pub snapshot_every: u64,
+    pub links: Option<Links>,
 }
 
 impl TestCluster {
     /// Node 1 founds the cluster; nodes 2..=n join it.
     pub fn start(n: u64, snapshot_every: u64) -> Self {
+        Self::start_inner(n, snapshot_every, None)
+    }
+
+    /// Like [`TestCluster::start`], with every Raft link through a proxy.
+    pub fn start_with_links(n: u64, snapshot_every: u64) -> Self {
+        Self::start_inner(n, snapshot_every, Some(Links::new(n)))
+    }
+
+    fn start_inner(n: u64, snapshot_every: u64, links: Option<Links>) -> Self {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let tmp = tempfile::tempdir().unwrap();
         let token = "gha_test_cluster_admin_token_0123456789".to_string();
@@ -46,6 +107,7 @@ impl TestCluster {
             token_file,
             nodes: Vec::new(),
             snapshot_every,
+            links,
         };
         c.add_node(1, None);
         for id in 2..=n {
@@ -75,7 +137,11 @@ impl TestCluster {
             dir,
             proc: None,
             api: String::new(),
-            raft: String::new(),
+            raft: self
+                .links
+                .as_ref()
+                .and_then(|l| l.raft.get(&id).cloned())
+                .unwrap_or_default(),
             pg: String::new(),
             tunnel: String::new(),
             join,
@@ -117,6 +183,14 @@ impl TestCluster {
         ] {
             args.push(flag.into());
             args.push(addr);
+        }
+        if let Some(links) = &self.links {
+            for ((from, to), p) in &links.proxies {
+                if *from == node.id {
+                    args.push("--peer-route".into());
+                    args.push(format!("{}={}", links.raft[to], p.addr));
+                }
+            }
         }
         if let Some((via, token)) = &node.join {
             args.extend([

@@ -9,19 +9,11 @@ use std::time::{Duration, Instant};
 use gatehouse_e2e::cluster::TestCluster;
 use gatehouse_proto::v1::{CreateServiceAccountRequest, ListRequest};
 
-/// Longest a follower waits after the last heartbeat before it may campaign
-/// (ms). openraft 0.9 makes followers of a known leader honour a leader
-/// lease equal to `election_timeout_max` (1,000 ms in the servers) before
-/// their randomized election timeout (up to another 1,000 ms) starts.
-///
-/// The issue asks for a new leader within twice this plus a second. That
-/// does not hold reliably yet: under write load the survivors' logs differ
-/// by an entry, the one with the shorter log campaigns first and, without
-/// pre-vote, each of its higher-term requests restarts the up-to-date
-/// follower's election timer, so some rounds take 3-6 s. The times are
-/// printed here and measured by `benches/cluster.sh`; this test asserts the
-/// safety properties and that a leader is elected at all.
-const ELECTION_TIMEOUT_MS: u64 = 2_000;
+/// The bound the issue sets for electing a new leader after a kill:
+/// twice the election timeout plus a second. The election timeout here is
+/// the longest a follower waits after the last heartbeat before it
+/// campaigns, leader lease included.
+const FAILOVER_BOUND_MS: u64 = 2 * gatehouse_cp_raft::EFFECTIVE_ELECTION_TIMEOUT_MS + 1_000;
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -234,11 +226,8 @@ fn killing_the_leader_under_write_load_loses_no_acknowledged_write() {
             acked.len()
         );
         elections.push(elected_ms);
-        if elected_ms > 2 * ELECTION_TIMEOUT_MS + 1_000 {
-            println!(
-                "round {round}: over the target of {} ms",
-                2 * ELECTION_TIMEOUT_MS + 1_000
-            );
+        if elected_ms > FAILOVER_BOUND_MS {
+            println!("round {round}: over the bound of {FAILOVER_BOUND_MS} ms");
             for id in &survivors {
                 let log = std::fs::read_to_string(c.tmp.path().join(format!("node{id}.log")))
                     .unwrap_or_default();
@@ -261,6 +250,8 @@ fn killing_the_leader_under_write_load_loses_no_acknowledged_write() {
         attempted_all.extend(attempted);
         c.restart(leader);
         c.wait_voters(3);
+        // Each round starts from a cluster whose restarted node has caught up.
+        rt.block_on(c.converged_digest(Duration::from_secs(30)));
     }
     // Every acknowledged write is on every node, exactly once; nothing that
     // was never attempted appears.
@@ -295,4 +286,235 @@ fn killing_the_leader_under_write_load_loses_no_acknowledged_write() {
         elections[elections.len() / 2],
         elections[elections.len() - 1]
     );
+    assert!(
+        elections.iter().all(|ms| *ms <= FAILOVER_BOUND_MS),
+        "a new leader took longer than {FAILOVER_BOUND_MS} ms: {elections:?}"
+    );
+}
+
+/// One write attempt: its name, when it returned (since the cut, ms; negative
+/// before it) and its outcome.
+struct Attempt {
+    name: String,
+    started_ms: i64,
+    done_ms: i64,
+    outcome: Result<(), tonic::Code>,
+    message: String,
+}
+
+/// Writes sequentially through `cl` until `until`, recording every attempt.
+async fn write_until(
+    mut cl: gatehouse_cli::client::Client,
+    prefix: String,
+    cut: std::sync::Arc<std::sync::OnceLock<Instant>>,
+    until: Instant,
+) -> Vec<Attempt> {
+    let since_cut = |t: Instant| match cut.get() {
+        Some(c) if t >= *c => (t - *c).as_millis() as i64,
+        Some(c) => -((*c - t).as_millis() as i64),
+        None => -1_000_000,
+    };
+    let mut out = Vec::new();
+    let mut i = 0;
+    while Instant::now() < until {
+        let name = format!("{prefix}-{i}");
+        i += 1;
+        let started = Instant::now();
+        let r = tokio::time::timeout(
+            Duration::from_secs(15),
+            cl.create_service_account(CreateServiceAccountRequest {
+                name: name.clone(),
+                groups: vec![],
+            }),
+        )
+        .await;
+        let (outcome, message) = match r {
+            Ok(Ok(_)) => (Ok(()), String::new()),
+            Ok(Err(s)) => (Err(s.code()), s.message().to_string()),
+            Err(_) => (Err(tonic::Code::Cancelled), "no answer".to_string()),
+        };
+        let done = Instant::now();
+        out.push(Attempt {
+            name,
+            started_ms: since_cut(started),
+            done_ms: since_cut(done),
+            outcome,
+            message,
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    out
+}
+
+#[test]
+fn an_isolated_leader_stops_acknowledging_writes_and_no_term_has_two_leaders() {
+    use std::sync::{Arc, Mutex, OnceLock};
+    let c = TestCluster::start_with_links(3, 1_000);
+    let links = c.links.as_ref().unwrap();
+    let rt = rt();
+    let election_ms = gatehouse_cp_raft::EFFECTIVE_ELECTION_TIMEOUT_MS as i64;
+    rt.block_on(async {
+        let (old, _) = wait_leader(&c, &[1, 2, 3], None).await;
+        let majority: Vec<u64> = [1, 2, 3].into_iter().filter(|id| *id != old).collect();
+        let old_term = c.status(old).await.unwrap().term;
+
+        // Every node's own claim to lead, sampled until the end.
+        let claims: Arc<Mutex<BTreeMap<u64, BTreeSet<u64>>>> = Arc::default();
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut monitor_clients = Vec::new();
+        for id in [1, 2, 3] {
+            monitor_clients.push(c.client(id).await.unwrap());
+        }
+        let monitor = {
+            let (claims, done) = (claims.clone(), done.clone());
+            tokio::spawn(async move {
+                let mut samples = 0u64;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    for cl in monitor_clients.iter_mut() {
+                        let status = tokio::time::timeout(
+                            Duration::from_millis(300),
+                            cl.cluster_status(ListRequest {}),
+                        )
+                        .await;
+                        if let Ok(Ok(s)) = status {
+                            let s = s.into_inner();
+                            samples += 1;
+                            if s.leader_id == s.node_id {
+                                claims
+                                    .lock()
+                                    .unwrap()
+                                    .entry(s.term)
+                                    .or_default()
+                                    .insert(s.node_id);
+                            }
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                samples
+            })
+        };
+
+        // A writer on the old leader and one on a node of the majority.
+        let cut = Arc::new(OnceLock::new());
+        let until = Instant::now() + Duration::from_millis(1_000 + 4_000);
+        let on_old = tokio::spawn(write_until(
+            c.client(old).await.unwrap(),
+            "old".into(),
+            cut.clone(),
+            until,
+        ));
+        let on_majority = tokio::spawn(write_until(
+            c.client(majority[0]).await.unwrap(),
+            "maj".into(),
+            cut.clone(),
+            until,
+        ));
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        links.isolate(old);
+        let t_cut = Instant::now();
+        cut.set(t_cut).unwrap();
+        let (new, _) = wait_leader(&c, &majority, Some(old)).await;
+        let elected_ms = t_cut.elapsed().as_millis() as u64;
+        let on_old = on_old.await.unwrap();
+        let on_majority = on_majority.await.unwrap();
+        let new_term = c.status(new).await.unwrap().term;
+        println!(
+            "isolated leader {old} (term {old_term}); node {new} leads term {new_term} after {elected_ms} ms"
+        );
+        assert!(new_term > old_term);
+        assert!(
+            elected_ms <= FAILOVER_BOUND_MS,
+            "the majority took {elected_ms} ms to elect a leader"
+        );
+
+        // The old leader acknowledges nothing once the election timeout has
+        // passed, and it answers (rather than hangs) within it.
+        let late_acks: Vec<&Attempt> = on_old
+            .iter()
+            .filter(|a| a.outcome.is_ok() && a.done_ms > election_ms)
+            .collect();
+        assert!(
+            late_acks.is_empty(),
+            "the isolated leader acknowledged {:?}",
+            late_acks.iter().map(|a| (&a.name, a.done_ms)).collect::<Vec<_>>()
+        );
+        let after: Vec<&Attempt> = on_old.iter().filter(|a| a.started_ms >= 0).collect();
+        assert!(after.len() >= 2, "too few writes tried on the old leader");
+        for a in &after {
+            assert!(a.outcome.is_err(), "{} was acknowledged after the cut", a.name);
+            assert!(
+                a.done_ms - a.started_ms.max(0) <= election_ms + 500,
+                "{} hung for {} ms on the isolated leader",
+                a.name,
+                a.done_ms - a.started_ms
+            );
+        }
+        let codes: BTreeSet<String> = after
+            .iter()
+            .map(|a| format!("{:?}", a.outcome.unwrap_err()))
+            .collect();
+        println!(
+            "old leader: {} writes after the cut, all refused ({codes:?}); first answer after {} ms",
+            after.len(),
+            after[0].done_ms
+        );
+        // The majority side keeps taking writes.
+        let resumed = on_majority
+            .iter()
+            .filter(|a| a.outcome.is_ok() && a.started_ms > elected_ms as i64)
+            .count();
+        assert!(
+            resumed > 0,
+            "no write succeeded on the majority side: {:?}",
+            on_majority
+                .iter()
+                .filter(|a| a.done_ms > -200)
+                .map(|a| (a.started_ms, a.done_ms, a.outcome, &a.message))
+                .collect::<Vec<_>>()
+        );
+
+        // Heal: the old leader rejoins as a follower and its unacknowledged
+        // entries are gone; every acknowledged write is everywhere once.
+        links.heal_all();
+        c.converged_digest(Duration::from_secs(30)).await;
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        let samples = monitor.await.unwrap();
+        let s = c.status(old).await.unwrap();
+        assert!(s.leader_id != old && s.term >= new_term, "{s:?}");
+        let acked: BTreeSet<String> = on_old
+            .iter()
+            .chain(on_majority.iter())
+            .filter(|a| a.outcome.is_ok())
+            .map(|a| a.name.clone())
+            .collect();
+        let attempted: BTreeSet<String> = on_old
+            .iter()
+            .chain(on_majority.iter())
+            .map(|a| a.name.clone())
+            .collect();
+        for id in [1, 2, 3] {
+            let mut cl = c.client(id).await.unwrap();
+            let names: Vec<String> = cl
+                .list_service_accounts(ListRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .accounts
+                .into_iter()
+                .map(|a| a.name)
+                .collect();
+            let set: BTreeSet<String> = names.iter().cloned().collect();
+            assert_eq!(set.len(), names.len(), "node {id} lists a write twice");
+            assert!(acked.is_subset(&set), "node {id} lost an acknowledged write");
+            assert!(set.is_subset(&attempted), "node {id} has a write nobody made");
+        }
+        let claims = claims.lock().unwrap().clone();
+        println!("{samples} status samples; leaders by term: {claims:?}");
+        for (term, leaders) in &claims {
+            assert!(leaders.len() <= 1, "term {term} had leaders {leaders:?}");
+        }
+        assert!(claims.get(&old_term).is_some_and(|l| l.contains(&old)));
+        assert!(claims.get(&new_term).is_some_and(|l| l.contains(&new)));
+    });
 }

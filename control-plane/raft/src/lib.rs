@@ -44,6 +44,16 @@ pub struct Member {
     pub reader: StateReader,
 }
 
+/// Leader heartbeat interval (ms).
+pub const HEARTBEAT_MS: u64 = 50;
+/// Randomized election timeout bounds (ms).
+pub const ELECTION_TIMEOUT_MIN_MS: u64 = 250;
+pub const ELECTION_TIMEOUT_MAX_MS: u64 = 500;
+/// The longest a follower of a known leader waits after the last heartbeat
+/// before it campaigns (ms): openraft 0.9 makes it honour a leader lease of
+/// `election_timeout_max` first, then its randomized election timeout.
+pub const EFFECTIVE_ELECTION_TIMEOUT_MS: u64 = 2 * ELECTION_TIMEOUT_MAX_MS;
+
 /// How a member starts.
 pub enum Bootstrap {
     /// A fresh store initializes a new cluster with this node as its only voter.
@@ -67,9 +77,9 @@ pub async fn start(
     let sm = StateMachineStore::new(db.clone())?;
     let config = openraft::Config {
         cluster_name: "gatehouse".into(),
-        heartbeat_interval: 100,
-        election_timeout_min: 500,
-        election_timeout_max: 1_000,
+        heartbeat_interval: HEARTBEAT_MS,
+        election_timeout_min: ELECTION_TIMEOUT_MIN_MS,
+        election_timeout_max: ELECTION_TIMEOUT_MAX_MS,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_every),
         max_in_snapshot_log_to_keep: snapshot_every.min(1_000),
         ..Default::default()

@@ -6,6 +6,7 @@
 //! first node creates the CA through Raft after it starts), every peer is
 //! unreachable; a single node does not need its peers to elect itself.
 
+use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -27,10 +28,18 @@ use crate::types::{Command, CommandResult, NodeInfo, TypeConfig};
 
 type NodeId = u64;
 
-/// The node's client TLS identity for peers, set once it has a certificate.
+/// Longest a forwarded write or read-index call waits for the leader. A
+/// leader answers within the election timeout or gives up itself (see the
+/// server's quorum watch); this covers a leader that went silent.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The node's client TLS identity for peers, set once it has a certificate,
+/// and the addresses it dials them at.
 #[derive(Clone, Default)]
 pub struct PeerTls {
     inner: Arc<RwLock<Option<ClientTlsConfig>>>,
+    /// Advertised Raft address → address to dial instead.
+    routes: Arc<HashMap<String, String>>,
 }
 
 /// A peer call failed before an answer came back.
@@ -47,6 +56,14 @@ pub enum PeerError {
 // === impl PeerTls ===
 
 impl PeerTls {
+    /// Dials the peers advertising a key of `routes` at its value instead.
+    pub fn with_routes(routes: HashMap<String, String>) -> Self {
+        Self {
+            inner: Arc::default(),
+            routes: Arc::new(routes),
+        }
+    }
+
     /// Sets the identity: the node's certificate chain and key, and the CA
     /// peers must chain to.
     pub fn set(&self, cert_pem: &str, key_pem: &str, ca_pem: &str) {
@@ -74,11 +91,17 @@ impl PeerTls {
             addr: addr.to_string(),
             reason: e.to_string(),
         };
-        let ch = Endpoint::from_shared(format!("https://{addr}"))
+        let dial = self.routes.get(addr).map_or(addr, String::as_str);
+        let ch = Endpoint::from_shared(format!("https://{dial}"))
             .map_err(transport)?
             .tls_config(tls)
             .map_err(transport)?
             .connect_timeout(Duration::from_millis(500))
+            // A peer cut off without a reset (a partition, a dead host) is
+            // noticed by keep-alive, not by the kernel's retransmit timeout.
+            .http2_keep_alive_interval(Duration::from_secs(1))
+            .keep_alive_timeout(Duration::from_secs(1))
+            .keep_alive_while_idle(true)
             .tcp_nodelay(true)
             .connect_lazy();
         Ok(RaftPeerClient::new(ch).max_decoding_message_size(256 << 20))
@@ -91,30 +114,42 @@ impl PeerTls {
         cmd: &Command,
     ) -> Result<Result<CommandResult, String>, PeerError> {
         let mut c = self.client(addr)?;
-        let resp = c
-            .forward(payload(addr, cmd)?)
-            .await
-            .map_err(|s| PeerError::Transport {
-                addr: addr.to_string(),
-                reason: s.message().to_string(),
-            })?;
-        decode(addr, &resp.into_inner().json)
+        let mut req = tonic::Request::new(payload(addr, cmd)?);
+        req.set_timeout(FORWARD_TIMEOUT);
+        let resp = within(addr, c.forward(req)).await?;
+        decode(addr, &resp.json)
     }
 
     /// Asks the leader at `addr` to confirm its leadership and returns the
     /// log index a linearizable read must wait for.
     pub async fn read_index(&self, addr: &str) -> Result<Result<u64, String>, PeerError> {
         let mut c = self.client(addr)?;
-        let resp = c
-            .read_index(RaftPayload {
-                json: b"null".to_vec(),
-            })
-            .await
-            .map_err(|s| PeerError::Transport {
-                addr: addr.to_string(),
-                reason: s.message().to_string(),
-            })?;
-        decode(addr, &resp.into_inner().json)
+        let mut req = tonic::Request::new(RaftPayload {
+            json: b"null".to_vec(),
+        });
+        req.set_timeout(FORWARD_TIMEOUT);
+        let resp = within(addr, c.read_index(req)).await?;
+        decode(addr, &resp.json)
+    }
+}
+
+/// Awaits a peer call for at most [`FORWARD_TIMEOUT`]: the deadline sent
+/// along is the server's to enforce, and a silent peer never reads it.
+async fn within<T>(
+    addr: &str,
+    call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, PeerError> {
+    let transport = |reason: String| PeerError::Transport {
+        addr: addr.to_string(),
+        reason,
+    };
+    match tokio::time::timeout(FORWARD_TIMEOUT, call).await {
+        Ok(Ok(r)) => Ok(r.into_inner()),
+        Ok(Err(s)) => Err(transport(s.message().to_string())),
+        Err(_) => Err(transport(format!(
+            "no answer within {} s",
+            FORWARD_TIMEOUT.as_secs()
+        ))),
     }
 }
 

@@ -27,6 +27,11 @@ pub enum ApiError {
     #[error("not the leader; retry at {leader:?}")]
     NotLeader { leader: Option<String> },
     #[error("{0}")]
+    Unavailable(String),
+    /// The call may or may not have taken effect.
+    #[error("{0}")]
+    OutcomeUnknown(String),
+    #[error("{0}")]
     Internal(String),
 }
 
@@ -40,6 +45,8 @@ impl From<ApiError> for Status {
                 "not the leader; leader is {}",
                 leader.unwrap_or_else(|| "unknown".into())
             )),
+            ApiError::Unavailable(m) => Status::unavailable(m),
+            ApiError::OutcomeUnknown(m) => Status::deadline_exceeded(m),
             ApiError::Internal(m) => Status::internal(m),
         }
     }
@@ -49,6 +56,8 @@ impl From<ProposeError> for ApiError {
     fn from(e: ProposeError) -> Self {
         match e {
             ProposeError::ForwardToLeader { leader } => ApiError::NotLeader { leader },
+            e @ ProposeError::NoQuorum => ApiError::Unavailable(e.to_string()),
+            e @ ProposeError::OutcomeUnknown(_) => ApiError::OutcomeUnknown(e.to_string()),
             ProposeError::Raft(m) => ApiError::Internal(m),
             ProposeError::Rejected(Rejection::AlreadyExists(m)) => {
                 ApiError::AlreadyExists(format!("{m} already exists"))

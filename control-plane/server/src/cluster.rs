@@ -16,6 +16,15 @@ pub enum ProposeError {
     /// Not the leader; `leader` is the leader's Raft address, if known.
     #[error("not the leader; leader is {leader:?}")]
     ForwardToLeader { leader: Option<String> },
+    /// This node is the leader of its term but has not heard from a majority
+    /// within the election timeout (it may be cut off; a new leader may
+    /// exist elsewhere). Nothing was proposed.
+    #[error("this node cannot reach a majority of the cluster; try another node")]
+    NoQuorum,
+    /// The proposal was appended but not known to be committed: the node lost
+    /// the majority or the deadline passed. It may still commit.
+    #[error("the write was not confirmed by a majority ({0}); its outcome is unknown")]
+    OutcomeUnknown(&'static str),
     #[error("raft: {0}")]
     Raft(String),
     #[error(transparent)]
@@ -83,18 +92,24 @@ impl Cluster {
         }
     }
 
+    /// True when this node leads its term but no majority has acknowledged
+    /// it for longer than the leader lease: the other voters may already
+    /// have elected someone else, so it must not pretend to serve.
+    pub fn lost_quorum(&self) -> bool {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.state == openraft::ServerState::Leader
+            && m.millis_since_quorum_ack
+                .is_some_and(|ms| ms > gatehouse_cp_raft::ELECTION_TIMEOUT_MAX_MS)
+    }
+
     /// Waits until this node has applied everything committed before the
     /// call (a read index confirmed by the leader), so a read that decides
     /// access sees every earlier write, whichever node took it.
     pub async fn linearizable(&self) -> Result<(), ProposeError> {
         let m = self.raft.metrics().borrow().clone();
         if m.current_leader == Some(self.node_id) {
-            return self
-                .raft
-                .ensure_linearizable()
-                .await
-                .map(|_| ())
-                .map_err(|e| ProposeError::Raft(e.to_string()));
+            return self.read_index().await.map(|_| ());
         }
         let leader = m
             .current_leader
@@ -114,9 +129,58 @@ impl Cluster {
             .map_err(|e| ProposeError::Raft(e.to_string()))
     }
 
-    /// Proposes on this node only.
+    /// On the leader: confirms leadership with a majority and returns the
+    /// log index a linearizable read must wait for.
+    pub async fn read_index(&self) -> Result<u64, ProposeError> {
+        if self.lost_quorum() {
+            return Err(ProposeError::NoQuorum);
+        }
+        let confirm = self.raft.ensure_linearizable();
+        match tokio::time::timeout(self.quorum_wait(), confirm).await {
+            Ok(Ok(log_id)) => Ok(log_id.map(|l| l.index).unwrap_or(0)),
+            Ok(Err(e)) => {
+                if let Some(f) = e.forward_to_leader() {
+                    return Err(ProposeError::ForwardToLeader {
+                        leader: f.leader_node.as_ref().map(|n| n.raft_addr.clone()),
+                    });
+                }
+                Err(ProposeError::Raft(e.to_string()))
+            }
+            Err(_) => Err(ProposeError::NoQuorum),
+        }
+    }
+
+    /// How long a leader waits for a majority before it gives up on a call.
+    fn quorum_wait(&self) -> Duration {
+        Duration::from_millis(gatehouse_cp_raft::EFFECTIVE_ELECTION_TIMEOUT_MS)
+    }
+
+    /// Proposes on this node only. A leader that has lost its majority
+    /// refuses at once; one that loses it while the write is pending answers
+    /// within the election timeout that the outcome is unknown, instead of
+    /// waiting for a commit that may never come.
     pub async fn propose_local(&self, cmd: Command) -> Result<CommandResult, ProposeError> {
-        match self.raft.client_write(cmd).await {
+        if self.lost_quorum() {
+            return Err(ProposeError::NoQuorum);
+        }
+        let write = self.raft.client_write(cmd);
+        let watch = async {
+            let started = std::time::Instant::now();
+            loop {
+                tokio::time::sleep(Duration::from_millis(gatehouse_cp_raft::HEARTBEAT_MS)).await;
+                if self.lost_quorum() {
+                    return "this node lost the majority";
+                }
+                if started.elapsed() > Duration::from_secs(10) {
+                    return "not committed within 10 s";
+                }
+            }
+        };
+        let written = tokio::select! {
+            r = write => r,
+            why = watch => return Err(ProposeError::OutcomeUnknown(why)),
+        };
+        match written {
             Ok(resp) => match resp.data {
                 CommandResult::Rejected(r) => Err(ProposeError::Rejected(r)),
                 other => Ok(other),

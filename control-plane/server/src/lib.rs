@@ -68,6 +68,22 @@ pub struct Config {
     /// when missing.
     #[arg(long)]
     pub admin_token_file: Option<PathBuf>,
+    /// Dial a peer at another address than the Raft address it advertises:
+    /// `ADVERTISED=DIAL` (host:port each), repeatable. For peers reached
+    /// through a relay, a tunnel or address translation between sites.
+    #[arg(long = "peer-route", value_parser = parse_route)]
+    pub peer_routes: Vec<(String, String)>,
+}
+
+fn parse_route(s: &str) -> Result<(String, String), String> {
+    let (from, to) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected ADVERTISED=DIAL, got {s:?}"))?;
+    for a in [from, to] {
+        a.parse::<SocketAddr>()
+            .map_err(|e| format!("{a:?} is not host:port ({e})"))?;
+    }
+    Ok((from.to_string(), to.to_string()))
 }
 
 /// Where a started node listens; written to `<data dir>/ready.json`.
@@ -120,7 +136,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             .await
             .context("joining the cluster")?;
     }
-    let peers = PeerTls::default();
+    let peers = PeerTls::with_routes(config.peer_routes.iter().cloned().collect());
     let bootstrap = if config.join.is_some() {
         Bootstrap::Join
     } else {

@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use gatehouse_cp_raft::{Command, NodeInfo, Rejection};
+use gatehouse_cp_raft::{Command, CommandResult, NodeInfo, Rejection};
 use gatehouse_pki::{ClusterCa, NodeCertRequest};
 use gatehouse_proto::cluster::join_server::Join;
 use gatehouse_proto::cluster::raft_peer_server::RaftPeer;
@@ -110,11 +110,12 @@ impl RaftPeer for PeerService {
 
     async fn forward(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let cmd: Command = parse(req)?;
-        let r = self
-            .cluster
-            .propose_local(cmd)
-            .await
-            .map_err(|e| e.to_string());
+        // A rejection is an answer, not a failure: the caller must not retry.
+        let r = match self.cluster.propose_local(cmd).await {
+            Ok(r) => Ok(r),
+            Err(ProposeError::Rejected(r)) => Ok(CommandResult::Rejected(r)),
+            Err(e) => Err(e.to_string()),
+        };
         json(&r)
     }
 
@@ -122,10 +123,7 @@ impl RaftPeer for PeerService {
         &self,
         _req: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
-        let r = match self.cluster.raft.ensure_linearizable().await {
-            Ok(log_id) => Ok(log_id.map(|l| l.index).unwrap_or(0)),
-            Err(e) => Err(e.to_string()),
-        };
+        let r = self.cluster.read_index().await.map_err(|e| e.to_string());
         json(&r)
     }
 }
