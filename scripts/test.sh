@@ -13,6 +13,10 @@ command -v psql >/dev/null || need+=(postgresql-client)
 command -v pgbench >/dev/null || need+=(postgresql-contrib)
 command -v runuser >/dev/null || need+=(util-linux)
 command -v sha256sum >/dev/null || need+=(coreutils)
+# Network namespaces and a MASQUERADE NAT for the agent-behind-NAT test.
+command -v ip >/dev/null || need+=(iproute2)
+command -v iptables >/dev/null || need+=(iptables)
+command -v conntrack >/dev/null || need+=(conntrack)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   $sudo apt-get update -qq

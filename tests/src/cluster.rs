@@ -81,20 +81,27 @@ pub struct TestCluster {
     pub nodes: Vec<Node>,
     pub snapshot_every: u64,
     pub links: Option<Links>,
+    /// Where nodes listen for agents (loopback unless a test says otherwise).
+    pub tunnel_host: String,
 }
 
 impl TestCluster {
     /// Node 1 founds the cluster; nodes 2..=n join it.
     pub fn start(n: u64, snapshot_every: u64) -> Self {
-        Self::start_inner(n, snapshot_every, None)
+        Self::start_inner(n, snapshot_every, None, "127.0.0.1")
+    }
+
+    /// Like [`TestCluster::start`], with the agent endpoints on `host`.
+    pub fn start_with_tunnel_host(n: u64, snapshot_every: u64, host: &str) -> Self {
+        Self::start_inner(n, snapshot_every, None, host)
     }
 
     /// Like [`TestCluster::start`], with every Raft link through a proxy.
     pub fn start_with_links(n: u64, snapshot_every: u64) -> Self {
-        Self::start_inner(n, snapshot_every, Some(Links::new(n)))
+        Self::start_inner(n, snapshot_every, Some(Links::new(n)), "127.0.0.1")
     }
 
-    fn start_inner(n: u64, snapshot_every: u64, links: Option<Links>) -> Self {
+    fn start_inner(n: u64, snapshot_every: u64, links: Option<Links>, tunnel_host: &str) -> Self {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let tmp = tempfile::tempdir().unwrap();
         let token = "gha_test_cluster_admin_token_0123456789".to_string();
@@ -108,6 +115,7 @@ impl TestCluster {
             nodes: Vec::new(),
             snapshot_every,
             links,
+            tunnel_host: tunnel_host.to_string(),
         };
         c.add_node(1, None);
         for id in 2..=n {
@@ -179,7 +187,14 @@ impl TestCluster {
             ),
             ("--raft-listen", port(&node.raft)),
             ("--pg-listen", port(&node.pg)),
-            ("--tunnel-listen", port(&node.tunnel)),
+            (
+                "--tunnel-listen",
+                if node.tunnel.is_empty() {
+                    format!("{}:0", self.tunnel_host)
+                } else {
+                    node.tunnel.clone()
+                },
+            ),
         ] {
             args.push(flag.into());
             args.push(addr);

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod cluster;
+pub mod netns;
 pub mod proxy;
 pub mod rawpg;
 

@@ -1,11 +1,12 @@
 //! PostgreSQL sessions through a cluster: any node serves any target, and
-//! agents move to another node when theirs dies.
+//! agents move to another node when theirs dies, also from behind a NAT.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
 
 use gatehouse_e2e::cluster::TestCluster;
+use gatehouse_e2e::netns::NatNet;
 use gatehouse_e2e::*;
 
 fn ok(c: &TestCluster, api: &str, args: &[&str]) -> String {
@@ -34,15 +35,12 @@ fn psql_at(node_pg: &str, key: &str, sql: &str) -> std::process::Output {
     psql(host, port, "db", key, "app", "require", sql)
 }
 
-#[test]
-fn any_node_serves_sessions_and_the_agent_fails_over_to_a_surviving_node() {
-    let mut c = TestCluster::start(3, 20_000);
-    let pg = LocalPostgres::start().unwrap();
-    pg.create_role_and_db(AGENT_ROLE, AGENT_PASSWORD, "app")
-        .unwrap();
+/// Creates target `db` (served by agent `edge-1`), service account `alice`
+/// allowed on it, and an enrollment token. Returns alice's key and the token.
+fn provision(c: &TestCluster) -> (String, String) {
     let api1 = c.node(1).api.clone();
     ok(
-        &c,
+        c,
         &api1,
         &[
             "targets",
@@ -55,101 +53,66 @@ fn any_node_serves_sessions_and_the_agent_fails_over_to_a_surviving_node() {
         ],
     );
     let key: serde_json::Value = serde_json::from_str(&ok(
-        &c,
+        c,
         &api1,
         &["service-accounts", "create", "alice", "-o", "json"],
     ))
     .unwrap();
     let key = key["api_key"].as_str().unwrap().to_string();
     ok(
-        &c,
+        c,
         &api1,
         &["rules", "create", "--subject", "sa:alice", "--target", "db"],
     );
-    let token = ok(&c, &api1, &["agents", "enroll-token", "--agent", "edge-1"])
+    let token = ok(c, &api1, &["agents", "enroll-token", "--agent", "edge-1"])
         .trim()
         .to_string();
+    (key, token)
+}
 
-    // The agent lists every node; it dials node 1 first.
+/// Writes the agent's config (every node listed) and returns its path.
+fn agent_config(c: &TestCluster, pg_port: u16) -> std::path::PathBuf {
     let dir = c.tmp.path().join("agent");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("pw"), AGENT_PASSWORD).unwrap();
-    let servers: Vec<String> = [1, 2, 3]
-        .iter()
-        .map(|id| format!("\"{}\"", c.node(*id).tunnel))
-        .collect();
+    let servers: Vec<String> = c.live().map(|n| format!("\"{}\"", n.tunnel)).collect();
     let cfg = format!(
-        "name = \"edge-1\"\nservers = [{}]\ndata_dir = \"{}\"\nrecordings_dir = \"{}\"\n\n[[targets]]\nname = \"db\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"{AGENT_ROLE}\"\npassword_file = \"{}\"\n",
+        "name = \"edge-1\"\nservers = [{}]\ndata_dir = \"{}\"\nrecordings_dir = \"{}\"\n\n[[targets]]\nname = \"db\"\nhost = \"127.0.0.1\"\nport = {pg_port}\nuser = \"{AGENT_ROLE}\"\npassword_file = \"{}\"\n",
         servers.join(", "),
         dir.display(),
         c.tmp.path().join("recordings").display(),
-        pg.port,
         dir.join("pw").display()
     );
     std::fs::write(dir.join("agent.toml"), cfg).unwrap();
-    let log = c.tmp.path().join("agent.log");
-    let _agent = Proc::spawn(
-        &bin("gatehouse-agent"),
-        &[
-            "--config".into(),
-            dir.join("agent.toml").display().to_string(),
-            "--enroll-token".into(),
-            token,
-        ],
-        &log,
-    );
-    let home = wait_until("agent connected", Duration::from_secs(30), || {
-        connected_at(&c, "edge-1")
-    });
-    assert_eq!(home, 1);
+    dir.join("agent.toml")
+}
 
-    // A client on node 2 reaches the agent on node 1 (relayed node to node).
-    for (node, tag) in [(2u64, "via-2"), (3, "via-3"), (1, "via-1")] {
-        let out = psql_at(&c.node(node).pg, &key, &format!("select '{tag}'"));
-        assert!(
-            out.status.success(),
-            "node {node}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), tag);
-    }
+/// Runs `select '<tag>-<n>'` through `node` until it works; returns the tag
+/// that went through (each attempt has its own, so the audit log can be
+/// checked for exactly-once).
+fn select_until_ok(c: &TestCluster, node: u64, key: &str, tag: &str) -> String {
+    let mut attempt = 0;
+    wait_until(tag, Duration::from_secs(20), || {
+        attempt += 1;
+        let t = format!("{tag}-{attempt}");
+        let o = psql_at(&c.node(node).pg, key, &format!("select '{t}'"));
+        (o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == t).then_some(t)
+    })
+}
 
-    // Kill the node the agent is connected to.
-    c.kill9(1);
-    let t0 = std::time::Instant::now();
-    let new_home = wait_until(
-        "agent reconnected elsewhere",
-        Duration::from_secs(30),
-        || connected_at(&c, "edge-1"),
-    );
-    println!(
-        "agent moved from node 1 to node {new_home} in {} ms",
-        t0.elapsed().as_millis()
-    );
-    assert!(
-        t0.elapsed() < Duration::from_secs(8),
-        "agent took too long to move"
-    );
-    let other = if new_home == 2 { 3 } else { 2 };
-    let out = wait_until("sessions work again", Duration::from_secs(20), || {
-        let o = psql_at(&c.node(other).pg, &key, "select 'after-failover'");
-        o.status.success().then_some(o)
-    });
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "after-failover"
-    );
-
-    // Every session's statements are in the audit log exactly once.
-    let api2 = c.node(2).api.clone();
+/// Every tag's statement is in the audit log exactly once, and no event is
+/// there twice.
+fn assert_audited_once(c: &TestCluster, via: u64, tags: &[String]) {
+    let api = c.node(via).api.clone();
     let events = wait_until("audit committed", Duration::from_secs(30), || {
-        let out = c.cli(&api2, &["audit", "events", "--target", "db", "-o", "json"]);
+        let out = c.cli(&api, &["audit", "events", "--target", "db", "-o", "json"]);
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
         let ev = v.as_array()?.clone();
-        let stmts = ev.iter().filter(|e| e["kind"] == "statement").count();
-        (stmts >= 4).then_some(ev)
+        tags.iter()
+            .all(|t| ev.iter().any(|e| e["statement"] == format!("select '{t}'")))
+            .then_some(ev)
     });
-    for tag in ["via-1", "via-2", "via-3", "after-failover"] {
+    for tag in tags {
         let n = events
             .iter()
             .filter(|e| e["statement"] == format!("select '{tag}'"))
@@ -160,5 +123,156 @@ fn any_node_serves_sessions_and_the_agent_fails_over_to_a_surviving_node() {
     let total = ids.len();
     ids.sort();
     ids.dedup();
-    assert_eq!(ids.len(), total);
+    assert_eq!(ids.len(), total, "an audit event is stored twice");
+}
+
+/// Kills the node the agent uses and waits until it is connected to another;
+/// returns the new node.
+fn kill_home_and_wait(c: &mut TestCluster, home: u64) -> u64 {
+    c.kill9(home);
+    let t0 = std::time::Instant::now();
+    let new_home = wait_until(
+        "agent reconnected elsewhere",
+        Duration::from_secs(30),
+        || connected_at(c, "edge-1"),
+    );
+    println!(
+        "agent moved from node {home} to node {new_home} in {} ms",
+        t0.elapsed().as_millis()
+    );
+    assert_ne!(new_home, home);
+    assert!(
+        t0.elapsed() < Duration::from_secs(8),
+        "agent took too long to move"
+    );
+    new_home
+}
+
+#[test]
+fn any_node_serves_sessions_and_the_agent_fails_over_to_a_surviving_node() {
+    let mut c = TestCluster::start(3, 20_000);
+    let pg = LocalPostgres::start().unwrap();
+    pg.create_role_and_db(AGENT_ROLE, AGENT_PASSWORD, "app")
+        .unwrap();
+    let (key, token) = provision(&c);
+    let config = agent_config(&c, pg.port);
+    let _agent = Proc::spawn(
+        &bin("gatehouse-agent"),
+        &[
+            "--config".into(),
+            config.display().to_string(),
+            "--enroll-token".into(),
+            token,
+        ],
+        &c.tmp.path().join("agent.log"),
+    );
+    // The agent dials every node and keeps the first to answer.
+    let home = wait_until("agent connected", Duration::from_secs(30), || {
+        connected_at(&c, "edge-1")
+    });
+
+    // A client on any node reaches the agent (relayed node to node when the
+    // agent is elsewhere).
+    let mut tags = Vec::new();
+    for node in [1u64, 2, 3] {
+        let tag = format!("via-{node}");
+        let out = psql_at(&c.node(node).pg, &key, &format!("select '{tag}'"));
+        assert!(
+            out.status.success(),
+            "node {node}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), tag);
+        tags.push(tag);
+    }
+
+    let new_home = kill_home_and_wait(&mut c, home);
+    let other = [1, 2, 3]
+        .into_iter()
+        .find(|n| *n != home && *n != new_home)
+        .unwrap();
+    tags.push(select_until_ok(&c, other, &key, "after-failover"));
+    assert_audited_once(&c, new_home, &tags);
+}
+
+#[test]
+fn an_agent_behind_nat_serves_sessions_through_node_death_and_a_mapping_flush() {
+    let net = NatNet::create()
+        .unwrap_or_else(|e| panic!("cannot build the NAT (needs root, iproute2, iptables): {e}"));
+    let mut c = TestCluster::start_with_tunnel_host(3, 20_000, &net.wan_host);
+    // The target lives inside the LAN, on the LAN namespace's loopback.
+    let pg = LocalPostgres::start_in(Some(&net.lan_ns)).unwrap();
+    pg.create_role_and_db(AGENT_ROLE, AGENT_PASSWORD, "app")
+        .unwrap();
+    let direct = psql(
+        "127.0.0.1",
+        &pg.port.to_string(),
+        AGENT_ROLE,
+        AGENT_PASSWORD,
+        "app",
+        "disable",
+        "select 1",
+    );
+    assert!(
+        !direct.status.success(),
+        "the target must not be reachable from outside the LAN"
+    );
+    let (key, token) = provision(&c);
+    let config = agent_config(&c, pg.port);
+    let agent_bin = bin("gatehouse-agent");
+    let _agent = Proc::spawn(
+        std::path::Path::new("ip"),
+        &[
+            "netns".into(),
+            "exec".into(),
+            net.lan_ns.clone(),
+            agent_bin.display().to_string(),
+            "--config".into(),
+            config.display().to_string(),
+            "--enroll-token".into(),
+            token,
+        ],
+        &c.tmp.path().join("agent.log"),
+    );
+    let home = wait_until("agent connected", Duration::from_secs(30), || {
+        connected_at(&c, "edge-1")
+    });
+    // The node sees the agent at the NAT's outside address.
+    let log = std::fs::read_to_string(c.tmp.path().join(format!("node{home}.log"))).unwrap();
+    let seen = log
+        .lines()
+        .find(|l| l.contains("agent connected"))
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        seen.contains(&format!("{}:", net.wan_router)) && !seen.contains(&net.lan_host),
+        "expected the agent behind {}: {seen}",
+        net.wan_router
+    );
+
+    let mut tags = Vec::new();
+    for node in [1u64, 2, 3] {
+        tags.push(select_until_ok(&c, node, &key, &format!("nat-via-{node}")));
+    }
+
+    // The router forgets its mappings: the next packets get new ones.
+    net.flush_mappings().unwrap();
+    let t0 = std::time::Instant::now();
+    tags.push(select_until_ok(&c, home, &key, "after-flush"));
+    println!(
+        "sessions work {} ms after the NAT flush",
+        t0.elapsed().as_millis()
+    );
+    assert!(t0.elapsed() < Duration::from_secs(8));
+
+    let new_home = kill_home_and_wait(&mut c, home);
+    for node in [1u64, 2, 3].into_iter().filter(|n| *n != home) {
+        tags.push(select_until_ok(
+            &c,
+            node,
+            &key,
+            &format!("nat-after-failover-{node}"),
+        ));
+    }
+    assert_audited_once(&c, new_home, &tags);
 }

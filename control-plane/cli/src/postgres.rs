@@ -55,13 +55,22 @@ fn is_root() -> bool {
 
 /// Runs a PostgreSQL binary, as `postgres` when we are root.
 fn pg_command(bin: &Path, tool: &str) -> Command {
-    if is_root() {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(bin.join(tool));
-        c
-    } else {
-        Command::new(bin.join(tool))
+    pg_command_in(bin, tool, None)
+}
+
+/// Like [`pg_command`], inside the network namespace `netns` if given.
+fn pg_command_in(bin: &Path, tool: &str, netns: Option<&str>) -> Command {
+    let mut argv: Vec<std::ffi::OsString> = Vec::new();
+    if let Some(ns) = netns {
+        argv.extend(["ip", "netns", "exec", ns].map(Into::into));
     }
+    if is_root() {
+        argv.extend(["runuser", "-u", "postgres", "--"].map(Into::into));
+    }
+    argv.push(bin.join(tool).into_os_string());
+    let mut c = Command::new(&argv[0]);
+    c.args(&argv[1..]);
+    c
 }
 
 /// A free TCP port on 127.0.0.1.
@@ -79,6 +88,13 @@ impl LocalPostgres {
     /// `postgres` user even when our own directories are private). The
     /// directory is removed when the server stops.
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_in(None)
+    }
+
+    /// Like [`LocalPostgres::start`], with the server listening on the
+    /// loopback of the network namespace `netns` (its Unix socket, used for
+    /// administration, stays reachable from everywhere).
+    pub fn start_in(netns: Option<&str>) -> anyhow::Result<Self> {
         use std::os::unix::fs::PermissionsExt;
         let bin = find_bin().context("no PostgreSQL server binaries found (install postgresql)")?;
         let dir = &std::env::temp_dir().join(format!(
@@ -125,7 +141,7 @@ impl LocalPostgres {
             "-c listen_addresses=127.0.0.1 -c port={port} -k {} -c fsync=off -c max_connections=200 -c log_connections=on",
             dir.display()
         );
-        let out = pg_command(&bin, "pg_ctl")
+        let out = pg_command_in(&bin, "pg_ctl", netns)
             .arg("-D")
             .arg(&data)
             .args(["-o", &opts, "-l"])

@@ -62,11 +62,9 @@ pub async fn run(ctx: Arc<AgentCtx>, mut queues: AgentQueues) -> anyhow::Result<
     let audit_rx = std::mem::replace(&mut queues.audit_rx, mpsc::channel(1).1);
     tokio::spawn(spool_writer(spool.clone(), audit_rx, durable_tx, dead_tx));
     let mut backoff = Duration::from_millis(200);
-    let mut next_server = 0usize;
     loop {
-        let server = ctx.config.servers[next_server % ctx.config.servers.len()];
-        match connect(&ctx, &files, server).await {
-            Ok((endpoint, conn)) => {
+        match connect_fastest(&ctx, &files).await {
+            Ok((server, endpoint, conn)) => {
                 backoff = Duration::from_millis(200);
                 tracing::info!(%server, "connected to control plane");
                 let (result, fatal) = tokio::select! {
@@ -90,26 +88,42 @@ pub async fn run(ctx: Arc<AgentCtx>, mut queues: AgentQueues) -> anyhow::Result<
                 }
                 conn.close(0u32.into(), b"reconnecting");
                 endpoint.close(0u32.into(), b"reconnecting");
-                // The node may be gone: try the next one first.
-                next_server += 1;
+                // Nothing in flight survives the connection.
+                outbox.sent = 0;
+                outbox.inflight.clear();
+                // Another node is likely up: race them again at once.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
             }
-            Err(e) => {
-                tracing::warn!(%server, error = %e, "cannot reach control plane");
-                next_server += 1;
-            }
+            Err(e) => tracing::warn!(error = %e, "cannot reach the control plane"),
         }
-        // Nothing in flight survives the connection.
         outbox.sent = 0;
         outbox.inflight.clear();
-        if ctx.config.servers.len() > 1 && !next_server.is_multiple_of(ctx.config.servers.len()) {
-            // Another node is waiting to be tried: no need to back off yet.
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        }
         let jitter = rand::rng().random_range(0..=backoff.as_millis() as u64 / 2);
         tokio::time::sleep(backoff + Duration::from_millis(jitter)).await;
         backoff = (backoff * 2).min(Duration::from_secs(10));
     }
+}
+
+/// Dials every configured node at once and keeps the first connection to
+/// complete its handshake: the agent prefers the node it reaches fastest,
+/// and a dead node simply loses the race. The other attempts are dropped.
+async fn connect_fastest(
+    ctx: &AgentCtx,
+    files: &IdentityFiles,
+) -> anyhow::Result<(std::net::SocketAddr, quinn::Endpoint, quinn::Connection)> {
+    let attempts = ctx.config.servers.iter().map(|server| {
+        Box::pin(async move {
+            connect(ctx, files, *server)
+                .await
+                .map(|(endpoint, conn)| (*server, endpoint, conn))
+                .map_err(|e| format!("{server}: {e:#}"))
+        })
+    });
+    futures::future::select_ok(attempts)
+        .await
+        .map(|(won, _losers)| won)
+        .map_err(|last| anyhow::anyhow!("no node answered (last: {last})"))
 }
 
 async fn connect(
@@ -121,9 +135,12 @@ async fn connect(
     let mut qcfg = quinn::ClientConfig::new(Arc::new(
         quinn::crypto::rustls::QuicClientConfig::try_from(tls)?,
     ));
+    // Keep-alives every 500 ms keep NAT mappings fresh (UDP mappings can
+    // expire in 30 s) and let a dead node be noticed after 3 s of silence
+    // (six missed keep-alives); the agent then races the other nodes.
     let mut transport = quinn::TransportConfig::default();
-    transport.keep_alive_interval(Some(Duration::from_secs(1)));
-    transport.max_idle_timeout(Some(quinn::IdleTimeout::try_from(Duration::from_secs(4))?));
+    transport.keep_alive_interval(Some(Duration::from_millis(500)));
+    transport.max_idle_timeout(Some(quinn::IdleTimeout::try_from(Duration::from_secs(3))?));
     qcfg.transport_config(Arc::new(transport));
     let endpoint = client_endpoint(server)?;
     let conn = tokio::time::timeout(
