@@ -86,7 +86,7 @@ fn followers_forward_writes_and_restarted_or_replaced_nodes_converge() {
     // A dead node replaced by a new one with an empty disk: the log has been
     // compacted (snapshots every 50 entries), so it catches up from a snapshot.
     c.kill9(2);
-    let leader = rt.block_on(async { wait_leader(&c, &[1, 3], Some(2)).await.0 });
+    let leader = rt.block_on(async { wait_leader(&c, &[1, 3], &[2]).await.0 });
     let out = c.cli(&c.node(leader).api, &["cluster", "remove", "2"]);
     assert!(
         out.status.success(),
@@ -111,7 +111,7 @@ fn followers_forward_writes_and_restarted_or_replaced_nodes_converge() {
 async fn wait_leader(
     c: &TestCluster,
     survivors: &[u64],
-    dead: Option<u64>,
+    dead: &[u64],
 ) -> (u64, BTreeMap<u64, BTreeSet<u64>>) {
     let mut seen: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -143,7 +143,7 @@ async fn wait_leader(
                 None => None,
             };
             match status {
-                Some(s) if s.leader_id != 0 && Some(s.leader_id) != dead => {
+                Some(s) if s.leader_id != 0 && !dead.contains(&s.leader_id) => {
                     seen.entry(s.term).or_default().insert(s.leader_id);
                     leaders.insert(s.leader_id);
                 }
@@ -168,7 +168,7 @@ fn killing_the_leader_under_write_load_loses_no_acknowledged_write() {
     let mut attempted_all: BTreeSet<String> = BTreeSet::new();
     let mut elections = Vec::new();
     for round in 0..ROUNDS {
-        let leader = rt.block_on(async { wait_leader(&c, &[1, 2, 3], None).await.0 });
+        let leader = rt.block_on(async { wait_leader(&c, &[1, 2, 3], &[]).await.0 });
         let survivors: Vec<u64> = [1, 2, 3].into_iter().filter(|id| *id != leader).collect();
         // Writers on the survivors (forwarded to the leader) while it dies.
         let (acked, attempted, elected_ms, terms) = rt.block_on(async {
@@ -209,7 +209,7 @@ fn killing_the_leader_under_write_load_loses_no_acknowledged_write() {
                 .args(["-9", &pid.to_string()])
                 .status()
                 .unwrap();
-            let (_, terms) = wait_leader(&c, &survivors, Some(leader)).await;
+            let (_, terms) = wait_leader(&c, &survivors, &[leader]).await;
             let elected = t0.elapsed().as_millis() as u64;
             let mut acked = BTreeSet::new();
             for t in tasks {
@@ -354,7 +354,7 @@ fn an_isolated_leader_stops_acknowledging_writes_and_no_term_has_two_leaders() {
     let rt = rt();
     let election_ms = gatehouse_cp_raft::EFFECTIVE_ELECTION_TIMEOUT_MS as i64;
     rt.block_on(async {
-        let (old, _) = wait_leader(&c, &[1, 2, 3], None).await;
+        let (old, _) = wait_leader(&c, &[1, 2, 3], &[]).await;
         let majority: Vec<u64> = [1, 2, 3].into_iter().filter(|id| *id != old).collect();
         let old_term = c.status(old).await.unwrap().term;
 
@@ -414,7 +414,7 @@ fn an_isolated_leader_stops_acknowledging_writes_and_no_term_has_two_leaders() {
         links.isolate(old);
         let t_cut = Instant::now();
         cut.set(t_cut).unwrap();
-        let (new, _) = wait_leader(&c, &majority, Some(old)).await;
+        let (new, _) = wait_leader(&c, &majority, &[old]).await;
         let elected_ms = t_cut.elapsed().as_millis() as u64;
         let on_old = on_old.await.unwrap();
         let on_majority = on_majority.await.unwrap();
@@ -517,4 +517,76 @@ fn an_isolated_leader_stops_acknowledging_writes_and_no_term_has_two_leaders() {
         assert!(claims.get(&old_term).is_some_and(|l| l.contains(&old)));
         assert!(claims.get(&new_term).is_some_and(|l| l.contains(&new)));
     });
+}
+
+#[test]
+fn membership_grows_from_three_to_five_voters_and_shrinks_back() {
+    let mut c = TestCluster::start(3, 20_000);
+    let rt = rt();
+    let write = |c: &TestCluster, via: u64, name: &str| {
+        let name = name.to_string();
+        rt.block_on(async {
+            let mut cl = c.client(via).await.unwrap();
+            cl.create_service_account(CreateServiceAccountRequest {
+                name,
+                groups: vec![],
+            })
+            .await
+            .unwrap();
+        })
+    };
+    write(&c, 1, "with-3");
+    c.join_node(4);
+    c.join_node(5);
+    c.wait_voters(5);
+    write(&c, 5, "with-5");
+
+    // Five voters tolerate two failures.
+    c.kill9(1);
+    c.kill9(2);
+    let leader = rt.block_on(async { wait_leader(&c, &[3, 4, 5], &[1, 2]).await.0 });
+    assert!([3, 4, 5].contains(&leader), "leader {leader}");
+    write(&c, 4, "with-3-of-5");
+    c.restart(1);
+    c.restart(2);
+    c.wait_voters(5);
+    let five = rt.block_on(c.converged_digest(Duration::from_secs(30)));
+
+    // Back to three: remove two voters through the CLI on the leader.
+    for gone in [4u64, 5] {
+        let leader = rt.block_on(async {
+            let live: Vec<u64> = c.live().map(|n| n.id).collect();
+            wait_leader(&c, &live, &[]).await.0
+        });
+        let out = c.cli(
+            &c.node(leader).api,
+            &["cluster", "remove", &gone.to_string()],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        c.kill9(gone);
+        c.forget(gone);
+    }
+    c.wait_voters(3);
+    write(&c, 2, "back-to-3");
+    let three = rt.block_on(c.converged_digest(Duration::from_secs(30)));
+    assert_ne!(five, three);
+    rt.block_on(async {
+        let s = c.status(1).await.unwrap();
+        let voters: BTreeSet<u64> = s.nodes.iter().filter(|n| n.voter).map(|n| n.id).collect();
+        assert_eq!(voters, BTreeSet::from([1, 2, 3]));
+        for id in [1, 2, 3] {
+            let names = accounts(&c, id).await;
+            for n in ["with-3", "with-5", "with-3-of-5", "back-to-3"] {
+                assert!(names.contains(n), "node {id} misses {n}");
+            }
+        }
+    });
+    // With three voters again, one failure is tolerated and two are not.
+    c.kill9(3);
+    rt.block_on(async { wait_leader(&c, &[1, 2], &[3]).await });
+    write(&c, 1, "two-of-3");
 }
