@@ -17,7 +17,9 @@ use gatehouse_e2e::cluster::TestCluster;
 use gatehouse_proto::v1::ListRequest;
 
 const EVENTS: u64 = 200_000;
-/// Concurrent producers, as many sessions of one agent would be.
+/// Concurrent producers, as many sessions of one agent would be; each waits
+/// for its event's spool fsync before the next, so this bounds the size of
+/// the agent's fsync groups. Override with GATEHOUSE_BENCH_PRODUCERS.
 const PRODUCERS: u64 = 64;
 const KILLS: usize = 7;
 
@@ -27,6 +29,10 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    let producers: u64 = std::env::var("GATEHOUSE_BENCH_PRODUCERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(PRODUCERS);
     let mut c = TestCluster::start(3, 20_000);
     let api = c.node(1).api.clone();
     let out = c.cli(&api, &["agents", "enroll-token", "--agent", "bench-agent"]);
@@ -119,11 +125,11 @@ fn main() {
         let mut client = c.client(1).await.unwrap();
         let base = client.status(ListRequest {}).await.unwrap().into_inner().audit_events;
         let t0 = Instant::now();
-        let mut producers = Vec::new();
-        for p in 0..PRODUCERS {
+        let mut tasks = Vec::new();
+        for p in 0..producers {
             let ctx = ctx.clone();
-            producers.push(tokio::spawn(async move {
-                for i in (p..EVENTS).step_by(PRODUCERS as usize) {
+            tasks.push(tokio::spawn(async move {
+                for i in (p..EVENTS).step_by(producers as usize) {
                     let ev = AuditEvent {
                         id: ctx.new_id(),
                         agent: String::new(),
@@ -151,12 +157,12 @@ fn main() {
             assert!(t0.elapsed() < Duration::from_secs(600), "only {n} events committed");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        for p in producers {
+        for p in tasks {
             p.await.unwrap();
         }
         let secs = t0.elapsed().as_secs_f64();
         println!(
-            "audit: {EVENTS} events from {PRODUCERS} concurrent producers committed on 3 nodes in {secs:.2} s = {:.0} events/s (agent spool fsync'd, batched, acknowledged after Raft commit)",
+            "audit: {EVENTS} events from {producers} concurrent producers committed on 3 nodes in {secs:.2} s = {:.0} events/s (agent spool fsync'd, batched, acknowledged after Raft commit)",
             EVENTS as f64 / secs
         );
     });
