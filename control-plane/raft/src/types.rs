@@ -84,7 +84,7 @@ pub enum Command {
     /// Appends canonical audit events, skipping ids already present.
     AppendAudit {
         agent: String,
-        events: Vec<String>,
+        events: Vec<RawEvent>,
     },
     SessionOpened {
         session: SessionRecord,
@@ -129,3 +129,29 @@ pub enum CommandResult {
         high_water: u64,
     },
 }
+
+/// One canonical audit event as the agent encoded it. It travels through
+/// the log and the peer transport as embedded JSON, not as an escaped
+/// string, so it is neither escaped nor unescaped on the way.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RawEvent(pub Box<serde_json::value::RawValue>);
+
+impl RawEvent {
+    /// Wraps an encoded event; fails when it is not JSON.
+    pub fn new(json: String) -> Result<Self, serde_json::Error> {
+        serde_json::value::RawValue::from_string(json).map(Self)
+    }
+
+    pub fn as_str(&self) -> &str {
+        self.0.get()
+    }
+}
+
+impl PartialEq for RawEvent {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for RawEvent {}

@@ -6,7 +6,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use gatehouse_audit::{AuditEvent, Decision, EventKind};
 use std::time::Duration;
 
-use gatehouse_cp_raft::{Command, CommandResult, Member, PeerTls, Raft, Rejection, StateReader};
+use gatehouse_cp_raft::{
+    Command, CommandResult, Member, PeerTls, Raft, RawEvent, Rejection, StateReader,
+};
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 
@@ -236,9 +238,11 @@ impl Cluster {
             *s += 1;
             *s
         };
+        let raw = RawEvent::new(String::from_utf8_lossy(&ev.encode()).into_owned())
+            .map_err(|e| ProposeError::Raft(format!("encoding an audit event: {e}")))?;
         self.propose(Command::AppendAudit {
             agent: producer,
-            events: vec![String::from_utf8_lossy(&ev.encode()).into_owned()],
+            events: vec![raw],
         })
         .await
         .map(|_| ())

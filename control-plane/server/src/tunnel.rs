@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use gatehouse_audit::AuditEvent;
-use gatehouse_cp_raft::{Command, CommandResult, Rejection};
+use gatehouse_cp_raft::{Command, CommandResult, RawEvent, Rejection};
 use gatehouse_pki::{AgentCertRequest, ClusterCa};
 use gatehouse_proto::tunnel::{
     AgentMessage, AuditAck, EnrollRequest, EnrollResponse, HeartbeatAck, HelloAck, RecordedAck,
@@ -327,6 +327,10 @@ async fn agent_connection(conn: quinn::Connection, cluster: Arc<Cluster>, agents
     }
 }
 
+/// Most events one Raft entry carries when batches queue up (an agent has up
+/// to four batches of 2,048 in flight).
+const MAX_EVENTS_PER_ENTRY: usize = 8_192;
+
 async fn control_loop(
     name: &str,
     cluster: &Cluster,
@@ -334,71 +338,126 @@ async fn control_loop(
     recv: &mut quinn::RecvStream,
     last_seen: &std::sync::atomic::AtomicI64,
 ) -> Result<(), String> {
-    loop {
-        let msg = match read_frame::<AgentMessage, _>(recv).await {
-            Ok(Some(m)) => m,
-            Ok(None) => return Ok(()),
-            Err(e) => return Err(e.to_string()),
-        };
-        last_seen.store(now_ms(), std::sync::atomic::Ordering::Relaxed);
-        let reply = match msg.msg {
-            Some(agent_message::Msg::Heartbeat(h)) => {
-                server_message::Msg::HeartbeatAck(HeartbeatAck { sent_ms: h.sent_ms })
-            }
-            Some(agent_message::Msg::Audit(batch)) => {
-                let events = validate_batch(name, batch.events)?;
-                let high = match cluster
-                    .propose(Command::AppendAudit {
-                        agent: name.to_string(),
-                        events,
-                    })
-                    .await
-                {
-                    Ok(CommandResult::AuditAppended { high_water, .. }) => high_water,
-                    Ok(_) => return Err("unexpected result for an audit append".into()),
-                    // Not committed: no ack; the agent re-sends after reconnecting.
-                    Err(e) => return Err(format!("committing audit events: {e}")),
-                };
-                server_message::Msg::AuditAck(AuditAck { up_to: high })
-            }
-            Some(agent_message::Msg::Recorded(r)) => {
-                let session_id = r.session_id.clone();
-                match cluster
-                    .propose(Command::SessionClosed {
-                        session_id: r.session_id,
-                        ended_ms: r.ended_ms,
-                        end_reason: r.end_reason,
-                        recording_key: r.recording_key,
-                        recording_sha256: r.recording_sha256,
-                        recording_size: r.recording_size,
-                    })
-                    .await
-                {
-                    Ok(_) | Err(ProposeError::Rejected(_)) => {}
-                    Err(e) => return Err(format!("committing session index: {e}")),
+    // Frames are read while the previous message is being committed, so
+    // audit batches that arrive meanwhile join the next Raft entry.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<AgentMessage>(16);
+    let reader = async move {
+        loop {
+            match read_frame::<AgentMessage, _>(recv).await {
+                Ok(Some(m)) => {
+                    last_seen.store(now_ms(), std::sync::atomic::Ordering::Relaxed);
+                    if tx.send(m).await.is_err() {
+                        return Ok(());
+                    }
                 }
-                server_message::Msg::RecordedAck(RecordedAck { session_id })
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(e.to_string()),
             }
-            Some(agent_message::Msg::Hello(_)) | None => {
-                return Err("unexpected message on the control stream".into());
+        }
+    };
+    let process = async move {
+        let mut held: Option<AgentMessage> = None;
+        loop {
+            let msg = match held.take() {
+                Some(m) => m,
+                None => match rx.recv().await {
+                    Some(m) => m,
+                    None => return Ok(()),
+                },
+            };
+            let mut replies = Vec::with_capacity(1);
+            match msg.msg {
+                Some(agent_message::Msg::Heartbeat(h)) => {
+                    replies.push(server_message::Msg::HeartbeatAck(HeartbeatAck {
+                        sent_ms: h.sent_ms,
+                    }))
+                }
+                Some(agent_message::Msg::Audit(batch)) => {
+                    let mut events = validate_batch(name, batch.events)?;
+                    let mut batches = 1;
+                    while events.len() < MAX_EVENTS_PER_ENTRY {
+                        match rx.try_recv() {
+                            Ok(AgentMessage {
+                                msg: Some(agent_message::Msg::Audit(b)),
+                            }) => {
+                                events.extend(validate_batch(name, b.events)?);
+                                batches += 1;
+                            }
+                            Ok(other) => {
+                                held = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    let high = match cluster
+                        .propose(Command::AppendAudit {
+                            agent: name.to_string(),
+                            events,
+                        })
+                        .await
+                    {
+                        Ok(CommandResult::AuditAppended { high_water, .. }) => high_water,
+                        Ok(_) => return Err("unexpected result for an audit append".into()),
+                        // Not committed: no ack; the agent re-sends after reconnecting.
+                        Err(e) => return Err(format!("committing audit events: {e}")),
+                    };
+                    // One acknowledgement per batch, as the agent counts them.
+                    for _ in 0..batches {
+                        replies.push(server_message::Msg::AuditAck(AuditAck { up_to: high }));
+                    }
+                }
+                Some(agent_message::Msg::Recorded(r)) => {
+                    let session_id = r.session_id.clone();
+                    match cluster
+                        .propose(Command::SessionClosed {
+                            session_id: r.session_id,
+                            ended_ms: r.ended_ms,
+                            end_reason: r.end_reason,
+                            recording_key: r.recording_key,
+                            recording_sha256: r.recording_sha256,
+                            recording_size: r.recording_size,
+                        })
+                        .await
+                    {
+                        Ok(_) | Err(ProposeError::Rejected(_)) => {}
+                        Err(e) => return Err(format!("committing session index: {e}")),
+                    }
+                    replies.push(server_message::Msg::RecordedAck(RecordedAck { session_id }));
+                }
+                Some(agent_message::Msg::Hello(_)) | None => {
+                    return Err("unexpected message on the control stream".into());
+                }
             }
-        };
-        send.write_all(&frame(&ServerMessage { msg: Some(reply) }))
-            .await
-            .map_err(|e| e.to_string())?;
+            let mut out = Vec::new();
+            for reply in replies {
+                out.extend_from_slice(&frame(&ServerMessage { msg: Some(reply) }));
+            }
+            send.write_all(&out).await.map_err(|e| e.to_string())?;
+        }
+    };
+    tokio::pin!(reader, process);
+    tokio::select! {
+        r = &mut process => r,
+        r = &mut reader => {
+            // The agent closed its side: commit and answer what it sent.
+            r?;
+            process.await
+        }
     }
 }
 
 /// Every event must decode and name the connection's agent: an agent cannot
 /// write evidence in another's name.
-fn validate_batch(agent: &str, events: Vec<Vec<u8>>) -> Result<Vec<String>, String> {
+fn validate_batch(agent: &str, events: Vec<Vec<u8>>) -> Result<Vec<RawEvent>, String> {
     let mut out = Vec::with_capacity(events.len());
     for raw in events {
         let ev = AuditEvent::decode(&raw).map_err(|e| e.to_string())?;
         if ev.agent != agent {
             return Err(format!("audit event {} claims agent {}", ev.id, ev.agent));
         }
-        out.push(String::from_utf8(raw).map_err(|e| e.to_string())?);
+        let json = String::from_utf8(raw).map_err(|e| e.to_string())?;
+        out.push(RawEvent::new(json).map_err(|e| e.to_string())?);
     }
     Ok(out)
 }
