@@ -28,10 +28,16 @@ use crate::types::{Command, CommandResult, NodeInfo, TypeConfig};
 
 type NodeId = u64;
 
-/// Longest a forwarded write or read-index call waits for the leader. A
-/// leader answers within the election timeout or gives up itself (see the
-/// server's quorum watch); this covers a leader that went silent.
-const FORWARD_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest a forwarded write or read-index call waits for the leader. The
+/// caller also gives up as soon as it follows another leader, and a leader
+/// cut off from the majority answers within the election timeout (see the
+/// server's quorum watch); this bounds what is left: a peer that is silent
+/// while still leading.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A read index costs the leader one heartbeat round: a leader that cannot
+/// answer within this is as good as gone for a decision that needs it.
+const READ_INDEX_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The node's client TLS identity for peers, set once it has a certificate,
 /// and the addresses it dials them at.
@@ -116,7 +122,7 @@ impl PeerTls {
         let mut c = self.client(addr)?;
         let mut req = tonic::Request::new(payload(addr, cmd)?);
         req.set_timeout(FORWARD_TIMEOUT);
-        let resp = within(addr, c.forward(req)).await?;
+        let resp = within(addr, FORWARD_TIMEOUT, c.forward(req)).await?;
         decode(addr, &resp.json)
     }
 
@@ -127,29 +133,27 @@ impl PeerTls {
         let mut req = tonic::Request::new(RaftPayload {
             json: b"null".to_vec(),
         });
-        req.set_timeout(FORWARD_TIMEOUT);
-        let resp = within(addr, c.read_index(req)).await?;
+        req.set_timeout(READ_INDEX_TIMEOUT);
+        let resp = within(addr, READ_INDEX_TIMEOUT, c.read_index(req)).await?;
         decode(addr, &resp.json)
     }
 }
 
-/// Awaits a peer call for at most [`FORWARD_TIMEOUT`]: the deadline sent
-/// along is the server's to enforce, and a silent peer never reads it.
+/// Awaits a peer call for at most `limit`: the deadline sent along is the
+/// server's to enforce, and a silent peer never reads it.
 async fn within<T>(
     addr: &str,
+    limit: Duration,
     call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 ) -> Result<T, PeerError> {
     let transport = |reason: String| PeerError::Transport {
         addr: addr.to_string(),
         reason,
     };
-    match tokio::time::timeout(FORWARD_TIMEOUT, call).await {
+    match tokio::time::timeout(limit, call).await {
         Ok(Ok(r)) => Ok(r.into_inner()),
         Ok(Err(s)) => Err(transport(s.message().to_string())),
-        Err(_) => Err(transport(format!(
-            "no answer within {} s",
-            FORWARD_TIMEOUT.as_secs()
-        ))),
+        Err(_) => Err(transport(format!("no answer within {} s", limit.as_secs()))),
     }
 }
 

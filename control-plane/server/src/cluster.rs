@@ -73,13 +73,21 @@ impl Cluster {
         loop {
             let err = match self.propose_local(cmd.clone()).await {
                 Err(ProposeError::ForwardToLeader { leader: Some(addr) }) => {
-                    match self.peers.forward(&addr, &cmd).await {
-                        Ok(Ok(CommandResult::Rejected(r))) => {
-                            return Err(ProposeError::Rejected(r));
+                    // A slow commit is waited for as long as the leader stays
+                    // the leader; once this node follows another one (the old
+                    // leader died or was cut off), the write goes there.
+                    tokio::select! {
+                        r = self.peers.forward(&addr, &cmd) => match r {
+                            Ok(Ok(CommandResult::Rejected(r))) => {
+                                return Err(ProposeError::Rejected(r));
+                            }
+                            Ok(Ok(r)) => return Ok(r),
+                            Ok(Err(msg)) => ProposeError::Raft(msg),
+                            Err(e) => ProposeError::Raft(e.to_string()),
+                        },
+                        () = self.leader_moves_from(&addr) => {
+                            ProposeError::Raft(format!("the leader at {addr} was replaced"))
                         }
-                        Ok(Ok(r)) => return Ok(r),
-                        Ok(Err(msg)) => ProposeError::Raft(msg),
-                        Err(e) => ProposeError::Raft(e.to_string()),
                     }
                 }
                 other => match other {
@@ -91,6 +99,20 @@ impl Cluster {
                 return Err(err);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Returns once this node no longer follows the leader at `addr`.
+    async fn leader_moves_from(&self, addr: &str) {
+        loop {
+            tokio::time::sleep(Duration::from_millis(gatehouse_cp_raft::HEARTBEAT_MS)).await;
+            let m = self.raft.metrics().borrow().clone();
+            let current = m
+                .current_leader
+                .and_then(|l| m.membership_config.membership().get_node(&l).cloned());
+            if current.is_none_or(|n| n.raft_addr != addr) {
+                return;
+            }
         }
     }
 
@@ -173,8 +195,8 @@ impl Cluster {
                 if self.lost_quorum() {
                     return "this node lost the majority";
                 }
-                if started.elapsed() > Duration::from_secs(10) {
-                    return "not committed within 10 s";
+                if started.elapsed() > Duration::from_secs(30) {
+                    return "not committed within 30 s";
                 }
             }
         };

@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::StreamExt;
 use gatehouse_audit::AuditEvent;
 use gatehouse_cp_raft::{Command, CommandResult, RawEvent, Rejection};
 use gatehouse_pki::{AgentCertRequest, ClusterCa};
@@ -356,84 +357,34 @@ async fn control_loop(
         }
     };
     let process = async move {
+        // Up to PIPELINE messages are being committed at once; their replies
+        // go out in the order the messages came, so the agent's count of
+        // acknowledged batches stays right whatever order they commit in.
+        let mut pipeline = futures::stream::FuturesOrdered::new();
         let mut held: Option<AgentMessage> = None;
+        let mut closed = false;
         loop {
-            let msg = match held.take() {
-                Some(m) => m,
-                None => match rx.recv().await {
-                    Some(m) => m,
-                    None => return Ok(()),
+            if pipeline.len() < PIPELINE
+                && let Some(msg) = held.take()
+            {
+                pipeline.push_back(handle(name, cluster, msg, &mut rx, &mut held)?);
+                continue;
+            }
+            tokio::select! {
+                Some(done) = pipeline.next(), if !pipeline.is_empty() => {
+                    let replies: Vec<server_message::Msg> = done?;
+                    let mut out = Vec::new();
+                    for reply in replies {
+                        out.extend_from_slice(&frame(&ServerMessage { msg: Some(reply) }));
+                    }
+                    send.write_all(&out).await.map_err(|e| e.to_string())?;
+                }
+                m = rx.recv(), if !closed && pipeline.len() < PIPELINE => match m {
+                    Some(msg) => pipeline.push_back(handle(name, cluster, msg, &mut rx, &mut held)?),
+                    None => closed = true,
                 },
-            };
-            let mut replies = Vec::with_capacity(1);
-            match msg.msg {
-                Some(agent_message::Msg::Heartbeat(h)) => {
-                    replies.push(server_message::Msg::HeartbeatAck(HeartbeatAck {
-                        sent_ms: h.sent_ms,
-                    }))
-                }
-                Some(agent_message::Msg::Audit(batch)) => {
-                    let mut events = validate_batch(name, batch.events)?;
-                    let mut batches = 1;
-                    while events.len() < MAX_EVENTS_PER_ENTRY {
-                        match rx.try_recv() {
-                            Ok(AgentMessage {
-                                msg: Some(agent_message::Msg::Audit(b)),
-                            }) => {
-                                events.extend(validate_batch(name, b.events)?);
-                                batches += 1;
-                            }
-                            Ok(other) => {
-                                held = Some(other);
-                                break;
-                            }
-                            Err(_) => break,
-                        }
-                    }
-                    let high = match cluster
-                        .propose(Command::AppendAudit {
-                            agent: name.to_string(),
-                            events,
-                        })
-                        .await
-                    {
-                        Ok(CommandResult::AuditAppended { high_water, .. }) => high_water,
-                        Ok(_) => return Err("unexpected result for an audit append".into()),
-                        // Not committed: no ack; the agent re-sends after reconnecting.
-                        Err(e) => return Err(format!("committing audit events: {e}")),
-                    };
-                    // One acknowledgement per batch, as the agent counts them.
-                    for _ in 0..batches {
-                        replies.push(server_message::Msg::AuditAck(AuditAck { up_to: high }));
-                    }
-                }
-                Some(agent_message::Msg::Recorded(r)) => {
-                    let session_id = r.session_id.clone();
-                    match cluster
-                        .propose(Command::SessionClosed {
-                            session_id: r.session_id,
-                            ended_ms: r.ended_ms,
-                            end_reason: r.end_reason,
-                            recording_key: r.recording_key,
-                            recording_sha256: r.recording_sha256,
-                            recording_size: r.recording_size,
-                        })
-                        .await
-                    {
-                        Ok(_) | Err(ProposeError::Rejected(_)) => {}
-                        Err(e) => return Err(format!("committing session index: {e}")),
-                    }
-                    replies.push(server_message::Msg::RecordedAck(RecordedAck { session_id }));
-                }
-                Some(agent_message::Msg::Hello(_)) | None => {
-                    return Err("unexpected message on the control stream".into());
-                }
+                else => return Ok(()),
             }
-            let mut out = Vec::new();
-            for reply in replies {
-                out.extend_from_slice(&frame(&ServerMessage { msg: Some(reply) }));
-            }
-            send.write_all(&out).await.map_err(|e| e.to_string())?;
         }
     };
     tokio::pin!(reader, process);
@@ -445,6 +396,90 @@ async fn control_loop(
             process.await
         }
     }
+}
+
+/// Messages from one agent being committed at the same time.
+const PIPELINE: usize = 8;
+
+type Pending<'a> =
+    std::pin::Pin<Box<dyn Future<Output = Result<Vec<server_message::Msg>, String>> + Send + 'a>>;
+
+/// Turns one control-stream message into the work that answers it. Audit
+/// batches already queued behind it join the same Raft entry; a message of
+/// another kind found there is left in `held`.
+fn handle<'a>(
+    name: &'a str,
+    cluster: &'a Cluster,
+    msg: AgentMessage,
+    rx: &mut tokio::sync::mpsc::Receiver<AgentMessage>,
+    held: &mut Option<AgentMessage>,
+) -> Result<Pending<'a>, String> {
+    Ok(match msg.msg {
+        Some(agent_message::Msg::Heartbeat(h)) => {
+            let reply = server_message::Msg::HeartbeatAck(HeartbeatAck { sent_ms: h.sent_ms });
+            Box::pin(std::future::ready(Ok(vec![reply])))
+        }
+        Some(agent_message::Msg::Audit(batch)) => {
+            let mut events = validate_batch(name, batch.events)?;
+            let mut batches = 1;
+            while events.len() < MAX_EVENTS_PER_ENTRY {
+                match rx.try_recv() {
+                    Ok(AgentMessage {
+                        msg: Some(agent_message::Msg::Audit(b)),
+                    }) => {
+                        events.extend(validate_batch(name, b.events)?);
+                        batches += 1;
+                    }
+                    Ok(other) => {
+                        *held = Some(other);
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            Box::pin(async move {
+                let high = match cluster
+                    .propose(Command::AppendAudit {
+                        agent: name.to_string(),
+                        events,
+                    })
+                    .await
+                {
+                    Ok(CommandResult::AuditAppended { high_water, .. }) => high_water,
+                    Ok(_) => return Err("unexpected result for an audit append".into()),
+                    // Not committed: no ack; the agent re-sends after reconnecting.
+                    Err(e) => return Err(format!("committing audit events: {e}")),
+                };
+                // One acknowledgement per batch, as the agent counts them.
+                Ok((0..batches)
+                    .map(|_| server_message::Msg::AuditAck(AuditAck { up_to: high }))
+                    .collect())
+            })
+        }
+        Some(agent_message::Msg::Recorded(r)) => Box::pin(async move {
+            let session_id = r.session_id.clone();
+            match cluster
+                .propose(Command::SessionClosed {
+                    session_id: r.session_id,
+                    ended_ms: r.ended_ms,
+                    end_reason: r.end_reason,
+                    recording_key: r.recording_key,
+                    recording_sha256: r.recording_sha256,
+                    recording_size: r.recording_size,
+                })
+                .await
+            {
+                Ok(_) | Err(ProposeError::Rejected(_)) => {}
+                Err(e) => return Err(format!("committing session index: {e}")),
+            }
+            Ok(vec![server_message::Msg::RecordedAck(RecordedAck {
+                session_id,
+            })])
+        }),
+        Some(agent_message::Msg::Hello(_)) | None => {
+            return Err("unexpected message on the control stream".into());
+        }
+    })
 }
 
 /// Every event must decode and name the connection's agent: an agent cannot

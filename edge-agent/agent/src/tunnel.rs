@@ -26,7 +26,7 @@ use crate::{AgentCtx, AgentQueues, now_ms};
 
 const HEARTBEAT: Duration = Duration::from_secs(5);
 const MAX_BATCH: usize = 2048;
-const MAX_INFLIGHT_BATCHES: usize = 4;
+const MAX_INFLIGHT_BATCHES: usize = 8;
 
 /// Audit events and session reports not yet acknowledged by the control
 /// plane. Survives reconnects; everything in it is re-sent on a new connection.
