@@ -553,10 +553,11 @@ fn membership_grows_from_three_to_five_voters_and_shrinks_back() {
     let five = rt.block_on(c.converged_digest(Duration::from_secs(30)));
 
     // Back to three: remove two voters through the CLI on the leader.
+    let mut removed = Vec::new();
     for gone in [4u64, 5] {
         let leader = rt.block_on(async {
             let live: Vec<u64> = c.live().map(|n| n.id).collect();
-            wait_leader(&c, &live, &[]).await.0
+            wait_leader(&c, &live, &removed).await.0
         });
         let out = c.cli(
             &c.node(leader).api,
@@ -569,6 +570,7 @@ fn membership_grows_from_three_to_five_voters_and_shrinks_back() {
         );
         c.kill9(gone);
         c.forget(gone);
+        removed.push(gone);
     }
     c.wait_voters(3);
     write(&c, 2, "back-to-3");

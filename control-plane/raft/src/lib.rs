@@ -44,11 +44,18 @@ pub struct Member {
     pub reader: StateReader,
 }
 
-/// Leader heartbeat interval (ms).
-pub const HEARTBEAT_MS: u64 = 50;
+/// Leader heartbeat interval (ms). openraft 0.9 also uses it as the time
+/// limit of every AppendEntries call, so it must leave room for replicating
+/// a full payload ([`MAX_PAYLOAD_ENTRIES`] audit entries) and its fsync.
+pub const HEARTBEAT_MS: u64 = 100;
 /// Randomized election timeout bounds (ms).
-pub const ELECTION_TIMEOUT_MIN_MS: u64 = 250;
-pub const ELECTION_TIMEOUT_MAX_MS: u64 = 500;
+pub const ELECTION_TIMEOUT_MIN_MS: u64 = 300;
+pub const ELECTION_TIMEOUT_MAX_MS: u64 = 600;
+/// Entries per AppendEntries call. An audit entry carries up to a few
+/// thousand events (under a megabyte); openraft's default of 300 could make
+/// a call that never completes within [`HEARTBEAT_MS`], and replication
+/// would retry it forever.
+pub const MAX_PAYLOAD_ENTRIES: u64 = 4;
 /// The longest a follower of a known leader waits after the last heartbeat
 /// before it campaigns (ms): openraft 0.9 makes it honour a leader lease of
 /// `election_timeout_max` first, then its randomized election timeout.
@@ -80,6 +87,7 @@ pub async fn start(
         heartbeat_interval: HEARTBEAT_MS,
         election_timeout_min: ELECTION_TIMEOUT_MIN_MS,
         election_timeout_max: ELECTION_TIMEOUT_MAX_MS,
+        max_payload_entries: MAX_PAYLOAD_ENTRIES,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_every),
         max_in_snapshot_log_to_keep: snapshot_every.min(1_000),
         ..Default::default()

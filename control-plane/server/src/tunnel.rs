@@ -328,9 +328,10 @@ async fn agent_connection(conn: quinn::Connection, cluster: Arc<Cluster>, agents
     }
 }
 
-/// Most events one Raft entry carries when batches queue up (an agent has up
-/// to four batches of 2,048 in flight).
-const MAX_EVENTS_PER_ENTRY: usize = 8_192;
+/// Most events one Raft entry carries when batches queue up: small batches
+/// are merged, full ones (2,048 events) are not, so an entry stays well
+/// under a megabyte (see `gatehouse_cp_raft::MAX_PAYLOAD_ENTRIES`).
+const MAX_EVENTS_PER_ENTRY: usize = 2_048;
 
 async fn control_loop(
     name: &str,
@@ -426,7 +427,7 @@ fn handle<'a>(
                 match rx.try_recv() {
                     Ok(AgentMessage {
                         msg: Some(agent_message::Msg::Audit(b)),
-                    }) => {
+                    }) if events.len() + b.events.len() <= MAX_EVENTS_PER_ENTRY => {
                         events.extend(validate_batch(name, b.events)?);
                         batches += 1;
                     }
