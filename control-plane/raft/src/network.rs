@@ -46,6 +46,9 @@ pub struct PeerTls {
     inner: Arc<RwLock<Option<ClientTlsConfig>>>,
     /// Advertised Raft address → address to dial instead.
     routes: Arc<HashMap<String, String>>,
+    /// One connection per peer for forwarded writes and read indexes, kept
+    /// between calls (Raft's own traffic has its own connections).
+    shared: Arc<std::sync::Mutex<HashMap<String, Channel>>>,
 }
 
 /// A peer call failed before an answer came back.
@@ -67,6 +70,7 @@ impl PeerTls {
         Self {
             inner: Arc::default(),
             routes: Arc::new(routes),
+            shared: Arc::default(),
         }
     }
 
@@ -92,6 +96,10 @@ impl PeerTls {
 
     /// A lazily connecting client for the peer at `addr`.
     pub fn client(&self, addr: &str) -> Result<RaftPeerClient<Channel>, PeerError> {
+        Ok(RaftPeerClient::new(self.channel(addr)?).max_decoding_message_size(256 << 20))
+    }
+
+    fn channel(&self, addr: &str) -> Result<Channel, PeerError> {
         let tls = self.get().ok_or(PeerError::NoIdentity)?;
         let transport = |e: tonic::transport::Error| PeerError::Transport {
             addr: addr.to_string(),
@@ -110,7 +118,32 @@ impl PeerTls {
             .keep_alive_while_idle(true)
             .tcp_nodelay(true)
             .connect_lazy();
+        Ok(ch)
+    }
+
+    /// The kept client for `addr`, created on first use.
+    fn shared_client(&self, addr: &str) -> Result<RaftPeerClient<Channel>, PeerError> {
+        let mut shared = match self.shared.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let ch = match shared.get(addr) {
+            Some(ch) => ch.clone(),
+            None => {
+                let ch = self.channel(addr)?;
+                shared.insert(addr.to_string(), ch.clone());
+                ch
+            }
+        };
         Ok(RaftPeerClient::new(ch).max_decoding_message_size(256 << 20))
+    }
+
+    /// Drops the kept connection to `addr` after it failed.
+    fn forget(&self, addr: &str) {
+        match self.shared.lock() {
+            Ok(mut g) => g.remove(addr),
+            Err(p) => p.into_inner().remove(addr),
+        };
     }
 
     /// Proposes `cmd` on the leader at `addr` and returns its result.
@@ -119,22 +152,26 @@ impl PeerTls {
         addr: &str,
         cmd: &Command,
     ) -> Result<Result<CommandResult, String>, PeerError> {
-        let mut c = self.client(addr)?;
+        let mut c = self.shared_client(addr)?;
         let mut req = tonic::Request::new(payload(addr, cmd)?);
         req.set_timeout(FORWARD_TIMEOUT);
-        let resp = within(addr, FORWARD_TIMEOUT, c.forward(req)).await?;
+        let resp = within(addr, FORWARD_TIMEOUT, c.forward(req))
+            .await
+            .inspect_err(|_| self.forget(addr))?;
         decode(addr, &resp.json)
     }
 
     /// Asks the leader at `addr` to confirm its leadership and returns the
     /// log index a linearizable read must wait for.
     pub async fn read_index(&self, addr: &str) -> Result<Result<u64, String>, PeerError> {
-        let mut c = self.client(addr)?;
+        let mut c = self.shared_client(addr)?;
         let mut req = tonic::Request::new(RaftPayload {
             json: b"null".to_vec(),
         });
         req.set_timeout(READ_INDEX_TIMEOUT);
-        let resp = within(addr, READ_INDEX_TIMEOUT, c.read_index(req)).await?;
+        let resp = within(addr, READ_INDEX_TIMEOUT, c.read_index(req))
+            .await
+            .inspect_err(|_| self.forget(addr))?;
         decode(addr, &resp.json)
     }
 }
