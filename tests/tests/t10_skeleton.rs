@@ -454,7 +454,7 @@ fn enrollment_tokens_are_single_use_and_foreign_certificates_are_refused() {
 }
 
 #[test]
-fn pgbench_select_only_runs_through_the_gateway() {
+fn pgbench_select_only_runs_through_the_gateway_in_every_protocol_mode() {
     let (stack, key) = Stack::start();
     let init = std::process::Command::new("pgbench")
         .args([
@@ -479,22 +479,49 @@ fn pgbench_select_only_runs_through_the_gateway() {
         String::from_utf8_lossy(&init.stderr)
     );
     let (host, port) = stack.pg_addr.rsplit_once(':').unwrap();
-    let run = std::process::Command::new("pgbench")
-        .args([
-            "-S", "-c", "4", "-T", "5", "-n", "-h", host, "-p", port, "-U", "db", "app",
-        ])
-        .env("PGPASSWORD", &key)
-        .env("PGSSLMODE", "require")
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&run.stdout);
-    assert!(
-        run.status.success(),
-        "{}{}",
-        out,
-        String::from_utf8_lossy(&run.stderr)
+    // The extended protocol with unnamed statements, named prepared
+    // statements, and the simple protocol.
+    for mode in ["extended", "prepared", "simple"] {
+        let run = std::process::Command::new("pgbench")
+            .args([
+                "-S", "-M", mode, "-c", "4", "-T", "3", "-n", "-h", host, "-p", port, "-U", "db",
+                "app",
+            ])
+            .env("PGPASSWORD", &key)
+            .env("PGSSLMODE", "require")
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&run.stdout);
+        assert!(
+            run.status.success(),
+            "-M {mode}: {}{}",
+            out,
+            String::from_utf8_lossy(&run.stderr)
+        );
+        assert!(out.contains("number of failed transactions: 0"), "{out}");
+        let tps = out
+            .lines()
+            .find(|l| l.starts_with("tps"))
+            .unwrap_or_default();
+        println!("pgbench -S -M {mode} through the gateway: {tps}");
+    }
+    // Statements of the extended protocol (the first sessions) are audited
+    // with their text from Parse.
+    let events = wait_until(
+        "extended statements audited",
+        Duration::from_secs(30),
+        || {
+            let ev = stack.audit_events(&["--target", "db", "--limit", "200"]);
+            ev.iter()
+                .any(|e| {
+                    e["statement"]
+                        .as_str()
+                        .is_some_and(|s| s.contains("pgbench_accounts WHERE aid = $1"))
+                })
+                .then_some(ev)
+        },
     );
-    assert!(out.contains("number of failed transactions: 0"), "{out}");
+    assert!(!events.is_empty());
 }
 
 #[test]
