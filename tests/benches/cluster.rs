@@ -144,6 +144,7 @@ fn main() {
                         policy_version: "bench".into(),
                         decision: Decision::Allow,
                         statement: Some(format!("select {i} from orders where id = {i}")),
+                        parameters: None,
                         outcome: None,
                         detail: None,
                     };

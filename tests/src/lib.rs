@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod netns;
 pub mod proxy;
 pub mod rawpg;
+pub mod tpg;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

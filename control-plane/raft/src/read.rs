@@ -146,6 +146,20 @@ impl StateReader {
         self.get(&key::session(id))
     }
 
+    /// The live session a client's cancel key names, if the secret matches.
+    pub fn session_by_cancel_key(
+        &self,
+        pid: i32,
+        secret: i32,
+    ) -> Result<Option<SessionRecord>, ReadError> {
+        let Some(id) = self.get::<String>(&key::cancel(pid))? else {
+            return Ok(None);
+        };
+        Ok(self
+            .session(&id)?
+            .filter(|s| s.ended_ms.is_none() && s.cancel_secret == Some(secret)))
+    }
+
     /// Sessions, newest first.
     pub fn sessions(&self) -> Result<Vec<SessionRecord>, ReadError> {
         let mut s: Vec<SessionRecord> = self.list("session/")?;

@@ -93,6 +93,11 @@ pub struct SessionRecord {
     pub recording_key: Option<String>,
     pub recording_sha256: Option<String>,
     pub recording_size: Option<u64>,
+    /// The BackendKeyData the client was given (its CancelRequest names them).
+    #[serde(default)]
+    pub cancel_pid: Option<i32>,
+    #[serde(default)]
+    pub cancel_secret: Option<i32>,
 }
 
 /// The cluster's key material.
@@ -126,6 +131,10 @@ pub(crate) mod key {
     }
     pub fn session(id: &str) -> String {
         format!("session/{id}")
+    }
+    /// Live sessions by the cancel key's process id.
+    pub fn cancel(pid: i32) -> String {
+        format!("cancel/{pid}")
     }
 }
 
@@ -299,6 +308,9 @@ pub(crate) fn apply(txn: &WriteTransaction, cmd: &Command) -> ApplyResult<Comman
         }
         Command::SessionOpened { session } => {
             put(&mut kv, &key::session(&session.id), session)?;
+            if let Some(pid) = session.cancel_pid {
+                put(&mut kv, &key::cancel(pid), &session.id)?;
+            }
             CommandResult::Ok
         }
         Command::SessionClosed {
@@ -318,6 +330,9 @@ pub(crate) fn apply(txn: &WriteTransaction, cmd: &Command) -> ApplyResult<Comman
             s.recording_key = Some(recording_key.clone());
             s.recording_sha256 = Some(recording_sha256.clone());
             s.recording_size = Some(*recording_size);
+            if let Some(pid) = s.cancel_pid {
+                kv.remove(key::cancel(pid).as_str())?;
+            }
             put(&mut kv, &k, &s)?;
             CommandResult::Ok
         }

@@ -87,7 +87,7 @@ pub enum Command {
         events: Vec<RawEvent>,
     },
     SessionOpened {
-        session: SessionRecord,
+        session: Box<SessionRecord>,
     },
     SessionClosed {
         session_id: String,

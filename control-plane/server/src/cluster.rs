@@ -290,6 +290,7 @@ impl Cluster {
             policy_version: self.reader.policy_version().unwrap_or_default(),
             decision: Decision::Deny,
             statement: None,
+            parameters: None,
             outcome: None,
             detail: Some(detail),
         }

@@ -19,6 +19,8 @@ use gatehouse_cp_raft::state::SessionRecord;
 use gatehouse_pgwire_inspect::build::{self, Severity};
 use gatehouse_proto::frame;
 use gatehouse_proto::tunnel::SessionOpen;
+use pgwire::messages::cancel::CancelRequest;
+use pgwire::messages::startup::SecretKey;
 use pgwire::messages::{DecodeContext, PgWireFrontendMessage, SslNegotiationMetaMessage};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -132,11 +134,19 @@ async fn handle(
                 sock.write_all(b"N").await?;
             }
             PgWireFrontendMessage::SslNegotiation(SslNegotiationMetaMessage::None) => {
-                // Startup or cancel without TLS.
+                // Startup or cancel without TLS. libpq sends its
+                // CancelRequest in clear on a new connection; the secret it
+                // carries is all the authentication a cancel has, as with
+                // PostgreSQL itself.
                 ctx.awaiting_frontend_ssl = false;
-                let m = next_frontend(&mut sock, &mut buf, &ctx).await?;
-                if matches!(m, PgWireFrontendMessage::Startup(_)) {
-                    refuse(&mut sock, &Refusal::TlsRequired).await;
+                match next_frontend(&mut sock, &mut buf, &ctx).await? {
+                    PgWireFrontendMessage::Startup(_) => {
+                        refuse(&mut sock, &Refusal::TlsRequired).await;
+                    }
+                    PgWireFrontendMessage::CancelRequest(c) => {
+                        cancel(c, peer, &cluster, &agents).await;
+                    }
+                    _ => {}
                 }
                 return Ok(());
             }
@@ -154,8 +164,10 @@ async fn handle(
             PgWireFrontendMessage::Startup(s) => Startup {
                 params: s.parameters,
             },
-            // Cancellation is mapped across the tunnel in a later step; a cancel
-            // request on its own connection ends here without effect.
+            PgWireFrontendMessage::CancelRequest(c) => {
+                cancel(c, peer, &cluster, &agents).await;
+                return Ok(());
+            }
             _ => return Ok(()),
         };
     ctx.awaiting_frontend_startup = false;
@@ -271,6 +283,10 @@ async fn admit(
         .unwrap_or_else(|| db_user.clone());
     let policy_version = cluster.reader.policy_version().unwrap_or_default();
     let started_ms = now_ms();
+    // The client's cancel key: PostgreSQL's shape (positive process id,
+    // 32-bit secret), unrelated to the upstream's, which stays in the agent.
+    let key = cluster.random_u64();
+    let (cancel_pid, cancel_secret) = (((key >> 32) as i32).max(1), key as i32);
     let record = SessionRecord {
         id: session_id.clone(),
         identity: identity.clone(),
@@ -281,10 +297,14 @@ async fn admit(
         client_addr: peer.to_string(),
         policy_version: policy_version.clone(),
         started_ms,
+        cancel_pid: Some(cancel_pid),
+        cancel_secret: Some(cancel_secret),
         ..Default::default()
     };
     cluster
-        .propose(Command::SessionOpened { session: record })
+        .propose(Command::SessionOpened {
+            session: Box::new(record),
+        })
         .await
         .map_err(|_| Refusal::NotDurable)?;
     let startup_params = startup
@@ -305,10 +325,86 @@ async fn admit(
             policy_version,
             client_addr: peer.to_string(),
             started_ms,
+            cancel_pid,
+            cancel_secret,
+            cancel: false,
         },
         target.agent,
         route,
     ))
+}
+
+/// Forwards a client's CancelRequest to the agent running its session. Like
+/// PostgreSQL, the client is told nothing either way; a key that names no
+/// live session is logged and dropped.
+async fn cancel(c: CancelRequest, peer: SocketAddr, cluster: &Cluster, agents: &AgentRegistry) {
+    // Keys the gateway hands out are protocol 3.0 keys: four bytes.
+    let secret = match c.secret_key {
+        SecretKey::I32(s) => s,
+        SecretKey::Bytes(b) => match <[u8; 4]>::try_from(b.as_ref()) {
+            Ok(b) => i32::from_be_bytes(b),
+            Err(_) => {
+                tracing::info!(%peer, "cancel request with a key of another length ignored");
+                return;
+            }
+        },
+    };
+    let session = match cluster.reader.session_by_cancel_key(c.pid, secret) {
+        Ok(Some(s)) => s,
+        _ => {
+            tracing::info!(%peer, "cancel request for no live session ignored");
+            return;
+        }
+    };
+    let open = SessionOpen {
+        session_id: session.id.clone(),
+        target: session.target.clone(),
+        cancel: true,
+        ..Default::default()
+    };
+    let sent = match locate(cluster, agents, &session.agent).await {
+        Some(Route::Local) => match agents.open_session(&session.agent).await {
+            Ok((mut send, _recv)) => {
+                let r = send.write_all(&frame(&open)).await;
+                let _ = send.finish();
+                r.map_err(|e| e.to_string())
+            }
+            Err(e) => Err(e.to_string()),
+        },
+        Some(Route::Peer(addr)) => relay_cancel(cluster, &addr, &session.agent, &open).await,
+        None => Err(format!("agent {} is not connected", session.agent)),
+    };
+    match sent {
+        Ok(()) => tracing::info!(%peer, session_id = %session.id, "cancel request forwarded"),
+        Err(e) => {
+            tracing::warn!(%peer, session_id = %session.id, error = %e, "cancel request lost")
+        }
+    }
+}
+
+/// Sends a cancel through the node that holds the agent's connection.
+async fn relay_cancel(
+    cluster: &Cluster,
+    peer: &str,
+    agent: &str,
+    open: &SessionOpen,
+) -> Result<(), String> {
+    use gatehouse_proto::cluster::RelayChunk;
+    let chunks = futures::stream::iter([RelayChunk { data: frame(open) }]);
+    let mut req = tonic::Request::new(chunks);
+    req.metadata_mut().insert(
+        crate::peer::RELAY_AGENT,
+        agent.parse().map_err(|_| "bad agent name".to_string())?,
+    );
+    let mut c = cluster.peers.client(peer).map_err(|e| e.to_string())?;
+    let mut inbound = c
+        .relay_session(req)
+        .await
+        .map_err(|s| s.message().to_string())?
+        .into_inner();
+    // The agent closes the stream once the upstream has the request.
+    while let Ok(Some(_)) = inbound.message().await {}
+    Ok(())
 }
 
 /// Where the agent serving a target is connected.

@@ -35,6 +35,28 @@ pub struct TargetConfig {
     pub user: String,
     pub password: Option<String>,
     pub password_file: Option<PathBuf>,
+    /// TLS to the target, as libpq's `sslmode` (default `prefer`).
+    #[serde(default)]
+    pub sslmode: SslMode,
+    /// CA certificates (PEM) the target's certificate must chain to under
+    /// `verify-full`.
+    pub sslrootcert: Option<PathBuf>,
+}
+
+/// TLS to the target. `verify-ca` is deliberately absent: a gateway that
+/// holds credentials checks the name too.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslMode {
+    /// Plain TCP.
+    Disable,
+    /// TLS when the target offers it, plain otherwise.
+    #[default]
+    Prefer,
+    /// TLS or nothing; the certificate is not checked (encryption only).
+    Require,
+    /// TLS with a certificate that chains to `sslrootcert` and names `host`.
+    VerifyFull,
 }
 
 // Never print the password.
@@ -45,6 +67,7 @@ impl std::fmt::Debug for TargetConfig {
             .field("host", &self.host)
             .field("port", &self.port)
             .field("user", &self.user)
+            .field("sslmode", &self.sslmode)
             .finish_non_exhaustive()
     }
 }
@@ -66,6 +89,11 @@ impl AgentConfig {
             anyhow::ensure!(
                 t.password.is_some() ^ t.password_file.is_some(),
                 "target {}: set exactly one of password, password_file",
+                t.name
+            );
+            anyhow::ensure!(
+                t.sslmode != SslMode::VerifyFull || t.sslrootcert.is_some(),
+                "target {}: sslmode verify-full needs sslrootcert",
                 t.name
             );
         }

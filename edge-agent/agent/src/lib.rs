@@ -14,7 +14,9 @@ pub mod pg;
 pub mod recorder;
 pub mod spool;
 pub mod tunnel;
+pub mod upstream;
 
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -43,6 +45,49 @@ pub struct AgentCtx {
     pub(crate) report_tx: mpsc::UnboundedSender<gatehouse_proto::tunnel::SessionRecorded>,
     seq: AtomicU64,
     rng: Mutex<StdRng>,
+    /// The target's cancel key of every running session.
+    pub cancel_keys: CancelKeys,
+}
+
+/// Where to send a cancel for one session.
+#[derive(Clone)]
+pub struct CancelTarget {
+    pub target: config::TargetConfig,
+    pub key: upstream::UpstreamKey,
+}
+
+/// Running sessions' cancel keys, by session id.
+#[derive(Clone, Default)]
+pub struct CancelKeys(std::sync::Arc<Mutex<HashMap<String, CancelTarget>>>);
+
+/// Removes a session's key when the session ends.
+pub struct CancelKeyGuard {
+    keys: CancelKeys,
+    session_id: String,
+}
+
+impl CancelKeys {
+    pub fn register(&self, session_id: String, t: CancelTarget) -> CancelKeyGuard {
+        if let Ok(mut m) = self.0.lock() {
+            m.insert(session_id.clone(), t);
+        }
+        CancelKeyGuard {
+            keys: self.clone(),
+            session_id,
+        }
+    }
+
+    pub fn get(&self, session_id: &str) -> Option<CancelTarget> {
+        self.0.lock().ok()?.get(session_id).cloned()
+    }
+}
+
+impl Drop for CancelKeyGuard {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.keys.0.lock() {
+            m.remove(&self.session_id);
+        }
+    }
 }
 
 /// The receiving ends the tunnel task drains.
@@ -68,6 +113,7 @@ impl AgentCtx {
                 report_tx,
                 seq: AtomicU64::new(0),
                 rng: Mutex::new(StdRng::from_os_rng()),
+                cancel_keys: CancelKeys::default(),
             },
             AgentQueues {
                 audit_rx,

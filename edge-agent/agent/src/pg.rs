@@ -3,46 +3,20 @@
 //! credential, then relays message by message through the inspector,
 //! recording every event and auditing every statement.
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use bytes::BytesMut;
-use gatehouse_audit::{AuditEvent, Decision, EventKind, Outcome};
+use gatehouse_audit::{AuditEvent, Decision, EventKind};
 use gatehouse_pgwire_inspect::build::{self, Severity};
-use gatehouse_pgwire_inspect::{Action, PgInspector, SessionEvent, Side};
+use gatehouse_pgwire_inspect::{Action, PgInspector, SessionEvent, Side, Statement};
 use gatehouse_proto::read_frame;
 use gatehouse_proto::tunnel::SessionOpen;
 use gatehouse_recording::{Header, RecordEvent};
-use pgwire::messages::startup::Authentication;
-use pgwire::messages::{DecodeContext, PgWireBackendMessage};
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
-use crate::config::TargetConfig;
 use crate::recorder::Recorder;
-use crate::{AgentCtx, now_ms};
-
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Connecting to the target failed.
-#[derive(Debug, thiserror::Error)]
-enum UpstreamError {
-    #[error("cannot reach target: {0}")]
-    Io(#[from] std::io::Error),
-    /// The target refused us; its ErrorResponse goes to the client as is.
-    #[error("target refused the connection: {code} {message}")]
-    Refused {
-        code: String,
-        message: String,
-        raw: Vec<u8>,
-    },
-    #[error("target spoke an unexpected protocol: {0}")]
-    Protocol(String),
-    #[error("target asked for an unsupported authentication method")]
-    UnsupportedAuth,
-}
+use crate::upstream::{self, CONNECT_TIMEOUT, UpstreamError};
+use crate::{AgentCtx, CancelTarget, now_ms};
 
 /// Handles one session stream until either side ends.
 pub async fn session(ctx: Arc<AgentCtx>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
@@ -52,6 +26,11 @@ pub async fn session(ctx: Arc<AgentCtx>, mut send: quinn::SendStream, mut recv: 
         Ok(Ok(Some(o))) => o,
         _ => return,
     };
+    if open.cancel {
+        cancel(&ctx, &open).await;
+        let _ = send.finish();
+        return;
+    }
     let reason = match run(&ctx, &open, &mut send, &mut recv).await {
         Ok(reason) => reason,
         Err(message) => {
@@ -67,6 +46,21 @@ pub async fn session(ctx: Arc<AgentCtx>, mut send: quinn::SendStream, mut recv: 
     };
     let _ = send.finish();
     tracing::debug!(session_id = %open.session_id, %reason, "session ended");
+}
+
+/// Cancels the query running in the session a verified client CancelRequest
+/// named.
+async fn cancel(ctx: &AgentCtx, open: &SessionOpen) {
+    let Some(t) = ctx.cancel_keys.get(&open.session_id) else {
+        tracing::info!(session_id = %open.session_id, "cancel for a session not running here");
+        return;
+    };
+    match upstream::cancel(&t.target, &t.key).await {
+        Ok(()) => tracing::info!(session_id = %open.session_id, "cancel request sent to target"),
+        Err(e) => {
+            tracing::warn!(session_id = %open.session_id, error = %e, "cancel request failed")
+        }
+    }
 }
 
 /// An error for the client: SQLSTATE and message.
@@ -90,6 +84,7 @@ fn base_event(
         policy_version: open.policy_version.clone(),
         decision,
         statement: None,
+        parameters: None,
         outcome: None,
         detail: None,
     }
@@ -152,7 +147,7 @@ async fn run(
         )
     })?;
 
-    let (upstream, leftover) = match connect_upstream(target, open, &db_user).await {
+    let upstream = match upstream::connect(target, open, &db_user).await {
         Ok(x) => x,
         Err(e) => {
             let mut ev = base_event(ctx, open, EventKind::SessionStart, Decision::Deny);
@@ -181,6 +176,15 @@ async fn run(
         open.client_addr, open.database
     ));
     ctx.audit(ev).await.map_err(|_| audit_down())?;
+    let _cancel_key = upstream.key.clone().map(|key| {
+        ctx.cancel_keys.register(
+            open.session_id.clone(),
+            CancelTarget {
+                target: target.clone(),
+                key,
+            },
+        )
+    });
     send.write_all(&build::authentication_ok())
         .await
         .map_err(|e| ClientError("08006".into(), e.to_string()))?;
@@ -190,7 +194,16 @@ async fn run(
         recorder: Some(recorder),
         failed: None,
     }));
-    let reason = relay(ctx, open, state.clone(), upstream, leftover, send, recv).await;
+    let reason = relay(
+        ctx,
+        open,
+        state.clone(),
+        upstream.stream,
+        upstream.greeting,
+        send,
+        recv,
+    )
+    .await;
     let recorder = state.lock().ok().and_then(|mut s| s.recorder.take());
     let mut end = base_event(ctx, open, EventKind::SessionEnd, Decision::Allow);
     end.detail = Some(reason.clone());
@@ -203,8 +216,8 @@ async fn run(
     Ok(reason)
 }
 
-/// A finished statement cycle: statements, outcome, start time.
-type Done = (Vec<String>, Outcome, i64);
+/// A finished statement cycle: what ran, and when the cycle started.
+type Done = (Vec<Statement>, i64);
 
 /// Inspector and recorder of one session, shared by both directions.
 struct Session {
@@ -238,15 +251,14 @@ impl Session {
                         }
                         SessionEvent::StatementDone {
                             statements,
-                            outcome,
                             started_ms,
                             ..
                         } => {
                             let r = RecordEvent::StatementDone {
-                                statements: statements.clone(),
-                                rows: outcome.rows,
+                                statements: statements.iter().map(|s| s.text.clone()).collect(),
+                                rows: statements.iter().map(|s| s.outcome.rows).sum(),
                             };
-                            done.push((statements, outcome, started_ms));
+                            done.push((statements, started_ms));
                             Some(r)
                         }
                         SessionEvent::Terminate => None,
@@ -267,12 +279,12 @@ async fn relay(
     ctx: &AgentCtx,
     open: &SessionOpen,
     state: Arc<Mutex<Session>>,
-    upstream: TcpStream,
+    upstream: upstream::Stream,
     leftover: BytesMut,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
 ) -> String {
-    let (mut ur, mut uw) = upstream.into_split();
+    let (mut ur, mut uw) = tokio::io::split(upstream);
     let pump = Pump {
         ctx,
         open,
@@ -324,14 +336,17 @@ impl Pump<'_> {
                 if let Some(f) = failed {
                     return f;
                 }
-                for (statements, outcome, started) in done {
-                    let mut ev =
-                        base_event(self.ctx, self.open, EventKind::Statement, Decision::Allow);
-                    ev.time_ms = started;
-                    ev.statement = Some(statements.join(";\n"));
-                    ev.outcome = Some(outcome);
-                    if self.ctx.audit(ev).await.is_err() {
-                        return "audit pipeline closed".into();
+                for (statements, started) in done {
+                    for st in statements {
+                        let mut ev =
+                            base_event(self.ctx, self.open, EventKind::Statement, Decision::Allow);
+                        ev.time_ms = started;
+                        ev.statement = Some(st.text);
+                        ev.parameters = st.parameters;
+                        ev.outcome = Some(st.outcome);
+                        if self.ctx.audit(ev).await.is_err() {
+                            return "audit pipeline closed".into();
+                        }
                     }
                 }
                 for b in fwd {
@@ -343,120 +358,6 @@ impl Pump<'_> {
             match from.read_buf(&mut buf).await {
                 Ok(0) | Err(_) => return closed.into(),
                 Ok(_) => {}
-            }
-        }
-    }
-}
-
-/// Connects and authenticates to the target. Returns the socket and any
-/// bytes the target sent after AuthenticationOk (parameter statuses,
-/// backend key data, ready-for-query), which go to the client.
-async fn connect_upstream(
-    target: &TargetConfig,
-    open: &SessionOpen,
-    db_user: &str,
-) -> Result<(TcpStream, BytesMut), UpstreamError> {
-    let mut sock = tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        TcpStream::connect((target.host.as_str(), target.port)),
-    )
-    .await
-    .map_err(|_| UpstreamError::Io(std::io::ErrorKind::TimedOut.into()))??;
-    sock.set_nodelay(true)?;
-    let mut params: BTreeMap<String, String> = open
-        .startup_params
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    params.insert("user".into(), db_user.to_string());
-    params.insert("database".into(), open.database.clone());
-    sock.write_all(&build::startup(&params)).await?;
-
-    let mut ctx = DecodeContext::default();
-    ctx.awaiting_frontend_ssl = false;
-    ctx.awaiting_frontend_startup = false;
-    let mut buf = BytesMut::with_capacity(8192);
-    let mut scram: Option<ScramSha256> = None;
-    loop {
-        let msg = match PgWireBackendMessage::decode(&mut buf, &ctx) {
-            Ok(Some(m)) => m,
-            Ok(None) => {
-                if sock.read_buf(&mut buf).await? == 0 {
-                    return Err(UpstreamError::Protocol(
-                        "connection closed during authentication".into(),
-                    ));
-                }
-                continue;
-            }
-            Err(e) => return Err(UpstreamError::Protocol(e.to_string())),
-        };
-        match msg {
-            PgWireBackendMessage::Authentication(Authentication::Ok) => return Ok((sock, buf)),
-            PgWireBackendMessage::Authentication(Authentication::CleartextPassword) => {
-                let pw = target.password()?;
-                sock.write_all(&build::password(&pw)).await?;
-            }
-            PgWireBackendMessage::Authentication(Authentication::MD5Password(salt)) => {
-                let salt: [u8; 4] = salt
-                    .as_slice()
-                    .try_into()
-                    .map_err(|_| UpstreamError::Protocol("bad MD5 salt".into()))?;
-                let pw = target.password()?;
-                let hashed = postgres_protocol::authentication::md5_hash(
-                    db_user.as_bytes(),
-                    pw.as_bytes(),
-                    salt,
-                );
-                sock.write_all(&build::password(&hashed)).await?;
-            }
-            PgWireBackendMessage::Authentication(Authentication::SASL(mechs)) => {
-                if !mechs.iter().any(|m| m == "SCRAM-SHA-256") {
-                    return Err(UpstreamError::UnsupportedAuth);
-                }
-                let pw = target.password()?;
-                let s = ScramSha256::new(pw.as_bytes(), ChannelBinding::unsupported());
-                sock.write_all(&build::sasl_initial_response("SCRAM-SHA-256", s.message()))
-                    .await?;
-                scram = Some(s);
-            }
-            PgWireBackendMessage::Authentication(Authentication::SASLContinue(data)) => {
-                let s = scram
-                    .as_mut()
-                    .ok_or_else(|| UpstreamError::Protocol("unexpected SASL continue".into()))?;
-                s.update(&data)
-                    .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
-                sock.write_all(&build::sasl_response(s.message())).await?;
-            }
-            PgWireBackendMessage::Authentication(Authentication::SASLFinal(data)) => {
-                let mut s = scram
-                    .take()
-                    .ok_or_else(|| UpstreamError::Protocol("unexpected SASL final".into()))?;
-                s.finish(&data)
-                    .map_err(|e| UpstreamError::Protocol(format!("server signature: {e}")))?;
-            }
-            PgWireBackendMessage::Authentication(_) => return Err(UpstreamError::UnsupportedAuth),
-            PgWireBackendMessage::ErrorResponse(e) => {
-                let field = |k: u8| {
-                    e.fields
-                        .iter()
-                        .find(|(f, _)| *f == k)
-                        .map(|(_, v)| v.clone())
-                        .unwrap_or_default()
-                };
-                let (code, message) = (field(b'C'), field(b'M'));
-                let raw = build::error_response(
-                    Severity::Fatal,
-                    &code,
-                    &format!("target \"{}\": {message}", open.target),
-                );
-                return Err(UpstreamError::Refused { code, message, raw });
-            }
-            PgWireBackendMessage::NoticeResponse(_)
-            | PgWireBackendMessage::NegotiateProtocolVersion(_) => {}
-            other => {
-                return Err(UpstreamError::Protocol(format!(
-                    "unexpected {other:?} during authentication"
-                )));
             }
         }
     }

@@ -165,6 +165,7 @@ mod tests {
             policy_version: "p".into(),
             decision: Decision::Allow,
             statement: Some(format!("select {seq}")),
+            parameters: None,
             outcome: None,
             detail: None,
         }

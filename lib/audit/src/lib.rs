@@ -66,6 +66,10 @@ pub struct AuditEvent {
     /// Statement text for [`EventKind::Statement`].
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub statement: Option<String>,
+    /// Bound parameters of an extended-protocol statement, rendered as
+    /// text (`null` for SQL NULL).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub parameters: Option<Vec<Option<String>>>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub outcome: Option<Outcome>,
     /// Free text for session start/end (reason, upstream error).
@@ -124,6 +128,7 @@ mod tests {
             policy_version: "abc".into(),
             decision: Decision::Allow,
             statement: Some("select 1".into()),
+            parameters: None,
             outcome: Some(Outcome {
                 command_tags: vec!["SELECT 1".into()],
                 rows: 1,

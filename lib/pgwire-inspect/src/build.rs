@@ -6,9 +6,11 @@ use std::collections::BTreeMap;
 
 use bytes::{Bytes, BytesMut};
 use pgwire::messages::Message;
+use pgwire::messages::cancel::CancelRequest;
 use pgwire::messages::response::ErrorResponse;
 use pgwire::messages::startup::{
-    Authentication, Password, SASLInitialResponse, SASLResponse, Startup,
+    Authentication, BackendKeyData, Password, SASLInitialResponse, SASLResponse, SecretKey,
+    SslRequest, Startup,
 };
 
 /// Severity of an error the gateway raises.
@@ -70,4 +72,22 @@ pub fn sasl_initial_response(mechanism: &str, data: &[u8]) -> Vec<u8> {
 
 pub fn sasl_response(data: &[u8]) -> Vec<u8> {
     encode(&SASLResponse::new(Bytes::copy_from_slice(data)))
+}
+
+/// The BackendKeyData a client is given.
+pub fn backend_key_data(pid: i32, secret: i32) -> Vec<u8> {
+    encode(&BackendKeyData::new(pid, SecretKey::I32(secret)))
+}
+
+/// A CancelRequest for the backend `pid` with its `secret` as it was sent.
+pub fn cancel_request(pid: i32, secret: &[u8]) -> Vec<u8> {
+    encode(&CancelRequest::new(
+        pid,
+        SecretKey::Bytes(Bytes::copy_from_slice(secret)),
+    ))
+}
+
+/// An SSLRequest.
+pub fn ssl_request() -> Vec<u8> {
+    encode(&SslRequest::new())
 }

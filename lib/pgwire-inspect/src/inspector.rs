@@ -5,8 +5,12 @@ use std::collections::{HashMap, VecDeque};
 use bytes::{Bytes, BytesMut};
 use gatehouse_audit::{Outcome, rows_of_command_tag};
 use pgwire::messages::{
-    DecodeContext, Message, data::RowDescription, extendedquery::Bind, extendedquery::Execute,
-    extendedquery::Parse, response::CommandComplete, response::ErrorResponse, simplequery::Query,
+    DecodeContext, Message,
+    data::{ParameterDescription, RowDescription},
+    extendedquery::{Bind, Close, Describe, Execute, Parse},
+    response::CommandComplete,
+    response::ErrorResponse,
+    simplequery::Query,
 };
 
 use crate::framer::{Frame, FrameError, Framer};
@@ -55,15 +59,26 @@ pub enum SessionEvent {
     /// The upstream reported an error.
     Error { code: String, message: String },
     /// A query cycle ended (ReadyForQuery): what ran and what came back.
+    /// A simple query is one statement (its whole text); in the extended
+    /// protocol each Execute the upstream answered is one.
     StatementDone {
         protocol: Protocol,
-        statements: Vec<String>,
-        outcome: Outcome,
+        statements: Vec<Statement>,
         /// When the cycle started (the time passed with the query bytes).
         started_ms: i64,
     },
     /// The client said goodbye.
     Terminate,
+}
+
+/// One statement that ran, with its parameters and outcome.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Statement {
+    pub text: String,
+    /// Bound parameters rendered as text (`None` for SQL NULL); absent for
+    /// simple queries.
+    pub parameters: Option<Vec<Option<String>>>,
+    pub outcome: Outcome,
 }
 
 /// What the session loop must do.
@@ -78,9 +93,77 @@ pub enum Action {
 /// ReadyForQuery.
 struct Pending {
     protocol: Protocol,
-    statements: Vec<String>,
-    outcome: Outcome,
+    statements: Vec<Statement>,
+    /// Extended protocol: statements the upstream has finished answering.
+    answered: usize,
+    /// Extended protocol: texts parsed in this cycle, and an error that
+    /// came before any Execute (a failed Parse), so a cycle that ran
+    /// nothing but failed is still evidence.
+    parsed: Vec<String>,
+    early_error: Option<String>,
     started_ms: i64,
+}
+
+impl Pending {
+    fn new(protocol: Protocol, started_ms: i64) -> Self {
+        Self {
+            protocol,
+            statements: Vec::new(),
+            answered: 0,
+            parsed: Vec::new(),
+            early_error: None,
+            started_ms,
+        }
+    }
+
+    /// The statement the upstream's next result belongs to.
+    fn current(&mut self) -> Option<&mut Statement> {
+        match self.protocol {
+            Protocol::Simple => self.statements.first_mut(),
+            Protocol::Extended => self.statements.get_mut(self.answered),
+        }
+    }
+
+    /// The current statement's result is complete.
+    fn advance(&mut self) {
+        if self.protocol == Protocol::Extended {
+            self.answered += 1;
+        }
+    }
+
+    /// What ran: in the extended protocol, Executes after an error are
+    /// skipped by the upstream and are not reported as run.
+    fn into_ran(mut self) -> Vec<Statement> {
+        if self.protocol == Protocol::Extended {
+            self.statements.truncate(self.answered);
+            if let (true, Some(code)) = (self.statements.is_empty(), self.early_error) {
+                self.statements.push(Statement {
+                    text: self.parsed.join(";\n"),
+                    parameters: None,
+                    outcome: Outcome {
+                        error_code: Some(code),
+                        ..Default::default()
+                    },
+                });
+            }
+        }
+        self.statements
+    }
+}
+
+/// A prepared statement as the inspector knows it.
+#[derive(Clone, Default)]
+struct Prepared {
+    text: String,
+    /// Parameter type OIDs, from Parse or the upstream's ParameterDescription.
+    types: Vec<u32>,
+}
+
+/// A bound portal: its statement and rendered parameters.
+#[derive(Clone)]
+struct Portal {
+    text: String,
+    parameters: Vec<Option<String>>,
 }
 
 /// Inspects one PostgreSQL session after authentication.
@@ -92,8 +175,15 @@ pub struct PgInspector {
     pending: VecDeque<Pending>,
     /// The extended-protocol cycle being built until the client's Sync.
     building: Option<Pending>,
-    statements: HashMap<String, String>,
-    portals: HashMap<String, String>,
+    statements: HashMap<String, Prepared>,
+    portals: HashMap<String, Portal>,
+    /// Statement Describes awaiting their ParameterDescription, with the
+    /// number of the cycle they belong to.
+    describing: VecDeque<(u64, String)>,
+    /// Cycles the client has closed (Sync or Query) and the upstream has
+    /// closed (ReadyForQuery).
+    client_cycles: u64,
+    upstream_cycles: u64,
 }
 
 // === impl PgInspector ===
@@ -117,6 +207,9 @@ impl PgInspector {
             building: None,
             statements: HashMap::new(),
             portals: HashMap::new(),
+            describing: VecDeque::new(),
+            client_cycles: 0,
+            upstream_cycles: 0,
         }
     }
 
@@ -152,11 +245,11 @@ impl PgInspector {
         loop {
             let frame = match side {
                 Side::Client => self.client.next(buf, pos, |t| {
-                    matches!(t, b'Q' | b'P' | b'B' | b'E' | b'S' | b'X')
+                    matches!(t, b'Q' | b'P' | b'B' | b'E' | b'S' | b'X' | b'D' | b'C')
                 }),
-                Side::Upstream => self
-                    .upstream
-                    .next(buf, pos, |t| matches!(t, b'C' | b'E' | b'T' | b'Z')),
+                Side::Upstream => self.upstream.next(buf, pos, |t| {
+                    matches!(t, b'C' | b'E' | b'T' | b'Z' | b'I' | b's' | b't')
+                }),
             }
             .map_err(|e| frame_error(side, e))?;
             match frame {
@@ -198,18 +291,32 @@ impl PgInspector {
                     Ok(q) => q.query,
                     Err(_) => cstring_body(msg).ok_or_else(|| malformed(side, ty, "query"))?,
                 };
-                self.pending.push_back(Pending {
-                    protocol: Protocol::Simple,
-                    statements: vec![text.clone()],
-                    outcome: Outcome::default(),
-                    started_ms: now_ms,
+                let mut cycle = Pending::new(Protocol::Simple, now_ms);
+                cycle.statements.push(Statement {
+                    text: text.clone(),
+                    ..Default::default()
                 });
+                self.pending.push_back(cycle);
+                self.client_cycles += 1;
                 event(out, now_ms, SessionEvent::Query { text });
             }
             b'P' => {
                 let p: Parse = decode(msg, &self.ctx, side, ty)?;
                 let name = p.name.unwrap_or_default();
-                remember(&mut self.statements, name.clone(), p.query.clone());
+                let cycle = self
+                    .building
+                    .get_or_insert_with(|| Pending::new(Protocol::Extended, now_ms));
+                if cycle.parsed.len() < 16 {
+                    cycle.parsed.push(p.query.clone());
+                }
+                remember(
+                    &mut self.statements,
+                    name.clone(),
+                    Prepared {
+                        text: p.query.clone(),
+                        types: p.type_oids,
+                    },
+                );
                 event(
                     out,
                     now_ms,
@@ -219,40 +326,77 @@ impl PgInspector {
                     },
                 );
             }
+            b'D' => {
+                let d: Describe = decode(msg, &self.ctx, side, ty)?;
+                if d.target_type == b'S' {
+                    self.describing
+                        .push_back((self.client_cycles, d.name.unwrap_or_default()));
+                }
+            }
+            b'C' => {
+                let c: Close = decode(msg, &self.ctx, side, ty)?;
+                let name = c.name.unwrap_or_default();
+                if c.target_type == b'S' {
+                    self.statements.remove(&name);
+                } else {
+                    self.portals.remove(&name);
+                }
+            }
             b'B' => {
                 let b: Bind = decode(msg, &self.ctx, side, ty)?;
-                let text = self
+                let prepared = self
                     .statements
-                    .get(b.statement_name.as_deref().unwrap_or_default())
-                    .cloned()
-                    .unwrap_or_else(|| "<unknown prepared statement>".to_string());
-                remember(&mut self.portals, b.portal_name.unwrap_or_default(), text);
+                    .get(b.statement_name.as_deref().unwrap_or_default());
+                let (text, types) = match prepared {
+                    Some(p) => (p.text.clone(), p.types.as_slice()),
+                    None => ("<unknown prepared statement>".to_string(), &[][..]),
+                };
+                let parameters = b
+                    .parameters
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| {
+                        let format = match b.parameter_format_codes.as_slice() {
+                            [] => 0,
+                            [one] => *one,
+                            many => many.get(i).copied().unwrap_or_default(),
+                        };
+                        let oid = types.get(i).copied().unwrap_or_default();
+                        v.as_deref().map(|v| render_parameter(v, format, oid))
+                    })
+                    .collect();
+                remember(
+                    &mut self.portals,
+                    b.portal_name.unwrap_or_default(),
+                    Portal { text, parameters },
+                );
             }
             b'E' => {
                 let e: Execute = decode(msg, &self.ctx, side, ty)?;
-                let text = self
-                    .portals
-                    .get(e.name.as_deref().unwrap_or_default())
-                    .cloned()
-                    .unwrap_or_else(|| "<unknown portal>".to_string());
-                self.building
-                    .get_or_insert_with(|| Pending {
-                        protocol: Protocol::Extended,
-                        statements: Vec::new(),
+                let portal = self.portals.get(e.name.as_deref().unwrap_or_default());
+                let statement = match portal {
+                    Some(p) => Statement {
+                        text: p.text.clone(),
+                        parameters: Some(p.parameters.clone()),
                         outcome: Outcome::default(),
-                        started_ms: now_ms,
-                    })
+                    },
+                    None => Statement {
+                        text: "<unknown portal>".into(),
+                        ..Default::default()
+                    },
+                };
+                self.building
+                    .get_or_insert_with(|| Pending::new(Protocol::Extended, now_ms))
                     .statements
-                    .push(text);
+                    .push(statement);
             }
             b'S' => {
-                let cycle = self.building.take().unwrap_or(Pending {
-                    protocol: Protocol::Extended,
-                    statements: Vec::new(),
-                    outcome: Outcome::default(),
-                    started_ms: now_ms,
-                });
+                let cycle = self
+                    .building
+                    .take()
+                    .unwrap_or_else(|| Pending::new(Protocol::Extended, now_ms));
                 self.pending.push_back(cycle);
+                self.client_cycles += 1;
             }
             b'X' => event(out, now_ms, SessionEvent::Terminate),
             _ => {}
@@ -272,10 +416,19 @@ impl PgInspector {
             b'C' => {
                 let c: CommandComplete = decode(msg, &self.ctx, side, ty)?;
                 if let Some(p) = self.pending.front_mut() {
-                    p.outcome.rows += rows_of_command_tag(&c.tag);
-                    p.outcome.command_tags.push(c.tag.clone());
+                    if let Some(st) = p.current() {
+                        st.outcome.rows += rows_of_command_tag(&c.tag);
+                        st.outcome.command_tags.push(c.tag.clone());
+                    }
+                    p.advance();
                 }
                 event(out, now_ms, SessionEvent::CommandComplete { tag: c.tag });
+            }
+            // EmptyQueryResponse, PortalSuspended: the Execute is answered.
+            b'I' | b's' => {
+                if let Some(p) = self.pending.front_mut() {
+                    p.advance();
+                }
             }
             b'E' => {
                 let (code, message) = match decode::<ErrorResponse>(msg, &self.ctx, side, ty) {
@@ -286,10 +439,28 @@ impl PgInspector {
                         "<error message too large to inspect>".into(),
                     ),
                 };
+                // An error before the cycle's first Execute ran (a failed
+                // Parse or Bind) belongs to no statement.
                 if let Some(p) = self.pending.front_mut() {
-                    p.outcome.error_code.get_or_insert_with(|| code.clone());
+                    match p.current() {
+                        Some(st) => {
+                            st.outcome.error_code.get_or_insert_with(|| code.clone());
+                            p.advance();
+                        }
+                        None => {
+                            p.early_error.get_or_insert_with(|| code.clone());
+                        }
+                    }
                 }
                 event(out, now_ms, SessionEvent::Error { code, message });
+            }
+            b't' => {
+                let d: ParameterDescription = decode(msg, &self.ctx, side, ty)?;
+                if let Some((_, name)) = self.describing.pop_front()
+                    && let Some(p) = self.statements.get_mut(&name)
+                {
+                    p.types = d.types;
+                }
             }
             b'T' => {
                 let r: RowDescription = decode(msg, &self.ctx, side, ty)?;
@@ -297,15 +468,25 @@ impl PgInspector {
                 event(out, now_ms, SessionEvent::RowDescription { columns });
             }
             b'Z' => {
+                self.upstream_cycles += 1;
+                // Describes of this cycle that got no answer were skipped
+                // after an error.
+                while self
+                    .describing
+                    .front()
+                    .is_some_and(|(cycle, _)| *cycle < self.upstream_cycles)
+                {
+                    self.describing.pop_front();
+                }
                 if let Some(p) = self.pending.pop_front() {
+                    let (protocol, started_ms) = (p.protocol, p.started_ms);
                     event(
                         out,
                         now_ms,
                         SessionEvent::StatementDone {
-                            protocol: p.protocol,
-                            statements: p.statements,
-                            outcome: p.outcome,
-                            started_ms: p.started_ms,
+                            protocol,
+                            statements: p.into_ran(),
+                            started_ms,
                         },
                     );
                 }
@@ -320,7 +501,7 @@ fn event(out: &mut Vec<Action>, at_ms: i64, event: SessionEvent) {
     out.push(Action::Event { at_ms, event });
 }
 
-fn remember(map: &mut HashMap<String, String>, key: String, value: String) {
+fn remember<V>(map: &mut HashMap<String, V>, key: String, value: V) {
     if map.len() >= MAX_NAMED && !map.contains_key(&key) {
         return;
     }
@@ -361,6 +542,75 @@ fn cstring_body(msg: &[u8]) -> Option<String> {
     let body = msg.get(5..)?;
     let end = body.iter().position(|&b| b == 0)?;
     String::from_utf8(body.get(..end)?.to_vec()).ok()
+}
+
+/// Longest rendered parameter kept in the evidence.
+const MAX_PARAMETER_CHARS: usize = 1024;
+
+/// A bound parameter as PostgreSQL would print it: text-format values as
+/// sent, binary values of common types decoded, other binary values as
+/// `\x` hex. Long values are cut, saying how long they were.
+fn render_parameter(v: &[u8], format: i16, oid: u32) -> String {
+    let s = if format == 0 {
+        String::from_utf8_lossy(v).into_owned()
+    } else {
+        render_binary(v, oid).unwrap_or_else(|| format!("\\x{}", hex(v)))
+    };
+    if s.len() <= MAX_PARAMETER_CHARS {
+        return s;
+    }
+    let mut cut = MAX_PARAMETER_CHARS;
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}… ({} bytes)", s.get(..cut).unwrap_or_default(), v.len())
+}
+
+fn render_binary(v: &[u8], oid: u32) -> Option<String> {
+    Some(match oid {
+        16 => match v {
+            [0] => "f".into(),
+            [_] => "t".into(),
+            _ => return None,
+        },
+        17 => format!("\\x{}", hex(v)),
+        21 => i16::from_be_bytes(v.try_into().ok()?).to_string(),
+        23 | 26 => i32::from_be_bytes(v.try_into().ok()?).to_string(),
+        20 => i64::from_be_bytes(v.try_into().ok()?).to_string(),
+        700 => f32::from_be_bytes(v.try_into().ok()?).to_string(),
+        701 => f64::from_be_bytes(v.try_into().ok()?).to_string(),
+        // text, varchar, bpchar, name, json, unknown
+        25 | 1043 | 1042 | 19 | 114 | 705 => String::from_utf8(v.to_vec()).ok()?,
+        // jsonb: a version byte, then text
+        3802 => match v.split_first() {
+            Some((1, rest)) => String::from_utf8(rest.to_vec()).ok()?,
+            _ => return None,
+        },
+        2950 => {
+            let h = hex(v);
+            if h.len() != 32 {
+                return None;
+            }
+            format!(
+                "{}-{}-{}-{}-{}",
+                h.get(..8)?,
+                h.get(8..12)?,
+                h.get(12..16)?,
+                h.get(16..20)?,
+                h.get(20..)?
+            )
+        }
+        _ => return None,
+    })
+}
+
+fn hex(v: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(v.len() * 2);
+    for b in v {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
 }
 
 fn error_fields(fields: &[(u8, String)]) -> (String, String) {

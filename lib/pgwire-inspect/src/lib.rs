@@ -15,7 +15,7 @@ pub mod build;
 mod framer;
 mod inspector;
 
-pub use inspector::{Action, InspectError, PgInspector, Protocol, SessionEvent, Side};
+pub use inspector::{Action, InspectError, PgInspector, Protocol, SessionEvent, Side, Statement};
 
 #[cfg(test)]
 mod tests;

@@ -1,3 +1,4 @@
+use crate::Statement;
 use bytes::{BufMut, BytesMut};
 use gatehouse_audit::Outcome;
 
@@ -110,12 +111,15 @@ fn select_events() -> Vec<SessionEvent> {
         },
         SessionEvent::StatementDone {
             protocol: Protocol::Simple,
-            statements: vec!["select 1".into()],
-            outcome: Outcome {
-                command_tags: vec!["SELECT 1".into()],
-                rows: 1,
-                error_code: None,
-            },
+            statements: vec![Statement {
+                text: "select 1".into(),
+                parameters: None,
+                outcome: Outcome {
+                    command_tags: vec!["SELECT 1".into()],
+                    rows: 1,
+                    error_code: None,
+                },
+            }],
             started_ms: 5,
         },
     ]
@@ -152,12 +156,15 @@ fn multi_statement_with_error() {
             },
             SessionEvent::StatementDone {
                 protocol: Protocol::Simple,
-                statements: vec!["insert into t values (1); select nope".into()],
-                outcome: Outcome {
-                    command_tags: vec!["INSERT 0 1".into()],
-                    rows: 1,
-                    error_code: Some("42703".into()),
-                },
+                statements: vec![Statement {
+                    text: "insert into t values (1); select nope".into(),
+                    parameters: None,
+                    outcome: Outcome {
+                        command_tags: vec!["INSERT 0 1".into()],
+                        rows: 1,
+                        error_code: Some("42703".into()),
+                    },
+                }],
                 started_ms: 5,
             },
         ],
@@ -259,12 +266,15 @@ fn extended_protocol_names_the_executed_statement() {
             },
             SessionEvent::StatementDone {
                 protocol: Protocol::Extended,
-                statements: vec!["select $1::int".into()],
-                outcome: Outcome {
-                    command_tags: vec!["SELECT 1".into()],
-                    rows: 1,
-                    error_code: None,
-                },
+                statements: vec![Statement {
+                    text: "select $1::int".into(),
+                    parameters: Some(vec![Some("7".into())]),
+                    outcome: Outcome {
+                        command_tags: vec!["SELECT 1".into()],
+                        rows: 1,
+                        error_code: None,
+                    },
+                }],
                 started_ms: 5,
             },
         ],
