@@ -36,8 +36,12 @@ fn psql_file(conninfo: &str, password: &str, script: &std::path::Path) -> Output
 }
 
 fn gateway_conninfo(stack: &Stack, db: &str) -> String {
+    target_conninfo(stack, "db", db)
+}
+
+fn target_conninfo(stack: &Stack, target: &str, db: &str) -> String {
     let (host, port) = stack.pg_addr.rsplit_once(':').unwrap();
-    format!("host={host} port={port} user=db dbname={db} sslmode=require connect_timeout=10")
+    format!("host={host} port={port} user={target} dbname={db} sslmode=require connect_timeout=10")
 }
 
 fn direct_conninfo(stack: &Stack, db: &str) -> String {
@@ -380,9 +384,13 @@ fn wait_sleeping(stack: &Stack) {
 }
 
 fn spawn_psql(stack: &Stack, key: &str, sql: &str) -> std::process::Child {
+    spawn_psql_to(stack, "db", key, sql)
+}
+
+fn spawn_psql_to(stack: &Stack, target: &str, key: &str, sql: &str) -> std::process::Child {
     Command::new("psql")
         .args(["-X", "-v", "VERBOSITY=verbose", "-c", sql])
-        .arg(gateway_conninfo(stack, "app"))
+        .arg(target_conninfo(stack, target, "app"))
         .env("PGPASSWORD", key)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -423,16 +431,7 @@ fn psql_cancel_returns_57014_within_a_second_and_forged_keys_do_nothing() {
     );
 
     // Ctrl-C in psql: libpq sends the key the gateway gave it.
-    let child = spawn_psql(&stack, &key, "select pg_sleep(30)");
-    wait_sleeping(&stack);
-    let t0 = Instant::now();
-    let st = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let o = child.wait_with_output().unwrap();
-    let took = t0.elapsed();
+    let (took, o) = cancel_sleep(&stack, "db", &key);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(
         stderr.contains("57014") && stderr.contains("canceling statement due to user request"),
@@ -557,4 +556,188 @@ fn gssenc_is_refused_cleanly_and_tls_still_follows() {
         "{}",
         text(&o)
     );
+}
+
+/// Ctrl-C on a psql running `select pg_sleep(30)` through `target`; returns
+/// how long the cancel took and psql's output.
+fn cancel_sleep(stack: &Stack, target: &str, key: &str) -> (Duration, Output) {
+    let child = spawn_psql_to(stack, target, key, "select pg_sleep(30)");
+    wait_sleeping(stack);
+    let t0 = Instant::now();
+    let st = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let o = child.wait_with_output().unwrap();
+    (t0.elapsed(), o)
+}
+
+#[test]
+fn upstream_tls_modes_and_authentication_methods() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut stack = Stack::start_server();
+    let pg = &stack.pg;
+    // TLS on the target, with a certificate for 127.0.0.1 from a test CA.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let ca = gatehouse_pki::ClusterCa::generate("target", now).unwrap();
+    let leaf = gatehouse_pki::ClusterCa::from_pem(&ca)
+        .unwrap()
+        .issue_server(&["127.0.0.1".into()], now, 1)
+        .unwrap();
+    let other_ca = gatehouse_pki::ClusterCa::generate("someone else", now).unwrap();
+    let data = pg.dir.join("data");
+    for (name, body) in [
+        ("server.crt", &leaf.cert_pem),
+        ("server.key", &leaf.key_pem),
+    ] {
+        let p = data.join(name);
+        std::fs::write(&p, body).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let _ = Command::new("chown")
+            .arg("postgres:postgres")
+            .arg(&p)
+            .status();
+    }
+    let ca_file = stack.tmp.path().join("target-ca.pem");
+    std::fs::write(&ca_file, &ca.cert_pem).unwrap();
+    let other_ca_file = stack.tmp.path().join("other-ca.pem");
+    std::fs::write(&other_ca_file, &other_ca.cert_pem).unwrap();
+    // An MD5 role and a trusted role, first in pg_hba.conf.
+    pg.psql_super(
+        "postgres",
+        "set password_encryption = 'md5'; create role md5user login password 'Md5-Secret-1'",
+    )
+    .unwrap();
+    pg.psql_super("postgres", "create role trustuser login")
+        .unwrap();
+    pg.psql_super("app", "grant all on schema public to md5user, trustuser")
+        .unwrap();
+    let hba = data.join("pg_hba.conf");
+    let old = std::fs::read_to_string(&hba).unwrap();
+    std::fs::write(
+        &hba,
+        format!("host all md5user 127.0.0.1/32 md5\nhost all trustuser 127.0.0.1/32 trust\n{old}"),
+    )
+    .unwrap();
+    pg.psql_super("postgres", "alter system set ssl = on; ")
+        .unwrap();
+    pg.psql_super("postgres", "select pg_reload_conf()")
+        .unwrap();
+
+    let targets: &[(&str, &str, &str)] = &[
+        // name, role, extra agent config
+        ("db", AGENT_ROLE, ""),
+        ("db-plain", AGENT_ROLE, "sslmode = \"disable\"\n"),
+        ("db-require", AGENT_ROLE, "sslmode = \"require\"\n"),
+        (
+            "db-verify",
+            AGENT_ROLE,
+            &format!(
+                "sslmode = \"verify-full\"\nsslrootcert = \"{}\"\n",
+                ca_file.display()
+            ),
+        ),
+        (
+            "db-wrong-ca",
+            AGENT_ROLE,
+            &format!(
+                "sslmode = \"verify-full\"\nsslrootcert = \"{}\"\n",
+                other_ca_file.display()
+            ),
+        ),
+        (
+            "db-md5",
+            "md5user",
+            "sslmode = \"disable\"\npassword = \"Md5-Secret-1\"\n",
+        ),
+        ("db-trust", "trustuser", "password = \"\"\n"),
+    ];
+    let key = stack.create_account("alice", &["dev"]);
+    let agent_dir = stack.tmp.path().join("agent");
+    let config = stack.write_agent_config("edge-1", &agent_dir);
+    let mut agent_toml = std::fs::read_to_string(&config).unwrap();
+    let pw = agent_dir.join("db.password");
+    for (name, role, extra) in targets {
+        stack.cli_ok(&[
+            "targets",
+            "create",
+            name,
+            "--agent",
+            "edge-1",
+            "--db-user",
+            role,
+        ]);
+        stack.cli_ok(&["rules", "create", "--subject", "sa:alice", "--target", name]);
+        if *name == "db" {
+            continue;
+        }
+        let password = if extra.contains("password") {
+            String::new()
+        } else {
+            format!("password_file = \"{}\"\n", pw.display())
+        };
+        agent_toml.push_str(&format!(
+            "\n[[targets]]\nname = \"{name}\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"{role}\"\n{password}{extra}",
+            stack.pg.port
+        ));
+    }
+    std::fs::write(&config, agent_toml).unwrap();
+    let token = stack.enroll_token("edge-1");
+    stack.start_agent(Some(&token));
+    stack.wait_agent_connected("edge-1");
+
+    let sql = "select current_user, coalesce((select ssl from pg_stat_ssl where pid = pg_backend_pid()), false)";
+    let (host, port) = stack.pg_addr.rsplit_once(':').unwrap();
+    for (target, expect) in [
+        ("db", "gatehouse_agent|t"),
+        ("db-plain", "gatehouse_agent|f"),
+        ("db-require", "gatehouse_agent|t"),
+        ("db-verify", "gatehouse_agent|t"),
+        ("db-md5", "md5user|f"),
+        ("db-trust", "trustuser|t"),
+    ] {
+        let o = psql(host, port, target, &key, "app", "require", sql);
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout).trim(),
+            expect,
+            "{target}: {}",
+            text(&o)
+        );
+    }
+    let md5: String = stack
+        .pg
+        .psql_super(
+            "postgres",
+            "select left(rolpassword, 3) from pg_authid where rolname = 'md5user'",
+        )
+        .unwrap();
+    assert_eq!(md5.trim(), "md5");
+    // A certificate from another CA: the session is refused with a clear
+    // error, before any credential is sent.
+    let before = stack.upstream_connections();
+    let o = psql(
+        host,
+        port,
+        "db-wrong-ca",
+        &key,
+        "app",
+        "require",
+        "select 1",
+    );
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("TLS to target failed"), "{}", text(&o));
+    assert_eq!(stack.upstream_connections(), before);
+    // Cancel reaches a TLS-only target over TLS.
+    let (took, o) = cancel_sleep(&stack, "db-verify", &key);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("57014"),
+        "{}",
+        text(&o)
+    );
+    assert!(took < Duration::from_secs(1), "cancel took {took:?}");
 }
