@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod capture;
 pub mod cluster;
 pub mod netns;
 pub mod proxy;

@@ -468,17 +468,18 @@ impl PgInspector {
                 event(out, now_ms, SessionEvent::RowDescription { columns });
             }
             b'Z' => {
-                self.upstream_cycles += 1;
-                // Describes of this cycle that got no answer were skipped
-                // after an error.
-                while self
-                    .describing
-                    .front()
-                    .is_some_and(|(cycle, _)| *cycle < self.upstream_cycles)
-                {
-                    self.describing.pop_front();
-                }
+                // The greeting's ReadyForQuery closes no client cycle.
                 if let Some(p) = self.pending.pop_front() {
+                    self.upstream_cycles += 1;
+                    // Describes of this cycle that got no answer were
+                    // skipped after an error.
+                    while self
+                        .describing
+                        .front()
+                        .is_some_and(|(cycle, _)| *cycle < self.upstream_cycles)
+                    {
+                        self.describing.pop_front();
+                    }
                     let (protocol, started_ms) = (p.protocol, p.started_ms);
                     event(
                         out,

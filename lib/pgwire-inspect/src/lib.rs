@@ -19,3 +19,6 @@ pub use inspector::{Action, InspectError, PgInspector, Protocol, SessionEvent, S
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod golden;
