@@ -8,8 +8,18 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 
 fn metadata() -> serde_json::Value {
+    // This machine's platform only: offline, cargo can resolve only the
+    // packages a build here has downloaded.
+    let host = Command::new("rustc").arg("-vV").output().unwrap();
+    let host = String::from_utf8(host.stdout).unwrap();
+    let triple = host
+        .lines()
+        .find_map(|l| l.strip_prefix("host: "))
+        .unwrap()
+        .to_string();
     let out = Command::new(env!("CARGO"))
         .args(["metadata", "--format-version", "1", "--offline"])
+        .args(["--filter-platform", &triple])
         .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
         .output()
         .unwrap();

@@ -4,16 +4,9 @@ use std::collections::{HashMap, VecDeque};
 
 use bytes::{Bytes, BytesMut};
 use gatehouse_audit::{Outcome, rows_of_command_tag};
-use pgwire::messages::{
-    DecodeContext, Message,
-    data::{ParameterDescription, RowDescription},
-    extendedquery::{Bind, Close, Describe, Execute, Parse},
-    response::CommandComplete,
-    response::ErrorResponse,
-    simplequery::Query,
-};
 
 use crate::framer::{Frame, FrameError, Framer};
+use crate::wire;
 
 /// Most prepared statements / portals remembered per session. A client that
 /// creates more without closing them still works; their text is then
@@ -34,8 +27,8 @@ pub enum InspectError {
     BadLength { side: Side, len: i32 },
     #[error("{side:?} sent a {len}-byte '{}' message, over the inspection limit", *ty as char)]
     TooLarge { side: Side, ty: u8, len: usize },
-    #[error("{side:?} sent a malformed '{}' message: {reason}", *ty as char)]
-    Malformed { side: Side, ty: u8, reason: String },
+    #[error("{side:?} sent a malformed '{}' message", *ty as char)]
+    Malformed { side: Side, ty: u8 },
 }
 
 /// Which query protocol a statement came through.
@@ -170,7 +163,6 @@ struct Portal {
 pub struct PgInspector {
     client: Framer,
     upstream: Framer,
-    ctx: DecodeContext,
     /// Cycles in flight, oldest first (pipelining makes this a queue).
     pending: VecDeque<Pending>,
     /// The extended-protocol cycle being built until the client's Sync.
@@ -196,13 +188,9 @@ impl Default for PgInspector {
 
 impl PgInspector {
     pub fn new() -> Self {
-        let mut ctx = DecodeContext::default();
-        ctx.awaiting_frontend_ssl = false;
-        ctx.awaiting_frontend_startup = false;
         Self {
             client: Framer::default(),
             upstream: Framer::default(),
-            ctx,
             pending: VecDeque::new(),
             building: None,
             statements: HashMap::new(),
@@ -287,10 +275,7 @@ impl PgInspector {
             b'Q' => {
                 // pgwire caps Query at 10,000 bytes; longer queries are read
                 // directly (the body is one C string).
-                let text = match decode::<Query>(msg, &self.ctx, side, ty) {
-                    Ok(q) => q.query,
-                    Err(_) => cstring_body(msg).ok_or_else(|| malformed(side, ty, "query"))?,
-                };
+                let text = wire::query(msg).ok_or_else(|| malformed(side, ty))?;
                 let mut cycle = Pending::new(Protocol::Simple, now_ms);
                 cycle.statements.push(Statement {
                     text: text.clone(),
@@ -301,8 +286,8 @@ impl PgInspector {
                 event(out, now_ms, SessionEvent::Query { text });
             }
             b'P' => {
-                let p: Parse = decode(msg, &self.ctx, side, ty)?;
-                let name = p.name.unwrap_or_default();
+                let p = wire::parse(msg).ok_or_else(|| malformed(side, ty))?;
+                let name = p.name;
                 let cycle = self
                     .building
                     .get_or_insert_with(|| Pending::new(Protocol::Extended, now_ms));
@@ -327,26 +312,22 @@ impl PgInspector {
                 );
             }
             b'D' => {
-                let d: Describe = decode(msg, &self.ctx, side, ty)?;
-                if d.target_type == b'S' {
-                    self.describing
-                        .push_back((self.client_cycles, d.name.unwrap_or_default()));
+                let (kind, name) = wire::target(msg).ok_or_else(|| malformed(side, ty))?;
+                if kind == b'S' {
+                    self.describing.push_back((self.client_cycles, name));
                 }
             }
             b'C' => {
-                let c: Close = decode(msg, &self.ctx, side, ty)?;
-                let name = c.name.unwrap_or_default();
-                if c.target_type == b'S' {
+                let (kind, name) = wire::target(msg).ok_or_else(|| malformed(side, ty))?;
+                if kind == b'S' {
                     self.statements.remove(&name);
                 } else {
                     self.portals.remove(&name);
                 }
             }
             b'B' => {
-                let b: Bind = decode(msg, &self.ctx, side, ty)?;
-                let prepared = self
-                    .statements
-                    .get(b.statement_name.as_deref().unwrap_or_default());
+                let b = wire::bind(msg).ok_or_else(|| malformed(side, ty))?;
+                let prepared = self.statements.get(&b.statement);
                 let (text, types) = match prepared {
                     Some(p) => (p.text.clone(), p.types.as_slice()),
                     None => ("<unknown prepared statement>".to_string(), &[][..]),
@@ -356,7 +337,7 @@ impl PgInspector {
                     .iter()
                     .enumerate()
                     .map(|(i, v)| {
-                        let format = match b.parameter_format_codes.as_slice() {
+                        let format = match b.formats.as_slice() {
                             [] => 0,
                             [one] => *one,
                             many => many.get(i).copied().unwrap_or_default(),
@@ -365,15 +346,11 @@ impl PgInspector {
                         v.as_deref().map(|v| render_parameter(v, format, oid))
                     })
                     .collect();
-                remember(
-                    &mut self.portals,
-                    b.portal_name.unwrap_or_default(),
-                    Portal { text, parameters },
-                );
+                remember(&mut self.portals, b.portal, Portal { text, parameters });
             }
             b'E' => {
-                let e: Execute = decode(msg, &self.ctx, side, ty)?;
-                let portal = self.portals.get(e.name.as_deref().unwrap_or_default());
+                let name = wire::execute(msg).ok_or_else(|| malformed(side, ty))?;
+                let portal = self.portals.get(&name);
                 let statement = match portal {
                     Some(p) => Statement {
                         text: p.text.clone(),
@@ -414,15 +391,15 @@ impl PgInspector {
         let side = Side::Upstream;
         match ty {
             b'C' => {
-                let c: CommandComplete = decode(msg, &self.ctx, side, ty)?;
+                let tag = wire::command_complete(msg).ok_or_else(|| malformed(side, ty))?;
                 if let Some(p) = self.pending.front_mut() {
                     if let Some(st) = p.current() {
-                        st.outcome.rows += rows_of_command_tag(&c.tag);
-                        st.outcome.command_tags.push(c.tag.clone());
+                        st.outcome.rows += rows_of_command_tag(&tag);
+                        st.outcome.command_tags.push(tag.clone());
                     }
                     p.advance();
                 }
-                event(out, now_ms, SessionEvent::CommandComplete { tag: c.tag });
+                event(out, now_ms, SessionEvent::CommandComplete { tag });
             }
             // EmptyQueryResponse, PortalSuspended: the Execute is answered.
             b'I' | b's' => {
@@ -431,14 +408,7 @@ impl PgInspector {
                 }
             }
             b'E' => {
-                let (code, message) = match decode::<ErrorResponse>(msg, &self.ctx, side, ty) {
-                    Ok(e) => error_fields(&e.fields),
-                    // Oversized errors are forwarded untouched; record what we know.
-                    Err(_) => (
-                        "XX000".to_string(),
-                        "<error message too large to inspect>".into(),
-                    ),
-                };
+                let (code, message) = wire::error_fields(msg).ok_or_else(|| malformed(side, ty))?;
                 // An error before the cycle's first Execute ran (a failed
                 // Parse or Bind) belongs to no statement.
                 if let Some(p) = self.pending.front_mut() {
@@ -455,16 +425,15 @@ impl PgInspector {
                 event(out, now_ms, SessionEvent::Error { code, message });
             }
             b't' => {
-                let d: ParameterDescription = decode(msg, &self.ctx, side, ty)?;
+                let types = wire::parameter_description(msg).ok_or_else(|| malformed(side, ty))?;
                 if let Some((_, name)) = self.describing.pop_front()
                     && let Some(p) = self.statements.get_mut(&name)
                 {
-                    p.types = d.types;
+                    p.types = types;
                 }
             }
             b'T' => {
-                let r: RowDescription = decode(msg, &self.ctx, side, ty)?;
-                let columns = r.fields.into_iter().map(|f| f.name).collect();
+                let columns = wire::row_description(msg).ok_or_else(|| malformed(side, ty))?;
                 event(out, now_ms, SessionEvent::RowDescription { columns });
             }
             b'Z' => {
@@ -509,26 +478,8 @@ fn remember<V>(map: &mut HashMap<String, V>, key: String, value: V) {
     map.insert(key, value);
 }
 
-fn decode<M: Message>(
-    msg: &[u8],
-    ctx: &DecodeContext,
-    side: Side,
-    ty: u8,
-) -> Result<M, InspectError> {
-    let mut b = BytesMut::from(msg);
-    match M::decode(&mut b, ctx) {
-        Ok(Some(m)) => Ok(m),
-        Ok(None) => Err(malformed(side, ty, "truncated")),
-        Err(e) => Err(malformed(side, ty, &e.to_string())),
-    }
-}
-
-fn malformed(side: Side, ty: u8, reason: &str) -> InspectError {
-    InspectError::Malformed {
-        side,
-        ty,
-        reason: reason.to_string(),
-    }
+fn malformed(side: Side, ty: u8) -> InspectError {
+    InspectError::Malformed { side, ty }
 }
 
 fn frame_error(side: Side, e: FrameError) -> InspectError {
@@ -536,13 +487,6 @@ fn frame_error(side: Side, e: FrameError) -> InspectError {
         FrameError::BadLength(len) => InspectError::BadLength { side, len },
         FrameError::TooLarge(ty, len) => InspectError::TooLarge { side, ty, len },
     }
-}
-
-/// The single C string that forms the body of a message.
-fn cstring_body(msg: &[u8]) -> Option<String> {
-    let body = msg.get(5..)?;
-    let end = body.iter().position(|&b| b == 0)?;
-    String::from_utf8(body.get(..end)?.to_vec()).ok()
 }
 
 /// Longest rendered parameter kept in the evidence.
@@ -612,15 +556,4 @@ fn hex(v: &[u8]) -> String {
         let _ = write!(s, "{b:02x}");
     }
     s
-}
-
-fn error_fields(fields: &[(u8, String)]) -> (String, String) {
-    let find = |k: u8| {
-        fields
-            .iter()
-            .find(|(f, _)| *f == k)
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default()
-    };
-    (find(b'C'), find(b'M'))
 }

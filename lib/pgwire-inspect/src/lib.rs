@@ -14,6 +14,7 @@
 pub mod build;
 mod framer;
 mod inspector;
+mod wire;
 
 pub use inspector::{Action, InspectError, PgInspector, Protocol, SessionEvent, Side, Statement};
 

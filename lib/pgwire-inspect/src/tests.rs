@@ -280,3 +280,34 @@ fn extended_protocol_names_the_executed_statement() {
         ],
     );
 }
+
+/// Counts and lengths that promise more bytes than the message holds are
+/// errors, not panics (pgwire's decoders panicked on these; found by fuzzing).
+#[test]
+fn messages_shorter_than_their_counts_are_malformed() {
+    let mut parse = cstr("s");
+    parse.extend(cstr("select 1"));
+    parse.extend(10u16.to_be_bytes()); // ten type OIDs, none present
+    let mut bind = cstr("");
+    bind.extend(cstr(""));
+    bind.extend(0u16.to_be_bytes());
+    bind.extend(1u16.to_be_bytes());
+    bind.extend(1000i32.to_be_bytes()); // a 1000-byte parameter, 2 present
+    bind.extend(b"ab");
+    let mut describe = Vec::new(); // no target kind at all
+    describe.extend(b"");
+    for (ty, body) in [(b'P', parse), (b'B', bind), (b'D', describe)] {
+        let mut insp = PgInspector::new();
+        let mut buf = BytesMut::from(&msg(ty, &body)[..]);
+        let err = insp.on_client(&mut buf, 0, &mut Vec::new()).unwrap_err();
+        assert!(
+            matches!(err, InspectError::Malformed { side: Side::Client, ty: t } if t == ty),
+            "{err}"
+        );
+    }
+    let mut rd = 3u16.to_be_bytes().to_vec(); // three columns, one name only
+    rd.extend(cstr("a"));
+    let mut insp = PgInspector::new();
+    let mut buf = BytesMut::from(&msg(b'T', &rd)[..]);
+    assert!(insp.on_upstream(&mut buf, 0, &mut Vec::new()).is_err());
+}
