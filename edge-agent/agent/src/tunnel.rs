@@ -27,6 +27,12 @@ use crate::{AgentCtx, AgentQueues, now_ms};
 const HEARTBEAT: Duration = Duration::from_secs(5);
 const MAX_BATCH: usize = 2048;
 const MAX_INFLIGHT_BATCHES: usize = 8;
+/// A batch smaller than [`MAX_BATCH`] waits for the next linger tick, so a
+/// steady trickle of statements costs the control plane one Raft entry per
+/// tick instead of one per statement. Sessions never wait for shipping
+/// (only for their spool fsync), so this delays evidence reaching the
+/// control plane by at most this much, not the clients.
+const LINGER: Duration = Duration::from_millis(10);
 
 /// Audit events and session reports not yet acknowledged by the control
 /// plane. Survives reconnects; everything in it is re-sent on a new connection.
@@ -56,11 +62,19 @@ pub async fn run(ctx: Arc<AgentCtx>, mut queues: AgentQueues) -> anyhow::Result<
         events: pending.into(),
         ..Default::default()
     };
-    let spool = Arc::new(std::sync::Mutex::new(spool));
+    let spool = Arc::new(SharedSpool {
+        spool: std::sync::Mutex::new(spool),
+        acks: std::sync::atomic::AtomicU64::new(0),
+    });
     let (durable_tx, mut durable_rx) = mpsc::unbounded_channel();
     let (dead_tx, mut spool_dead) = tokio::sync::oneshot::channel::<SpoolError>();
     let audit_rx = std::mem::replace(&mut queues.audit_rx, mpsc::channel(1).1);
-    tokio::spawn(spool_writer(spool.clone(), audit_rx, durable_tx, dead_tx));
+    {
+        let spool = spool.clone();
+        std::thread::Builder::new()
+            .name("audit-spool".into())
+            .spawn(move || spool_writer(spool, audit_rx, durable_tx, dead_tx))?;
+    }
     let mut backoff = Duration::from_millis(200);
     loop {
         match connect_fastest(&ctx, &files).await {
@@ -158,7 +172,7 @@ async fn serve_connection(
     durable_rx: &mut mpsc::UnboundedReceiver<AuditEvent>,
     queues: &mut AgentQueues,
     outbox: &mut Outbox,
-    spool: &std::sync::Mutex<AuditSpool>,
+    spool: &SharedSpool,
 ) -> anyhow::Result<()> {
     let (mut send, mut recv) = conn.open_bi().await?;
     let hello = AgentMessage {
@@ -194,8 +208,12 @@ async fn serve_connection(
         .await?;
     }
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    let mut linger = tokio::time::interval(LINGER);
+    linger.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut partial = true;
     let result = loop {
-        flush(&mut send, outbox).await?;
+        flush(&mut send, outbox, partial).await?;
+        partial = false;
         tokio::select! {
             incoming = conn.accept_bi() => {
                 let (s, r) = incoming?;
@@ -206,10 +224,7 @@ async fn serve_connection(
                 let Some(reply) = reply else { break Ok(()) };
                 let acked = on_reply(reply, outbox);
                 if acked > 0 {
-                    match spool.lock() {
-                        Ok(mut s) => s.ack(acked as u64)?,
-                        Err(p) => p.into_inner().ack(acked as u64)?,
-                    }
+                    spool.ack(acked as u64)?;
                 }
             }
             ev = durable_rx.recv() => {
@@ -227,6 +242,7 @@ async fn serve_connection(
                 send.write_all(&frame(&AgentMessage { msg: Some(agent_message::Msg::Recorded(report.clone())) })).await?;
                 outbox.reports.push_back(report);
             }
+            _ = linger.tick(), if outbox.sent < outbox.events.len() => partial = true,
             _ = heartbeat.tick() => {
                 send.write_all(&frame(&AgentMessage {
                     msg: Some(agent_message::Msg::Heartbeat(Heartbeat { sent_ms: now_ms() })),
@@ -238,62 +254,95 @@ async fn serve_connection(
     result
 }
 
-/// Appends queued events to the spool and fsyncs them, a group at a time,
-/// whether or not the control plane is reachable; then releases the sessions
-/// waiting for them and hands the events, in spool order, to the shipper.
-/// On a spool failure every waiting session is refused and the writer stops.
-async fn spool_writer(
-    spool: Arc<std::sync::Mutex<AuditSpool>>,
-    mut rx: mpsc::Receiver<PendingAudit>,
-    out: mpsc::UnboundedSender<AuditEvent>,
-    dead: tokio::sync::oneshot::Sender<SpoolError>,
-) {
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < 4096 {
-            match rx.try_recv() {
-                Ok(p) => batch.push(p),
-                Err(_) => break,
-            }
+/// The spool and acknowledgements not yet applied to it. Whoever holds the
+/// lock next applies them, so the connection task never waits for an fsync.
+struct SharedSpool {
+    spool: std::sync::Mutex<AuditSpool>,
+    acks: std::sync::atomic::AtomicU64,
+}
+
+impl SharedSpool {
+    fn ack(&self, n: u64) -> Result<(), SpoolError> {
+        self.acks.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+        match self.spool.try_lock() {
+            Ok(mut s) => self.apply_acks(&mut s),
+            Err(_) => Ok(()),
         }
-        let events: Vec<AuditEvent> = batch.iter().map(|p| p.event.clone()).collect();
-        let sp = spool.clone();
-        let written = tokio::task::spawn_blocking(move || {
-            let mut s = match sp.lock() {
-                Ok(s) => s,
-                Err(p) => p.into_inner(),
-            };
-            for e in &events {
-                s.append(e)?;
-            }
-            s.sync()?;
-            Ok::<_, SpoolError>(events)
-        })
-        .await;
-        match written {
-            Ok(Ok(events)) => {
-                for (p, e) in batch.into_iter().zip(events) {
-                    let _ = out.send(e);
-                    let _ = p.durable.send(true);
-                }
-            }
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "audit spool failed: refusing every further action");
-                for p in batch {
-                    let _ = p.durable.send(false);
-                }
-                let _ = dead.send(e);
-                return;
-            }
-            Err(_) => return,
+    }
+
+    fn apply_acks(&self, s: &mut AuditSpool) -> Result<(), SpoolError> {
+        match self.acks.swap(0, std::sync::atomic::Ordering::SeqCst) {
+            0 => Ok(()),
+            n => s.ack(n),
         }
     }
 }
 
-/// Sends unsent audit events in batches.
-async fn flush(send: &mut quinn::SendStream, outbox: &mut Outbox) -> anyhow::Result<()> {
+/// Appends queued events to the spool and fsyncs them, a group at a time,
+/// whether or not the control plane is reachable; then releases the sessions
+/// waiting for them and hands the events, in spool order, to the shipper.
+/// On a spool failure every waiting session is refused and the writer stops.
+/// Runs on its own thread: every group ends in an fsync.
+fn spool_writer(
+    spool: Arc<SharedSpool>,
+    mut rx: mpsc::Receiver<PendingAudit>,
+    out: mpsc::UnboundedSender<AuditEvent>,
+    dead: tokio::sync::oneshot::Sender<SpoolError>,
+) {
+    let mut events = Vec::new();
+    let mut waiting = Vec::new();
+    while let Some(first) = rx.blocking_recv() {
+        let mut next = Some(first);
+        while let Some(p) = next {
+            events.push(p.event);
+            waiting.push(p.durable);
+            next = if events.len() < 4096 {
+                rx.try_recv().ok()
+            } else {
+                None
+            };
+        }
+        let written = {
+            let mut s = match spool.spool.lock() {
+                Ok(s) => s,
+                Err(p) => p.into_inner(),
+            };
+            spool
+                .apply_acks(&mut s)
+                .and_then(|()| s.append(&events))
+                .and_then(|()| s.sync())
+        };
+        match written {
+            Ok(()) => {
+                for (e, durable) in events.drain(..).zip(waiting.drain(..)) {
+                    let _ = out.send(e);
+                    let _ = durable.send(true);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "audit spool failed: refusing every further action");
+                for durable in waiting.drain(..) {
+                    let _ = durable.send(false);
+                }
+                let _ = dead.send(e);
+                return;
+            }
+        }
+    }
+}
+
+/// Sends unsent audit events: full batches always, a partial one only when
+/// `partial`.
+async fn flush(
+    send: &mut quinn::SendStream,
+    outbox: &mut Outbox,
+    partial: bool,
+) -> anyhow::Result<()> {
     while outbox.sent < outbox.events.len() && outbox.inflight.len() < MAX_INFLIGHT_BATCHES {
         let end = outbox.events.len().min(outbox.sent + MAX_BATCH);
+        if end - outbox.sent < MAX_BATCH && !partial {
+            break;
+        }
         let events = outbox
             .events
             .range(outbox.sent..end)
