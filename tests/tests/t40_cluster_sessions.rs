@@ -186,6 +186,44 @@ fn any_node_serves_sessions_and_the_agent_fails_over_to_a_surviving_node() {
         tags.push(tag);
     }
 
+    // Ctrl-C through a node that does not hold the agent's connection: the
+    // cancel is relayed to the agent's node.
+    let away = [1u64, 2, 3].into_iter().find(|n| *n != home).unwrap();
+    let (host, port) = c.node(away).pg.rsplit_once(':').unwrap();
+    let sleeper = std::process::Command::new("psql")
+        .args(["-X", "-v", "VERBOSITY=verbose", "-c", "select pg_sleep(30)"])
+        .arg(format!(
+            "host={host} port={port} user=db dbname=app sslmode=require"
+        ))
+        .env("PGPASSWORD", &key)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("sleep running upstream", Duration::from_secs(10), || {
+        let n = pg
+            .psql_super(
+                "postgres",
+                "select count(*) from pg_stat_activity where query = 'select pg_sleep(30)'",
+            )
+            .unwrap();
+        (n.trim() == "1").then_some(())
+    });
+    let t0 = std::time::Instant::now();
+    let st = std::process::Command::new("kill")
+        .args(["-INT", &sleeper.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = sleeper.wait_with_output().unwrap();
+    let took = t0.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("57014"), "{err}");
+    assert!(
+        took < Duration::from_secs(1),
+        "relayed cancel took {took:?}"
+    );
+
     let new_home = kill_home_and_wait(&mut c, home);
     let other = [1, 2, 3]
         .into_iter()
