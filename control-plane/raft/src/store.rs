@@ -18,7 +18,7 @@ use openraft::{
     Entry, EntryPayload, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta,
     StorageError, StorageIOError, StoredMembership, Vote,
 };
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::state::{self, AGENT_SEQ, AUDIT, AUDIT_IDS, KV};
@@ -92,9 +92,11 @@ fn meta_put<T: Serialize>(
     table: TableDefinition<&str, &str>,
     key: &str,
     value: &T,
+    durability: Durability,
 ) -> Result<(), StorageError<NodeId>> {
     let s = to_json(value)?;
-    let txn = db.begin_write().map_err(write_err)?;
+    let mut txn = db.begin_write().map_err(write_err)?;
+    txn.set_durability(durability).map_err(write_err)?;
     txn.open_table(table)
         .map_err(write_err)?
         .insert(key, s.as_str())
@@ -157,7 +159,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
-        meta_put(&self.db, LOG_META, "vote", vote)
+        meta_put(&self.db, LOG_META, "vote", vote, Durability::Immediate)
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {
@@ -168,7 +170,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         &mut self,
         committed: Option<LogId<NodeId>>,
     ) -> Result<(), StorageError<NodeId>> {
-        meta_put(&self.db, LOG_META, "committed", &committed)
+        // Optional in Raft (it only speeds up a restart), so not fsync'd:
+        // the next durable commit (a log append, a vote) persists it.
+        meta_put(
+            &self.db,
+            LOG_META,
+            "committed",
+            &committed,
+            Durability::None,
+        )
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
@@ -448,12 +458,18 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 }
 
-/// Applies entries in one write transaction (one fsync).
+/// Applies entries in one write transaction, not fsync'd: the entries are
+/// durable in the log (same database), so after a crash the state and its
+/// `last_applied` roll back together to the last durable commit and openraft
+/// applies the rest again. Any durable commit (the next log append, a vote,
+/// a purge, a snapshot) persists every apply before it, so the log is never
+/// purged past durable state.
 fn apply_entries(
     db: &Database,
     entries: Vec<Entry<TypeConfig>>,
 ) -> Result<Vec<CommandResult>, StorageError<NodeId>> {
-    let txn = db.begin_write().map_err(write_err)?;
+    let mut txn = db.begin_write().map_err(write_err)?;
+    txn.set_durability(Durability::None).map_err(write_err)?;
     let mut results = Vec::new();
     let mut last = None;
     let mut membership = None;
