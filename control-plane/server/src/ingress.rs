@@ -568,6 +568,10 @@ async fn next_frontend<R: AsyncRead + Unpin>(
     ctx: &DecodeContext,
 ) -> anyhow::Result<PgWireFrontendMessage> {
     loop {
+        anyhow::ensure!(
+            gatehouse_pgwire_inspect::frontend_length_ok(buf, ctx.awaiting_frontend_startup),
+            "client sent a message with an invalid length"
+        );
         if let Some(m) = PgWireFrontendMessage::decode(buf, ctx)? {
             return Ok(m);
         }

@@ -91,6 +91,13 @@ pub async fn connect(
     let mut buf = BytesMut::with_capacity(8192);
     let mut scram: Option<ScramSha256> = None;
     loop {
+        // Typed messages frame alike in both directions; pgwire panics on a
+        // length under 4.
+        if !gatehouse_pgwire_inspect::frontend_length_ok(&buf, false) {
+            return Err(UpstreamError::Protocol(
+                "message with an invalid length during authentication".into(),
+            ));
+        }
         let msg = match PgWireBackendMessage::decode(&mut buf, &ctx) {
             Ok(Some(m)) => m,
             Ok(None) => {

@@ -16,6 +16,25 @@ mod framer;
 mod inspector;
 mod wire;
 
+/// Whether the length at the start of `buf` is one pgwire's frontend decoder
+/// may be given: at least 8 for an untyped startup-phase packet (`startup`),
+/// at least 4 for a typed message. pgwire 0.42 panics on shorter lengths
+/// (a password message of length 0 underflows); callers check first.
+/// Incomplete headers are fine (the decoder waits for more bytes).
+pub fn frontend_length_ok(buf: &[u8], startup: bool) -> bool {
+    let at = usize::from(!startup);
+    let Some(len) = buf.get(at..at + 4) else {
+        return true;
+    };
+    let len = i32::from_be_bytes([
+        len.first().copied().unwrap_or_default(),
+        len.get(1).copied().unwrap_or_default(),
+        len.get(2).copied().unwrap_or_default(),
+        len.get(3).copied().unwrap_or_default(),
+    ]);
+    len >= if startup { 8 } else { 4 }
+}
+
 pub use inspector::{Action, InspectError, PgInspector, Protocol, SessionEvent, Side, Statement};
 
 #[cfg(test)]

@@ -311,3 +311,17 @@ fn messages_shorter_than_their_counts_are_malformed() {
     let mut buf = BytesMut::from(&msg(b'T', &rd)[..]);
     assert!(insp.on_upstream(&mut buf, 0, &mut Vec::new()).is_err());
 }
+
+#[test]
+fn frontend_lengths_pgwire_cannot_take_are_refused() {
+    use crate::frontend_length_ok;
+    // Typed: a password message of length 0 (pgwire underflows on it).
+    assert!(!frontend_length_ok(b"p\0\0\0\0", false));
+    assert!(!frontend_length_ok(b"p\xff\xff\xff\xff", false));
+    assert!(frontend_length_ok(b"p\0\0\0\x04", false));
+    // Untyped startup packets are at least 8 bytes.
+    assert!(!frontend_length_ok(b"\0\0\0\x04\x04\xd2", true));
+    assert!(frontend_length_ok(b"\0\0\0\x08\x04\xd2\x16\x2f", true));
+    // Not enough bytes to tell yet.
+    assert!(frontend_length_ok(b"p\0", false));
+}

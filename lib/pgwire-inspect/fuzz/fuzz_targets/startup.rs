@@ -1,6 +1,7 @@
 //! What the ingress decodes before a client is authenticated (SSL and GSS
 //! negotiation, StartupMessage, CancelRequest, the password message), with
-//! pgwire's frontend decoder in each of the ingress's states.
+//! pgwire's frontend decoder in each of the ingress's states, behind the
+//! length check the ingress makes first.
 #![no_main]
 
 use bytes::BytesMut;
@@ -13,6 +14,21 @@ fuzz_target!(|data: &[u8]| {
         ctx.awaiting_frontend_ssl = state == 0;
         ctx.awaiting_frontend_startup = state <= 1;
         let mut buf = BytesMut::from(data);
-        while let Ok(Some(_)) = PgWireFrontendMessage::decode(&mut buf, &ctx) {}
+        // Negotiation answers decode without consuming (the ingress changes
+        // state after each); stop when nothing was consumed.
+        for _ in 0..16 {
+            let before = buf.len();
+            // The ingress checks the length before handing bytes to pgwire.
+            if !gatehouse_pgwire_inspect::frontend_length_ok(&buf, ctx.awaiting_frontend_startup) {
+                break;
+            }
+            match PgWireFrontendMessage::decode(&mut buf, &ctx) {
+                Ok(Some(PgWireFrontendMessage::PasswordMessageFamily(p))) => {
+                    let _ = p.into_password();
+                }
+                Ok(Some(_)) if buf.len() < before => {}
+                _ => break,
+            }
+        }
     }
 });
