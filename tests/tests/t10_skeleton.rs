@@ -479,31 +479,70 @@ fn pgbench_select_only_runs_through_the_gateway_in_every_protocol_mode() {
         String::from_utf8_lossy(&init.stderr)
     );
     let (host, port) = stack.pg_addr.rsplit_once(':').unwrap();
+    let pg_port = stack.pg.port.to_string();
+    let history = || -> i64 {
+        stack
+            .pg
+            .psql_super("app", "select count(*) from pgbench_history")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
     // The extended protocol with unnamed statements, named prepared
-    // statements, and the simple protocol.
+    // statements, and the simple protocol; select-only and TPC-B-like (which
+    // writes); each run through the gateway and directly must process every
+    // transaction without a failure.
     for mode in ["extended", "prepared", "simple"] {
-        let run = std::process::Command::new("pgbench")
-            .args([
-                "-S", "-M", mode, "-c", "4", "-T", "3", "-n", "-h", host, "-p", port, "-U", "db",
-                "app",
-            ])
-            .env("PGPASSWORD", &key)
-            .env("PGSSLMODE", "require")
-            .output()
-            .unwrap();
-        let out = String::from_utf8_lossy(&run.stdout);
-        assert!(
-            run.status.success(),
-            "-M {mode}: {}{}",
-            out,
-            String::from_utf8_lossy(&run.stderr)
-        );
-        assert!(out.contains("number of failed transactions: 0"), "{out}");
-        let tps = out
-            .lines()
-            .find(|l| l.starts_with("tps"))
-            .unwrap_or_default();
-        println!("pgbench -S -M {mode} through the gateway: {tps}");
+        for (script, per_client) in [("-S", "100"), ("-b tpcb-like", "25")] {
+            for (via, h, p, user, pw, ssl) in [
+                ("gateway", host, port, "db", key.as_str(), "require"),
+                (
+                    "direct",
+                    "127.0.0.1",
+                    pg_port.as_str(),
+                    AGENT_ROLE,
+                    AGENT_PASSWORD,
+                    "disable",
+                ),
+            ] {
+                let before = history();
+                let run = std::process::Command::new("pgbench")
+                    .args(script.split(' '))
+                    .args(["-M", mode, "-c", "4", "-t", per_client, "-n"])
+                    .args(["-h", h, "-p", p, "-U", user, "app"])
+                    .env("PGPASSWORD", pw)
+                    .env("PGSSLMODE", ssl)
+                    .output()
+                    .unwrap();
+                let out = String::from_utf8_lossy(&run.stdout);
+                let what = format!("{script} -M {mode} {via}");
+                assert!(
+                    run.status.success(),
+                    "{what}: {}{}",
+                    out,
+                    String::from_utf8_lossy(&run.stderr)
+                );
+                let expect = 4 * per_client.parse::<i64>().unwrap();
+                assert!(
+                    out.contains(&format!(
+                        "number of transactions actually processed: {expect}/{expect}"
+                    )),
+                    "{what}: {out}"
+                );
+                assert!(
+                    out.contains("number of failed transactions: 0"),
+                    "{what}: {out}"
+                );
+                let written = history() - before;
+                assert_eq!(written, if script == "-S" { 0 } else { expect }, "{what}");
+                let tps = out
+                    .lines()
+                    .find(|l| l.starts_with("tps"))
+                    .unwrap_or_default();
+                println!("pgbench {what}: {tps}");
+            }
+        }
     }
     // Statements of the extended protocol (the first sessions) are audited
     // with their text from Parse.
