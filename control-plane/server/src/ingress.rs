@@ -572,6 +572,12 @@ async fn next_frontend<R: AsyncRead + Unpin>(
             gatehouse_pgwire_inspect::frontend_length_ok(buf, ctx.awaiting_frontend_startup),
             "client sent a message with an invalid length"
         );
+        // After startup the only message the ingress reads is the password;
+        // pgwire would decode (and can panic on) any other type.
+        anyhow::ensure!(
+            ctx.awaiting_frontend_startup || buf.first().is_none_or(|t| *t == b'p'),
+            "client sent a message other than a password before authenticating"
+        );
         if let Some(m) = PgWireFrontendMessage::decode(buf, ctx)? {
             return Ok(m);
         }

@@ -22,6 +22,10 @@ fuzz_target!(|data: &[u8]| {
             if !gatehouse_pgwire_inspect::frontend_length_ok(&buf, ctx.awaiting_frontend_startup) {
                 break;
             }
+            // After startup the ingress reads only a password message.
+            if !ctx.awaiting_frontend_startup && buf.first().is_some_and(|t| *t != b'p') {
+                break;
+            }
             match PgWireFrontendMessage::decode(&mut buf, &ctx) {
                 Ok(Some(PgWireFrontendMessage::PasswordMessageFamily(p))) => {
                     let _ = p.into_password();
