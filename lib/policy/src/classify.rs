@@ -1,0 +1,388 @@
+//! What a SQL text does, read off PostgreSQL's own parse tree.
+//!
+//! `pg_query` embeds PostgreSQL's parser; its tree is walked whole (through
+//! its serde form, so no node type is skipped), not judged by the top-level
+//! statement kind: a writable CTE inside a SELECT is a write, a SELECT … INTO
+//! creates a table, an EXPLAIN ANALYZE runs its statement while a plain
+//! EXPLAIN does not, and a function call anywhere is seen.
+
+use std::collections::{BTreeSet, HashSet};
+
+use serde_json::{Map, Value};
+
+use crate::doc::Kind;
+
+/// What one statement of a query string does.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StatementEffects {
+    /// The statement's own text within the query string.
+    pub text: String,
+    /// Kinds of action, each with the table it touches (`schema.table` as
+    /// written, or `table` when unqualified), or none.
+    pub kinds: BTreeSet<(Kind, Option<String>)>,
+    /// Functions called anywhere in the statement (lower case, no schema).
+    pub functions: BTreeSet<String>,
+    /// Tables an UPDATE or DELETE without WHERE, or a TRUNCATE, touches.
+    pub without_where: BTreeSet<String>,
+    /// `PREPARE name AS …`: the name.
+    pub prepares: Option<String>,
+    /// `EXECUTE name`: the name.
+    pub executes: Option<String>,
+}
+
+/// A query string that PostgreSQL's parser refuses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ParseError(pub String);
+
+/// Every statement of `sql` with what it does. An empty string (or only
+/// comments) has no statements.
+pub fn classify(sql: &str) -> Result<Vec<StatementEffects>, ParseError> {
+    let parsed = pg_query::parse(sql, pg_query::ParserOptions::default())
+        .map_err(|e| ParseError(e.to_string()))?;
+    let tree = serde_json::to_value(&parsed.protobuf).map_err(|e| ParseError(e.to_string()))?;
+    let mut out = Vec::new();
+    let Some(stmts) = tree.get("stmts").and_then(Value::as_array) else {
+        return Ok(out);
+    };
+    for raw in stmts {
+        let start = raw
+            .get("stmt_location")
+            .and_then(Value::as_u64)
+            .unwrap_or(0) as usize;
+        let len = raw.get("stmt_len").and_then(Value::as_u64).unwrap_or(0) as usize;
+        let text = if len == 0 {
+            sql.get(start..)
+        } else {
+            sql.get(start..start.saturating_add(len))
+        }
+        .unwrap_or(sql)
+        .trim()
+        .to_string();
+        let mut w = Walker::default();
+        if let Some(stmt) = raw.get("stmt") {
+            w.value(stmt, Mode::new(Kind::Read));
+        }
+        let mut fx = w.fx;
+        if fx.kinds.is_empty() {
+            fx.kinds.insert((w.top.unwrap_or(Kind::Read), None));
+        }
+        // A CTE's name read in FROM is not a table.
+        fx.kinds
+            .retain(|(_, t)| t.as_ref().is_none_or(|t| !w.ctes.contains(t)));
+        if fx.kinds.is_empty() {
+            fx.kinds.insert((Kind::Read, None));
+        }
+        fx.text = text;
+        out.push(fx);
+    }
+    Ok(out)
+}
+
+/// How nodes under the current one count.
+#[derive(Clone, Copy)]
+struct Mode {
+    kind: Kind,
+    /// Under EXPLAIN without ANALYZE: planned, not run.
+    plan_only: bool,
+}
+
+impl Mode {
+    fn new(kind: Kind) -> Self {
+        Self {
+            kind,
+            plan_only: false,
+        }
+    }
+
+    fn with(self, kind: Kind) -> Self {
+        Self { kind, ..self }
+    }
+}
+
+#[derive(Default)]
+struct Walker {
+    fx: StatementEffects,
+    ctes: HashSet<String>,
+    /// The kind of the outermost statement node.
+    top: Option<Kind>,
+}
+
+impl Walker {
+    fn value(&mut self, v: &Value, m: Mode) {
+        match v {
+            Value::Object(o) => self.object(o, m),
+            Value::Array(a) => a.iter().for_each(|x| self.value(x, m)),
+            _ => {}
+        }
+    }
+
+    fn object(&mut self, o: &Map<String, Value>, m: Mode) {
+        // A RangeVar held directly in a typed field (`relation`, `rel`).
+        if o.contains_key("relname") && o.contains_key("inh") {
+            self.table(o, m);
+            return;
+        }
+        if o.len() == 1
+            && let Some(Value::Object(inner)) = o.get("node")
+        {
+            for (ty, body) in inner {
+                self.node(ty, body, m);
+            }
+            return;
+        }
+        for v in o.values() {
+            self.value(v, m);
+        }
+    }
+
+    fn fields_except(&mut self, body: &Value, skip: &[&str], m: Mode) {
+        if let Value::Object(o) = body {
+            for (k, v) in o {
+                if !skip.contains(&k.as_str()) {
+                    self.value(v, m);
+                }
+            }
+        }
+    }
+
+    fn kind(&mut self, k: Kind, table: Option<String>, m: Mode) {
+        let k = if m.plan_only { Kind::Read } else { k };
+        self.fx.kinds.insert((k, table));
+    }
+
+    fn table(&mut self, o: &Map<String, Value>, m: Mode) {
+        let name = |k: &str| o.get(k).and_then(Value::as_str).unwrap_or("");
+        let (schema, rel) = (name("schemaname"), name("relname"));
+        let t = if schema.is_empty() {
+            rel.to_string()
+        } else {
+            format!("{schema}.{rel}")
+        };
+        self.kind(m.kind, Some(t), m);
+    }
+
+    fn unbounded(&mut self, rel: Option<&Value>, m: Mode) {
+        if m.plan_only {
+            return;
+        }
+        if let Some(Value::Object(o)) = rel {
+            let name = |k: &str| o.get(k).and_then(Value::as_str).unwrap_or("");
+            let t = if name("schemaname").is_empty() {
+                name("relname").to_string()
+            } else {
+                format!("{}.{}", name("schemaname"), name("relname"))
+            };
+            self.fx.without_where.insert(t);
+        }
+    }
+
+    fn statement(&mut self, k: Kind) {
+        if self.top.is_none() {
+            self.top = Some(k);
+        }
+    }
+
+    fn node(&mut self, ty: &str, body: &Value, m: Mode) {
+        let field = |k: &str| body.get(k);
+        let is_null = |k: &str| field(k).is_none_or(Value::is_null);
+        match ty {
+            "RangeVar" => {
+                if let Value::Object(o) = body {
+                    self.table(o, m);
+                }
+            }
+            "FuncCall" => {
+                if !m.plan_only
+                    && let Some(name) = field("funcname")
+                        .and_then(Value::as_array)
+                        .and_then(|a| a.last())
+                        .and_then(|n| n.pointer("/node/String/sval"))
+                        .and_then(Value::as_str)
+                {
+                    self.fx.functions.insert(name.to_lowercase());
+                }
+                self.value(body, m);
+            }
+            // ALTER TABLE … OWNER TO: a change of who may do what.
+            "AlterTableCmd" if !is_null("newowner") => {
+                self.kind(Kind::Privilege, None, m);
+                self.value(body, m);
+            }
+            "CommonTableExpr" => {
+                if let Some(n) = field("ctename").and_then(Value::as_str) {
+                    self.ctes.insert(n.to_string());
+                }
+                self.value(body, m);
+            }
+            "SelectStmt" => {
+                self.statement(Kind::Read);
+                if let Some(rel) = field("into_clause").and_then(|i| i.get("rel")) {
+                    self.value(rel, m.with(Kind::Ddl));
+                }
+                self.fields_except(body, &["into_clause"], m.with(Kind::Read));
+            }
+            "InsertStmt" | "MergeStmt" => {
+                self.statement(Kind::Write);
+                if let Some(r) = field("relation") {
+                    self.value(r, m.with(Kind::Write));
+                }
+                self.fields_except(body, &["relation"], m.with(Kind::Read));
+            }
+            "UpdateStmt" | "DeleteStmt" => {
+                self.statement(Kind::Write);
+                if let Some(r) = field("relation") {
+                    self.value(r, m.with(Kind::Write));
+                }
+                if is_null("where_clause") {
+                    self.unbounded(field("relation"), m);
+                }
+                self.fields_except(body, &["relation"], m.with(Kind::Read));
+            }
+            "TruncateStmt" => {
+                self.statement(Kind::Write);
+                for r in field("relations")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    self.value(r, m.with(Kind::Write));
+                    self.unbounded(r.pointer("/node/RangeVar"), m);
+                }
+            }
+            "CopyStmt" => {
+                let from = field("is_from").and_then(Value::as_bool).unwrap_or(false);
+                let program = field("is_program")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
+                let file = field("filename")
+                    .and_then(Value::as_str)
+                    .is_some_and(|f| !f.is_empty());
+                let k = if from { Kind::Write } else { Kind::Read };
+                self.statement(k);
+                if program || file {
+                    self.kind(Kind::Server, None, m);
+                }
+                if let Some(r) = field("relation") {
+                    self.value(r, m.with(k));
+                }
+                self.fields_except(body, &["relation"], m.with(Kind::Read));
+            }
+            "ExplainStmt" => {
+                self.statement(Kind::Read);
+                let analyze = field("options")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|o| o.pointer("/node/DefElem"))
+                    .any(|d| {
+                        d.get("defname").and_then(Value::as_str) == Some("analyze")
+                            && !matches!(
+                                d.pointer("/arg/node/String/sval")
+                                    .or_else(|| d.pointer("/arg/node/Boolean/boolval"))
+                                    .map(|v| v.to_string().trim_matches('"').to_lowercase())
+                                    .as_deref(),
+                                Some("false" | "off" | "0")
+                            )
+                    });
+                let inner = Mode {
+                    plan_only: m.plan_only || !analyze,
+                    ..m
+                };
+                if let Some(q) = field("query") {
+                    self.value(q, inner);
+                }
+            }
+            "PrepareStmt" => {
+                self.fx.prepares = field("name").and_then(Value::as_str).map(str::to_string);
+                if let Some(q) = field("query") {
+                    self.value(q, m);
+                }
+            }
+            "ExecuteStmt" => {
+                self.statement(Kind::Read);
+                self.fx.executes = field("name").and_then(Value::as_str).map(str::to_string);
+                self.fields_except(body, &["name"], m.with(Kind::Read));
+            }
+            "DeclareCursorStmt" => {
+                self.statement(Kind::Read);
+                self.value(body, m.with(Kind::Read));
+            }
+            "CreateTableAsStmt" => {
+                self.statement(Kind::Ddl);
+                if let Some(rel) = field("into").and_then(|i| i.get("rel")) {
+                    self.value(rel, m.with(Kind::Ddl));
+                }
+                self.fields_except(body, &["into"], m.with(Kind::Read));
+            }
+            "DoStmt" | "CallStmt" => {
+                self.statement(Kind::Procedural);
+                self.kind(Kind::Procedural, None, m);
+                self.value(body, m.with(Kind::Read));
+            }
+            "VariableSetStmt" => {
+                let name = field("name").and_then(Value::as_str).unwrap_or("");
+                // VAR_RESET_ALL is 6 in pg_query's enum.
+                let reset_all = field("kind").and_then(Value::as_i64) == Some(6);
+                let k = match name.to_lowercase().as_str() {
+                    "role" | "session_authorization" | "search_path" => Kind::Session,
+                    "transaction" | "transaction_isolation" | "transaction_read_only" => {
+                        Kind::Transaction
+                    }
+                    _ if reset_all => Kind::Session,
+                    _ => Kind::Config,
+                };
+                self.statement(k);
+                self.kind(k, None, m);
+            }
+            "DiscardStmt" => {
+                self.statement(Kind::Session);
+                self.kind(Kind::Session, None, m);
+            }
+            "VariableShowStmt" | "FetchStmt" => {
+                self.statement(Kind::Read);
+                self.kind(Kind::Read, None, m);
+            }
+            "DeallocateStmt" | "ClosePortalStmt" => {
+                self.statement(Kind::Config);
+                self.kind(Kind::Config, None, m);
+            }
+            "TransactionStmt" | "ConstraintsSetStmt" => {
+                self.statement(Kind::Transaction);
+                self.kind(Kind::Transaction, None, m);
+            }
+            _ if ty.ends_with("Stmt") => {
+                let k = stmt_kind(ty);
+                self.statement(k);
+                self.kind(k, None, m);
+                self.value(body, m.with(k));
+            }
+            _ => self.value(body, m),
+        }
+    }
+}
+
+/// The kind of a statement node the walker has no special case for.
+fn stmt_kind(ty: &str) -> Kind {
+    match ty {
+        "GrantStmt"
+        | "GrantRoleStmt"
+        | "CreateRoleStmt"
+        | "AlterRoleStmt"
+        | "AlterRoleSetStmt"
+        | "DropRoleStmt"
+        | "AlterDefaultPrivilegesStmt"
+        | "ReassignOwnedStmt"
+        | "DropOwnedStmt"
+        | "CreatePolicyStmt"
+        | "AlterPolicyStmt"
+        | "AlterOwnerStmt"
+        | "CreateUserMappingStmt"
+        | "AlterUserMappingStmt"
+        | "DropUserMappingStmt" => Kind::Privilege,
+        "VacuumStmt" | "ClusterStmt" | "ReindexStmt" | "CheckPointStmt" | "ListenStmt"
+        | "UnlistenStmt" | "NotifyStmt" | "LockStmt" => Kind::Utility,
+        "LoadStmt" | "AlterSystemStmt" => Kind::Server,
+        _ => Kind::Ddl,
+    }
+}

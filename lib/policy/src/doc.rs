@@ -1,0 +1,258 @@
+//! The policy document: what `gatehouse policy apply -f policy.yaml` writes.
+//!
+//! The YAML is parsed and validated once, on the control plane; what Raft
+//! stores and agents receive is the canonical JSON of the parsed document,
+//! whose SHA-256 is the document's version.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// What a guardrail decides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    Allow,
+    /// The statement waits for a human approval.
+    Approve,
+    Deny,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Allow => "allow",
+            Action::Approve => "approve",
+            Action::Deny => "deny",
+        }
+    }
+}
+
+/// What a statement does, decided on its parse tree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// Reads data: SELECT, TABLE, VALUES, SHOW, FETCH, COPY … TO STDOUT,
+    /// EXPLAIN without ANALYZE.
+    Read,
+    /// Changes rows: INSERT, UPDATE, DELETE, MERGE, TRUNCATE, COPY … FROM.
+    Write,
+    /// Changes the schema: CREATE, ALTER, DROP, COMMENT, SELECT … INTO,
+    /// CREATE TABLE AS, REFRESH MATERIALIZED VIEW.
+    Ddl,
+    /// Changes who may do what: GRANT, REVOKE, roles, default privileges,
+    /// row-level security policies.
+    Privilege,
+    /// Changes who the session acts as or how names resolve: SET ROLE,
+    /// SET SESSION AUTHORIZATION, search_path, RESET ALL.
+    Session,
+    /// Other session settings: SET, RESET, DEALLOCATE, DISCARD.
+    Config,
+    /// BEGIN, COMMIT, ROLLBACK, SAVEPOINT, SET TRANSACTION, SET CONSTRAINTS.
+    Transaction,
+    /// VACUUM, ANALYZE, CLUSTER, REINDEX, CHECKPOINT, LOCK, LISTEN, NOTIFY.
+    Utility,
+    /// Runs code the gateway cannot see into: DO blocks and CALL.
+    Procedural,
+    /// Reaches outside the database: COPY to or from a server file or
+    /// PROGRAM, LOAD, ALTER SYSTEM.
+    Server,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Read => "read",
+            Kind::Write => "write",
+            Kind::Ddl => "ddl",
+            Kind::Privilege => "privilege",
+            Kind::Session => "session",
+            Kind::Config => "config",
+            Kind::Transaction => "transaction",
+            Kind::Utility => "utility",
+            Kind::Procedural => "procedural",
+            Kind::Server => "server",
+        }
+    }
+}
+
+/// The whole document.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyDoc {
+    #[serde(default)]
+    pub guardrails: Guardrails,
+}
+
+/// PostgreSQL guardrails: rules in order, and what happens to statements no
+/// rule covers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Guardrails {
+    #[serde(default = "default_action")]
+    pub default: Action,
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+}
+
+impl Default for Guardrails {
+    fn default() -> Self {
+        Self {
+            default: Action::Allow,
+            rules: Vec::new(),
+        }
+    }
+}
+
+fn default_action() -> Action {
+    Action::Allow
+}
+
+/// One guardrail. Every condition that is set must hold; an unset one
+/// matches everything.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    pub name: String,
+    pub action: Action,
+    /// Shown to the client with the rule's name when it denies or holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kinds: Vec<Kind>,
+    /// `table`, `schema.table`, `schema.*` or `*`; an unqualified name in SQL
+    /// is taken to be in `public`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tables: Vec<String>,
+    /// Functions by name (any schema), case-insensitive. A rule with
+    /// functions judges calls of those functions only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub functions: Vec<String>,
+    /// Judges UPDATE and DELETE without WHERE (and TRUNCATE) only.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub without_where: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub identities: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<String>,
+    /// A time window in UTC; the rule applies only inside it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hours: Option<Hours>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// A daily window `from`–`to` ("HH:MM", UTC; `to` may be past midnight),
+/// on the given weekdays (all when empty).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hours {
+    pub from: String,
+    pub to: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub days: Vec<Weekday>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Weekday {
+    Mon,
+    Tue,
+    Wed,
+    Thu,
+    Fri,
+    Sat,
+    Sun,
+}
+
+/// Why a document was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum DocError {
+    #[error("policy is not valid YAML for this schema: {0}")]
+    Yaml(String),
+    #[error("policy is not valid JSON for this schema: {0}")]
+    Json(String),
+    #[error("guardrail {index}: {message}")]
+    Rule { index: usize, message: String },
+}
+
+impl PolicyDoc {
+    /// Parses and validates a YAML (or JSON, which is YAML) document.
+    pub fn from_yaml(text: &str) -> Result<Self, DocError> {
+        let doc: PolicyDoc =
+            serde_yaml_ng::from_str(text).map_err(|e| DocError::Yaml(e.to_string()))?;
+        doc.validate()?;
+        Ok(doc)
+    }
+
+    /// Parses the canonical JSON form (what agents receive).
+    pub fn from_canonical(text: &str) -> Result<Self, DocError> {
+        let doc: PolicyDoc =
+            serde_json::from_str(text).map_err(|e| DocError::Json(e.to_string()))?;
+        doc.validate()?;
+        Ok(doc)
+    }
+
+    /// Compact JSON, fields in declaration order, empty fields left out.
+    pub fn canonical(&self) -> String {
+        // Serializing plain structs of strings, enums and vectors cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// The document's version: SHA-256 of the canonical form, 16 hex digits.
+    pub fn version(&self) -> String {
+        let h = Sha256::digest(self.canonical().as_bytes());
+        hex::encode(h).chars().take(16).collect()
+    }
+
+    fn validate(&self) -> Result<(), DocError> {
+        let mut names = std::collections::HashSet::new();
+        for (i, r) in self.guardrails.rules.iter().enumerate() {
+            let err = |m: String| DocError::Rule {
+                index: i + 1,
+                message: m,
+            };
+            if r.name.trim().is_empty() {
+                return Err(err("a rule needs a name".into()));
+            }
+            if !names.insert(r.name.as_str()) {
+                return Err(err(format!("rule name \"{}\" is used twice", r.name)));
+            }
+            if !r.functions.is_empty() && (r.without_where || !r.kinds.is_empty()) {
+                return Err(err(format!(
+                    "rule \"{}\": `functions` cannot be combined with `kinds` or `without_where`",
+                    r.name
+                )));
+            }
+            for t in &r.tables {
+                if t.is_empty() || t.split('.').count() > 2 {
+                    return Err(err(format!(
+                        "rule \"{}\": table pattern \"{t}\" is not `table`, `schema.table` or `schema.*`",
+                        r.name
+                    )));
+                }
+            }
+            if let Some(h) = &r.hours {
+                for v in [&h.from, &h.to] {
+                    if parse_hhmm(v).is_none() {
+                        return Err(err(format!(
+                            "rule \"{}\": hour \"{v}\" is not HH:MM",
+                            r.name
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Minutes after midnight for "HH:MM".
+pub(crate) fn parse_hhmm(s: &str) -> Option<u32> {
+    let (h, m) = s.split_once(':')?;
+    let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
+    (h < 24 && m < 60).then_some(h * 60 + m)
+}

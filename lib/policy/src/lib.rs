@@ -1,0 +1,250 @@
+//! Policy: the versioned document and the PostgreSQL guardrails.
+//!
+//! Pure: no I/O and no clock (the time is passed in). The control plane uses
+//! [`PolicyDoc`] to validate and version what an admin applies; the agent
+//! uses a [`Guard`] per session to decide every statement on PostgreSQL's own
+//! parse tree.
+
+mod classify;
+mod doc;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+pub use classify::{ParseError, StatementEffects, classify};
+pub use doc::{Action, DocError, Guardrails, Hours, Kind, PolicyDoc, Rule, Weekday};
+
+/// Who is asking, and where.
+#[derive(Clone, Debug, Default)]
+pub struct Subject {
+    pub identity: String,
+    pub groups: Vec<String>,
+    pub target: String,
+}
+
+/// A decision on one query string.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    pub action: Action,
+    /// The deciding rule's name; `default` when no rule covered it and
+    /// `unparseable` when PostgreSQL's parser refused the text.
+    pub rule: String,
+    /// What the client is told (with the rule's name) when denied or held.
+    pub message: String,
+}
+
+impl Verdict {
+    fn allow() -> Self {
+        Self {
+            action: Action::Allow,
+            rule: "default".into(),
+            message: String::new(),
+        }
+    }
+}
+
+/// Names of the built-in rules a verdict can cite.
+pub const RULE_DEFAULT: &str = "default";
+pub const RULE_UNPARSEABLE: &str = "unparseable";
+
+/// The guardrails of one session: the policy version it started with, and
+/// the statements it has prepared by name (so `EXECUTE name` is judged for
+/// what it runs).
+pub struct Guard {
+    doc: Arc<PolicyDoc>,
+    subject: Subject,
+    prepared: HashMap<String, StatementEffects>,
+    cache: HashMap<String, Result<Vec<StatementEffects>, ParseError>>,
+}
+
+/// Query strings whose classification a session keeps.
+const CACHE_ENTRIES: usize = 256;
+
+impl Guard {
+    pub fn new(doc: Arc<PolicyDoc>, subject: Subject) -> Self {
+        Self {
+            doc,
+            subject,
+            prepared: HashMap::new(),
+            cache: HashMap::new(),
+        }
+    }
+
+    /// Decides a query string (every statement in it); the strictest
+    /// statement decides. `now_ms` is Unix time in milliseconds.
+    pub fn judge(&mut self, sql: &str, now_ms: i64) -> Verdict {
+        let fx = match self.cache.get(sql) {
+            Some(r) => r.clone(),
+            None => {
+                let r = classify(sql);
+                if self.cache.len() >= CACHE_ENTRIES {
+                    self.cache.clear();
+                }
+                self.cache.insert(sql.to_string(), r.clone());
+                r
+            }
+        };
+        let stmts = match fx {
+            Ok(s) => s,
+            Err(e) => {
+                return Verdict {
+                    action: Action::Deny,
+                    rule: RULE_UNPARSEABLE.into(),
+                    message: format!("statement does not parse: {e}"),
+                };
+            }
+        };
+        let mut worst: Option<Verdict> = None;
+        for s in &stmts {
+            let effective = match &s.executes {
+                Some(name) => match self.prepared.get(name) {
+                    Some(p) => p.clone(),
+                    // Not prepared in this session as far as the gateway
+                    // saw (e.g. inside a DO block): judged as procedural.
+                    None => StatementEffects {
+                        kinds: [(Kind::Procedural, None)].into(),
+                        ..s.clone()
+                    },
+                },
+                None => s.clone(),
+            };
+            let v = evaluate(&self.doc, &self.subject, now_ms, &effective);
+            if let Some(name) = &s.prepares
+                && v.action != Action::Deny
+            {
+                self.prepared.insert(name.clone(), effective.clone());
+            }
+            if worst.as_ref().is_none_or(|w| v.action > w.action) {
+                worst = Some(v);
+            }
+        }
+        worst.unwrap_or_else(Verdict::allow)
+    }
+
+    /// Decides a statement kind that is not SQL text (startup options that
+    /// set a role or search_path).
+    pub fn judge_kind(&self, kind: Kind, text: &str, now_ms: i64) -> Verdict {
+        let fx = StatementEffects {
+            text: text.to_string(),
+            kinds: [(kind, None)].into(),
+            ..Default::default()
+        };
+        evaluate(&self.doc, &self.subject, now_ms, &fx)
+    }
+}
+
+/// The decision on one statement: each of its effects is decided by the
+/// first rule that covers it (or the default, for kinds), and the strictest
+/// of those decides.
+pub fn evaluate(doc: &PolicyDoc, who: &Subject, now_ms: i64, fx: &StatementEffects) -> Verdict {
+    let g = &doc.guardrails;
+    let applies: Vec<&Rule> = g
+        .rules
+        .iter()
+        .filter(|r| subject_matches(r, who) && time_matches(r, now_ms))
+        .collect();
+    let mut worst: Option<Verdict> = None;
+    let mut consider = |v: Verdict| {
+        if worst.as_ref().is_none_or(|w| v.action > w.action) {
+            worst = Some(v);
+        }
+    };
+    for (kind, table) in &fx.kinds {
+        let rule = applies.iter().find(|r| {
+            r.functions.is_empty()
+                && !r.without_where
+                && (r.kinds.is_empty() || r.kinds.contains(kind))
+                && (r.tables.is_empty()
+                    || table
+                        .as_deref()
+                        .is_some_and(|t| r.tables.iter().any(|p| table_matches(p, t))))
+        });
+        consider(match rule {
+            Some(r) => verdict(r, &format!("{} {}", kind.as_str(), on(table))),
+            None => Verdict {
+                action: g.default,
+                rule: RULE_DEFAULT.into(),
+                message: format!("{} {} is not allowed by any rule", kind.as_str(), on(table)),
+            },
+        });
+    }
+    for f in &fx.functions {
+        if let Some(r) = applies
+            .iter()
+            .find(|r| r.functions.iter().any(|n| n.eq_ignore_ascii_case(f)))
+        {
+            consider(verdict(r, &format!("call of {f}()")));
+        }
+    }
+    for t in &fx.without_where {
+        if let Some(r) = applies.iter().find(|r| {
+            r.without_where && (r.tables.is_empty() || r.tables.iter().any(|p| table_matches(p, t)))
+        }) {
+            consider(verdict(r, &format!("UPDATE/DELETE of {t} without WHERE")));
+        }
+    }
+    worst.unwrap_or_else(Verdict::allow)
+}
+
+fn on(table: &Option<String>) -> String {
+    match table {
+        Some(t) => format!("on {t}"),
+        None => "statement".into(),
+    }
+}
+
+fn verdict(r: &Rule, what: &str) -> Verdict {
+    Verdict {
+        action: r.action,
+        rule: r.name.clone(),
+        message: r
+            .message
+            .clone()
+            .unwrap_or_else(|| format!("{what} matched rule \"{}\"", r.name)),
+    }
+}
+
+fn subject_matches(r: &Rule, who: &Subject) -> bool {
+    (r.identities.is_empty() || r.identities.contains(&who.identity))
+        && (r.groups.is_empty() || r.groups.iter().any(|g| who.groups.contains(g)))
+        && (r.targets.is_empty() || r.targets.contains(&who.target))
+}
+
+fn time_matches(r: &Rule, now_ms: i64) -> bool {
+    let Some(h) = &r.hours else { return true };
+    let (Some(from), Some(to)) = (doc::parse_hhmm(&h.from), doc::parse_hhmm(&h.to)) else {
+        return false;
+    };
+    let secs = now_ms.div_euclid(1000);
+    let minute = (secs.rem_euclid(86_400) / 60) as u32;
+    // 1970-01-01 was a Thursday.
+    let day = match (secs.div_euclid(86_400) + 3).rem_euclid(7) {
+        0 => Weekday::Mon,
+        1 => Weekday::Tue,
+        2 => Weekday::Wed,
+        3 => Weekday::Thu,
+        4 => Weekday::Fri,
+        5 => Weekday::Sat,
+        _ => Weekday::Sun,
+    };
+    let in_window = if from <= to {
+        (from..to).contains(&minute)
+    } else {
+        minute >= from || minute < to
+    };
+    in_window && (h.days.is_empty() || h.days.contains(&day))
+}
+
+/// `pattern` (`*`, `table`, `schema.*`, `schema.table`) against a table as
+/// written in SQL (unqualified means `public`). Case-insensitive, as
+/// unquoted identifiers are.
+fn table_matches(pattern: &str, table: &str) -> bool {
+    let (ts, tn) = table.split_once('.').unwrap_or(("public", table));
+    match pattern.split_once('.') {
+        None => pattern == "*" || pattern.eq_ignore_ascii_case(tn),
+        Some((ps, pn)) => ps.eq_ignore_ascii_case(ts) && (pn == "*" || pn.eq_ignore_ascii_case(tn)),
+    }
+}
+
+#[cfg(test)]
+mod tests;
