@@ -44,6 +44,20 @@ pub fn error_response(severity: Severity, code: &str, message: &str) -> Vec<u8> 
     ]))
 }
 
+/// A simple Query message.
+pub fn query(text: &str) -> Vec<u8> {
+    encode(&pgwire::messages::simplequery::Query::new(text.to_string()))
+}
+
+/// A Parse message with no declared parameter types.
+pub fn parse(name: &str, text: &str) -> Vec<u8> {
+    encode(&pgwire::messages::extendedquery::Parse::new(
+        (!name.is_empty()).then(|| name.to_string()),
+        text.to_string(),
+        Vec::new(),
+    ))
+}
+
 pub fn authentication_ok() -> Vec<u8> {
     encode(&Authentication::Ok)
 }

@@ -6,7 +6,7 @@ use bytes::{Bytes, BytesMut};
 use gatehouse_audit::{Outcome, rows_of_command_tag};
 
 use crate::framer::{Frame, FrameError, Framer};
-use crate::wire;
+use crate::{build, wire};
 
 /// Most prepared statements / portals remembered per session. A client that
 /// creates more without closing them still works; their text is then
@@ -72,7 +72,28 @@ pub struct Statement {
     /// simple queries.
     pub parameters: Option<Vec<Option<String>>>,
     pub outcome: Outcome,
+    /// The guardrail that refused it, if one did.
+    pub refused_by: Option<String>,
 }
+
+/// A guardrail's answer to a statement it refuses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// The rule's name.
+    pub rule: String,
+    /// What the client is told.
+    pub message: String,
+}
+
+/// Decides, before it reaches the upstream, whether a statement text may
+/// run. The inspector asks at every simple Query and every Parse.
+pub trait Judge: Send {
+    /// `None` lets it through; a refusal stops it.
+    fn judge(&mut self, text: &str, at_ms: i64) -> Option<Refusal>;
+}
+
+/// SQLSTATE of a statement a guardrail refused (insufficient_privilege).
+pub const REFUSED_SQLSTATE: &str = "42501";
 
 /// What the session loop must do.
 #[derive(Debug, PartialEq, Eq)]
@@ -94,6 +115,7 @@ struct Pending {
     /// nothing but failed is still evidence.
     parsed: Vec<String>,
     early_error: Option<String>,
+    early_refusal: Option<String>,
     started_ms: i64,
 }
 
@@ -105,6 +127,7 @@ impl Pending {
             answered: 0,
             parsed: Vec::new(),
             early_error: None,
+            early_refusal: None,
             started_ms,
         }
     }
@@ -137,6 +160,7 @@ impl Pending {
                         error_code: Some(code),
                         ..Default::default()
                     },
+                    refused_by: self.early_refusal,
                 });
             }
         }
@@ -176,6 +200,12 @@ pub struct PgInspector {
     /// closed (ReadyForQuery).
     client_cycles: u64,
     upstream_cycles: u64,
+    judge: Option<Box<dyn Judge>>,
+    /// The text sent upstream in place of a refused statement: a syntax
+    /// error the upstream reports, in order, as the statement's failure.
+    decoy: String,
+    /// Refusals whose decoy error the upstream has yet to report.
+    refused: VecDeque<Refusal>,
 }
 
 // === impl PgInspector ===
@@ -198,6 +228,27 @@ impl PgInspector {
             describing: VecDeque::new(),
             client_cycles: 0,
             upstream_cycles: 0,
+            judge: None,
+            decoy: String::new(),
+            refused: VecDeque::new(),
+        }
+    }
+
+    /// An inspector that asks `judge` about every statement. `tag` (a few
+    /// letters or digits, unique to the session) names the decoy.
+    ///
+    /// A refused statement is replaced, in place, by a decoy that fails to
+    /// parse upstream, so the upstream itself ends the statement with an
+    /// error in the right place of the stream: a pipeline stops there, an
+    /// implicit transaction rolls back, an explicit one is aborted, and
+    /// ReadyForQuery carries the true status. The decoy's error is then
+    /// rewritten to the refusal (SQLSTATE 42501 naming the rule).
+    pub fn with_judge(judge: Box<dyn Judge>, tag: &str) -> Self {
+        let tag: String = tag.chars().filter(char::is_ascii_alphanumeric).collect();
+        Self {
+            judge: Some(judge),
+            decoy: format!("gatehouse_refused_{tag}"),
+            ..Self::new()
         }
     }
 
@@ -245,40 +296,50 @@ impl PgInspector {
                 Frame::Pass(n) => pos += n,
                 Frame::Whole { ty, len } => {
                     let msg = buf.get(pos..pos + len).unwrap_or_default();
-                    match side {
+                    let replace = match side {
                         Side::Client => self.client_message(ty, msg, now_ms, out)?,
                         Side::Upstream => self.upstream_message(ty, msg, now_ms, out)?,
+                    };
+                    match replace {
+                        None => pos += len,
+                        Some(with) => {
+                            forward(side, buf, pos, out);
+                            let _ = buf.split_to(len);
+                            out.push(to(side, Bytes::from(with)));
+                            pos = 0;
+                        }
                     }
-                    pos += len;
                 }
             }
         }
-        if pos > 0 {
-            let bytes = buf.split_to(pos).freeze();
-            out.push(match side {
-                Side::Client => Action::ToUpstream(bytes),
-                Side::Upstream => Action::ToClient(bytes),
-            });
-        }
+        forward(side, buf, pos, out);
         Ok(())
     }
 
+    /// Inspects one client message; returns what to send upstream instead
+    /// of it, if anything.
     fn client_message(
         &mut self,
         ty: u8,
         msg: &[u8],
         now_ms: i64,
         out: &mut Vec<Action>,
-    ) -> Result<(), InspectError> {
+    ) -> Result<Option<Vec<u8>>, InspectError> {
         let side = Side::Client;
+        let mut replace = None;
         match ty {
             b'Q' => {
                 // pgwire caps Query at 10,000 bytes; longer queries are read
                 // directly (the body is one C string).
                 let text = wire::query(msg).ok_or_else(|| malformed(side, ty))?;
                 let mut cycle = Pending::new(Protocol::Simple, now_ms);
+                let refusal = self.refuse(&text, now_ms);
+                if refusal.is_some() {
+                    replace = Some(build::query(&self.decoy));
+                }
                 cycle.statements.push(Statement {
                     text: text.clone(),
+                    refused_by: refusal,
                     ..Default::default()
                 });
                 self.pending.push_back(cycle);
@@ -293,6 +354,12 @@ impl PgInspector {
                     .get_or_insert_with(|| Pending::new(Protocol::Extended, now_ms));
                 if cycle.parsed.len() < 16 {
                     cycle.parsed.push(p.query.clone());
+                }
+                if let Some(rule) = self.refuse(&p.query, now_ms) {
+                    replace = Some(build::parse(&name, &self.decoy));
+                    if let Some(c) = self.building.as_mut() {
+                        c.early_refusal.get_or_insert(rule);
+                    }
                 }
                 remember(
                     &mut self.statements,
@@ -356,6 +423,7 @@ impl PgInspector {
                         text: p.text.clone(),
                         parameters: Some(p.parameters.clone()),
                         outcome: Outcome::default(),
+                        refused_by: None,
                     },
                     None => Statement {
                         text: "<unknown portal>".into(),
@@ -378,17 +446,29 @@ impl PgInspector {
             b'X' => event(out, now_ms, SessionEvent::Terminate),
             _ => {}
         }
-        Ok(())
+        Ok(replace)
     }
 
+    /// Asks the judge about `text`; on a refusal, queues it for the decoy's
+    /// error and returns the rule.
+    fn refuse(&mut self, text: &str, now_ms: i64) -> Option<String> {
+        let r = self.judge.as_mut()?.judge(text, now_ms)?;
+        let rule = r.rule.clone();
+        self.refused.push_back(r);
+        Some(rule)
+    }
+
+    /// Inspects one upstream message; returns what to send the client
+    /// instead of it, if anything.
     fn upstream_message(
         &mut self,
         ty: u8,
         msg: &[u8],
         now_ms: i64,
         out: &mut Vec<Action>,
-    ) -> Result<(), InspectError> {
+    ) -> Result<Option<Vec<u8>>, InspectError> {
         let side = Side::Upstream;
+        let mut replace = None;
         match ty {
             b'C' => {
                 let tag = wire::command_complete(msg).ok_or_else(|| malformed(side, ty))?;
@@ -408,13 +488,35 @@ impl PgInspector {
                 }
             }
             b'E' => {
-                let (code, message) = wire::error_fields(msg).ok_or_else(|| malformed(side, ty))?;
+                let (mut code, mut message) =
+                    wire::error_fields(msg).ok_or_else(|| malformed(side, ty))?;
+                let mut refused_by = None;
+                if !self.decoy.is_empty()
+                    && code == "42601"
+                    && message.contains(&self.decoy)
+                    && let Some(r) = self.refused.pop_front()
+                {
+                    code = REFUSED_SQLSTATE.to_string();
+                    message = format!(
+                        "gatehouse: statement refused by rule \"{}\": {}",
+                        r.rule, r.message
+                    );
+                    replace = Some(build::error_response(
+                        build::Severity::Error,
+                        &code,
+                        &message,
+                    ));
+                    refused_by = Some(r.rule);
+                }
                 // An error before the cycle's first Execute ran (a failed
                 // Parse or Bind) belongs to no statement.
                 if let Some(p) = self.pending.front_mut() {
                     match p.current() {
                         Some(st) => {
                             st.outcome.error_code.get_or_insert_with(|| code.clone());
+                            if refused_by.is_some() {
+                                st.refused_by = refused_by;
+                            }
                             p.advance();
                         }
                         None => {
@@ -463,7 +565,21 @@ impl PgInspector {
             }
             _ => {}
         }
-        Ok(())
+        Ok(replace)
+    }
+}
+
+/// Forwards the first `n` bytes of `buf` to the other side.
+fn forward(side: Side, buf: &mut BytesMut, n: usize, out: &mut Vec<Action>) {
+    if n > 0 {
+        out.push(to(side, buf.split_to(n).freeze()));
+    }
+}
+
+fn to(from: Side, bytes: Bytes) -> Action {
+    match from {
+        Side::Client => Action::ToUpstream(bytes),
+        Side::Upstream => Action::ToClient(bytes),
     }
 }
 

@@ -35,7 +35,10 @@ pub fn frontend_length_ok(buf: &[u8], startup: bool) -> bool {
     len >= if startup { 8 } else { 4 }
 }
 
-pub use inspector::{Action, InspectError, PgInspector, Protocol, SessionEvent, Side, Statement};
+pub use inspector::{
+    Action, InspectError, Judge, PgInspector, Protocol, REFUSED_SQLSTATE, Refusal, SessionEvent,
+    Side, Statement,
+};
 
 #[cfg(test)]
 mod tests;

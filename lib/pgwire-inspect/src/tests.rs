@@ -114,6 +114,7 @@ fn select_events() -> Vec<SessionEvent> {
             statements: vec![Statement {
                 text: "select 1".into(),
                 parameters: None,
+                refused_by: None,
                 outcome: Outcome {
                     command_tags: vec!["SELECT 1".into()],
                     rows: 1,
@@ -159,6 +160,7 @@ fn multi_statement_with_error() {
                 statements: vec![Statement {
                     text: "insert into t values (1); select nope".into(),
                     parameters: None,
+                    refused_by: None,
                     outcome: Outcome {
                         command_tags: vec!["INSERT 0 1".into()],
                         rows: 1,
@@ -269,6 +271,7 @@ fn extended_protocol_names_the_executed_statement() {
                 statements: vec![Statement {
                     text: "select $1::int".into(),
                     parameters: Some(vec![Some("7".into())]),
+                    refused_by: None,
                     outcome: Outcome {
                         command_tags: vec!["SELECT 1".into()],
                         rows: 1,
@@ -324,4 +327,115 @@ fn frontend_lengths_pgwire_cannot_take_are_refused() {
     assert!(frontend_length_ok(b"\0\0\0\x08\x04\xd2\x16\x2f", true));
     // Not enough bytes to tell yet.
     assert!(frontend_length_ok(b"p\0", false));
+}
+
+/// Refuses statements that mention `DELETE`.
+struct NoDelete;
+
+impl Judge for NoDelete {
+    fn judge(&mut self, text: &str, _at_ms: i64) -> Option<Refusal> {
+        text.contains("DELETE").then(|| Refusal {
+            rule: "no-delete".into(),
+            message: "deletes are not allowed".into(),
+        })
+    }
+}
+
+fn parse_msg(name: &str, q: &str) -> Vec<u8> {
+    let mut b = cstr(name);
+    b.extend(cstr(q));
+    b.extend(0i16.to_be_bytes());
+    msg(b'P', &b)
+}
+
+/// Runs client bytes then upstream bytes through a judging inspector, in
+/// chunks, and returns what went each way and the events.
+fn judged(client: &[u8], upstream: &[u8], chunk: usize) -> (Vec<u8>, Vec<u8>, Vec<SessionEvent>) {
+    let mut insp = PgInspector::with_judge(Box::new(NoDelete), "t1");
+    let mut out = Vec::new();
+    for (side, input) in [(Side::Client, client), (Side::Upstream, upstream)] {
+        let mut buf = BytesMut::new();
+        for piece in input.chunks(chunk) {
+            buf.extend_from_slice(piece);
+            match side {
+                Side::Client => insp.on_client(&mut buf, 5, &mut out).unwrap(),
+                Side::Upstream => insp.on_upstream(&mut buf, 7, &mut out).unwrap(),
+            }
+        }
+    }
+    let (mut up, mut down, mut ev) = (Vec::new(), Vec::new(), Vec::new());
+    for a in out {
+        match a {
+            Action::ToUpstream(b) => up.extend_from_slice(&b),
+            Action::ToClient(b) => down.extend_from_slice(&b),
+            Action::Event { event, .. } => ev.push(event),
+        }
+    }
+    (up, down, ev)
+}
+
+#[test]
+fn a_refused_simple_query_is_replaced_by_the_decoy_and_its_error_rewritten() {
+    let decoy = "gatehouse_refused_t1";
+    let client = [query("SELECT 1"), query("DELETE FROM t")].concat();
+    let upstream_err = error("42601", &format!("syntax error at or near \"{decoy}\""));
+    let upstream = [
+        command_complete("SELECT 1"),
+        ready(),
+        upstream_err.clone(),
+        ready(),
+    ]
+    .concat();
+    for chunk in [1, 3, 4096] {
+        let (up, down, events) = judged(&client, &upstream, chunk);
+        assert_eq!(up, [query("SELECT 1"), build::query(decoy)].concat());
+        let refusal = build::error_response(
+            build::Severity::Error,
+            "42501",
+            "gatehouse: statement refused by rule \"no-delete\": deletes are not allowed",
+        );
+        assert_eq!(
+            down,
+            [command_complete("SELECT 1"), ready(), refusal, ready()].concat()
+        );
+        let done: Vec<_> = events
+            .iter()
+            .filter_map(|e| match e {
+                SessionEvent::StatementDone { statements, .. } => Some(statements.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(done.len(), 2);
+        assert_eq!(done[0][0].refused_by, None);
+        assert_eq!(done[1][0].text, "DELETE FROM t");
+        assert_eq!(done[1][0].refused_by.as_deref(), Some("no-delete"));
+        assert_eq!(done[1][0].outcome.error_code.as_deref(), Some("42501"));
+    }
+}
+
+#[test]
+fn a_refused_parse_is_replaced_and_a_genuine_syntax_error_is_left_alone() {
+    let decoy = "gatehouse_refused_t1";
+    let sync = msg(b'S', b"");
+    let client = [parse_msg("s1", "DELETE FROM t"), sync.clone()].concat();
+    let upstream = [
+        error("42601", &format!("syntax error at or near \"{decoy}\"")),
+        ready(),
+    ]
+    .concat();
+    let (up, down, events) = judged(&client, &upstream, 2);
+    assert_eq!(up, [build::parse("s1", decoy), sync.clone()].concat());
+    assert!(String::from_utf8_lossy(&down).contains("rule \"no-delete\""));
+    let refused = events.iter().any(|e| {
+        matches!(e,
+        SessionEvent::StatementDone { statements, .. }
+            if statements.first().and_then(|s| s.refused_by.as_deref()) == Some("no-delete"))
+    });
+    assert!(refused, "{events:?}");
+    // A client's own syntax error passes through untouched.
+    let client = [query("SELEC 1")].concat();
+    let upstream = [error("42601", "syntax error at or near \"SELEC\""), ready()].concat();
+    let (up, down, _) = judged(&client, &upstream, 4096);
+    assert_eq!(up, client);
+    assert_eq!(down, upstream);
 }
