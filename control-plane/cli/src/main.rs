@@ -49,6 +49,9 @@ enum Cmd {
     ServiceAccounts(SaCmd),
     #[command(subcommand)]
     Rules(RulesCmd),
+    /// The policy document: guardrails every session enforces.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
     #[command(subcommand)]
     Agents(AgentsCmd),
     #[command(subcommand)]
@@ -113,6 +116,29 @@ enum RulesCmd {
         subject: String,
         #[arg(long)]
         target: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Validate a policy document (YAML) and put it in force.
+    Apply {
+        #[arg(long, short = 'f')]
+        file: std::path::PathBuf,
+    },
+    /// Print the document in force, or an earlier one (by history number or
+    /// version).
+    Show {
+        /// A history number (`#3` or `3`) or a document version.
+        which: Option<String>,
+    },
+    /// Every applied document, oldest first.
+    History,
+    /// Line differences between two documents (default: the one before the
+    /// document in force, and the document in force).
+    Diff {
+        from: Option<String>,
+        to: Option<String>,
     },
 }
 
@@ -256,6 +282,120 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) {
     for r in rows {
         line(r);
     }
+}
+
+/// A policy named on the command line: `#3`/`3` or a document version.
+fn policy_request(which: Option<&str>) -> GetPolicyRequest {
+    match which.map(|w| w.trim_start_matches('#')) {
+        None => GetPolicyRequest::default(),
+        Some(w) => match w.parse::<u64>() {
+            Ok(seq) if w.len() < 16 => GetPolicyRequest {
+                seq,
+                ..Default::default()
+            },
+            _ => GetPolicyRequest {
+                doc_version: w.to_string(),
+                ..Default::default()
+            },
+        },
+    }
+}
+
+fn policy_json(p: &PolicyDocument) -> serde_json::Value {
+    json!({"seq": p.seq, "doc_version": p.doc_version, "policy_version": p.policy_version,
+        "author": p.author, "applied_ms": p.applied_ms, "yaml": p.yaml,
+        "document": serde_json::from_str::<serde_json::Value>(&p.canonical).unwrap_or_default()})
+}
+
+async fn policy(c: &mut Client, cmd: &PolicyCmd, json_out: bool) -> anyhow::Result<()> {
+    match cmd {
+        PolicyCmd::Apply { file } => {
+            let yaml = std::fs::read_to_string(file)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+            let p = c
+                .apply_policy(ApplyPolicyRequest { yaml })
+                .await?
+                .into_inner();
+            if json_out {
+                let mut v = policy_json(&p);
+                v["unchanged"] = json!(p.unchanged);
+                print_json(&v);
+            } else if p.unchanged {
+                println!(
+                    "policy #{} ({}) is already in force; nothing changed",
+                    p.seq, p.doc_version
+                );
+            } else {
+                println!(
+                    "policy #{} ({}) is in force; decisions now cite version {}",
+                    p.seq, p.doc_version, p.policy_version
+                );
+            }
+        }
+        PolicyCmd::Show { which } => {
+            let p = c
+                .get_policy(policy_request(which.as_deref()))
+                .await?
+                .into_inner();
+            if json_out {
+                print_json(&policy_json(&p));
+            } else {
+                println!(
+                    "# policy #{} ({}), applied by {} at {} ms",
+                    p.seq, p.doc_version, p.author, p.applied_ms
+                );
+                print!("{}", p.yaml);
+                if !p.yaml.ends_with('\n') {
+                    println!();
+                }
+            }
+        }
+        PolicyCmd::History => {
+            let r = c.list_policies(ListRequest {}).await?.into_inner();
+            if json_out {
+                print_json(&json!(
+                    r.policies.iter().map(policy_json).collect::<Vec<_>>()
+                ));
+            } else {
+                table(
+                    &["#", "VERSION", "AUTHOR", "APPLIED_MS"],
+                    r.policies
+                        .into_iter()
+                        .map(|p| {
+                            vec![
+                                p.seq.to_string(),
+                                p.doc_version,
+                                p.author,
+                                p.applied_ms.to_string(),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+        }
+        PolicyCmd::Diff { from, to } => {
+            let to = c
+                .get_policy(policy_request(to.as_deref()))
+                .await?
+                .into_inner();
+            let from = match from {
+                Some(f) => c.get_policy(policy_request(Some(f))).await?.into_inner(),
+                None if to.seq > 1 => c
+                    .get_policy(GetPolicyRequest {
+                        seq: to.seq - 1,
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner(),
+                None => PolicyDocument::default(),
+            };
+            let diff = similar::TextDiff::from_lines(&from.yaml, &to.yaml);
+            let a = format!("policy #{} ({})", from.seq, from.doc_version);
+            let b = format!("policy #{} ({})", to.seq, to.doc_version);
+            print!("{}", diff.unified_diff().context_radius(3).header(&a, &b));
+        }
+    }
+    Ok(())
 }
 
 fn print_json(v: &serde_json::Value) {
@@ -421,6 +561,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
+        Cmd::Policy(cmd) => policy(&mut c, cmd, json_out).await?,
         Cmd::Rules(RulesCmd::List) => {
             let r = c.list_rules(ListRequest {}).await?.into_inner();
             if json_out {

@@ -10,8 +10,8 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use subtle::ConstantTimeEq;
 
 use crate::state::{
-    self, AGENT_SEQ, AUDIT, Agent, ClusterKeys, KV, Rule, ServiceAccount, SessionRecord, Target,
-    key,
+    self, AGENT_SEQ, AUDIT, Agent, ClusterKeys, KV, PolicyRecord, Rule, ServiceAccount,
+    SessionRecord, Target, key,
 };
 
 /// Reading the state failed (the database is unreadable or corrupt).
@@ -112,6 +112,28 @@ impl StateReader {
 
     pub fn targets(&self) -> Result<Vec<Target>, ReadError> {
         self.list("target/")
+    }
+
+    /// The policy document in force, if one was ever applied.
+    pub fn current_policy(&self) -> Result<Option<PolicyRecord>, ReadError> {
+        self.get(key::POLICY_CURRENT)
+    }
+
+    /// The version decisions cite and the document in force, read together.
+    pub fn policy_in_force(&self) -> Result<(String, Option<PolicyRecord>), ReadError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let kv = txn.open_table(KV).map_err(err)?;
+        let version = kv
+            .get(key::POLICY_VERSION)
+            .map_err(err)?
+            .map(|v| v.value().to_string())
+            .unwrap_or_default();
+        Ok((version, state::get(&kv, key::POLICY_CURRENT)?))
+    }
+
+    /// Every applied policy document, oldest first.
+    pub fn policy_history(&self) -> Result<Vec<PolicyRecord>, ReadError> {
+        self.list("policy/h/")
     }
 
     pub fn rules(&self) -> Result<Vec<Rule>, ReadError> {

@@ -100,6 +100,21 @@ pub struct SessionRecord {
     pub cancel_secret: Option<i32>,
 }
 
+/// One applied policy document.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyRecord {
+    /// Position in the history, from 1.
+    pub seq: u64,
+    /// SHA-256 of `canonical` (16 hex digits).
+    pub doc_version: String,
+    /// The document as the admin wrote it (for show and diff).
+    pub yaml: String,
+    /// The parsed document's canonical JSON (what agents enforce).
+    pub canonical: String,
+    pub author: String,
+    pub applied_ms: i64,
+}
+
 /// The cluster's key material.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterKeys {
@@ -111,6 +126,12 @@ pub struct ClusterKeys {
 pub(crate) mod key {
     pub const CLUSTER: &str = "cluster";
     pub const POLICY_VERSION: &str = "policy_version";
+    /// The policy document in force.
+    pub const POLICY_CURRENT: &str = "policy/current";
+    /// Every applied document, by sequence number.
+    pub fn policy(seq: u64) -> String {
+        format!("policy/h/{seq:020}")
+    }
     pub fn sa(name: &str) -> String {
         format!("sa/{name}")
     }
@@ -210,6 +231,22 @@ pub(crate) fn apply(txn: &WriteTransaction, cmd: &Command) -> ApplyResult<Comman
                 ))));
             }
             put(&mut kv, &key::rule(&rule.id), rule)?;
+            let version = policy_version(&kv)?;
+            kv.insert(key::POLICY_VERSION, version.as_str())?;
+            CommandResult::Ok
+        }
+        Command::ApplyPolicy { policy } => {
+            let current: Option<PolicyRecord> = get(&kv, key::POLICY_CURRENT)?;
+            if current.as_ref().map(|c| &c.doc_version) == Some(&policy.doc_version) {
+                return Ok(reject(Rejection::Unchanged(format!(
+                    "policy {} is already in force",
+                    policy.doc_version
+                ))));
+            }
+            let mut p = (**policy).clone();
+            p.seq = current.map_or(1, |c| c.seq + 1);
+            put(&mut kv, &key::policy(p.seq), &p)?;
+            put(&mut kv, key::POLICY_CURRENT, &p)?;
             let version = policy_version(&kv)?;
             kv.insert(key::POLICY_VERSION, version.as_str())?;
             CommandResult::Ok
@@ -383,9 +420,14 @@ fn append_audit(
     })
 }
 
-/// SHA-256 over the sorted access rules: the version every decision cites.
+/// SHA-256 over the sorted access rules and the policy document's version:
+/// the version every decision cites.
 fn policy_version(kv: &redb::Table<&str, &str>) -> ApplyResult<String> {
     let mut h = Sha256::new();
+    if let Some(p) = get::<PolicyRecord>(kv, key::POLICY_CURRENT)? {
+        h.update(p.doc_version.as_bytes());
+        h.update([1]);
+    }
     for item in kv.range("rule/".."rule0")? {
         let (_, v) = item?;
         let r: Rule = serde_json::from_str(v.value()).map_err(corrupt)?;

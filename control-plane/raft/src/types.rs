@@ -4,7 +4,7 @@ use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
 
-use crate::state::{Rule, SessionRecord, Target};
+use crate::state::{PolicyRecord, Rule, SessionRecord, Target};
 
 openraft::declare_raft_types!(
     /// Gatehouse's Raft types.
@@ -55,6 +55,11 @@ pub enum Command {
     },
     CreateRule {
         rule: Rule,
+    },
+    /// Puts a validated policy document in force (its `seq` is assigned
+    /// on apply).
+    ApplyPolicy {
+        policy: Box<PolicyRecord>,
     },
     CreateEnrollmentToken {
         token_sha256: String,
@@ -114,6 +119,8 @@ pub enum Rejection {
     TokenWrongAgent,
     #[error("invalid: {0}")]
     Invalid(String),
+    #[error("{0}")]
+    Unchanged(String),
 }
 
 /// The outcome of applying a [`Command`].

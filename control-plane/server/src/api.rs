@@ -78,6 +78,30 @@ impl From<gatehouse_cp_raft::read::ReadError> for ApiError {
 
 type ApiResult<T> = Result<Response<T>, Status>;
 
+/// Largest policy document accepted (it travels in every SessionOpen).
+const MAX_POLICY_BYTES: usize = 256 << 10;
+
+fn policy_doc(p: state::PolicyRecord, policy_version: String) -> PolicyDocument {
+    PolicyDocument {
+        seq: p.seq,
+        doc_version: p.doc_version,
+        yaml: p.yaml,
+        canonical: p.canonical,
+        author: p.author,
+        applied_ms: p.applied_ms,
+        policy_version,
+        unchanged: false,
+    }
+}
+
+fn req_name(r: &GetPolicyRequest) -> String {
+    if r.doc_version.is_empty() {
+        format!("#{}", r.seq)
+    } else {
+        r.doc_version.clone()
+    }
+}
+
 /// The service implementation.
 pub struct AdminService {
     cluster: Arc<Cluster>,
@@ -327,6 +351,96 @@ impl Admin for AdminService {
             rules,
             policy_version: reader.policy_version().map_err(ApiError::from)?,
         }))
+    }
+
+    async fn apply_policy(&self, req: Request<ApplyPolicyRequest>) -> ApiResult<PolicyDocument> {
+        let yaml = req.into_inner().yaml;
+        if yaml.len() > MAX_POLICY_BYTES {
+            return Err(ApiError::InvalidArgument(format!(
+                "policy document is {} bytes; the limit is {MAX_POLICY_BYTES}",
+                yaml.len()
+            ))
+            .into());
+        }
+        let doc = gatehouse_policy::PolicyDoc::from_yaml(&yaml)
+            .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        let doc_version = doc.version();
+        let reader = &self.cluster.reader;
+        self.cluster.linearizable().await.map_err(ApiError::from)?;
+        if let Some(cur) = reader.current_policy().map_err(ApiError::from)?
+            && cur.doc_version == doc_version
+        {
+            let mut out = policy_doc(cur, reader.policy_version().map_err(ApiError::from)?);
+            out.unchanged = true;
+            return Ok(Response::new(out));
+        }
+        let record = state::PolicyRecord {
+            seq: 0,
+            doc_version,
+            yaml,
+            canonical: doc.canonical(),
+            author: "admin".into(),
+            applied_ms: now_ms(),
+        };
+        match self
+            .cluster
+            .propose(Command::ApplyPolicy {
+                policy: Box::new(record),
+            })
+            .await
+        {
+            Ok(_) | Err(ProposeError::Rejected(Rejection::Unchanged(_))) => {}
+            Err(e) => return Err(ApiError::from(e).into()),
+        }
+        let cur = reader
+            .current_policy()
+            .map_err(ApiError::from)?
+            .ok_or_else(|| ApiError::Internal("applied policy not found".into()))?;
+        Ok(Response::new(policy_doc(
+            cur,
+            reader.policy_version().map_err(ApiError::from)?,
+        )))
+    }
+
+    async fn get_policy(&self, req: Request<GetPolicyRequest>) -> ApiResult<PolicyDocument> {
+        let req = req.into_inner();
+        let reader = &self.cluster.reader;
+        let found = if req.seq == 0 && req.doc_version.is_empty() {
+            reader.current_policy().map_err(ApiError::from)?
+        } else {
+            reader
+                .policy_history()
+                .map_err(ApiError::from)?
+                .into_iter()
+                .rev()
+                .find(|p| {
+                    (req.seq == 0 || p.seq == req.seq)
+                        && (req.doc_version.is_empty() || p.doc_version == req.doc_version)
+                })
+        };
+        let p = found.ok_or_else(|| {
+            ApiError::NotFound(if req.seq == 0 && req.doc_version.is_empty() {
+                "no policy document has been applied".into()
+            } else {
+                format!("policy {} not found", req_name(&req))
+            })
+        })?;
+        Ok(Response::new(policy_doc(
+            p,
+            reader.policy_version().map_err(ApiError::from)?,
+        )))
+    }
+
+    async fn list_policies(&self, _req: Request<ListRequest>) -> ApiResult<ListPoliciesResponse> {
+        let reader = &self.cluster.reader;
+        let version = reader.policy_version().map_err(ApiError::from)?;
+        let policies = reader
+            .policy_history()
+            .map_err(ApiError::from)?
+            .into_iter()
+            .map(|p| policy_doc(p, version.clone()))
+            .collect();
+        Ok(Response::new(ListPoliciesResponse { policies }))
     }
 
     async fn create_enrollment_token(

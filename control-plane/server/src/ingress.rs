@@ -281,7 +281,10 @@ async fn admit(
         .get("database")
         .cloned()
         .unwrap_or_else(|| db_user.clone());
-    let policy_version = cluster.reader.policy_version().unwrap_or_default();
+    let (policy_version, policy) = cluster
+        .reader
+        .policy_in_force()
+        .map_err(|_| Refusal::NotDurable)?;
     let started_ms = now_ms();
     // The client's cancel key: PostgreSQL's shape (positive process id,
     // 32-bit secret), unrelated to the upstream's, which stays in the agent.
@@ -328,6 +331,7 @@ async fn admit(
             cancel_pid,
             cancel_secret,
             cancel: false,
+            policy_document: policy.map(|p| p.canonical).unwrap_or_default(),
         },
         target.agent,
         route,

@@ -9,6 +9,7 @@
 //! - [`recorder`]: the session recording, spooled and uploaded.
 
 pub mod config;
+pub mod guard;
 pub mod identity;
 pub mod pg;
 pub mod recorder;

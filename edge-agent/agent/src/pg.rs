@@ -125,6 +125,23 @@ async fn run(
             ),
         ));
     }
+    let guard = crate::guard::for_session(open).map_err(|e| ClientError("58000".into(), e))?;
+    if let Some(v) = guard
+        .as_ref()
+        .and_then(|g| crate::guard::judge_startup(g, open))
+    {
+        let r = crate::guard::refusal(v);
+        let mut ev = base_event(ctx, open, EventKind::SessionStart, Decision::Deny);
+        ev.detail = Some(format!("refused by rule \"{}\": {}", r.rule, r.message));
+        ctx.audit(ev).await.map_err(|_| audit_down())?;
+        return Err(ClientError(
+            gatehouse_pgwire_inspect::REFUSED_SQLSTATE.into(),
+            format!(
+                "gatehouse: session refused by rule \"{}\": {}",
+                r.rule, r.message
+            ),
+        ));
+    }
     let mut recorder = Recorder::start(
         ctx,
         Header {
@@ -189,8 +206,14 @@ async fn run(
         .await
         .map_err(|e| ClientError("08006".into(), e.to_string()))?;
 
+    let insp = match guard {
+        Some(g) => {
+            PgInspector::with_judge(Box::new(crate::guard::PolicyJudge(g)), &open.session_id)
+        }
+        None => PgInspector::new(),
+    };
     let state = Arc::new(Mutex::new(Session {
-        insp: PgInspector::new(),
+        insp,
         recorder: Some(recorder),
         failed: None,
     }));
@@ -338,8 +361,13 @@ impl Pump<'_> {
                 }
                 for (statements, started) in done {
                     for st in statements {
+                        let decision = match st.refused_by {
+                            Some(_) => Decision::Deny,
+                            None => Decision::Allow,
+                        };
                         let mut ev =
-                            base_event(self.ctx, self.open, EventKind::Statement, Decision::Allow);
+                            base_event(self.ctx, self.open, EventKind::Statement, decision);
+                        ev.detail = st.refused_by.map(|r| format!("refused by rule \"{r}\""));
                         ev.time_ms = started;
                         ev.statement = Some(st.text);
                         ev.parameters = st.parameters;

@@ -6,6 +6,7 @@
 //! parse tree.
 
 mod classify;
+pub mod corpus;
 mod doc;
 
 use std::collections::HashMap;

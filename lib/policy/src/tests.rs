@@ -20,57 +20,11 @@ fn guard(d: &Arc<PolicyDoc>) -> Guard {
     )
 }
 
-/// One corpus case: name, expected decisions, SQL.
-pub(crate) struct Case {
-    pub name: String,
-    pub readonly: Action,
-    pub writes: Action,
-    pub sql: String,
-}
-
-fn action(s: &str) -> Action {
-    match s {
-        "allow" => Action::Allow,
-        "deny" => Action::Deny,
-        "approve" => Action::Approve,
-        other => panic!("unknown decision {other}"),
+fn corpus() -> Vec<crate::corpus::Case> {
+    match crate::corpus::parse(include_str!("../testdata/guardrails.sql")) {
+        Ok(c) => c,
+        Err(e) => panic!("{e}"),
     }
-}
-
-pub(crate) fn corpus() -> Vec<Case> {
-    let text = include_str!("../testdata/guardrails.sql");
-    let mut cases: Vec<Case> = Vec::new();
-    for line in text.lines() {
-        if let Some(head) = line.strip_prefix("--@ ") {
-            let mut parts = head.split_whitespace();
-            let name = parts.next().unwrap_or_default().to_string();
-            let mut readonly = None;
-            let mut writes = None;
-            for p in parts {
-                match p.split_once('=') {
-                    Some(("readonly", v)) => readonly = Some(action(v)),
-                    Some(("writes", v)) => writes = Some(action(v)),
-                    _ => panic!("bad header {head}"),
-                }
-            }
-            let (Some(readonly), Some(writes)) = (readonly, writes) else {
-                panic!("case {name} lacks a decision");
-            };
-            cases.push(Case {
-                name,
-                readonly,
-                writes,
-                sql: String::new(),
-            });
-        } else if let Some(c) = cases.last_mut() {
-            c.sql.push_str(line);
-            c.sql.push('\n');
-        }
-    }
-    for c in &mut cases {
-        c.sql = c.sql.trim_end().to_string();
-    }
-    cases
 }
 
 #[test]

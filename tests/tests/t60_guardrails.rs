@@ -1,0 +1,234 @@
+//! Guardrails through the whole path: a policy applied with the CLI, the
+//! committed SQL corpus sent by psql through the gateway to a real
+//! PostgreSQL, each decision checked, and for every refused statement the
+//! database itself shows that nothing changed.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::{Command, Stdio};
+
+use gatehouse_e2e::*;
+use gatehouse_policy::Action;
+use gatehouse_policy::corpus::Case;
+
+const CORPUS: &str = include_str!("../../lib/policy/testdata/guardrails.sql");
+const SCHEMA: &str = include_str!("../../lib/policy/testdata/schema.sql");
+const POLICY_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../lib/policy/testdata");
+
+fn corpus() -> Vec<Case> {
+    gatehouse_policy::corpus::parse(CORPUS).unwrap()
+}
+
+/// Everything a refused statement could have changed, as one digest: table
+/// contents and files, the catalog (relations, columns, privileges, roles,
+/// memberships, functions, triggers, policies, comments, extensions),
+/// sequences, large objects, statistics of VACUUM/ANALYZE, server settings.
+const FINGERPRINT: &str = r#"
+select md5(string_agg(x, '|' order by x)) from (
+  select format('rel %s.%s %s %s %s', n.nspname, c.relname, c.relkind, c.relfilenode, coalesce(c.relacl::text, '')) as x
+    from pg_class c join pg_namespace n on n.oid = c.relnamespace
+    where n.nspname not in ('pg_catalog', 'information_schema', 'pg_toast')
+  union all select 'col ' || attrelid::regclass || '.' || attname || ' ' || atttypid
+    from pg_attribute where attrelid in (select oid from pg_class where relnamespace in
+      (select oid from pg_namespace where nspname in ('public', 'payroll'))) and attnum > 0 and not attisdropped
+  union all select 'customers ' || coalesce(md5(string_agg(t::text, ',' order by t::text)), '') from customers t
+  union all select 'orders ' || coalesce(md5(string_agg(t::text, ',' order by t::text)), '') from orders t
+  union all select 'salaries ' || coalesce(md5(string_agg(t::text, ',' order by t::text)), '') from payroll.salaries t
+  union all select 'seq ' || last_value || is_called from orders_id_seq
+  union all select 'role ' || rolname || rolsuper || rolcanlogin || coalesce(array_to_string(rolconfig, ','), '') from pg_roles
+  union all select 'member ' || roleid || ' ' || member from pg_auth_members
+  union all select 'dbrole ' || setdatabase || ' ' || setrole || ' ' || array_to_string(setconfig, ',') from pg_db_role_setting
+  union all select 'proc ' || proname from pg_proc where pronamespace in (select oid from pg_namespace where nspname in ('public', 'payroll'))
+  union all select 'trigger ' || tgname from pg_trigger where not tgisinternal
+  union all select 'policy ' || polname from pg_policy
+  union all select 'defacl ' || defaclacl::text from pg_default_acl
+  union all select 'comment ' || objoid || ' ' || description from pg_description where objoid >= 16384
+  union all select 'ext ' || extname from pg_extension
+  union all select 'schema ' || nspname || ' ' || coalesce(nspacl::text, '') from pg_namespace
+  union all select 'lo ' || count(*) from pg_largeobject_metadata
+  union all select 'stat ' || relname || coalesce(last_vacuum::text, '') || coalesce(last_analyze::text, '') from pg_stat_user_tables
+  union all select 'file ' || coalesce(sourcefile, '') || ' ' || name || ' ' || coalesce(setting, '') from pg_file_settings
+) s
+"#;
+
+fn fingerprint(stack: &Stack) -> String {
+    stack.pg.psql_super("app", FINGERPRINT).unwrap()
+}
+
+/// Sends one case with psql through the gateway; returns (stdout, stderr).
+fn through_gateway(stack: &Stack, key: &str, sql: &str) -> (String, String) {
+    let (host, port) = stack.pg_addr.rsplit_once(':').unwrap();
+    let out = Command::new("psql")
+        .args(["-X", "-v", "VERBOSITY=verbose", "-c", sql])
+        .arg(format!(
+            "host={host} port={port} user=db dbname=app sslmode=require connect_timeout=10"
+        ))
+        .env("PGPASSWORD", key)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs the whole corpus under the policy in force, `expect` choosing the
+/// decision column. Returns the failures.
+fn run_corpus(stack: &Stack, key: &str, expect: fn(&Case) -> Action) -> Vec<String> {
+    let mut failures = Vec::new();
+    let mut before = fingerprint(stack);
+    for c in corpus() {
+        let (stdout, stderr) = through_gateway(stack, key, &c.sql);
+        let refused = stderr.contains("ERROR:  42501: gatehouse: statement refused by rule");
+        let want = expect(&c);
+        match want {
+            Action::Allow => {
+                if refused {
+                    failures.push(format!("{}: refused, want allow\n{stderr}", c.name));
+                }
+                before = fingerprint(stack);
+            }
+            Action::Deny | Action::Approve => {
+                if !refused {
+                    failures.push(format!(
+                        "{}: not refused, want {want:?}\nstdout={stdout}\nstderr={stderr}",
+                        c.name
+                    ));
+                } else if want == Action::Approve && !stderr.contains("needs an approval") {
+                    failures.push(format!(
+                        "{}: refused without approval wording\n{stderr}",
+                        c.name
+                    ));
+                }
+                let after = fingerprint(stack);
+                if after != before {
+                    failures.push(format!("{}: the database changed although refused", c.name));
+                    before = after;
+                }
+            }
+        }
+    }
+    failures
+}
+
+#[test]
+fn corpus_through_psql_under_read_only_and_writes_need_approval_policies() {
+    let (stack, key) = Stack::start();
+    stack
+        .pg
+        .psql_super("app", &format!("set role {AGENT_ROLE};\n{SCHEMA}"))
+        .unwrap();
+
+    // No document yet: everything runs, and show says so.
+    let none = stack.cli(&["policy", "show"]);
+    assert!(!none.status.success());
+    assert!(String::from_utf8_lossy(&none.stderr).contains("no policy document"));
+
+    let readonly = format!("{POLICY_DIR}/readonly.yaml");
+    let applied = stack.cli_ok(&["policy", "apply", "-f", &readonly, "-o", "json"]);
+    let applied: serde_json::Value = serde_json::from_str(&applied).unwrap();
+    assert_eq!(applied["seq"], 1);
+    let ro_version = applied["policy_version"].as_str().unwrap().to_string();
+    // Applying the same document again changes nothing.
+    let again = stack.cli_ok(&["policy", "apply", "-f", &readonly]);
+    assert!(again.contains("already in force"), "{again}");
+
+    let failures = run_corpus(&stack, &key, |c| c.readonly);
+    assert!(
+        failures.is_empty(),
+        "read-only policy:\n{}",
+        failures.join("\n")
+    );
+
+    // The refusals are evidence: denied statements with the rule and the
+    // policy version they were decided under.
+    let events = stack.cli_ok(&["audit", "events", "-o", "json"]);
+    let events: serde_json::Value = serde_json::from_str(&events).unwrap();
+    let denied: Vec<&serde_json::Value> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["decision"] == "deny" && e["kind"] == "statement")
+        .collect();
+    let terminate = denied
+        .iter()
+        .find(|e| {
+            e["statement"]
+                .as_str()
+                .unwrap_or("")
+                .contains("pg_terminate_backend(pid)")
+        })
+        .expect("a denied pg_terminate_backend statement in the audit log");
+    assert_eq!(terminate["policy_version"], ro_version.as_str());
+    assert!(
+        terminate["detail"]
+            .as_str()
+            .unwrap()
+            .contains("side-effect-functions"),
+        "{terminate}"
+    );
+
+    let writes = format!("{POLICY_DIR}/writes-need-approval.yaml");
+    let applied = stack.cli_ok(&["policy", "apply", "-f", &writes, "-o", "json"]);
+    let applied: serde_json::Value = serde_json::from_str(&applied).unwrap();
+    assert_eq!(applied["seq"], 2);
+    assert_ne!(applied["policy_version"].as_str().unwrap(), ro_version);
+    let diff = stack.cli_ok(&["policy", "diff"]);
+    assert!(diff.contains("+    - name: writes-need-approval"), "{diff}");
+    let history = stack.cli_ok(&["policy", "history", "-o", "json"]);
+    let history: serde_json::Value = serde_json::from_str(&history).unwrap();
+    assert_eq!(history.as_array().unwrap().len(), 2);
+    let first = stack.cli_ok(&["policy", "show", "1"]);
+    assert!(first.contains("Read-only access"), "{first}");
+
+    let failures = run_corpus(&stack, &key, |c| c.writes);
+    assert!(
+        failures.is_empty(),
+        "writes-need-approval policy:\n{}",
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn a_bad_policy_is_refused_with_a_one_line_cause_and_startup_role_changes_are_judged() {
+    let (stack, key) = Stack::start();
+    let bad = stack.tmp.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "guardrails:\n  rules:\n    - name: x\n      action: maybe\n",
+    )
+    .unwrap();
+    let out = stack.cli(&["policy", "apply", "-f", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("action") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+
+    stack.cli_ok(&[
+        "policy",
+        "apply",
+        "-f",
+        &format!("{POLICY_DIR}/readonly.yaml"),
+    ]);
+    // PGOPTIONS setting a role reaches the gateway as a startup parameter.
+    let (host, port) = stack.pg_addr.rsplit_once(':').unwrap();
+    let out = Command::new("psql")
+        .args(["-X", "-c", "select current_user"])
+        .arg(format!(
+            "host={host} port={port} user=db dbname=app sslmode=require"
+        ))
+        .env("PGPASSWORD", &key)
+        .env("PGOPTIONS", "-c role=postgres")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("session refused by rule \"default\""), "{err}");
+    // Without it the same connection works.
+    let (stdout, stderr) = through_gateway(&stack, &key, "select current_user");
+    assert!(stdout.contains(AGENT_ROLE), "{stdout}{stderr}");
+}
