@@ -232,3 +232,86 @@ fn a_bad_policy_is_refused_with_a_one_line_cause_and_startup_role_changes_are_ju
     let (stdout, stderr) = through_gateway(&stack, &key, "select current_user");
     assert!(stdout.contains(AGENT_ROLE), "{stdout}{stderr}");
 }
+
+/// The error a refused statement gives a driver: SQLSTATE and message.
+fn db_error(e: &tokio_postgres::Error) -> (String, String) {
+    let d = e
+        .as_db_error()
+        .unwrap_or_else(|| panic!("not a server error: {e}"));
+    (d.code().code().to_string(), d.message().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extended_protocol_refusals_keep_the_connection_and_abort_the_transaction() {
+    let (stack, key) = tokio::task::spawn_blocking(Stack::start).await.unwrap();
+    stack
+        .pg
+        .psql_super("app", &format!("set role {AGENT_ROLE};\n{SCHEMA}"))
+        .unwrap();
+    stack.cli_ok(&[
+        "policy",
+        "apply",
+        "-f",
+        &format!("{POLICY_DIR}/readonly.yaml"),
+    ]);
+
+    let (host, port) = stack.pg_addr.rsplit_once(':').unwrap();
+    let conf = format!("host={host} port={port} user=db password={key} dbname=app sslmode=require");
+    let (mut c, conn) = tokio_postgres::connect(
+        &conf,
+        gatehouse_e2e::tpg::RustlsConnect::new(&stack.ca_file),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+
+    // Refused at Parse, naming the rule; the connection carries on.
+    let e = c
+        .prepare("SELECT pg_terminate_backend($1)")
+        .await
+        .unwrap_err();
+    let (code, message) = db_error(&e);
+    assert_eq!(code, "42501");
+    assert!(
+        message.contains("rule \"side-effect-functions\""),
+        "{message}"
+    );
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM orders WHERE id > $1", &[&0i32])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 3);
+
+    // Pipelined: the allowed query before and after the refused one both run.
+    let (a, b, d) = tokio::join!(
+        c.query_one("SELECT $1::int + 1", &[&1i32]),
+        c.execute("DELETE FROM orders WHERE id = $1", &[&1i32]),
+        c.query_one("SELECT $1::text", &[&"after"]),
+    );
+    assert_eq!(a.unwrap().get::<_, i32>(0), 2);
+    assert_eq!(db_error(&b.unwrap_err()).0, "42501");
+    assert_eq!(d.unwrap().get::<_, String>(0), "after");
+
+    // In a transaction the refusal aborts it, as any error would.
+    let tx = c.transaction().await.unwrap();
+    tx.query("SELECT 1", &[]).await.unwrap();
+    let e = tx
+        .execute("UPDATE orders SET amount = 0 WHERE id = $1", &[&2i32])
+        .await
+        .unwrap_err();
+    assert_eq!(db_error(&e).0, "42501");
+    let e = tx.query("SELECT 1", &[]).await.unwrap_err();
+    assert_eq!(db_error(&e).0, "25P02", "{e}");
+    tx.rollback().await.unwrap();
+
+    // Nothing changed, read from the database itself.
+    let rows = stack
+        .pg
+        .psql_super(
+            "app",
+            "select string_agg(id || ':' || amount, ',' order by id) from orders",
+        )
+        .unwrap();
+    assert_eq!(rows.trim(), "1:10,2:20,3:30");
+}
