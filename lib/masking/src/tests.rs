@@ -156,3 +156,79 @@ fn non_utf8_bytes_do_not_stop_masking() {
     assert_eq!(&out[..2], &[0xff, 0xfe]);
     assert_eq!(&out[2..15], b" ***-**-6789 ");
 }
+
+#[test]
+fn labelled_corpus_recall_and_no_false_positives() {
+    let m = masker();
+    let mut per_label: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+    let mut wrongly_masked = Vec::new();
+    let mut missed = Vec::new();
+    for line in include_str!("../testdata/corpus.tsv").lines() {
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let Some((label, value)) = line.split_once('\t') else {
+            panic!("bad corpus line {line:?}");
+        };
+        let (out, counts) = masked(&m, value);
+        if label == "none" {
+            if out != value {
+                wrongly_masked.push(format!("{value} -> {out} {counts:?}"));
+            }
+            continue;
+        }
+        let e = per_label.entry(label).or_default();
+        e.0 += 1;
+        if counts.get(label).is_some_and(|n| *n >= 1) && out != value {
+            e.1 += 1;
+            // Masked values are masked for good.
+            assert!(masked(&m, &out).1.is_empty(), "{out}");
+        } else {
+            missed.push(format!("{label}: {value} -> {out} {counts:?}"));
+        }
+    }
+    let total: usize = per_label.values().map(|(n, _)| n).sum();
+    assert!(total + wrongly_masked.len() >= 500, "corpus too small");
+    assert!(
+        wrongly_masked.is_empty(),
+        "masked look-alikes:\n{}",
+        wrongly_masked.join("\n")
+    );
+    for (label, (n, hit)) in &per_label {
+        let recall = *hit as f64 / *n as f64;
+        println!("{label}: {hit}/{n} recall {recall:.3}");
+        if matches!(*label, "card" | "iban" | "us_ssn") {
+            assert!(
+                recall >= 0.99,
+                "{label} recall {recall}\n{}",
+                missed.join("\n")
+            );
+        }
+    }
+    assert!(missed.is_empty(), "missed:\n{}", missed.join("\n"));
+}
+
+#[test]
+fn a_row_is_masked_in_one_scan_without_values_running_together() {
+    let m = masker();
+    // Digits at the end of one value and the start of the next must not
+    // make a card number together.
+    let row: [&[u8]; 4] = [b"4242 4242", b"4242 4242", b"ada@example.com", b"plain"];
+    let mut counts = Counts::new();
+    let out = m.mask_row(&row, &mut counts).unwrap_or_default();
+    assert_eq!(
+        out,
+        vec![
+            b"4242 4242".to_vec(),
+            b"4242 4242".to_vec(),
+            b"a***@example.com".to_vec(),
+            b"plain".to_vec()
+        ]
+    );
+    assert_eq!(counts.get("card"), None);
+    assert!(m.mask_row(&[b"a", b"b"], &mut Counts::new()).is_none());
+    // A value with NUL (bytea) falls back to value by value.
+    let row: [&[u8]; 2] = [b"\x00\x01", b"123-45-6789"];
+    let out = m.mask_row(&row, &mut Counts::new()).unwrap_or_default();
+    assert_eq!(out, vec![b"\x00\x01".to_vec(), b"***-**-6789".to_vec()]);
+}
