@@ -44,6 +44,37 @@ pub fn error_response(severity: Severity, code: &str, message: &str) -> Vec<u8> 
     ]))
 }
 
+/// A DataRow with `values` (`None` for NULL).
+pub fn data_row(values: &[Option<&[u8]>]) -> Vec<u8> {
+    let body: usize = 2 + values
+        .iter()
+        .map(|v| 4 + v.map_or(0, <[u8]>::len))
+        .sum::<usize>();
+    let mut out = Vec::with_capacity(1 + 4 + body);
+    out.push(b'D');
+    out.extend_from_slice(&(u32::try_from(body + 4).unwrap_or(u32::MAX)).to_be_bytes());
+    out.extend_from_slice(&(u16::try_from(values.len()).unwrap_or(u16::MAX)).to_be_bytes());
+    for v in values {
+        match v {
+            Some(v) => {
+                out.extend_from_slice(&(u32::try_from(v.len()).unwrap_or(u32::MAX)).to_be_bytes());
+                out.extend_from_slice(v);
+            }
+            None => out.extend_from_slice(&(-1i32).to_be_bytes()),
+        }
+    }
+    out
+}
+
+/// A CopyData message.
+pub fn copy_data(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(5 + data.len());
+    out.push(b'd');
+    out.extend_from_slice(&(u32::try_from(data.len() + 4).unwrap_or(u32::MAX)).to_be_bytes());
+    out.extend_from_slice(data);
+    out
+}
+
 /// A simple Query message.
 pub fn query(text: &str) -> Vec<u8> {
     encode(&pgwire::messages::simplequery::Query::new(text.to_string()))

@@ -62,11 +62,40 @@ fn auth_end(records: &[(u8, Vec<u8>)]) -> (usize, usize) {
     }
 }
 
+/// A masker that finds nothing: with it every result message is framed
+/// whole, and must still pass through unmodified.
+struct MaskNothing;
+
+impl crate::Mask for MaskNothing {
+    fn mask_row(&mut self, _values: &[&[u8]]) -> Option<Vec<Vec<u8>>> {
+        None
+    }
+    fn mask_copy(&mut self, _data: &[u8]) -> Option<Vec<u8>> {
+        None
+    }
+    fn whole_column(&self, _name: &str) -> bool {
+        false
+    }
+    fn mask_whole(&mut self, value: &[u8]) -> Vec<u8> {
+        value.to_vec()
+    }
+    fn take_counts(&mut self) -> Vec<(String, u64)> {
+        Vec::new()
+    }
+}
+
 /// Feeds the capture in chunks of `chunk` bytes; returns the events as
 /// text and checks the bytes pass through unmodified.
 fn replay(records: &[(u8, Vec<u8>)], chunk: usize) -> String {
+    replay_with(records, chunk, false)
+}
+
+fn replay_with(records: &[(u8, Vec<u8>)], chunk: usize, masking: bool) -> String {
     let (f_start, b_start) = auth_end(records);
     let mut insp = PgInspector::new();
+    if masking {
+        insp.set_mask(Box::new(MaskNothing));
+    }
     let (mut seen_f, mut seen_b) = (0usize, 0usize);
     let (mut in_f, mut in_b) = (Vec::new(), Vec::new());
     let (mut out_f, mut out_b) = (Vec::new(), Vec::new());
@@ -133,6 +162,13 @@ fn captures_pass_through_unmodified_with_the_reviewed_events() {
                 replay(&recs, chunk),
                 whole,
                 "{name}: chunks of {chunk} differ"
+            );
+        }
+        for chunk in [1, 7, 4096] {
+            assert_eq!(
+                replay_with(&recs, chunk, true),
+                whole,
+                "{name}: with masking on, chunks of {chunk} differ"
             );
         }
         let golden = testdata().join(format!("{name}.events"));

@@ -29,6 +29,8 @@ pub enum InspectError {
     TooLarge { side: Side, ty: u8, len: usize },
     #[error("{side:?} sent a malformed '{}' message", *ty as char)]
     Malformed { side: Side, ty: u8 },
+    #[error("the target started binary COPY output, which cannot be masked")]
+    Unmaskable,
 }
 
 /// Which query protocol a statement came through.
@@ -74,6 +76,51 @@ pub struct Statement {
     pub outcome: Outcome,
     /// The guardrail that refused it, if one did.
     pub refused_by: Option<String>,
+    /// Values masked in its results, per detector (never the values).
+    pub masked: Vec<(String, u64)>,
+}
+
+/// Masks result values before they reach the client.
+pub trait Mask: Send {
+    /// Masks the values of one row (text only); `None` when nothing
+    /// changed, otherwise every value in order.
+    fn mask_row(&mut self, values: &[&[u8]]) -> Option<Vec<Vec<u8>>>;
+    /// Masks one chunk of COPY text/CSV output.
+    fn mask_copy(&mut self, data: &[u8]) -> Option<Vec<u8>>;
+    /// Whether a column's whole value is masked (by its name).
+    fn whole_column(&self, name: &str) -> bool;
+    /// The value of a whole-masked text column.
+    fn mask_whole(&mut self, value: &[u8]) -> Vec<u8>;
+    /// Values masked since the last call, per detector.
+    fn take_counts(&mut self) -> Vec<(String, u64)>;
+}
+
+/// How one result column is masked.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ColumnMask {
+    /// Not text: left alone.
+    Skip,
+    /// Text: scanned; `prefix` bytes (jsonb's binary version) kept.
+    Scan { prefix: usize },
+    /// Matched a column rule, text: every letter and digit masked.
+    Whole { prefix: usize },
+    /// Matched a column rule, not text: sent as NULL.
+    Null,
+}
+
+/// Types whose values are text in both formats (text, varchar, bpchar,
+/// name, json, xml, unknown) and jsonb (a version byte, then text).
+fn text_like(oid: u32, format: i16) -> Option<usize> {
+    match (oid, format) {
+        (25 | 1043 | 1042 | 19 | 114 | 142 | 705 | 18, _) => Some(0),
+        (3802, 0) => Some(0),
+        (3802, 1) => Some(1),
+        // Arrays of text types, and user-defined types (citext, enums,
+        // domains), in text format.
+        (1009 | 1015 | 1014 | 199 | 3807, 0) => Some(0),
+        (o, 0) if o >= 16384 => Some(0),
+        _ => None,
+    }
 }
 
 /// A guardrail's answer to a statement it refuses.
@@ -161,6 +208,7 @@ impl Pending {
                         ..Default::default()
                     },
                     refused_by: self.early_refusal,
+                    masked: Vec::new(),
                 });
             }
         }
@@ -206,6 +254,12 @@ pub struct PgInspector {
     decoy: String,
     /// Refusals whose decoy error the upstream has yet to report.
     refused: VecDeque<Refusal>,
+    mask: Option<Box<dyn Mask>>,
+    /// How each column of the result being sent is masked; `None` before a
+    /// RowDescription (every value is then scanned as text).
+    columns: Option<Vec<ColumnMask>>,
+    /// Masks counted for the statement whose result is being sent.
+    masked: Vec<(String, u64)>,
 }
 
 // === impl PgInspector ===
@@ -231,7 +285,95 @@ impl PgInspector {
             judge: None,
             decoy: String::new(),
             refused: VecDeque::new(),
+            mask: None,
+            columns: None,
+            masked: Vec::new(),
         }
+    }
+
+    /// Masks result values (DataRow values of text types, COPY text output)
+    /// with `mask` from now on. Binary COPY output then ends the session:
+    /// it cannot be masked (guardrails refuse it before it runs).
+    pub fn set_mask(&mut self, mask: Box<dyn Mask>) {
+        self.mask = Some(mask);
+    }
+
+    /// Attributes the masks counted so far to the statement being answered.
+    fn close_result(&mut self) {
+        self.columns = None;
+        if let Some(m) = self.mask.as_mut() {
+            for (k, n) in m.take_counts() {
+                match self.masked.iter_mut().find(|(d, _)| *d == k) {
+                    Some(e) => e.1 += n,
+                    None => self.masked.push((k, n)),
+                }
+            }
+        }
+    }
+
+    /// Masks one DataRow; `None` leaves it as is.
+    fn mask_row(&mut self, msg: &[u8]) -> Result<Option<Vec<u8>>, InspectError> {
+        let Some(mask) = self.mask.as_mut() else {
+            return Ok(None);
+        };
+        let values = wire::data_row(msg).ok_or_else(|| malformed(Side::Upstream, b'D'))?;
+        let how = |i: usize| match &self.columns {
+            Some(c) => c.get(i).copied().unwrap_or(ColumnMask::Skip),
+            None => ColumnMask::Scan { prefix: 0 },
+        };
+        let mut scan_idx = Vec::new();
+        let mut scan = Vec::new();
+        let mut out: Vec<Option<Vec<u8>>> = vec![None; values.len()];
+        let mut changed = false;
+        for (i, v) in values.iter().enumerate() {
+            let Some(v) = v else { continue };
+            match how(i) {
+                ColumnMask::Skip => {}
+                ColumnMask::Scan { prefix } => {
+                    scan_idx.push((i, prefix));
+                    scan.push(v.get(prefix..).unwrap_or_default());
+                }
+                ColumnMask::Whole { prefix } => {
+                    let mut w = v.get(..prefix).unwrap_or_default().to_vec();
+                    w.extend(mask.mask_whole(v.get(prefix..).unwrap_or_default()));
+                    if let Some(slot) = out.get_mut(i) {
+                        *slot = Some(w);
+                    }
+                    changed = true;
+                }
+                ColumnMask::Null => changed = true,
+            }
+        }
+        if !scan.is_empty()
+            && let Some(masked) = mask.mask_row(&scan)
+        {
+            for ((i, prefix), m) in scan_idx.into_iter().zip(masked) {
+                let orig = values.get(i).copied().flatten().unwrap_or_default();
+                if orig.get(prefix..) != Some(m.as_slice()) {
+                    let mut w = orig.get(..prefix).unwrap_or_default().to_vec();
+                    w.extend(m);
+                    if let Some(slot) = out.get_mut(i) {
+                        *slot = Some(w);
+                    }
+                    changed = true;
+                }
+            }
+        }
+        if !changed {
+            return Ok(None);
+        }
+        let row: Vec<Option<&[u8]>> = values
+            .iter()
+            .enumerate()
+            .map(
+                |(i, v)| match (how(i), out.get(i).and_then(Option::as_deref)) {
+                    (ColumnMask::Null, _) => None,
+                    (_, Some(m)) => Some(m),
+                    (_, None) => *v,
+                },
+            )
+            .collect();
+        Ok(Some(build::data_row(&row)))
     }
 
     /// An inspector that asks `judge` about every statement. `tag` (a few
@@ -286,9 +428,13 @@ impl PgInspector {
                 Side::Client => self.client.next(buf, pos, |t| {
                     matches!(t, b'Q' | b'P' | b'B' | b'E' | b'S' | b'X' | b'D' | b'C')
                 }),
-                Side::Upstream => self.upstream.next(buf, pos, |t| {
-                    matches!(t, b'C' | b'E' | b'T' | b'Z' | b'I' | b's' | b't')
-                }),
+                Side::Upstream => {
+                    let masking = self.mask.is_some();
+                    self.upstream.next(buf, pos, |t| {
+                        matches!(t, b'C' | b'E' | b'T' | b'Z' | b'I' | b's' | b't')
+                            || (masking && matches!(t, b'D' | b'd' | b'H'))
+                    })
+                }
             }
             .map_err(|e| frame_error(side, e))?;
             match frame {
@@ -424,6 +570,7 @@ impl PgInspector {
                         parameters: Some(p.parameters.clone()),
                         outcome: Outcome::default(),
                         refused_by: None,
+                        masked: Vec::new(),
                     },
                     None => Statement {
                         text: "<unknown portal>".into(),
@@ -472,10 +619,13 @@ impl PgInspector {
         match ty {
             b'C' => {
                 let tag = wire::command_complete(msg).ok_or_else(|| malformed(side, ty))?;
+                self.close_result();
+                let masked = std::mem::take(&mut self.masked);
                 if let Some(p) = self.pending.front_mut() {
                     if let Some(st) = p.current() {
                         st.outcome.rows += rows_of_command_tag(&tag);
                         st.outcome.command_tags.push(tag.clone());
+                        merge_counts(&mut st.masked, masked);
                     }
                     p.advance();
                 }
@@ -483,6 +633,9 @@ impl PgInspector {
             }
             // EmptyQueryResponse, PortalSuspended: the Execute is answered.
             b'I' | b's' => {
+                if ty == b'I' {
+                    self.close_result();
+                }
                 if let Some(p) = self.pending.front_mut() {
                     p.advance();
                 }
@@ -491,6 +644,8 @@ impl PgInspector {
                 let (mut code, mut message) =
                     wire::error_fields(msg).ok_or_else(|| malformed(side, ty))?;
                 let mut refused_by = None;
+                self.close_result();
+                let masked = std::mem::take(&mut self.masked);
                 if !self.decoy.is_empty()
                     && code == "42601"
                     && message.contains(&self.decoy)
@@ -514,6 +669,7 @@ impl PgInspector {
                     match p.current() {
                         Some(st) => {
                             st.outcome.error_code.get_or_insert_with(|| code.clone());
+                            merge_counts(&mut st.masked, masked);
                             if refused_by.is_some() {
                                 st.refused_by = refused_by;
                             }
@@ -526,6 +682,17 @@ impl PgInspector {
                 }
                 event(out, now_ms, SessionEvent::Error { code, message });
             }
+            b'D' => replace = self.mask_row(msg)?,
+            b'H' if wire::copy_out_format(msg) != Some(0) => {
+                return Err(InspectError::Unmaskable);
+            }
+            b'd' => {
+                if let Some(m) = self.mask.as_mut()
+                    && let Some(masked) = m.mask_copy(wire::copy_data(msg))
+                {
+                    replace = Some(build::copy_data(&masked));
+                }
+            }
             b't' => {
                 let types = wire::parameter_description(msg).ok_or_else(|| malformed(side, ty))?;
                 if let Some((_, name)) = self.describing.pop_front()
@@ -535,10 +702,27 @@ impl PgInspector {
                 }
             }
             b'T' => {
-                let columns = wire::row_description(msg).ok_or_else(|| malformed(side, ty))?;
+                let cols = wire::row_description(msg).ok_or_else(|| malformed(side, ty))?;
+                if let Some(m) = self.mask.as_ref() {
+                    self.columns = Some(
+                        cols.iter()
+                            .map(|c| {
+                                let text = text_like(c.type_oid, c.format);
+                                match (m.whole_column(&c.name), text) {
+                                    (true, Some(prefix)) => ColumnMask::Whole { prefix },
+                                    (true, None) => ColumnMask::Null,
+                                    (false, Some(prefix)) => ColumnMask::Scan { prefix },
+                                    (false, None) => ColumnMask::Skip,
+                                }
+                            })
+                            .collect(),
+                    );
+                }
+                let columns = cols.into_iter().map(|c| c.name).collect();
                 event(out, now_ms, SessionEvent::RowDescription { columns });
             }
             b'Z' => {
+                self.columns = None;
                 // The greeting's ReadyForQuery closes no client cycle.
                 if let Some(p) = self.pending.pop_front() {
                     self.upstream_cycles += 1;
@@ -566,6 +750,15 @@ impl PgInspector {
             _ => {}
         }
         Ok(replace)
+    }
+}
+
+fn merge_counts(into: &mut Vec<(String, u64)>, from: Vec<(String, u64)>) {
+    for (k, n) in from {
+        match into.iter_mut().find(|(d, _)| *d == k) {
+            Some(e) => e.1 += n,
+            None => into.push((k, n)),
+        }
     }
 }
 

@@ -36,8 +36,8 @@ pub fn frontend_length_ok(buf: &[u8], startup: bool) -> bool {
 }
 
 pub use inspector::{
-    Action, InspectError, Judge, PgInspector, Protocol, REFUSED_SQLSTATE, Refusal, SessionEvent,
-    Side, Statement,
+    Action, InspectError, Judge, Mask, PgInspector, Protocol, REFUSED_SQLSTATE, Refusal,
+    SessionEvent, Side, Statement,
 };
 
 #[cfg(test)]

@@ -115,6 +115,7 @@ fn select_events() -> Vec<SessionEvent> {
                 text: "select 1".into(),
                 parameters: None,
                 refused_by: None,
+                masked: Vec::new(),
                 outcome: Outcome {
                     command_tags: vec!["SELECT 1".into()],
                     rows: 1,
@@ -161,6 +162,7 @@ fn multi_statement_with_error() {
                     text: "insert into t values (1); select nope".into(),
                     parameters: None,
                     refused_by: None,
+                    masked: Vec::new(),
                     outcome: Outcome {
                         command_tags: vec!["INSERT 0 1".into()],
                         rows: 1,
@@ -272,6 +274,7 @@ fn extended_protocol_names_the_executed_statement() {
                     text: "select $1::int".into(),
                     parameters: Some(vec![Some("7".into())]),
                     refused_by: None,
+                    masked: Vec::new(),
                     outcome: Outcome {
                         command_tags: vec!["SELECT 1".into()],
                         rows: 1,
@@ -438,4 +441,193 @@ fn a_refused_parse_is_replaced_and_a_genuine_syntax_error_is_left_alone() {
     let (up, down, _) = judged(&client, &upstream, 4096);
     assert_eq!(up, client);
     assert_eq!(down, upstream);
+}
+
+/// Masks the digits of any value containing "card", and whole `ssn…` columns.
+struct MaskCards {
+    counted: u64,
+}
+
+impl Mask for MaskCards {
+    fn mask_row(&mut self, values: &[&[u8]]) -> Option<Vec<Vec<u8>>> {
+        let mut changed = false;
+        let out = values
+            .iter()
+            .map(|v| {
+                if v.windows(4).any(|w| w == b"card") {
+                    changed = true;
+                    self.counted += 1;
+                    v.iter()
+                        .map(|b| if b.is_ascii_digit() { b'*' } else { *b })
+                        .collect()
+                } else {
+                    v.to_vec()
+                }
+            })
+            .collect();
+        changed.then_some(out)
+    }
+    fn mask_copy(&mut self, data: &[u8]) -> Option<Vec<u8>> {
+        self.mask_row(&[data]).and_then(|mut v| v.pop())
+    }
+    fn whole_column(&self, name: &str) -> bool {
+        name.starts_with("ssn")
+    }
+    fn mask_whole(&mut self, value: &[u8]) -> Vec<u8> {
+        vec![b'*'; value.len()]
+    }
+    fn take_counts(&mut self) -> Vec<(String, u64)> {
+        let n = std::mem::take(&mut self.counted);
+        if n == 0 {
+            Vec::new()
+        } else {
+            vec![("card".into(), n)]
+        }
+    }
+}
+
+/// A RowDescription of (name, type OID, format) columns.
+fn row_description(cols: &[(&str, u32, i16)]) -> Vec<u8> {
+    let mut b = BytesMut::new();
+    b.put_i16(cols.len() as i16);
+    for (name, oid, format) in cols {
+        b.put_slice(&cstr(name));
+        b.put_u32(0);
+        b.put_i16(0);
+        b.put_u32(*oid);
+        b.put_i16(-1);
+        b.put_i32(-1);
+        b.put_i16(*format);
+    }
+    msg(b'T', &b)
+}
+
+fn data_row_opt(values: &[Option<&[u8]>]) -> Vec<u8> {
+    build::data_row(values)
+}
+
+#[test]
+fn result_values_are_masked_by_type_and_column_and_counted() {
+    let client = query("select name, note, n, ssn, ssn_num from t");
+    let upstream = [
+        row_description(&[
+            ("name", 25, 0),
+            ("note", 3802, 1),
+            ("n", 20, 0),
+            ("ssn", 1043, 0),
+            ("ssn_num", 23, 0),
+        ]),
+        data_row_opt(&[
+            Some(b"card 4242"),
+            Some(b"\x01{\"card\": 4242}"),
+            Some(b"4242"),
+            Some(b"123-45-6789"),
+            Some(b"123456789"),
+        ]),
+        data_row_opt(&[Some(b"plain"), None, Some(b"card"), None, None]),
+        command_complete("SELECT 2"),
+        ready(),
+    ]
+    .concat();
+    for chunk in [1, 5, 4096] {
+        let mut insp = PgInspector::new();
+        insp.set_mask(Box::new(MaskCards { counted: 0 }));
+        let mut out = Vec::new();
+        let mut buf = BytesMut::from(&client[..]);
+        insp.on_client(&mut buf, 1, &mut out).unwrap();
+        let mut buf = BytesMut::new();
+        for piece in upstream.chunks(chunk) {
+            buf.extend_from_slice(piece);
+            insp.on_upstream(&mut buf, 2, &mut out).unwrap();
+        }
+        let mut down = Vec::new();
+        let mut done = None;
+        for a in out {
+            match a {
+                Action::ToClient(b) => down.extend_from_slice(&b),
+                Action::Event {
+                    event: SessionEvent::StatementDone { statements, .. },
+                    ..
+                } => done = Some(statements),
+                _ => {}
+            }
+        }
+        let want = [
+            row_description(&[
+                ("name", 25, 0),
+                ("note", 3802, 1),
+                ("n", 20, 0),
+                ("ssn", 1043, 0),
+                ("ssn_num", 23, 0),
+            ]),
+            // Text scanned; jsonb's version byte kept; int8 left alone;
+            // a text column rule masks the whole value, a non-text one
+            // becomes NULL.
+            data_row_opt(&[
+                Some(b"card ****"),
+                Some(b"\x01{\"card\": ****}"),
+                Some(b"4242"),
+                Some(b"***********"),
+                None,
+            ]),
+            data_row_opt(&[Some(b"plain"), None, Some(b"card"), None, None]),
+            command_complete("SELECT 2"),
+            ready(),
+        ]
+        .concat();
+        assert_eq!(down, want, "chunk {chunk}");
+        let done = done.unwrap();
+        assert_eq!(done[0].masked, vec![("card".to_string(), 2)]);
+    }
+}
+
+#[test]
+fn copy_text_output_is_masked_and_binary_copy_output_ends_the_session() {
+    let mut insp = PgInspector::new();
+    insp.set_mask(Box::new(MaskCards { counted: 0 }));
+    let mut out = Vec::new();
+    let mut buf = BytesMut::from(&query("copy t to stdout")[..]);
+    insp.on_client(&mut buf, 1, &mut out).unwrap();
+    let mut head = BytesMut::new();
+    head.put_u8(0);
+    head.put_i16(1);
+    head.put_i16(0);
+    let upstream = [
+        msg(b'H', &head),
+        build::copy_data(b"1\tcard 4242\n"),
+        msg(b'c', b""),
+        command_complete("COPY 1"),
+        ready(),
+    ]
+    .concat();
+    let mut buf = BytesMut::from(&upstream[..]);
+    insp.on_upstream(&mut buf, 2, &mut out).unwrap();
+    let down: Vec<u8> = out
+        .iter()
+        .filter_map(|a| match a {
+            Action::ToClient(b) => Some(b.to_vec()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    let want = [
+        msg(b'H', &head),
+        build::copy_data(b"*\tcard ****\n"),
+        msg(b'c', b""),
+        command_complete("COPY 1"),
+        ready(),
+    ]
+    .concat();
+    assert_eq!(down, want);
+
+    let mut insp = PgInspector::new();
+    insp.set_mask(Box::new(MaskCards { counted: 0 }));
+    let mut binary = BytesMut::new();
+    binary.put_u8(1);
+    binary.put_i16(0);
+    let mut buf = BytesMut::from(&msg(b'H', &binary)[..]);
+    assert!(matches!(
+        insp.on_upstream(&mut buf, 2, &mut Vec::new()),
+        Err(InspectError::Unmaskable)
+    ));
 }

@@ -146,17 +146,58 @@ pub(crate) fn error_fields(msg: &[u8]) -> Option<(String, String)> {
     }
 }
 
-/// RowDescription: the column names.
-pub(crate) fn row_description(msg: &[u8]) -> Option<Vec<String>> {
+/// One column of a RowDescription.
+pub(crate) struct Column {
+    pub name: String,
+    pub type_oid: u32,
+    pub format: i16,
+}
+
+/// RowDescription: the columns.
+pub(crate) fn row_description(msg: &[u8]) -> Option<Vec<Column>> {
     let mut r = body(msg);
     // name (≥1 byte) + 18 bytes of fixed fields per column
     let n = r.count(19)?;
-    let mut names = Vec::with_capacity(n);
+    let mut cols = Vec::with_capacity(n);
     for _ in 0..n {
-        names.push(r.cstr()?);
-        r.take(18)?;
+        let name = r.cstr()?;
+        r.take(6)?; // table OID, attribute number
+        let type_oid = r.u32()?;
+        r.take(6)?; // type size, type modifier
+        let format = r.i16()?;
+        cols.push(Column {
+            name,
+            type_oid,
+            format,
+        });
     }
-    Some(names)
+    Some(cols)
+}
+
+/// DataRow: the values (`None` for NULL).
+pub(crate) fn data_row(msg: &[u8]) -> Option<Vec<Option<&[u8]>>> {
+    let mut r = body(msg);
+    let n = r.count(4)?;
+    let mut values = Vec::with_capacity(n);
+    for _ in 0..n {
+        let len = r.i32()?;
+        values.push(match usize::try_from(len) {
+            Ok(len) => Some(r.take(len)?),
+            Err(_) if len == -1 => None,
+            Err(_) => return None,
+        });
+    }
+    Some(values)
+}
+
+/// CopyOutResponse: the overall format (0 text, 1 binary).
+pub(crate) fn copy_out_format(msg: &[u8]) -> Option<u8> {
+    body(msg).u8()
+}
+
+/// CopyData: the payload.
+pub(crate) fn copy_data(msg: &[u8]) -> &[u8] {
+    msg.get(5..).unwrap_or_default()
 }
 
 /// ParameterDescription: the parameter type OIDs.

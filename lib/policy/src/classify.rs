@@ -28,6 +28,8 @@ pub struct StatementEffects {
     pub prepares: Option<String>,
     /// `EXECUTE name`: the name.
     pub executes: Option<String>,
+    /// `COPY … TO` in binary format (its values cannot be masked).
+    pub copy_binary_out: bool,
 }
 
 /// A query string that PostgreSQL's parser refuses.
@@ -260,6 +262,20 @@ impl Walker {
                     .is_some_and(|f| !f.is_empty());
                 let k = if from { Kind::Write } else { Kind::Read };
                 self.statement(k);
+                let binary = field("options")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|o| o.pointer("/node/DefElem"))
+                    .any(|d| {
+                        d.get("defname").and_then(Value::as_str) == Some("format")
+                            && d.pointer("/arg/node/String/sval")
+                                .and_then(Value::as_str)
+                                .is_some_and(|f| f.eq_ignore_ascii_case("binary"))
+                    });
+                if binary && !from && !m.plan_only {
+                    self.fx.copy_binary_out = true;
+                }
                 if program || file {
                     self.kind(Kind::Server, None, m);
                 }

@@ -81,6 +81,93 @@ impl Kind {
 pub struct PolicyDoc {
     #[serde(default)]
     pub guardrails: Guardrails,
+    /// Inline masking of result values; off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub masking: Option<Masking>,
+}
+
+/// Which values are masked before they leave the agent, and who sees them
+/// in clear.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Masking {
+    /// Built-in detectors by name (`email`, `card`, `iban`, `us_ssn`,
+    /// `phone`, `ipv4`, `ipv6`, `jwt`, `secret`); all when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub detectors: Vec<String>,
+    /// Custom expressions; every match is masked.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub custom: Vec<CustomDetector>,
+    /// Columns whose whole value is masked, as `*.column` (any table).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub columns: Vec<String>,
+    /// Targets masking applies to; all when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<String>,
+    /// Identities and groups that see clear values (audited at session start).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exempt_identities: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exempt_groups: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustomDetector {
+    pub name: String,
+    pub regex: String,
+}
+
+impl Masking {
+    /// The masking engine's configuration; fails on an unknown detector.
+    pub fn engine_config(&self) -> Result<gatehouse_masking::Config, String> {
+        use gatehouse_masking::Detector as D;
+        let mut detectors = Vec::new();
+        for name in &self.detectors {
+            detectors.push(match name.as_str() {
+                "email" => D::Email,
+                "card" => D::Card,
+                "iban" => D::Iban,
+                "us_ssn" => D::UsSsn,
+                "phone" => D::Phone,
+                "ipv4" => D::Ipv4,
+                "ipv6" => D::Ipv6,
+                "jwt" => D::Jwt,
+                "secret" => D::Secret,
+                other => return Err(format!("unknown masking detector \"{other}\"")),
+            });
+        }
+        Ok(gatehouse_masking::Config {
+            detectors,
+            custom: self
+                .custom
+                .iter()
+                .map(|c| (c.name.clone(), c.regex.clone()))
+                .collect(),
+        })
+    }
+
+    /// Whether a session of `identity` (in `groups`) on `target` has its
+    /// values masked.
+    pub fn applies(&self, identity: &str, groups: &[String], target: &str) -> bool {
+        (self.targets.is_empty() || self.targets.iter().any(|t| t == target))
+            && !self.exempt(identity, groups)
+    }
+
+    /// Whether the identity or one of its groups sees clear values.
+    pub fn exempt(&self, identity: &str, groups: &[String]) -> bool {
+        self.exempt_identities.iter().any(|i| i == identity)
+            || self.exempt_groups.iter().any(|g| groups.contains(g))
+    }
+
+    /// Column names (lower case) whose whole value is masked.
+    pub fn column_names(&self) -> Vec<String> {
+        self.columns
+            .iter()
+            .filter_map(|c| c.strip_prefix("*."))
+            .map(str::to_lowercase)
+            .collect()
+    }
 }
 
 /// PostgreSQL guardrails: rules in order, and what happens to statements no
@@ -175,6 +262,8 @@ pub enum DocError {
     Yaml(String),
     #[error("policy is not valid JSON for this schema: {0}")]
     Json(String),
+    #[error("masking: {0}")]
+    Masking(String),
     #[error("guardrail {index}: {message}")]
     Rule { index: usize, message: String },
 }
@@ -209,6 +298,17 @@ impl PolicyDoc {
     }
 
     fn validate(&self) -> Result<(), DocError> {
+        if let Some(m) = &self.masking {
+            let cfg = m.engine_config().map_err(DocError::Masking)?;
+            gatehouse_masking::Masker::new(&cfg).map_err(|e| DocError::Masking(e.to_string()))?;
+            for c in &m.columns {
+                if !c.starts_with("*.") || c.len() < 3 {
+                    return Err(DocError::Masking(format!(
+                        "column rule \"{c}\" must be `*.column` (table-qualified rules are not supported yet)"
+                    )));
+                }
+            }
+        }
         let mut names = std::collections::HashSet::new();
         for (i, r) in self.guardrails.rules.iter().enumerate() {
             let err = |m: String| DocError::Rule {

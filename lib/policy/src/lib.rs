@@ -13,7 +13,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 pub use classify::{ParseError, StatementEffects, classify};
-pub use doc::{Action, DocError, Guardrails, Hours, Kind, PolicyDoc, Rule, Weekday};
+pub use doc::{
+    Action, CustomDetector, DocError, Guardrails, Hours, Kind, Masking, PolicyDoc, Rule, Weekday,
+};
 
 /// Who is asking, and where.
 #[derive(Clone, Debug, Default)]
@@ -47,12 +49,16 @@ impl Verdict {
 /// Names of the built-in rules a verdict can cite.
 pub const RULE_DEFAULT: &str = "default";
 pub const RULE_UNPARSEABLE: &str = "unparseable";
+pub const RULE_MASKING: &str = "masking";
 
 /// The guardrails of one session: the policy version it started with, and
 /// the statements it has prepared by name (so `EXECUTE name` is judged for
 /// what it runs).
 pub struct Guard {
     doc: Arc<PolicyDoc>,
+    /// Values of this session are masked (so binary COPY output, which
+    /// cannot be, is refused).
+    masking: bool,
     subject: Subject,
     prepared: HashMap<String, StatementEffects>,
     cache: HashMap<String, Result<Vec<StatementEffects>, ParseError>>,
@@ -63,7 +69,12 @@ const CACHE_ENTRIES: usize = 256;
 
 impl Guard {
     pub fn new(doc: Arc<PolicyDoc>, subject: Subject) -> Self {
+        let masking = doc
+            .masking
+            .as_ref()
+            .is_some_and(|m| m.applies(&subject.identity, &subject.groups, &subject.target));
         Self {
+            masking,
             doc,
             subject,
             prepared: HashMap::new(),
@@ -109,7 +120,15 @@ impl Guard {
                 },
                 None => s.clone(),
             };
-            let v = evaluate(&self.doc, &self.subject, now_ms, &effective);
+            let v = if self.masking && effective.copy_binary_out {
+                Verdict {
+                    action: Action::Deny,
+                    rule: RULE_MASKING.into(),
+                    message: "values of this session are masked, and binary COPY output cannot be; use FORMAT text or csv".into(),
+                }
+            } else {
+                evaluate(&self.doc, &self.subject, now_ms, &effective)
+            };
             if let Some(name) = &s.prepares
                 && v.action != Action::Deny
             {

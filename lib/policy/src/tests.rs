@@ -258,3 +258,48 @@ fn unparseable_text_is_denied_with_the_parser_message() {
     // The empty default document allows everything that parses.
     assert_eq!(guard(&d).judge("DROP TABLE x", 0).action, Action::Allow);
 }
+
+#[test]
+fn masking_section_is_validated_and_refuses_binary_copy_out() {
+    for (bad, why) in [
+        ("masking: {detectors: [emial]}", "emial"),
+        ("masking: {custom: [{name: x, regex: '('}]}", "x"),
+        ("masking: {columns: [customers.ssn]}", "*.column"),
+    ] {
+        match PolicyDoc::from_yaml(bad) {
+            Ok(_) => panic!("accepted {bad}"),
+            Err(e) => assert!(e.to_string().contains(why), "{bad}: {e}"),
+        }
+    }
+    let d = doc("masking: {columns: ['*.ssn'], exempt_groups: [auditors]}");
+    let mut g = guard(&d);
+    for sql in [
+        "COPY t TO STDOUT (FORMAT binary)",
+        "COPY t TO STDOUT BINARY",
+    ] {
+        let v = g.judge(sql, 0);
+        assert_eq!(v.action, Action::Deny, "{sql}");
+        assert_eq!(v.rule, RULE_MASKING);
+    }
+    assert_eq!(
+        g.judge("COPY t TO STDOUT (FORMAT csv)", 0).action,
+        Action::Allow
+    );
+    assert_eq!(
+        g.judge("COPY t FROM STDIN (FORMAT binary)", 0).action,
+        Action::Allow
+    );
+    // An exempt group sees clear values, so binary COPY is fine.
+    let mut exempt = Guard::new(
+        d.clone(),
+        Subject {
+            identity: "eve".into(),
+            groups: vec!["auditors".into()],
+            target: "orders".into(),
+        },
+    );
+    assert_eq!(
+        exempt.judge("COPY t TO STDOUT (FORMAT binary)", 0).action,
+        Action::Allow
+    );
+}
