@@ -147,6 +147,7 @@ fn main() {
                         parameters: None,
                         outcome: None,
                         detail: None,
+                        masked: None,
                     };
                     ctx.audit(ev).await.unwrap();
                 }

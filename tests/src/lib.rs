@@ -295,6 +295,27 @@ impl Stack {
         psql(host, port, user, password, db, "require", sql)
     }
 
+    /// Runs psql through the gateway to target `db`, database `app`, as a
+    /// user would (errors with their SQLSTATE); returns stdout, stderr and
+    /// whether psql succeeded.
+    pub fn psql_user(&self, key: &str, sql: &str) -> (String, String, bool) {
+        let (host, port) = self.pg_addr.rsplit_once(':').unwrap();
+        let out = Command::new("psql")
+            .args(["-X", "-A", "-v", "VERBOSITY=verbose", "-c", sql])
+            .arg(format!(
+                "host={host} port={port} user=db dbname=app sslmode=require connect_timeout=10"
+            ))
+            .env("PGPASSWORD", key)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+            out.status.success(),
+        )
+    }
+
     /// Runs psql directly against PostgreSQL as the agent's role.
     pub fn psql_direct(&self, db: &str, sql: &str) -> Output {
         psql(

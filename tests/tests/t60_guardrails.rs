@@ -55,31 +55,13 @@ fn fingerprint(stack: &Stack) -> String {
     stack.pg.psql_super("app", FINGERPRINT).unwrap()
 }
 
-/// Sends one case with psql through the gateway; returns (stdout, stderr).
-fn through_gateway(stack: &Stack, key: &str, sql: &str) -> (String, String) {
-    let (host, port) = stack.pg_addr.rsplit_once(':').unwrap();
-    let out = Command::new("psql")
-        .args(["-X", "-v", "VERBOSITY=verbose", "-c", sql])
-        .arg(format!(
-            "host={host} port={port} user=db dbname=app sslmode=require connect_timeout=10"
-        ))
-        .env("PGPASSWORD", key)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// Runs the whole corpus under the policy in force, `expect` choosing the
 /// decision column. Returns the failures.
 fn run_corpus(stack: &Stack, key: &str, expect: fn(&Case) -> Action) -> Vec<String> {
     let mut failures = Vec::new();
     let mut before = fingerprint(stack);
     for c in corpus() {
-        let (stdout, stderr) = through_gateway(stack, key, &c.sql);
+        let (stdout, stderr, _) = stack.psql_user(key, &c.sql);
         let refused = stderr.contains("ERROR:  42501: gatehouse: statement refused by rule");
         let want = expect(&c);
         match want {
@@ -229,7 +211,7 @@ fn a_bad_policy_is_refused_with_a_one_line_cause_and_startup_role_changes_are_ju
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("session refused by rule \"default\""), "{err}");
     // Without it the same connection works.
-    let (stdout, stderr) = through_gateway(&stack, &key, "select current_user");
+    let (stdout, stderr, _) = stack.psql_user(&key, "select current_user");
     assert!(stdout.contains(AGENT_ROLE), "{stdout}{stderr}");
 }
 

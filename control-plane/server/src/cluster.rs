@@ -293,6 +293,7 @@ impl Cluster {
             parameters: None,
             outcome: None,
             detail: Some(detail),
+            masked: None,
         }
     }
 }

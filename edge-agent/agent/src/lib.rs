@@ -48,6 +48,9 @@ pub struct AgentCtx {
     rng: Mutex<StdRng>,
     /// The target's cancel key of every running session.
     pub cancel_keys: CancelKeys,
+    /// Compiled masking engines by policy document (compiling one takes
+    /// milliseconds; sessions share it).
+    pub maskers: guard::MaskerCache,
 }
 
 /// Where to send a cancel for one session.
@@ -115,6 +118,7 @@ impl AgentCtx {
                 seq: AtomicU64::new(0),
                 rng: Mutex::new(StdRng::from_os_rng()),
                 cancel_keys: CancelKeys::default(),
+                maskers: guard::MaskerCache::default(),
             },
             AgentQueues {
                 audit_rx,

@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
-use gatehouse_audit::{AuditEvent, Decision, EventKind};
+use gatehouse_audit::{AuditEvent, Decision, EventKind, MaskCount};
 use gatehouse_pgwire_inspect::build::{self, Severity};
 use gatehouse_pgwire_inspect::{Action, PgInspector, SessionEvent, Side, Statement};
 use gatehouse_proto::read_frame;
@@ -87,6 +87,7 @@ fn base_event(
         parameters: None,
         outcome: None,
         detail: None,
+        masked: None,
     }
 }
 
@@ -142,6 +143,8 @@ async fn run(
             ),
         ));
     }
+    let masking = crate::guard::masking_for_session(&ctx.maskers, open)
+        .map_err(|e| ClientError("58000".into(), e))?;
     let mut recorder = Recorder::start(
         ctx,
         Header {
@@ -189,8 +192,15 @@ async fn run(
     };
     let mut ev = base_event(ctx, open, EventKind::SessionStart, Decision::Allow);
     ev.detail = Some(format!(
-        "client {} as {db_user} to database {}",
-        open.client_addr, open.database
+        "client {} as {db_user} to database {}{}",
+        open.client_addr,
+        open.database,
+        match &masking {
+            crate::guard::SessionMasking::Off => "",
+            crate::guard::SessionMasking::Exempt =>
+                "; result values shown in clear (masking exemption)",
+            crate::guard::SessionMasking::On(_) => "; result values masked",
+        }
     ));
     ctx.audit(ev).await.map_err(|_| audit_down())?;
     let _cancel_key = upstream.key.clone().map(|key| {
@@ -206,16 +216,25 @@ async fn run(
         .await
         .map_err(|e| ClientError("08006".into(), e.to_string()))?;
 
-    let insp = match guard {
+    let mut insp = match guard {
         Some(g) => {
             PgInspector::with_judge(Box::new(crate::guard::PolicyJudge(g)), &open.session_id)
         }
         None => PgInspector::new(),
     };
+    let param_mask = match masking {
+        crate::guard::SessionMasking::On(m) => {
+            let sibling = m.sibling();
+            insp.set_mask(Box::new(m));
+            Some(Mutex::new(sibling))
+        }
+        _ => None,
+    };
     let state = Arc::new(Mutex::new(Session {
         insp,
         recorder: Some(recorder),
         failed: None,
+        param_mask,
     }));
     let reason = relay(
         ctx,
@@ -239,6 +258,25 @@ async fn run(
     Ok(reason)
 }
 
+/// Masks a statement's rendered parameters, adding what it masked to the
+/// statement's counts.
+fn mask_parameters(pm: &mut crate::guard::SessionMask, st: &mut Statement) {
+    let Some(params) = st.parameters.as_mut() else {
+        return;
+    };
+    for p in params.iter_mut().flatten() {
+        if let Some(m) = pm.mask_text(p) {
+            *p = m;
+        }
+    }
+    for (k, n) in gatehouse_pgwire_inspect::Mask::take_counts(pm) {
+        match st.masked.iter_mut().find(|(d, _)| *d == k) {
+            Some(e) => e.1 += n,
+            None => st.masked.push((k, n)),
+        }
+    }
+}
+
 /// A finished statement cycle: what ran, and when the cycle started.
 type Done = (Vec<Statement>, i64);
 
@@ -247,6 +285,8 @@ struct Session {
     insp: PgInspector,
     recorder: Option<Recorder>,
     failed: Option<String>,
+    /// Masks bound parameters before they go into the evidence.
+    param_mask: Option<Mutex<crate::guard::SessionMask>>,
 }
 
 impl Session {
@@ -273,10 +313,17 @@ impl Session {
                             Some(RecordEvent::Error { code, message })
                         }
                         SessionEvent::StatementDone {
-                            statements,
+                            mut statements,
                             started_ms,
                             ..
                         } => {
+                            if let Some(pm) = self.param_mask.as_ref()
+                                && let Ok(mut pm) = pm.lock()
+                            {
+                                for st in &mut statements {
+                                    mask_parameters(&mut pm, st);
+                                }
+                            }
                             let r = RecordEvent::StatementDone {
                                 statements: statements.iter().map(|s| s.text.clone()).collect(),
                                 rows: statements.iter().map(|s| s.outcome.rows).sum(),
@@ -368,6 +415,14 @@ impl Pump<'_> {
                         let mut ev =
                             base_event(self.ctx, self.open, EventKind::Statement, decision);
                         ev.detail = st.refused_by.map(|r| format!("refused by rule \"{r}\""));
+                        if !st.masked.is_empty() {
+                            ev.masked = Some(
+                                st.masked
+                                    .into_iter()
+                                    .map(|(detector, count)| MaskCount { detector, count })
+                                    .collect(),
+                            );
+                        }
                         ev.time_ms = started;
                         ev.statement = Some(st.text);
                         ev.parameters = st.parameters;

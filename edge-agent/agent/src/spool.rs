@@ -238,6 +238,7 @@ mod tests {
             parameters: None,
             outcome: None,
             detail: None,
+            masked: None,
         }
     }
 

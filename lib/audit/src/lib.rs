@@ -75,6 +75,17 @@ pub struct AuditEvent {
     /// Free text for session start/end (reason, upstream error).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub detail: Option<String>,
+    /// Values masked in the statement's results, per detector, in the
+    /// order first seen (counts only, never the values).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub masked: Option<Vec<MaskCount>>,
+}
+
+/// How many values one detector masked.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MaskCount {
+    pub detector: String,
+    pub count: u64,
 }
 
 /// An encoded event did not decode.
@@ -135,6 +146,7 @@ mod tests {
                 error_code: None,
             }),
             detail: None,
+            masked: None,
         }
     }
 
