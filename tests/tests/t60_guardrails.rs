@@ -77,7 +77,9 @@ fn run_corpus(stack: &Stack, key: &str, expect: fn(&Case) -> Action) -> Vec<Stri
                         "{}: not refused, want {want:?}\nstdout={stdout}\nstderr={stderr}",
                         c.name
                     ));
-                } else if want == Action::Approve && !stderr.contains("needs an approval") {
+                } else if want == Action::Approve
+                    && !stderr.contains("approval requested as request")
+                {
                     failures.push(format!(
                         "{}: refused without approval wording\n{stderr}",
                         c.name

@@ -18,8 +18,24 @@ impl tonic::service::Interceptor for Bearer {
 
 pub type Client = AdminClient<InterceptedService<Channel, Bearer>>;
 
+/// The reviewers' API, with the caller's own API key (or the admin token).
+pub type ReviewsClient =
+    gatehouse_proto::v1::reviews_client::ReviewsClient<InterceptedService<Channel, Bearer>>;
+
 /// Connects over TLS, trusting only the cluster CA in `ca_pem`.
 pub async fn connect(api: &str, token: &str, ca_pem: &str) -> anyhow::Result<Client> {
+    let channel = channel(api, ca_pem).await?;
+    Ok(AdminClient::with_interceptor(channel, bearer(token)?))
+}
+
+fn bearer(token: &str) -> anyhow::Result<Bearer> {
+    let value = format!("Bearer {token}")
+        .parse()
+        .context("token contains invalid characters")?;
+    Ok(Bearer(value))
+}
+
+async fn channel(api: &str, ca_pem: &str) -> anyhow::Result<Channel> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let uri: tonic::transport::Uri = api
         .parse()
@@ -38,8 +54,20 @@ pub async fn connect(api: &str, token: &str, ca_pem: &str) -> anyhow::Result<Cli
         .connect()
         .await
         .with_context(|| format!("cannot reach the Gatehouse API at {api}"))?;
-    let value = format!("Bearer {token}")
-        .parse()
-        .context("admin token contains invalid characters")?;
-    Ok(AdminClient::with_interceptor(channel, Bearer(value)))
+    Ok(channel)
+}
+
+/// The Reviews service on the same kind of connection as [`connect`].
+pub async fn connect_reviews(
+    api: &str,
+    token: &str,
+    ca_pem: &str,
+) -> anyhow::Result<ReviewsClient> {
+    let channel = channel(api, ca_pem).await?;
+    Ok(
+        gatehouse_proto::v1::reviews_client::ReviewsClient::with_interceptor(
+            channel,
+            bearer(token)?,
+        ),
+    )
 }

@@ -52,6 +52,10 @@ enum Cmd {
     /// The policy document: guardrails every session enforces.
     #[command(subcommand)]
     Policy(PolicyCmd),
+    /// Access requests for held statements (GATEHOUSE_TOKEN: your own API
+    /// key to review).
+    #[command(subcommand)]
+    Requests(RequestsCmd),
     #[command(subcommand)]
     Agents(AgentsCmd),
     #[command(subcommand)]
@@ -116,6 +120,28 @@ enum RulesCmd {
         subject: String,
         #[arg(long)]
         target: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum RequestsCmd {
+    /// Requests, oldest first.
+    List {
+        /// pending | approved | denied | expired | used
+        #[arg(long)]
+        state: Option<String>,
+    },
+    /// Approve a request (never your own).
+    Approve {
+        id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Deny a request; the requester is told your reason.
+    Deny {
+        id: String,
+        #[arg(long)]
+        reason: String,
     },
 }
 
@@ -203,17 +229,20 @@ async fn main() {
 }
 
 async fn client(cli: &Cli) -> anyhow::Result<Client> {
-    let token = cli
-        .token
-        .as_deref()
-        .context("no admin token: set GATEHOUSE_TOKEN or pass --token")?;
+    let (token, ca) = credentials(cli, "no admin token: set GATEHOUSE_TOKEN or pass --token")?;
+    connect(&cli.api, token, &ca).await
+}
+
+/// The bearer token and the cluster CA the CLI calls the API with.
+fn credentials<'a>(cli: &'a Cli, no_token: &'static str) -> anyhow::Result<(&'a str, String)> {
+    let token = cli.token.as_deref().context(no_token)?;
     let ca_file = cli
         .ca_file
         .as_ref()
         .context("no CA certificate: set GATEHOUSE_CA_FILE or pass --ca-file")?;
     let ca = std::fs::read_to_string(ca_file)
         .with_context(|| format!("reading {}", ca_file.display()))?;
-    connect(&cli.api, token, &ca).await
+    Ok((token, ca))
 }
 
 fn parse_time(s: &str, now_ms: i64) -> anyhow::Result<i64> {
@@ -282,6 +311,87 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) {
     for r in rows {
         line(r);
     }
+}
+
+fn request_json(r: &AccessRequest) -> serde_json::Value {
+    json!({"id": r.id, "state": r.state, "requester": r.requester, "target": r.target,
+        "statement": r.statement, "rule": r.rule, "reason": r.reason,
+        "session_id": r.session_id, "policy_version": r.policy_version,
+        "created_ms": r.created_ms, "expires_ms": r.expires_ms,
+        "approvals_required": r.approvals_required, "approved_by": r.approved_by,
+        "denied_by": r.denied_by, "denial_reason": r.denial_reason,
+        "grant_minutes": r.grant_minutes})
+}
+
+async fn requests(cli: &Cli, cmd: &RequestsCmd) -> anyhow::Result<()> {
+    let (token, ca) = credentials(
+        cli,
+        "no token: set GATEHOUSE_TOKEN (your API key) or pass --token",
+    )?;
+    let mut c = gatehouse_cli::client::connect_reviews(&cli.api, token, &ca).await?;
+    let json_out = cli.output == Output::Json;
+    match cmd {
+        RequestsCmd::List { state } => {
+            let r = c
+                .list_access_requests(ListAccessRequestsRequest {
+                    state: state.clone().unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            if json_out {
+                print_json(&json!(
+                    r.requests.iter().map(request_json).collect::<Vec<_>>()
+                ));
+            } else {
+                table(
+                    &[
+                        "ID",
+                        "STATE",
+                        "REQUESTER",
+                        "TARGET",
+                        "APPROVALS",
+                        "STATEMENT",
+                    ],
+                    r.requests
+                        .into_iter()
+                        .map(|x| {
+                            vec![
+                                x.id,
+                                x.state,
+                                x.requester,
+                                x.target,
+                                format!("{}/{}", x.approved_by.len(), x.approvals_required),
+                                x.statement.chars().take(60).collect(),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+        }
+        RequestsCmd::Approve { id, reason } | RequestsCmd::Deny { id, reason } => {
+            let approve = matches!(cmd, RequestsCmd::Approve { .. });
+            let r = c
+                .review_access_request(ReviewAccessRequestRequest {
+                    id: id.clone(),
+                    approve,
+                    reason: reason.clone(),
+                })
+                .await?
+                .into_inner();
+            if json_out {
+                print_json(&request_json(&r));
+            } else {
+                println!(
+                    "request {} is {} ({}/{} approvals)",
+                    r.id,
+                    r.state,
+                    r.approved_by.len(),
+                    r.approvals_required
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A policy named on the command line: `#3`/`3` or a document version.
@@ -415,6 +525,9 @@ fn session_json(s: &Session) -> serde_json::Value {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Cmd::Dev(args) = &cli.cmd {
         return gatehouse_cli::dev::run(args.clone()).await;
+    }
+    if let Cmd::Requests(cmd) = &cli.cmd {
+        return requests(&cli, cmd).await;
     }
     let mut c = client(&cli).await?;
     let json_out = cli.output == Output::Json;
@@ -562,6 +675,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Policy(cmd) => policy(&mut c, cmd, json_out).await?,
+        Cmd::Requests(_) => {}
         Cmd::Rules(RulesCmd::List) => {
             let r = c.list_rules(ListRequest {}).await?.into_inner();
             if json_out {

@@ -10,8 +10,8 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use subtle::ConstantTimeEq;
 
 use crate::state::{
-    self, AGENT_SEQ, AUDIT, Agent, ClusterKeys, KV, PolicyRecord, Rule, ServiceAccount,
-    SessionRecord, Target, key,
+    self, AGENT_SEQ, AUDIT, AccessRequest, Agent, ClusterKeys, KV, PolicyRecord, Rule,
+    ServiceAccount, SessionRecord, Target, key,
 };
 
 /// Reading the state failed (the database is unreadable or corrupt).
@@ -129,6 +129,32 @@ impl StateReader {
             .map(|v| v.value().to_string())
             .unwrap_or_default();
         Ok((version, state::get(&kv, key::POLICY_CURRENT)?))
+    }
+
+    pub fn access_request(&self, id: &str) -> Result<Option<AccessRequest>, ReadError> {
+        self.get(&key::request(id))
+    }
+
+    pub fn access_requests(&self) -> Result<Vec<AccessRequest>, ReadError> {
+        self.list("request/")
+    }
+
+    /// An approved grant `identity` may use now for `statement_sha256` on
+    /// `target`: a time-bound grant for the target, or a one-time grant for
+    /// that exact statement not used yet.
+    pub fn usable_grant(
+        &self,
+        identity: &str,
+        target: &str,
+        statement_sha256: &str,
+        now_ms: i64,
+    ) -> Result<Option<AccessRequest>, ReadError> {
+        Ok(self.access_requests()?.into_iter().find(|r| {
+            r.requester == identity
+                && r.target == target
+                && r.state(now_ms) == "approved"
+                && (r.grant_minutes > 0 || r.statement_sha256 == statement_sha256)
+        }))
     }
 
     /// Every applied policy document, oldest first.

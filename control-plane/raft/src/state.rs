@@ -100,6 +100,71 @@ pub struct SessionRecord {
     pub cancel_secret: Option<i32>,
 }
 
+/// A held statement waiting for (or granted) human approval.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessRequest {
+    pub id: String,
+    pub requester: String,
+    pub target: String,
+    pub session_id: String,
+    pub statement: String,
+    pub statement_sha256: String,
+    pub rule: String,
+    pub policy_version: String,
+    pub reason: String,
+    pub created_ms: i64,
+    /// Undecided after this, it has expired.
+    pub expires_ms: i64,
+    pub approvals_required: u32,
+    /// Reviewers must be in one of these (anyone but the requester when empty).
+    pub approver_groups: Vec<String>,
+    /// 0: this exact statement, once; N: any statement on the target for N
+    /// minutes after approval.
+    pub grant_minutes: u32,
+    pub approvals: Vec<Review>,
+    pub denial: Option<Review>,
+    /// When a one-time grant was used.
+    pub used_ms: Option<i64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Review {
+    pub identity: String,
+    pub reason: String,
+    pub at_ms: i64,
+}
+
+impl AccessRequest {
+    /// When the last needed approval came, if it has.
+    pub fn approved_ms(&self) -> Option<i64> {
+        let need = self.approvals_required.max(1) as usize;
+        (self.denial.is_none() && self.approvals.len() >= need)
+            .then(|| self.approvals.get(need - 1).map_or(0, |r| r.at_ms))
+    }
+
+    /// pending | approved | denied | expired | used, at `now_ms`.
+    pub fn state(&self, now_ms: i64) -> &'static str {
+        if self.denial.is_some() {
+            return "denied";
+        }
+        if self.used_ms.is_some() {
+            return "used";
+        }
+        match self.approved_ms() {
+            Some(at) if self.grant_minutes > 0 => {
+                if now_ms < at + i64::from(self.grant_minutes) * 60_000 {
+                    "approved"
+                } else {
+                    "expired"
+                }
+            }
+            Some(_) => "approved",
+            None if now_ms >= self.expires_ms => "expired",
+            None => "pending",
+        }
+    }
+}
+
 /// One applied policy document.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PolicyRecord {
@@ -126,6 +191,9 @@ pub struct ClusterKeys {
 pub(crate) mod key {
     pub const CLUSTER: &str = "cluster";
     pub const POLICY_VERSION: &str = "policy_version";
+    pub fn request(id: &str) -> String {
+        format!("request/{id}")
+    }
     /// The policy document in force.
     pub const POLICY_CURRENT: &str = "policy/current";
     /// Every applied document, by sequence number.
@@ -249,6 +317,81 @@ pub(crate) fn apply(txn: &WriteTransaction, cmd: &Command) -> ApplyResult<Comman
             put(&mut kv, key::POLICY_CURRENT, &p)?;
             let version = policy_version(&kv)?;
             kv.insert(key::POLICY_VERSION, version.as_str())?;
+            CommandResult::Ok
+        }
+        Command::CreateAccessRequest { request } => {
+            let k = key::request(&request.id);
+            if kv.get(k.as_str())?.is_some() {
+                return Ok(reject(Rejection::AlreadyExists(format!(
+                    "access request {}",
+                    request.id
+                ))));
+            }
+            put(&mut kv, &k, request)?;
+            CommandResult::Ok
+        }
+        Command::ReviewAccessRequest {
+            id,
+            reviewer,
+            reviewer_groups,
+            approve,
+            reason,
+            now_ms,
+        } => {
+            let k = key::request(id);
+            let Some(mut r) = get::<AccessRequest>(&kv, &k)? else {
+                return Ok(reject(Rejection::NotFound(format!("access request {id}"))));
+            };
+            let refuse = |m: String| Ok(reject(Rejection::Invalid(m)));
+            if *reviewer == r.requester {
+                return refuse(format!("{reviewer} requested {id} and cannot review it"));
+            }
+            if !r.approver_groups.is_empty()
+                && !r
+                    .approver_groups
+                    .iter()
+                    .any(|g| reviewer_groups.contains(g))
+            {
+                return refuse(format!(
+                    "{reviewer} is not in an approver group of {id} ({})",
+                    r.approver_groups.join(", ")
+                ));
+            }
+            let state = r.state(*now_ms);
+            if state != "pending" {
+                return refuse(format!("access request {id} is {state}"));
+            }
+            if r.approvals.iter().any(|a| a.identity == *reviewer) {
+                return refuse(format!("{reviewer} has already approved {id}"));
+            }
+            let review = Review {
+                identity: reviewer.clone(),
+                reason: reason.clone(),
+                at_ms: *now_ms,
+            };
+            if *approve {
+                r.approvals.push(review);
+            } else {
+                r.denial = Some(review);
+            }
+            put(&mut kv, &k, &r)?;
+            CommandResult::Ok
+        }
+        Command::UseAccessRequest { id, now_ms } => {
+            let k = key::request(id);
+            let Some(mut r) = get::<AccessRequest>(&kv, &k)? else {
+                return Ok(reject(Rejection::NotFound(format!("access request {id}"))));
+            };
+            let state = r.state(*now_ms);
+            if state != "approved" {
+                return Ok(reject(Rejection::Invalid(format!(
+                    "access request {id} is {state}"
+                ))));
+            }
+            if r.grant_minutes == 0 {
+                r.used_ms = Some(*now_ms);
+                put(&mut kv, &k, &r)?;
+            }
             CommandResult::Ok
         }
         Command::CreateEnrollmentToken {

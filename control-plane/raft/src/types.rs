@@ -4,7 +4,7 @@ use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
 
-use crate::state::{PolicyRecord, Rule, SessionRecord, Target};
+use crate::state::{AccessRequest, PolicyRecord, Rule, SessionRecord, Target};
 
 openraft::declare_raft_types!(
     /// Gatehouse's Raft types.
@@ -55,6 +55,25 @@ pub enum Command {
     },
     CreateRule {
         rule: Rule,
+    },
+    CreateAccessRequest {
+        request: Box<AccessRequest>,
+    },
+    /// An approval or a denial; refused for the requester, reviewers outside
+    /// the approver groups, a second approval by the same reviewer, and
+    /// requests no longer pending.
+    ReviewAccessRequest {
+        id: String,
+        reviewer: String,
+        reviewer_groups: Vec<String>,
+        approve: bool,
+        reason: String,
+        now_ms: i64,
+    },
+    /// Uses an approved grant: a one-time grant only once, across nodes.
+    UseAccessRequest {
+        id: String,
+        now_ms: i64,
     },
     /// Puts a validated policy document in force (its `seq` is assigned
     /// on apply).

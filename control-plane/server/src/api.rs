@@ -115,10 +115,16 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     svc: AdminService,
     join: crate::peer::JoinService,
+    reviews: crate::approvals::ReviewsService,
     admin_token: String,
     chain: TlsChain,
 ) {
     let expected = format!("Bearer {admin_token}");
+    let review_auth = {
+        let cluster = reviews.cluster.clone();
+        let bearer = expected.clone();
+        move |req: Request<()>| crate::approvals::authenticate(&cluster, &bearer, req)
+    };
     let auth = move |req: Request<()>| -> Result<Request<()>, Status> {
         let ok = req
             .metadata()
@@ -144,6 +150,12 @@ pub async fn serve(
     let incoming = tonic::transport::server::TcpIncoming::from(listener);
     if let Err(e) = server
         .add_service(AdminServer::with_interceptor(svc, auth))
+        .add_service(
+            gatehouse_proto::v1::reviews_server::ReviewsServer::with_interceptor(
+                reviews,
+                review_auth,
+            ),
+        )
         .add_service(gatehouse_proto::cluster::join_server::JoinServer::new(join))
         .serve_with_incoming(incoming)
         .await

@@ -5,11 +5,13 @@
 //! client ingress ([`ingress`]).
 
 pub mod api;
+pub mod approvals;
 pub mod cluster;
 pub mod ingress;
 mod join;
 pub mod peer;
 pub mod tunnel;
+mod webhook;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -225,6 +227,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         api_listener,
         api,
         join_svc,
+        approvals::ReviewsService {
+            cluster: cluster.clone(),
+        },
         admin_token,
         chain.clone(),
     ));

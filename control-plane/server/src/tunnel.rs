@@ -308,6 +308,11 @@ async fn agent_connection(conn: quinn::Connection, cluster: Arc<Cluster>, agents
         },
     );
     tracing::info!(agent_id = %name, version = %hello.version, targets = ?hello.targets, remote = %conn.remote_address(), "agent connected");
+    let approvals = tokio::spawn(crate::approvals::serve_agent(
+        conn.clone(),
+        cluster.clone(),
+        name.clone(),
+    ));
     let ack = ServerMessage {
         msg: Some(server_message::Msg::HelloAck(HelloAck {
             policy_version: cluster.reader.policy_version().unwrap_or_default(),
@@ -322,6 +327,7 @@ async fn agent_connection(conn: quinn::Connection, cluster: Arc<Cluster>, agents
     }
     .await;
     agents.remove_if(&name, conn.stable_id());
+    approvals.abort();
     match result {
         Ok(()) => tracing::info!(agent_id = %name, "agent disconnected"),
         Err(e) => tracing::warn!(agent_id = %name, error = %e, "agent control stream ended"),

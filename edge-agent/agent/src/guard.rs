@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use gatehouse_masking::{Counts, Masker};
-use gatehouse_pgwire_inspect::{Judge, Mask, Refusal};
+use gatehouse_pgwire_inspect::{Judge, Mask, Refusal, Resolution, Ruling};
 use gatehouse_policy::{Action, Guard, Kind, PolicyDoc, Subject, Verdict};
 use gatehouse_proto::tunnel::SessionOpen;
 
@@ -56,27 +56,53 @@ pub fn judge_startup(guard: &Guard, open: &SessionOpen) -> Option<Verdict> {
 
 /// What the client is told about a verdict that stops a statement.
 pub fn refusal(v: Verdict) -> Refusal {
-    let message = match v.action {
-        Action::Approve => format!(
-            "{} (it needs an approval; this gateway does not take approval requests yet, so it was not run)",
-            v.message
-        ),
-        _ => v.message,
-    };
     Refusal {
         rule: v.rule,
-        message,
+        message: v.message,
     }
 }
 
-/// The inspector's judge for one session.
-pub struct PolicyJudge(pub Guard);
+/// The inspector's judge for one session. It also keeps the reason the
+/// caller gave with `SET gatehouse.reason = '…'` for approval requests.
+pub struct PolicyJudge {
+    pub guard: Guard,
+    pub reason: Arc<Mutex<String>>,
+}
 
 impl Judge for PolicyJudge {
-    fn judge(&mut self, text: &str, at_ms: i64) -> Option<Refusal> {
-        let v = self.0.judge(text, at_ms);
-        (v.action != Action::Allow).then(|| refusal(v))
+    fn judge(&mut self, text: &str, at_ms: i64) -> Ruling {
+        if let Some(r) = reason_of(text)
+            && let Ok(mut cur) = self.reason.lock()
+        {
+            *cur = r;
+        }
+        let v = self.guard.judge(text, at_ms);
+        match v.action {
+            Action::Allow => Ruling::Allow,
+            Action::Deny => Ruling::Refuse(refusal(v)),
+            Action::Approve => Ruling::Hold(refusal(v)),
+        }
     }
+}
+
+/// The value of `SET [SESSION] gatehouse.reason = '…'` (or `TO`).
+fn reason_of(text: &str) -> Option<String> {
+    let lower = text.trim().to_ascii_lowercase();
+    let rest = lower
+        .strip_prefix("set ")?
+        .trim_start()
+        .trim_start_matches("session ")
+        .trim_start();
+    let rest = rest.strip_prefix("gatehouse.reason")?.trim_start();
+    let rest = rest
+        .strip_prefix('=')
+        .or_else(|| rest.strip_prefix("to "))?
+        .trim();
+    // Take the original text's quoted value (case kept).
+    let start = text.find('\'')? + 1;
+    let end = text.rfind('\'')?;
+    let _ = rest;
+    (end > start).then(|| text.get(start..end).unwrap_or_default().replace("''", "'"))
 }
 
 /// Compiled maskers by policy document version.
@@ -190,5 +216,97 @@ impl Mask for SessionMask {
 
     fn take_counts(&mut self) -> Vec<(String, u64)> {
         std::mem::take(&mut self.counts).into_iter().collect()
+    }
+}
+
+/// Asks the control plane to approve a held statement and waits for the
+/// answer (fail closed: no connection, no answer, or an error refuses it).
+pub async fn approve(
+    ctx: &crate::AgentCtx,
+    open: &SessionOpen,
+    text: &str,
+    held: &Refusal,
+    reason: String,
+) -> Resolution {
+    use gatehouse_proto::tunnel::{ApprovalAnswer, ApprovalAsk, approval_answer::Outcome};
+    let settings = PolicyDoc::from_canonical(&open.policy_document)
+        .ok()
+        .and_then(|d| d.approvals)
+        .unwrap_or_default();
+    let refuse = |message: String| {
+        Resolution::Refused(Refusal {
+            rule: held.rule.clone(),
+            message,
+        })
+    };
+    let Some(conn) = ctx.server_conn.lock().ok().and_then(|c| c.clone()) else {
+        return refuse(format!(
+            "{}; it needs an approval, and the control plane is unreachable",
+            held.message
+        ));
+    };
+    let wait_ms = i64::try_from(settings.wait_seconds.saturating_mul(1000)).unwrap_or(i64::MAX);
+    let ask = ApprovalAsk {
+        session_id: open.session_id.clone(),
+        identity: open.identity.clone(),
+        groups: open.groups.clone(),
+        target: open.target.clone(),
+        statement: text.to_string(),
+        rule: held.rule.clone(),
+        message: held.message.clone(),
+        policy_version: open.policy_version.clone(),
+        reason: if reason.is_empty() {
+            open.startup_params
+                .get("application_name")
+                .cloned()
+                .unwrap_or_default()
+        } else {
+            reason
+        },
+        wait_ms,
+        approvals_required: settings.required,
+        approver_groups: settings.approver_groups.clone(),
+        grant_minutes: settings.grant_minutes,
+    };
+    let exchange = async {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        send.write_all(&gatehouse_proto::frame(&ask))
+            .await
+            .map_err(|e| e.to_string())?;
+        gatehouse_proto::read_frame::<ApprovalAnswer, _>(&mut recv)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| "no answer".to_string())
+    };
+    let deadline = std::time::Duration::from_millis(u64::try_from(wait_ms).unwrap_or(0))
+        + std::time::Duration::from_secs(15);
+    let answer = match tokio::time::timeout(deadline, exchange).await {
+        Ok(Ok(a)) => a,
+        Ok(Err(e)) => return refuse(format!("{}; approval failed: {e}", held.message)),
+        Err(_) => return refuse(format!("{}; no approval decision arrived", held.message)),
+    };
+    match Outcome::try_from(answer.outcome).unwrap_or(Outcome::Unspecified) {
+        Outcome::Approved => Resolution::Approved,
+        Outcome::Denied => refuse(format!(
+            "access request {} was denied by {}: {}",
+            answer.request_id, answer.reviewer, answer.reason
+        )),
+        Outcome::Expired => refuse(format!(
+            "access request {} expired without an approval{}",
+            answer.request_id,
+            if answer.reason.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", answer.reason)
+            }
+        )),
+        Outcome::Pending => refuse(format!(
+            "{}; approval requested as request {} — run the statement again once it is approved",
+            held.message, answer.request_id
+        )),
+        Outcome::Unspecified => refuse(format!(
+            "{}; approval failed: {}",
+            held.message, answer.reason
+        )),
     }
 }

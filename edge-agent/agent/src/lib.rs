@@ -51,6 +51,8 @@ pub struct AgentCtx {
     /// Compiled masking engines by policy document (compiling one takes
     /// milliseconds; sessions share it).
     pub maskers: guard::MaskerCache,
+    /// The live connection to the control plane (for approval requests).
+    pub server_conn: Mutex<Option<quinn::Connection>>,
 }
 
 /// Where to send a cancel for one session.
@@ -119,6 +121,7 @@ impl AgentCtx {
                 rng: Mutex::new(StdRng::from_os_rng()),
                 cancel_keys: CancelKeys::default(),
                 maskers: guard::MaskerCache::default(),
+                server_conn: Mutex::new(None),
             },
             AgentQueues {
                 audit_rx,

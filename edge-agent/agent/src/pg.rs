@@ -216,10 +216,15 @@ async fn run(
         .await
         .map_err(|e| ClientError("08006".into(), e.to_string()))?;
 
+    let reason = Arc::new(Mutex::new(String::new()));
     let mut insp = match guard {
-        Some(g) => {
-            PgInspector::with_judge(Box::new(crate::guard::PolicyJudge(g)), &open.session_id)
-        }
+        Some(g) => PgInspector::with_judge(
+            Box::new(crate::guard::PolicyJudge {
+                guard: g,
+                reason: reason.clone(),
+            }),
+            &open.session_id,
+        ),
         None => PgInspector::new(),
     };
     let param_mask = match masking {
@@ -235,6 +240,7 @@ async fn run(
         recorder: Some(recorder),
         failed: None,
         param_mask,
+        reason,
     }));
     let reason = relay(
         ctx,
@@ -287,16 +293,24 @@ struct Session {
     failed: Option<String>,
     /// Masks bound parameters before they go into the evidence.
     param_mask: Option<Mutex<crate::guard::SessionMask>>,
+    /// The reason the caller gave (`SET gatehouse.reason`), for approvals.
+    reason: Arc<Mutex<String>>,
 }
 
+/// A statement the inspector holds for approval: its text and the rule.
+type Held = (String, gatehouse_pgwire_inspect::Refusal);
+
 impl Session {
-    /// Records events and returns the bytes to forward and the statements to audit.
-    fn take(&mut self, out: &mut Vec<Action>) -> (Vec<bytes::Bytes>, Vec<Done>) {
+    /// Records events and returns the bytes to forward, the statements to
+    /// audit and a statement held for approval.
+    fn take(&mut self, out: &mut Vec<Action>) -> (Vec<bytes::Bytes>, Vec<Done>, Option<Held>) {
         let mut fwd = Vec::new();
         let mut done = Vec::new();
+        let mut held = None;
         for a in out.drain(..) {
             match a {
                 Action::ToUpstream(b) | Action::ToClient(b) => fwd.push(b),
+                Action::Hold { text, refusal } => held = Some((text, refusal)),
                 Action::Event { at_ms, event } => {
                     let rec = match event {
                         SessionEvent::Query { text } => Some(RecordEvent::Query { text }),
@@ -341,7 +355,7 @@ impl Session {
                 }
             }
         }
-        (fwd, done)
+        (fwd, done, held)
     }
 }
 
@@ -389,7 +403,7 @@ impl Pump<'_> {
         let mut out = Vec::new();
         loop {
             if !buf.is_empty() {
-                let (fwd, done, failed) = {
+                let (fwd, done, failed, held, reason) = {
                     let Ok(mut s) = self.state.lock() else {
                         return "internal error".into();
                     };
@@ -400,8 +414,9 @@ impl Pump<'_> {
                     if let Err(e) = r {
                         return format!("protocol error: {e}");
                     }
-                    let (f, d) = s.take(&mut out);
-                    (f, d, s.failed.clone())
+                    let (f, d, h) = s.take(&mut out);
+                    let reason = s.reason.lock().map(|r| r.clone()).unwrap_or_default();
+                    (f, d, s.failed.clone(), h, reason)
                 };
                 if let Some(f) = failed {
                     return f;
@@ -436,6 +451,17 @@ impl Pump<'_> {
                     if to.write_all(&b).await.is_err() {
                         return write_failed.into();
                     }
+                }
+                // A held statement: what came before it is on its way; it
+                // and what follows wait for the decision, then go round again.
+                if let Some((text, refusal)) = held {
+                    let r =
+                        crate::guard::approve(self.ctx, self.open, &text, &refusal, reason).await;
+                    let Ok(mut s) = self.state.lock() else {
+                        return "internal error".into();
+                    };
+                    s.insp.resolve(r);
+                    continue;
                 }
             }
             match from.read_buf(&mut buf).await {

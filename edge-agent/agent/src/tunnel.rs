@@ -190,6 +190,10 @@ async fn serve_connection(
         _ => anyhow::bail!("control plane did not acknowledge hello"),
     };
     ctx.raise_seq(ack.audit_high_water);
+    // After the hello, approval streams may use this connection.
+    if let Ok(mut c) = ctx.server_conn.lock() {
+        *c = Some(conn.clone());
+    }
 
     // Replies are read by their own task: reading a frame is not cancel-safe.
     let (reply_tx, mut reply_rx) = mpsc::channel::<ServerMessage>(64);

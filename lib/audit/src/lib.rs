@@ -22,6 +22,14 @@ pub enum EventKind {
     Statement,
     /// The session ended.
     SessionEnd,
+    /// A held statement became an access request.
+    ApprovalRequested,
+    /// A reviewer approved (decision allow) or denied (deny) a request.
+    ApprovalReviewed,
+    /// An approved grant let a held statement run.
+    ApprovalUsed,
+    /// A request expired undecided; its statement did not run.
+    ApprovalExpired,
 }
 
 /// The outcome of the policy decision for the action.

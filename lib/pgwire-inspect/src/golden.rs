@@ -127,6 +127,7 @@ fn replay_with(records: &[(u8, Vec<u8>)], chunk: usize, masking: bool) -> String
                     Action::Event { at_ms, event } => {
                         events.push_str(&format!("{at_ms} {event:?}\n"));
                     }
+                    Action::Hold { .. } => panic!("held without a judge"),
                 }
             }
         }

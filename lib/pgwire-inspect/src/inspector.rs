@@ -132,11 +132,38 @@ pub struct Refusal {
     pub message: String,
 }
 
+/// A judge's answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ruling {
+    Allow,
+    /// Stopped: the client gets 42501 naming the rule.
+    Refuse(Refusal),
+    /// Needs a human approval: held (a simple Query at once; a Parse is
+    /// forwarded and each Execute of it is held) until [`PgInspector::resolve`].
+    Hold(Refusal),
+}
+
 /// Decides, before it reaches the upstream, whether a statement text may
 /// run. The inspector asks at every simple Query and every Parse.
 pub trait Judge: Send {
-    /// `None` lets it through; a refusal stops it.
-    fn judge(&mut self, text: &str, at_ms: i64) -> Option<Refusal>;
+    fn judge(&mut self, text: &str, at_ms: i64) -> Ruling;
+}
+
+/// How a held statement was settled.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Resolution {
+    /// It runs (this once).
+    Approved,
+    /// It does not; the client is told why.
+    Refused(Refusal),
+}
+
+/// What to do with one inspected message.
+enum Step {
+    Forward,
+    Replace(Vec<u8>),
+    /// Keep it (and everything after it) until resolved.
+    Hold,
 }
 
 /// SQLSTATE of a statement a guardrail refused (insufficient_privilege).
@@ -147,7 +174,16 @@ pub const REFUSED_SQLSTATE: &str = "42501";
 pub enum Action {
     ToUpstream(Bytes),
     ToClient(Bytes),
-    Event { at_ms: i64, event: SessionEvent },
+    Event {
+        at_ms: i64,
+        event: SessionEvent,
+    },
+    /// A statement needs an approval: the client's bytes from it on stay in
+    /// the buffer until [`PgInspector::resolve`] is called.
+    Hold {
+        text: String,
+        refusal: Refusal,
+    },
 }
 
 /// A query cycle the client started and the upstream has not yet closed with
@@ -222,6 +258,8 @@ struct Prepared {
     text: String,
     /// Parameter type OIDs, from Parse or the upstream's ParameterDescription.
     types: Vec<u32>,
+    /// Every Execute of it waits for an approval.
+    hold: Option<Refusal>,
 }
 
 /// A bound portal: its statement and rendered parameters.
@@ -229,6 +267,7 @@ struct Prepared {
 struct Portal {
     text: String,
     parameters: Vec<Option<String>>,
+    hold: Option<Refusal>,
 }
 
 /// Inspects one PostgreSQL session after authentication.
@@ -255,6 +294,9 @@ pub struct PgInspector {
     /// Refusals whose decoy error the upstream has yet to report.
     refused: VecDeque<Refusal>,
     mask: Option<Box<dyn Mask>>,
+    /// A statement is held; its resolution, once given.
+    held: bool,
+    resolution: Option<Resolution>,
     /// How each column of the result being sent is masked; `None` before a
     /// RowDescription (every value is then scanned as text).
     columns: Option<Vec<ColumnMask>>,
@@ -286,6 +328,8 @@ impl PgInspector {
             decoy: String::new(),
             refused: VecDeque::new(),
             mask: None,
+            held: false,
+            resolution: None,
             columns: None,
             masked: Vec::new(),
         }
@@ -296,6 +340,12 @@ impl PgInspector {
     /// it cannot be masked (guardrails refuse it before it runs).
     pub fn set_mask(&mut self, mask: Box<dyn Mask>) {
         self.mask = Some(mask);
+    }
+
+    /// Settles the held statement; the next call to [`Self::on_client`]
+    /// with the same buffer carries on from it.
+    pub fn resolve(&mut self, r: Resolution) {
+        self.resolution = Some(r);
     }
 
     /// Attributes the masks counted so far to the statement being answered.
@@ -442,13 +492,17 @@ impl PgInspector {
                 Frame::Pass(n) => pos += n,
                 Frame::Whole { ty, len } => {
                     let msg = buf.get(pos..pos + len).unwrap_or_default();
-                    let replace = match side {
+                    let step = match side {
                         Side::Client => self.client_message(ty, msg, now_ms, out)?,
-                        Side::Upstream => self.upstream_message(ty, msg, now_ms, out)?,
+                        Side::Upstream => match self.upstream_message(ty, msg, now_ms, out)? {
+                            Some(with) => Step::Replace(with),
+                            None => Step::Forward,
+                        },
                     };
-                    match replace {
-                        None => pos += len,
-                        Some(with) => {
+                    match step {
+                        Step::Forward => pos += len,
+                        Step::Hold => break,
+                        Step::Replace(with) => {
                             forward(side, buf, pos, out);
                             let _ = buf.split_to(len);
                             out.push(to(side, Bytes::from(with)));
@@ -462,15 +516,48 @@ impl PgInspector {
         Ok(())
     }
 
-    /// Inspects one client message; returns what to send upstream instead
-    /// of it, if anything.
+    /// The judge's ruling on `text`, or the resolution of the held
+    /// statement when it is the one coming round again.
+    fn rule(&mut self, text: &str, now_ms: i64, held: Option<&Refusal>) -> Ruling {
+        if self.held {
+            return match self.resolution.take() {
+                Some(r) => {
+                    self.held = false;
+                    match r {
+                        Resolution::Approved => Ruling::Allow,
+                        Resolution::Refused(f) => Ruling::Refuse(f),
+                    }
+                }
+                None => Ruling::Hold(held.cloned().unwrap_or_else(|| Refusal {
+                    rule: String::new(),
+                    message: String::new(),
+                })),
+            };
+        }
+        if let Some(h) = held {
+            return Ruling::Hold(h.clone());
+        }
+        match self.judge.as_mut() {
+            Some(j) => j.judge(text, now_ms),
+            None => Ruling::Allow,
+        }
+    }
+
+    /// Queues a refusal for the decoy's error; returns the rule.
+    fn queue_refusal(&mut self, r: Refusal) -> String {
+        let rule = r.rule.clone();
+        self.refused.push_back(r);
+        rule
+    }
+
+    /// Inspects one client message: forward it, replace it, or hold it.
     fn client_message(
         &mut self,
         ty: u8,
         msg: &[u8],
         now_ms: i64,
         out: &mut Vec<Action>,
-    ) -> Result<Option<Vec<u8>>, InspectError> {
+    ) -> Result<Step, InspectError> {
         let side = Side::Client;
         let mut replace = None;
         match ty {
@@ -478,8 +565,16 @@ impl PgInspector {
                 // pgwire caps Query at 10,000 bytes; longer queries are read
                 // directly (the body is one C string).
                 let text = wire::query(msg).ok_or_else(|| malformed(side, ty))?;
+                let refusal = match self.rule(&text, now_ms, None) {
+                    Ruling::Allow => None,
+                    Ruling::Refuse(r) => Some(self.queue_refusal(r)),
+                    Ruling::Hold(r) => {
+                        self.held = true;
+                        out.push(Action::Hold { text, refusal: r });
+                        return Ok(Step::Hold);
+                    }
+                };
                 let mut cycle = Pending::new(Protocol::Simple, now_ms);
-                let refusal = self.refuse(&text, now_ms);
                 if refusal.is_some() {
                     replace = Some(build::query(&self.decoy));
                 }
@@ -501,10 +596,18 @@ impl PgInspector {
                 if cycle.parsed.len() < 16 {
                     cycle.parsed.push(p.query.clone());
                 }
-                if let Some(rule) = self.refuse(&p.query, now_ms) {
-                    replace = Some(build::parse(&name, &self.decoy));
-                    if let Some(c) = self.building.as_mut() {
-                        c.early_refusal.get_or_insert(rule);
+                // Parsing runs nothing: a statement needing approval is
+                // prepared, and each Execute of it is held.
+                let mut hold = None;
+                match self.judge.as_mut().map(|j| j.judge(&p.query, now_ms)) {
+                    None | Some(Ruling::Allow) => {}
+                    Some(Ruling::Hold(r)) => hold = Some(r),
+                    Some(Ruling::Refuse(r)) => {
+                        let rule = self.queue_refusal(r);
+                        replace = Some(build::parse(&name, &self.decoy));
+                        if let Some(c) = self.building.as_mut() {
+                            c.early_refusal.get_or_insert(rule);
+                        }
                     }
                 }
                 remember(
@@ -513,6 +616,7 @@ impl PgInspector {
                     Prepared {
                         text: p.query.clone(),
                         types: p.type_oids,
+                        hold,
                     },
                 );
                 event(
@@ -541,9 +645,9 @@ impl PgInspector {
             b'B' => {
                 let b = wire::bind(msg).ok_or_else(|| malformed(side, ty))?;
                 let prepared = self.statements.get(&b.statement);
-                let (text, types) = match prepared {
-                    Some(p) => (p.text.clone(), p.types.as_slice()),
-                    None => ("<unknown prepared statement>".to_string(), &[][..]),
+                let (text, types, hold) = match prepared {
+                    Some(p) => (p.text.clone(), p.types.as_slice(), p.hold.clone()),
+                    None => ("<unknown prepared statement>".to_string(), &[][..], None),
                 };
                 let parameters = b
                     .parameters
@@ -559,17 +663,45 @@ impl PgInspector {
                         v.as_deref().map(|v| render_parameter(v, format, oid))
                     })
                     .collect();
-                remember(&mut self.portals, b.portal, Portal { text, parameters });
+                remember(
+                    &mut self.portals,
+                    b.portal,
+                    Portal {
+                        text,
+                        parameters,
+                        hold,
+                    },
+                );
             }
             b'E' => {
                 let name = wire::execute(msg).ok_or_else(|| malformed(side, ty))?;
+                let (text, hold) = match self.portals.get(&name) {
+                    Some(p) => (p.text.clone(), p.hold.clone()),
+                    None => (String::new(), None),
+                };
+                let mut refused_by = None;
+                if hold.is_some() || self.held {
+                    match self.rule(&text, now_ms, hold.as_ref()) {
+                        Ruling::Allow => {}
+                        Ruling::Hold(r) => {
+                            self.held = true;
+                            out.push(Action::Hold { text, refusal: r });
+                            return Ok(Step::Hold);
+                        }
+                        Ruling::Refuse(r) => {
+                            // A named decoy, so the unnamed statement stays.
+                            refused_by = Some(self.queue_refusal(r));
+                            replace = Some(build::parse(&self.decoy, &self.decoy));
+                        }
+                    }
+                }
                 let portal = self.portals.get(&name);
                 let statement = match portal {
                     Some(p) => Statement {
                         text: p.text.clone(),
                         parameters: Some(p.parameters.clone()),
                         outcome: Outcome::default(),
-                        refused_by: None,
+                        refused_by,
                         masked: Vec::new(),
                     },
                     None => Statement {
@@ -593,16 +725,10 @@ impl PgInspector {
             b'X' => event(out, now_ms, SessionEvent::Terminate),
             _ => {}
         }
-        Ok(replace)
-    }
-
-    /// Asks the judge about `text`; on a refusal, queues it for the decoy's
-    /// error and returns the rule.
-    fn refuse(&mut self, text: &str, now_ms: i64) -> Option<String> {
-        let r = self.judge.as_mut()?.judge(text, now_ms)?;
-        let rule = r.rule.clone();
-        self.refused.push_back(r);
-        Some(rule)
+        Ok(match replace {
+            Some(r) => Step::Replace(r),
+            None => Step::Forward,
+        })
     }
 
     /// Inspects one upstream message; returns what to send the client

@@ -37,7 +37,7 @@ pub fn frontend_length_ok(buf: &[u8], startup: bool) -> bool {
 
 pub use inspector::{
     Action, InspectError, Judge, Mask, PgInspector, Protocol, REFUSED_SQLSTATE, Refusal,
-    SessionEvent, Side, Statement,
+    Resolution, Ruling, SessionEvent, Side, Statement,
 };
 
 #[cfg(test)]

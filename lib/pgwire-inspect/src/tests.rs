@@ -72,6 +72,7 @@ fn check(client: &[u8], upstream: &[u8], chunk: usize, expect: &[SessionEvent]) 
             Action::ToUpstream(b) => to_up.extend_from_slice(&b),
             Action::ToClient(b) => to_client.extend_from_slice(&b),
             Action::Event { event, .. } => events.push(event),
+            Action::Hold { .. } => panic!("held without a judge"),
         }
     }
     assert_eq!(to_up, client);
@@ -336,11 +337,20 @@ fn frontend_lengths_pgwire_cannot_take_are_refused() {
 struct NoDelete;
 
 impl Judge for NoDelete {
-    fn judge(&mut self, text: &str, _at_ms: i64) -> Option<Refusal> {
-        text.contains("DELETE").then(|| Refusal {
-            rule: "no-delete".into(),
-            message: "deletes are not allowed".into(),
-        })
+    fn judge(&mut self, text: &str, _at_ms: i64) -> Ruling {
+        if text.contains("DELETE") {
+            Ruling::Refuse(Refusal {
+                rule: "no-delete".into(),
+                message: "deletes are not allowed".into(),
+            })
+        } else if text.contains("UPDATE") {
+            Ruling::Hold(Refusal {
+                rule: "updates-need-approval".into(),
+                message: "needs a reviewer".into(),
+            })
+        } else {
+            Ruling::Allow
+        }
     }
 }
 
@@ -372,6 +382,7 @@ fn judged(client: &[u8], upstream: &[u8], chunk: usize) -> (Vec<u8>, Vec<u8>, Ve
             Action::ToUpstream(b) => up.extend_from_slice(&b),
             Action::ToClient(b) => down.extend_from_slice(&b),
             Action::Event { event, .. } => ev.push(event),
+            Action::Hold { .. } => {}
         }
     }
     (up, down, ev)
@@ -630,4 +641,108 @@ fn copy_text_output_is_masked_and_binary_copy_output_ends_the_session() {
         insp.on_upstream(&mut buf, 2, &mut Vec::new()),
         Err(InspectError::Unmaskable)
     ));
+}
+
+/// Feeds client bytes; returns what was forwarded and the holds seen.
+fn feed_client(insp: &mut PgInspector, buf: &mut BytesMut) -> (Vec<u8>, Vec<String>) {
+    let mut out = Vec::new();
+    insp.on_client(buf, 1, &mut out).unwrap();
+    let (mut up, mut holds) = (Vec::new(), Vec::new());
+    for a in out {
+        match a {
+            Action::ToUpstream(b) => up.extend_from_slice(&b),
+            Action::Hold { text, refusal } => holds.push(format!("{text} [{}]", refusal.rule)),
+            _ => {}
+        }
+    }
+    (up, holds)
+}
+
+#[test]
+fn a_held_simple_query_waits_then_runs_or_is_refused() {
+    let mut insp = PgInspector::with_judge(Box::new(NoDelete), "t1");
+    let client = [
+        query("SELECT 1"),
+        query("UPDATE t SET a = 1"),
+        query("SELECT 2"),
+    ]
+    .concat();
+    let mut buf = BytesMut::from(&client[..]);
+    let (up, holds) = feed_client(&mut insp, &mut buf);
+    // What came before is forwarded; the held query and what follows stay.
+    assert_eq!(up, query("SELECT 1"));
+    assert_eq!(holds, vec!["UPDATE t SET a = 1 [updates-need-approval]"]);
+    assert_eq!(&buf[..], &client[query("SELECT 1").len()..]);
+    // Asking again before a resolution holds again and forwards nothing.
+    let (up, holds) = feed_client(&mut insp, &mut buf);
+    assert!(up.is_empty());
+    assert_eq!(holds.len(), 1);
+    insp.resolve(Resolution::Approved);
+    let (up, holds) = feed_client(&mut insp, &mut buf);
+    assert!(holds.is_empty());
+    assert_eq!(
+        up,
+        [query("UPDATE t SET a = 1"), query("SELECT 2")].concat()
+    );
+    // The same statement again is held again (a grant is for one run).
+    let mut buf = BytesMut::from(&query("UPDATE t SET a = 1")[..]);
+    let (_, holds) = feed_client(&mut insp, &mut buf);
+    assert_eq!(holds.len(), 1);
+    insp.resolve(Resolution::Refused(Refusal {
+        rule: "updates-need-approval".into(),
+        message: "denied by sa:bob: not today".into(),
+    }));
+    let (up, _) = feed_client(&mut insp, &mut buf);
+    assert_eq!(up, build::query("gatehouse_refused_t1"));
+}
+
+#[test]
+fn a_held_prepared_statement_is_parsed_and_each_execute_waits() {
+    let mut insp = PgInspector::with_judge(Box::new(NoDelete), "t1");
+    let mut bind = cstr("");
+    bind.extend(cstr("u"));
+    bind.extend(0i16.to_be_bytes());
+    bind.extend(0i16.to_be_bytes());
+    bind.extend(0i16.to_be_bytes());
+    let bind = msg(b'B', &bind);
+    let mut exec = cstr("");
+    exec.extend(0i32.to_be_bytes());
+    let exec = msg(b'E', &exec);
+    let sync = msg(b'S', b"");
+    let client = [
+        parse_msg("u", "UPDATE t SET a = 1"),
+        bind.clone(),
+        exec.clone(),
+        sync.clone(),
+    ]
+    .concat();
+    let mut buf = BytesMut::from(&client[..]);
+    let (up, holds) = feed_client(&mut insp, &mut buf);
+    assert_eq!(
+        up,
+        [parse_msg("u", "UPDATE t SET a = 1"), bind.clone()].concat()
+    );
+    assert_eq!(holds, vec!["UPDATE t SET a = 1 [updates-need-approval]"]);
+    insp.resolve(Resolution::Approved);
+    let (up, _) = feed_client(&mut insp, &mut buf);
+    assert_eq!(up, [exec.clone(), sync.clone()].concat());
+    // A second Execute of the same statement waits again; refused, it is
+    // replaced by a named decoy (the unnamed statement is left alone).
+    let mut buf = BytesMut::from(&[bind.clone(), exec.clone(), sync.clone()].concat()[..]);
+    let (up, holds) = feed_client(&mut insp, &mut buf);
+    assert_eq!(up, bind);
+    assert_eq!(holds.len(), 1);
+    insp.resolve(Resolution::Refused(Refusal {
+        rule: "updates-need-approval".into(),
+        message: "expired".into(),
+    }));
+    let (up, _) = feed_client(&mut insp, &mut buf);
+    assert_eq!(
+        up,
+        [
+            build::parse("gatehouse_refused_t1", "gatehouse_refused_t1"),
+            sync
+        ]
+        .concat()
+    );
 }

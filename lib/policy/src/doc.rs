@@ -81,9 +81,55 @@ impl Kind {
 pub struct PolicyDoc {
     #[serde(default)]
     pub guardrails: Guardrails,
+    /// How held statements are approved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approvals: Option<Approvals>,
     /// Inline masking of result values; off when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub masking: Option<Masking>,
+}
+
+/// How a statement a guardrail holds (`action: approve`) is approved.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Approvals {
+    /// How long the statement waits for a decision; 0 returns at once with
+    /// the request id (run it again once approved).
+    #[serde(default = "default_wait")]
+    pub wait_seconds: u64,
+    /// Approvals needed (from distinct reviewers, never the requester).
+    #[serde(default = "default_required")]
+    pub required: u32,
+    /// Reviewers must be in one of these groups; anyone else when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approver_groups: Vec<String>,
+    /// 0: the grant is for that exact statement, once. N: for any statement
+    /// on that target for N minutes after approval.
+    #[serde(default)]
+    pub grant_minutes: u32,
+    /// Notified (HTTP POST, JSON) of new requests and decisions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<String>,
+}
+
+fn default_wait() -> u64 {
+    300
+}
+
+fn default_required() -> u32 {
+    1
+}
+
+impl Default for Approvals {
+    fn default() -> Self {
+        Self {
+            wait_seconds: default_wait(),
+            required: default_required(),
+            approver_groups: Vec::new(),
+            grant_minutes: 0,
+            webhook: None,
+        }
+    }
 }
 
 /// Which values are masked before they leave the agent, and who sees them
@@ -262,6 +308,8 @@ pub enum DocError {
     Yaml(String),
     #[error("policy is not valid JSON for this schema: {0}")]
     Json(String),
+    #[error("approvals: {0}")]
+    Approvals(String),
     #[error("masking: {0}")]
     Masking(String),
     #[error("guardrail {index}: {message}")]
@@ -298,6 +346,24 @@ impl PolicyDoc {
     }
 
     fn validate(&self) -> Result<(), DocError> {
+        if let Some(a) = &self.approvals {
+            if a.required == 0 || a.required > 10 {
+                return Err(DocError::Approvals("`required` must be 1 to 10".into()));
+            }
+            if a.wait_seconds > 24 * 3600 {
+                return Err(DocError::Approvals(
+                    "`wait_seconds` is at most a day".into(),
+                ));
+            }
+            if let Some(w) = &a.webhook
+                && !w.starts_with("http://")
+                && !w.starts_with("https://")
+            {
+                return Err(DocError::Approvals(format!(
+                    "webhook \"{w}\" is not an http(s) URL"
+                )));
+            }
+        }
         if let Some(m) = &self.masking {
             let cfg = m.engine_config().map_err(DocError::Masking)?;
             gatehouse_masking::Masker::new(&cfg).map_err(|e| DocError::Masking(e.to_string()))?;

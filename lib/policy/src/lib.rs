@@ -14,7 +14,8 @@ use std::sync::Arc;
 
 pub use classify::{ParseError, StatementEffects, classify};
 pub use doc::{
-    Action, CustomDetector, DocError, Guardrails, Hours, Kind, Masking, PolicyDoc, Rule, Weekday,
+    Action, Approvals, CustomDetector, DocError, Guardrails, Hours, Kind, Masking, PolicyDoc, Rule,
+    Weekday,
 };
 
 /// Who is asking, and where.

@@ -33,7 +33,7 @@ impl Feed {
             match a {
                 Action::ToUpstream(b) => self.forwarded[0].extend_from_slice(&b),
                 Action::ToClient(b) => self.forwarded[1].extend_from_slice(&b),
-                Action::Event { .. } => {}
+                Action::Event { .. } | Action::Hold { .. } => {}
             }
         }
         for j in 0..2 {
