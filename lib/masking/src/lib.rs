@@ -203,6 +203,11 @@ impl Masker {
         if !self.may_match(text) {
             return None;
         }
+        self.scan(text, counts)
+    }
+
+    /// The scan itself, without the prefilter.
+    fn scan(&self, text: &[u8], counts: &mut Counts) -> Option<Vec<u8>> {
         let mut out: Option<Vec<u8>> = None;
         let mut copied = 0;
         for m in self.re.find_iter(text) {
@@ -219,7 +224,12 @@ impl Masker {
             buf.extend_from_slice(text.get(copied..m.start()).unwrap_or_default());
             mask_value(kind, value, buf);
             copied = m.end();
-            *counts.entry(kind.name().to_string()).or_default() += 1;
+            match counts.get_mut(kind.name()) {
+                Some(n) => *n += 1,
+                None => {
+                    counts.insert(kind.name().to_string(), 1);
+                }
+            }
         }
         let mut buf = out?;
         buf.extend_from_slice(text.get(copied..).unwrap_or_default());
@@ -228,35 +238,55 @@ impl Masker {
 }
 
 impl Masker {
-    /// Masks the values of one row in a single scan: the values are joined
+    /// Masks the values of one row. Values the prefilter keeps are joined
     /// with NUL (which text values cannot contain and no detector matches
     /// across), scanned once, and split again. `None` when nothing was
     /// masked; otherwise every value, masked or not, in order.
     pub fn mask_row(&self, values: &[&[u8]], counts: &mut Counts) -> Option<Vec<Vec<u8>>> {
-        if values.iter().any(|v| v.contains(&0)) {
-            // Not text: value by value.
-            let masked: Vec<Option<Vec<u8>>> =
-                values.iter().map(|v| self.mask(v, counts)).collect();
-            if masked.iter().all(Option::is_none) {
-                return None;
-            }
-            return Some(
-                masked
-                    .into_iter()
-                    .zip(values)
-                    .map(|(m, v)| m.unwrap_or_else(|| v.to_vec()))
-                    .collect(),
-            );
+        // Values the prefilter rules out are not scanned at all; the rest
+        // are scanned together.
+        let candidates: Vec<usize> = (0..values.len())
+            .filter(|i| values.get(*i).is_some_and(|v| self.may_match(v)))
+            .collect();
+        if candidates.is_empty() {
+            return None;
         }
-        let mut joined = Vec::with_capacity(values.iter().map(|v| v.len() + 1).sum());
-        for (i, v) in values.iter().enumerate() {
-            if i > 0 {
-                joined.push(0);
+        let text = |i: &usize| values.get(*i).copied().unwrap_or_default();
+        let masked: Vec<(usize, Vec<u8>)> = if candidates.len() == 1
+            || candidates.iter().any(|i| text(i).contains(&0))
+        {
+            // One value, or not text (NUL inside): value by value.
+            candidates
+                .iter()
+                .filter_map(|i| self.scan(text(i), counts).map(|m| (*i, m)))
+                .collect()
+        } else {
+            let mut joined =
+                Vec::with_capacity(candidates.iter().map(|i| text(i).len() + 1).sum());
+            for (n, i) in candidates.iter().enumerate() {
+                if n > 0 {
+                    joined.push(0);
+                }
+                joined.extend_from_slice(text(i));
             }
-            joined.extend_from_slice(v);
+            let out = self.scan(&joined, counts)?;
+            candidates
+                .iter()
+                .zip(out.split(|b| *b == 0))
+                .filter(|(i, m)| text(i) != *m)
+                .map(|(i, m)| (*i, m.to_vec()))
+                .collect()
+        };
+        if masked.is_empty() {
+            return None;
         }
-        let out = self.mask(&joined, counts)?;
-        Some(out.split(|b| *b == 0).map(<[u8]>::to_vec).collect())
+        let mut row: Vec<Vec<u8>> = values.iter().map(|v| v.to_vec()).collect();
+        for (i, m) in masked {
+            if let Some(slot) = row.get_mut(i) {
+                *slot = m;
+            }
+        }
+        Some(row)
     }
 }
 
