@@ -103,6 +103,12 @@ def main():
             for line in f:
                 k, v = line.removeprefix("export ").strip().split("=", 1)
                 gw_env[k] = v
+        # GATEHOUSE_BENCH_POLICY=policy.yaml: the gateway runs under that
+        # policy document (guardrails on every statement, masking of results).
+        policy = os.environ.get("GATEHOUSE_BENCH_POLICY")
+        if policy:
+            subprocess.run([os.path.abspath(f"{BIN}/gatehouse"), "policy", "apply", "-f",
+                            os.path.abspath(policy)], env=gw_env, check=True)
         toml = open(f"{work}/dev/agent/agent.toml").read()
         pg_port = re.search(r"port = (\d+)", toml).group(1)
         pg_pw = open(f"{work}/dev/agent/demo.password").read().strip()

@@ -5,6 +5,8 @@
 # the gateway's CPU time per transaction. Usage:
 #   bash benches/pg-path.sh [seconds per run=10] [rounds=1]
 # PROFILE=debug uses the debug build instead of building release binaries.
+# GATEHOUSE_BENCH_POLICY=benches/policy-mask.yaml runs the gateway under a
+# policy document (guardrails decided on every statement, masking on).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 profile=${PROFILE:-release}
