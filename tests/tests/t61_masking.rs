@@ -19,6 +19,8 @@ insert into customers values
   '123-45-6789', '+44 20 7946 0958', '{"contact": "ada.l@example.org"}', '4242424242424241'),
  (2, 'Bob Stone', 'bob.stone@example.net', '5555555555554444', 'GB82WEST12345698765432',
   '078-05-1120', '(415) 555-0100', '{"ip": "10.1.2.3"}', '1234567812345678');
+create table products (id int, name text);
+insert into products values (1, 'Widget Pro');
 "#;
 
 /// Clear values that must never leave the agent for a masked session.
@@ -37,7 +39,7 @@ const CLEAR: [&str; 10] = [
 
 const POLICY: &str = r#"
 masking:
-  columns: ["*.ssn"]
+  columns: ["*.ssn", "customers.name"]
   exempt_groups: [auditors]
 "#;
 
@@ -84,11 +86,16 @@ async fn values_leave_the_agent_masked_and_no_clear_value_reaches_the_evidence()
     assert!(ok, "{err}");
     let want = [
         "id|name|email|card|iban|ssn|phone|note|account_no",
-        "1|Ada Lovelace|a***@example.com|****-****-****-4242|DE** **** **** **** **30 00|***-**-****|+** ** **** **58|{\"contact\": \"a***@example.org\"}|4242424242424241",
-        "2|Bob Stone|b***@example.net|************4444|GB****************5432|***-**-****|(***) ***-**00|{\"ip\": \"**.*.*.*\"}|1234567812345678",
+        "1|*** ********|a***@example.com|****-****-****-4242|DE** **** **** **** **30 00|***-**-****|+** ** **** **58|{\"contact\": \"a***@example.org\"}|4242424242424241",
+        "2|*** *****|b***@example.net|************4444|GB****************5432|***-**-****|(***) ***-**00|{\"ip\": \"**.*.*.*\"}|1234567812345678",
         "(2 rows)",
     ];
     assert_eq!(out.trim().lines().collect::<Vec<_>>(), want, "{out}");
+
+    // A table-qualified rule masks that table's column only.
+    let (out, err, ok) = stack.psql_user(&key, "select name from products");
+    assert!(ok, "{err}");
+    assert!(out.contains("Widget Pro"), "{out}");
 
     // COPY text output is masked; binary COPY output is refused before it runs.
     let (out, err, ok) = stack.psql_user(
@@ -190,7 +197,7 @@ async fn values_leave_the_agent_masked_and_no_clear_value_reaches_the_evidence()
     assert_eq!(counts.get("iban"), Some(&2), "{counts:?}");
     assert_eq!(counts.get("phone"), Some(&2), "{counts:?}");
     assert_eq!(counts.get("ipv4"), Some(&1), "{counts:?}");
-    assert_eq!(counts.get("column"), Some(&2), "{counts:?}");
+    assert_eq!(counts.get("column"), Some(&4), "{counts:?}");
     let param = events
         .as_array()
         .unwrap()

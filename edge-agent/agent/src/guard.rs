@@ -158,7 +158,8 @@ pub fn masking_for_session(
     };
     Ok(SessionMasking::On(SessionMask {
         masker,
-        columns: m.column_names(),
+        columns: m.column_rules(),
+        tables: HashMap::new(),
         counts: Counts::new(),
     }))
 }
@@ -166,7 +167,10 @@ pub fn masking_for_session(
 /// The inspector's masker for one session.
 pub struct SessionMask {
     masker: Arc<Masker>,
-    columns: Vec<String>,
+    columns: Vec<gatehouse_policy::ColumnRule>,
+    /// Schema and name of the tables column rules name, by OID (resolved on
+    /// the target when the session starts).
+    tables: HashMap<u32, (String, String)>,
     counts: Counts,
 }
 
@@ -176,7 +180,39 @@ impl SessionMask {
         Self {
             masker: self.masker.clone(),
             columns: Vec::new(),
+            tables: HashMap::new(),
             counts: Counts::new(),
+        }
+    }
+
+    /// The catalog query that finds the OIDs of the tables the column rules
+    /// name, if any do.
+    pub fn table_query(&self) -> Option<String> {
+        let names: Vec<String> = self
+            .columns
+            .iter()
+            .filter_map(|c| c.table.as_ref())
+            .map(|t| format!("'{}'", t.replace('\'', "''")))
+            .collect();
+        (!names.is_empty()).then(|| {
+            format!(
+                "select c.oid::text, n.nspname, c.relname from pg_catalog.pg_class c \
+                 join pg_catalog.pg_namespace n on n.oid = c.relnamespace \
+                 where lower(c.relname) in ({})",
+                names.join(", ")
+            )
+        })
+    }
+
+    /// Takes the rows of [`Self::table_query`].
+    pub fn set_tables(&mut self, rows: Vec<Vec<Option<String>>>) {
+        for r in rows {
+            if let [Some(oid), Some(schema), Some(table)] = r.as_slice()
+                && let Ok(oid) = oid.parse::<u32>()
+            {
+                self.tables
+                    .insert(oid, (schema.to_lowercase(), table.to_lowercase()));
+            }
         }
     }
 
@@ -202,8 +238,18 @@ impl Mask for SessionMask {
         self.masker.mask(data, &mut self.counts)
     }
 
-    fn whole_column(&self, name: &str) -> bool {
-        self.columns.iter().any(|c| c.eq_ignore_ascii_case(name))
+    fn whole_column(&self, table_oid: u32, name: &str) -> bool {
+        let table = self.tables.get(&table_oid);
+        self.columns.iter().any(|c| {
+            c.column.eq_ignore_ascii_case(name)
+                && match (&c.table, table) {
+                    (None, _) => true,
+                    (Some(_), None) => false,
+                    (Some(t), Some((schema, name))) => {
+                        t == name && c.schema.as_ref().is_none_or(|s| s == schema)
+                    }
+                }
+        })
     }
 
     fn mask_whole(&mut self, value: &[u8]) -> Vec<u8> {

@@ -143,7 +143,7 @@ async fn run(
             ),
         ));
     }
-    let masking = crate::guard::masking_for_session(&ctx.maskers, open)
+    let mut masking = crate::guard::masking_for_session(&ctx.maskers, open)
         .map_err(|e| ClientError("58000".into(), e))?;
     let mut recorder = Recorder::start(
         ctx,
@@ -167,7 +167,7 @@ async fn run(
         )
     })?;
 
-    let upstream = match upstream::connect(target, open, &db_user).await {
+    let mut upstream = match upstream::connect(target, open, &db_user).await {
         Ok(x) => x,
         Err(e) => {
             let mut ev = base_event(ctx, open, EventKind::SessionStart, Decision::Deny);
@@ -190,6 +190,26 @@ async fn run(
             };
         }
     };
+    // Column rules naming tables: find the tables' OIDs on the target before
+    // the client's first byte. Without them the rule cannot hold: refuse.
+    if let crate::guard::SessionMasking::On(m) = &mut masking
+        && let Some(sql) = m.table_query()
+        && upstream::greeting_ready(&upstream.greeting)
+    {
+        match upstream::agent_query(&mut upstream.stream, &sql).await {
+            Ok(rows) => m.set_tables(rows),
+            Err(e) => {
+                let mut ev = base_event(ctx, open, EventKind::SessionStart, Decision::Deny);
+                ev.detail = Some(format!("masking column rules unresolved: {e}"));
+                ctx.audit(ev).await.map_err(|_| audit_down())?;
+                let _ = recorder.finish(ctx, "masking unavailable").await;
+                return Err(ClientError(
+                    "58000".into(),
+                    format!("masking column rules could not be resolved on the target: {e}"),
+                ));
+            }
+        }
+    }
     let mut ev = base_event(ctx, open, EventKind::SessionStart, Decision::Allow);
     ev.detail = Some(format!(
         "client {} as {db_user} to database {}{}",

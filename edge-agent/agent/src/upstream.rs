@@ -249,6 +249,88 @@ async fn greeting(
     }
 }
 
+/// Whether the greeting ended ready for queries (not with an error).
+pub fn greeting_ready(greeting: &[u8]) -> bool {
+    greeting.len() >= 6 && greeting.get(greeting.len() - 6) == Some(&b'Z')
+}
+
+/// Runs one catalog query of the agent's own on the connection before the
+/// client's first byte (so the client never sees it); returns its rows as
+/// text. The connection is left ready for queries.
+pub async fn agent_query(
+    sock: &mut Stream,
+    sql: &str,
+) -> Result<Vec<Vec<Option<String>>>, UpstreamError> {
+    sock.write_all(&build::query(sql)).await?;
+    sock.flush().await?;
+    let mut buf = BytesMut::with_capacity(4096);
+    let mut rows = Vec::new();
+    let mut error = None;
+    loop {
+        let Some(&[ty, a, b, c, d]) = buf.get(..5) else {
+            if sock.read_buf(&mut buf).await? == 0 {
+                return Err(UpstreamError::Protocol(
+                    "connection closed during a catalog query".into(),
+                ));
+            }
+            continue;
+        };
+        let len = i32::from_be_bytes([a, b, c, d]);
+        if !(4..=16 << 20).contains(&len) {
+            return Err(UpstreamError::Protocol(format!(
+                "message of length {len} in a catalog query"
+            )));
+        }
+        let total = 1 + len as usize;
+        if buf.len() < total {
+            if sock.read_buf(&mut buf).await? == 0 {
+                return Err(UpstreamError::Protocol(
+                    "connection closed during a catalog query".into(),
+                ));
+            }
+            continue;
+        }
+        let msg = buf.split_to(total);
+        let body = msg.get(5..).unwrap_or_default();
+        match ty {
+            b'D' => rows.push(text_row(body).ok_or_else(|| {
+                UpstreamError::Protocol("malformed row in a catalog query".into())
+            })?),
+            b'E' => error = Some(String::from_utf8_lossy(body).replace('\0', " ")),
+            b'Z' => {
+                return match error {
+                    Some(e) => Err(UpstreamError::Protocol(format!(
+                        "catalog query failed: {}",
+                        e.trim()
+                    ))),
+                    None => Ok(rows),
+                };
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A DataRow's values as text.
+fn text_row(mut b: &[u8]) -> Option<Vec<Option<String>>> {
+    let (n, rest) = b.split_first_chunk::<2>()?;
+    b = rest;
+    let mut out = Vec::new();
+    for _ in 0..u16::from_be_bytes(*n) {
+        let (len, rest) = b.split_first_chunk::<4>()?;
+        b = rest;
+        let len = i32::from_be_bytes(*len);
+        if len < 0 {
+            out.push(None);
+            continue;
+        }
+        let (v, rest) = b.split_at_checked(usize::try_from(len).ok()?)?;
+        b = rest;
+        out.push(Some(String::from_utf8_lossy(v).into_owned()));
+    }
+    Some(out)
+}
+
 /// Asks the target to cancel the query running under `key`. The target
 /// answers nothing; it closes the connection once it has the request.
 pub async fn cancel(target: &TargetConfig, key: &UpstreamKey) -> Result<(), UpstreamError> {

@@ -261,8 +261,7 @@ impl Masker {
                 .filter_map(|i| self.scan(text(i), counts).map(|m| (*i, m)))
                 .collect()
         } else {
-            let mut joined =
-                Vec::with_capacity(candidates.iter().map(|i| text(i).len() + 1).sum());
+            let mut joined = Vec::with_capacity(candidates.iter().map(|i| text(i).len() + 1).sum());
             for (n, i) in candidates.iter().enumerate() {
                 if n > 0 {
                     joined.push(0);

@@ -73,7 +73,7 @@ impl crate::Mask for MaskNothing {
     fn mask_copy(&mut self, _data: &[u8]) -> Option<Vec<u8>> {
         None
     }
-    fn whole_column(&self, _name: &str) -> bool {
+    fn whole_column(&self, _table_oid: u32, _name: &str) -> bool {
         false
     }
     fn mask_whole(&mut self, value: &[u8]) -> Vec<u8> {

@@ -87,8 +87,9 @@ pub trait Mask: Send {
     fn mask_row(&mut self, values: &[&[u8]]) -> Option<Vec<Vec<u8>>>;
     /// Masks one chunk of COPY text/CSV output.
     fn mask_copy(&mut self, data: &[u8]) -> Option<Vec<u8>>;
-    /// Whether a column's whole value is masked (by its name).
-    fn whole_column(&self, name: &str) -> bool;
+    /// Whether a column's whole value is masked, by the OID of its table
+    /// (0 when it is not a table column) and its name.
+    fn whole_column(&self, table_oid: u32, name: &str) -> bool;
     /// The value of a whole-masked text column.
     fn mask_whole(&mut self, value: &[u8]) -> Vec<u8>;
     /// Values masked since the last call, per detector.
@@ -834,7 +835,7 @@ impl PgInspector {
                         cols.iter()
                             .map(|c| {
                                 let text = text_like(c.type_oid, c.format);
-                                match (m.whole_column(&c.name), text) {
+                                match (m.whole_column(c.table_oid, &c.name), text) {
                                     (true, Some(prefix)) => ColumnMask::Whole { prefix },
                                     (true, None) => ColumnMask::Null,
                                     (false, Some(prefix)) => ColumnMask::Scan { prefix },

@@ -481,7 +481,7 @@ impl Mask for MaskCards {
     fn mask_copy(&mut self, data: &[u8]) -> Option<Vec<u8>> {
         self.mask_row(&[data]).and_then(|mut v| v.pop())
     }
-    fn whole_column(&self, name: &str) -> bool {
+    fn whole_column(&self, _table_oid: u32, name: &str) -> bool {
         name.starts_with("ssn")
     }
     fn mask_whole(&mut self, value: &[u8]) -> Vec<u8> {

@@ -149,6 +149,7 @@ pub(crate) fn error_fields(msg: &[u8]) -> Option<(String, String)> {
 /// One column of a RowDescription.
 pub(crate) struct Column {
     pub name: String,
+    pub table_oid: u32,
     pub type_oid: u32,
     pub format: i16,
 }
@@ -161,12 +162,14 @@ pub(crate) fn row_description(msg: &[u8]) -> Option<Vec<Column>> {
     let mut cols = Vec::with_capacity(n);
     for _ in 0..n {
         let name = r.cstr()?;
-        r.take(6)?; // table OID, attribute number
+        let table_oid = r.u32()?;
+        r.take(2)?; // attribute number
         let type_oid = r.u32()?;
         r.take(6)?; // type size, type modifier
         let format = r.i16()?;
         cols.push(Column {
             name,
+            table_oid,
             type_oid,
             format,
         });

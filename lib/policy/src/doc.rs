@@ -144,7 +144,8 @@ pub struct Masking {
     /// Custom expressions; every match is masked.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub custom: Vec<CustomDetector>,
-    /// Columns whose whole value is masked, as `*.column` (any table).
+    /// Columns whose whole value is masked: `*.column` (any table),
+    /// `table.column` or `schema.table.column`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub columns: Vec<String>,
     /// Targets masking applies to; all when empty.
@@ -206,13 +207,47 @@ impl Masking {
             || self.exempt_groups.iter().any(|g| groups.contains(g))
     }
 
-    /// Column names (lower case) whose whole value is masked.
-    pub fn column_names(&self) -> Vec<String> {
+    /// The column rules, lower case.
+    pub fn column_rules(&self) -> Vec<ColumnRule> {
         self.columns
             .iter()
-            .filter_map(|c| c.strip_prefix("*."))
-            .map(str::to_lowercase)
+            .filter_map(|c| ColumnRule::parse(c))
             .collect()
+    }
+}
+
+/// A column whose whole value is masked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ColumnRule {
+    pub schema: Option<String>,
+    /// `None` for `*` (any table).
+    pub table: Option<String>,
+    pub column: String,
+}
+
+impl ColumnRule {
+    /// `*.column`, `table.column` or `schema.table.column`.
+    pub fn parse(s: &str) -> Option<Self> {
+        let parts: Vec<String> = s.split('.').map(str::to_lowercase).collect();
+        let ok = |p: &String| !p.is_empty() && p != "*";
+        match parts.as_slice() {
+            [t, c] if t == "*" && ok(c) => Some(Self {
+                schema: None,
+                table: None,
+                column: c.clone(),
+            }),
+            [t, c] if ok(t) && ok(c) => Some(Self {
+                schema: None,
+                table: Some(t.clone()),
+                column: c.clone(),
+            }),
+            [sch, t, c] if ok(sch) && ok(t) && ok(c) => Some(Self {
+                schema: Some(sch.clone()),
+                table: Some(t.clone()),
+                column: c.clone(),
+            }),
+            _ => None,
+        }
     }
 }
 
@@ -368,9 +403,9 @@ impl PolicyDoc {
             let cfg = m.engine_config().map_err(DocError::Masking)?;
             gatehouse_masking::Masker::new(&cfg).map_err(|e| DocError::Masking(e.to_string()))?;
             for c in &m.columns {
-                if !c.starts_with("*.") || c.len() < 3 {
+                if ColumnRule::parse(c).is_none() {
                     return Err(DocError::Masking(format!(
-                        "column rule \"{c}\" must be `*.column` (table-qualified rules are not supported yet)"
+                        "column rule \"{c}\" must be `*.column`, `table.column` or `schema.table.column`"
                     )));
                 }
             }

@@ -14,8 +14,8 @@ use std::sync::Arc;
 
 pub use classify::{ParseError, StatementEffects, classify};
 pub use doc::{
-    Action, Approvals, CustomDetector, DocError, Guardrails, Hours, Kind, Masking, PolicyDoc, Rule,
-    Weekday,
+    Action, Approvals, ColumnRule, CustomDetector, DocError, Guardrails, Hours, Kind, Masking,
+    PolicyDoc, Rule, Weekday,
 };
 
 /// Who is asking, and where.

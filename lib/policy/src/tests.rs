@@ -264,14 +264,26 @@ fn masking_section_is_validated_and_refuses_binary_copy_out() {
     for (bad, why) in [
         ("masking: {detectors: [emial]}", "emial"),
         ("masking: {custom: [{name: x, regex: '('}]}", "x"),
-        ("masking: {columns: [customers.ssn]}", "*.column"),
+        ("masking: {columns: [ssn]}", "*.column"),
+        ("masking: {columns: ['a.b.c.d']}", "schema.table.column"),
     ] {
         match PolicyDoc::from_yaml(bad) {
             Ok(_) => panic!("accepted {bad}"),
             Err(e) => assert!(e.to_string().contains(why), "{bad}: {e}"),
         }
     }
-    let d = doc("masking: {columns: ['*.ssn'], exempt_groups: [auditors]}");
+    let d = doc(
+        "masking: {columns: ['*.ssn', Customers.Email, hr.staff.salary], exempt_groups: [auditors]}",
+    );
+    let rules = d
+        .masking
+        .as_ref()
+        .map(|m| m.column_rules())
+        .unwrap_or_default();
+    assert_eq!(rules.len(), 3);
+    assert_eq!(rules[1].table.as_deref(), Some("customers"));
+    assert_eq!(rules[1].column, "email");
+    assert_eq!(rules[2].schema.as_deref(), Some("hr"));
     let mut g = guard(&d);
     for sql in [
         "COPY t TO STDOUT (FORMAT binary)",

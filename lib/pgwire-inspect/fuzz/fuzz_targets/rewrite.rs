@@ -49,7 +49,7 @@ impl Mask for MaskAt {
     fn mask_copy(&mut self, data: &[u8]) -> Option<Vec<u8>> {
         data.contains(&b'@').then(|| data.iter().map(|b| if b.is_ascii_digit() { b'*' } else { *b }).collect())
     }
-    fn whole_column(&self, name: &str) -> bool {
+    fn whole_column(&self, _table_oid: u32, name: &str) -> bool {
         name == "s"
     }
     fn mask_whole(&mut self, value: &[u8]) -> Vec<u8> {
