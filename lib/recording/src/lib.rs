@@ -6,6 +6,9 @@
 //! SHA-256 is committed to the sessions index, so a recording that changed
 //! after upload no longer matches.
 
+pub mod asciicast;
+pub mod chunked;
+
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -31,13 +34,61 @@ pub struct Header {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum RecordEvent {
-    Query { text: String },
-    Parse { name: String, text: String },
-    RowDescription { columns: Vec<String> },
-    CommandComplete { tag: String },
-    Error { code: String, message: String },
-    StatementDone { statements: Vec<String>, rows: u64 },
-    End { reason: String },
+    Query {
+        text: String,
+    },
+    Parse {
+        name: String,
+        text: String,
+    },
+    RowDescription {
+        columns: Vec<String>,
+    },
+    CommandComplete {
+        tag: String,
+    },
+    Error {
+        code: String,
+        message: String,
+    },
+    StatementDone {
+        statements: Vec<String>,
+        rows: u64,
+    },
+    End {
+        reason: String,
+    },
+    /// Result values as delivered to the client (that is, masked).
+    Row {
+        values: Vec<Option<String>>,
+    },
+    Notice {
+        code: String,
+        message: String,
+    },
+    /// A guardrail's decision on a statement.
+    Decision {
+        statement: String,
+        action: String,
+        rule: String,
+    },
+    /// Terminal sessions: what the user saw and typed, and window sizes.
+    TerminalOutput {
+        data: String,
+    },
+    TerminalInput {
+        data: String,
+    },
+    WindowSize {
+        cols: u16,
+        rows: u16,
+    },
+    /// Kubernetes API requests.
+    KubeRequest {
+        verb: String,
+        path: String,
+        status: u16,
+    },
 }
 
 /// A line after the header.
