@@ -14,7 +14,7 @@ use gatehouse_e2e::*;
 const SCHEMA: &str = "create table orders (id int primary key, amount int);
 insert into orders select g, g * 10 from generate_series(1, 10) g;";
 
-fn policy(stack: &Stack, wait_seconds: u64, required: u32, webhook: &str) {
+fn policy(stack: &Stack, wait_seconds: u64, required: u32, grant_minutes: u32, webhook: &str) {
     let yaml = format!(
         r#"
 guardrails:
@@ -29,6 +29,7 @@ approvals:
   wait_seconds: {wait_seconds}
   required: {required}
   approver_groups: [reviewers]
+  grant_minutes: {grant_minutes}
   webhook: {webhook}
 "#
     );
@@ -108,6 +109,11 @@ fn spawn_psql(stack: &Stack, key: &str, sql: &str) -> Child {
         .unwrap()
 }
 
+/// Runs one statement through the gateway to the end.
+fn run(stack: &Stack, key: &str, sql: &str) -> (bool, String) {
+    finish(spawn_psql(stack, key, sql))
+}
+
 fn finish(child: Child) -> (bool, String) {
     let out = child.wait_with_output().unwrap();
     (
@@ -160,7 +166,7 @@ fn held_statements_run_once_after_approval_and_not_otherwise() {
         .psql_super("app", &format!("set role {AGENT_ROLE};\n{SCHEMA}"))
         .unwrap();
     let (hook, notes) = webhook_receiver();
-    policy(&stack, 30, 1, &hook);
+    policy(&stack, 30, 1, 0, &hook);
     let all = "1,2,3,4,5,6,7,8,9,10";
     assert_eq!(orders(&stack), all);
 
@@ -229,7 +235,7 @@ fn held_statements_run_once_after_approval_and_not_otherwise() {
     assert_eq!(orders(&stack), "2,3,4,5,6,7,8,9,10");
 
     // Nobody decides: the request expires and the statement does not run.
-    policy(&stack, 2, 1, &hook);
+    policy(&stack, 2, 1, 0, &hook);
     let t0 = Instant::now();
     let psql = spawn_psql(&stack, &alice, "DELETE FROM orders WHERE id = 3");
     let (ok, out) = finish(psql);
@@ -242,7 +248,7 @@ fn held_statements_run_once_after_approval_and_not_otherwise() {
     assert_eq!(orders(&stack), "2,3,4,5,6,7,8,9,10");
 
     // Two of two: one approval is not enough.
-    policy(&stack, 30, 2, &hook);
+    policy(&stack, 30, 2, 0, &hook);
     let mut psql = spawn_psql(&stack, &alice, "DELETE FROM orders WHERE id = 4");
     let id = pending_request(&stack);
     assert!(
@@ -266,6 +272,63 @@ fn held_statements_run_once_after_approval_and_not_otherwise() {
     let (ok, out) = finish(psql);
     assert!(ok && out.contains("DELETE 1"), "{out}");
     assert_eq!(orders(&stack), "2,3,5,6,7,8,9,10");
+
+    // No wait: the statement returns at once with its request id; once
+    // approved, running it again runs it (once).
+    policy(&stack, 0, 1, 0, &hook);
+    let (ok, out) = run(&stack, &alice, "DELETE FROM orders WHERE id = 5");
+    assert!(
+        !ok && out.contains("approval requested as request"),
+        "{out}"
+    );
+    let id = pending_request(&stack);
+    assert!(out.contains(&id), "{out}");
+    assert_eq!(orders(&stack), "2,3,5,6,7,8,9,10");
+    assert!(
+        cli_as(&stack, &bob, &["requests", "approve", &id])
+            .status
+            .success()
+    );
+    let (ok, out) = run(&stack, &alice, "DELETE FROM orders WHERE id = 5");
+    assert!(ok && out.contains("DELETE 1"), "{out}");
+    assert_eq!(orders(&stack), "2,3,6,7,8,9,10");
+    // The one-time grant is spent: the same text is held again.
+    let (ok, out) = run(&stack, &alice, "DELETE FROM orders WHERE id = 5");
+    assert!(
+        !ok && out.contains("approval requested as request"),
+        "{out}"
+    );
+    let spent = pending_request(&stack);
+    assert_ne!(spent, id);
+    assert!(
+        cli_as(
+            &stack,
+            &bob,
+            &["requests", "deny", &spent, "--reason", "already done"]
+        )
+        .status
+        .success()
+    );
+
+    // A time-bound grant: once approved, any statement on the target runs
+    // for its minutes.
+    policy(&stack, 0, 1, 5, &hook);
+    let (ok, out) = run(&stack, &alice, "DELETE FROM orders WHERE id = 6");
+    assert!(!ok, "{out}");
+    let id = pending_request(&stack);
+    assert!(
+        cli_as(&stack, &carol, &["requests", "approve", &id])
+            .status
+            .success()
+    );
+    for sql in [
+        "DELETE FROM orders WHERE id = 6",
+        "DELETE FROM orders WHERE id = 7",
+    ] {
+        let (ok, out) = run(&stack, &alice, sql);
+        assert!(ok && out.contains("DELETE 1"), "{sql}: {out}");
+    }
+    assert_eq!(orders(&stack), "2,3,8,9,10");
 
     // Every step is evidence.
     let events = stack.audit_events(&[]);

@@ -69,12 +69,8 @@ pub struct ChunkRef {
 pub struct Manifest {
     pub format: String,
     pub version: u32,
-    pub session_id: String,
-    pub identity: String,
-    pub target: String,
-    pub agent: String,
-    pub policy_version: String,
-    pub started_ms: i64,
+    #[serde(flatten)]
+    pub session: SessionMeta,
     pub ended_ms: i64,
     /// Why it ended ("client disconnected", "agent restarted", …).
     pub end_reason: String,
@@ -85,7 +81,7 @@ pub struct Manifest {
 }
 
 /// Session metadata for the manifest.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionMeta {
     pub session_id: String,
     pub identity: String,
@@ -237,12 +233,7 @@ impl Manifest {
         Self {
             format: MANIFEST_FORMAT.into(),
             version: CHUNKED_VERSION,
-            session_id: meta.session_id.clone(),
-            identity: meta.identity.clone(),
-            target: meta.target.clone(),
-            agent: meta.agent.clone(),
-            policy_version: meta.policy_version.clone(),
-            started_ms: meta.started_ms,
+            session: meta.clone(),
             ended_ms,
             end_reason: end_reason.to_string(),
             chunks,
@@ -340,7 +331,7 @@ pub fn verify_recording(
                 message: format!("SHA-256 {sha} does not match the manifest's {}", c.sha256),
             });
         }
-        let records = read_chunk(&bytes, &manifest.session_id, index, &prev)?;
+        let records = read_chunk(&bytes, &manifest.session.session_id, index, &prev)?;
         if records.len() as u64 != c.events {
             return Err(FormatError::Chunk {
                 index,
