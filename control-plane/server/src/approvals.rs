@@ -77,9 +77,7 @@ fn sha256_hex(s: &str) -> String {
 }
 
 fn event(cluster: &Cluster, kind: EventKind, r: &AccessRequest, decision: Decision) -> AuditEvent {
-    let mut ev = cluster.denial(&r.requester, &r.target, &r.session_id, String::new());
-    ev.kind = kind;
-    ev.decision = decision;
+    let mut ev = cluster.event(kind, decision, &r.requester, &r.target, &r.session_id);
     ev.statement = Some(r.statement.clone());
     ev.policy_version = r.policy_version.clone();
     ev

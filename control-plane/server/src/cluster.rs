@@ -278,21 +278,41 @@ impl Cluster {
         session_id: &str,
         detail: String,
     ) -> AuditEvent {
+        let mut ev = self.event(
+            EventKind::SessionStart,
+            Decision::Deny,
+            identity,
+            target,
+            session_id,
+        );
+        ev.detail = Some(detail);
+        ev
+    }
+
+    /// An audit event this node produces, under the policy version in force.
+    pub fn event(
+        &self,
+        kind: EventKind,
+        decision: Decision,
+        identity: &str,
+        target: &str,
+        session_id: &str,
+    ) -> AuditEvent {
         AuditEvent {
             id: self.new_id(),
             agent: String::new(),
             seq: 0,
             time_ms: now_ms(),
-            kind: EventKind::SessionStart,
+            kind,
             session_id: session_id.to_string(),
             identity: identity.to_string(),
             target: target.to_string(),
             policy_version: self.reader.policy_version().unwrap_or_default(),
-            decision: Decision::Deny,
+            decision,
             statement: None,
             parameters: None,
             outcome: None,
-            detail: Some(detail),
+            detail: None,
             masked: None,
         }
     }

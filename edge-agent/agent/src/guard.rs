@@ -6,27 +6,32 @@ use std::sync::{Arc, Mutex};
 
 use gatehouse_masking::{Counts, Masker};
 use gatehouse_pgwire_inspect::{Judge, Mask, Refusal, Resolution, Ruling};
-use gatehouse_policy::{Action, Guard, Kind, PolicyDoc, Subject, Verdict};
+use gatehouse_policy::{Action, Approvals, Guard, Kind, PolicyDoc, Subject, Verdict};
 use gatehouse_proto::tunnel::SessionOpen;
 
 use crate::now_ms;
 
-/// The session's guard; `Ok(None)` when no policy document was ever
-/// applied (every statement runs, as before guardrails existed).
-pub fn for_session(open: &SessionOpen) -> Result<Option<Guard>, String> {
+/// The policy document the session opened under; `None` when none was
+/// ever applied (every statement runs, as before guardrails existed).
+pub fn policy_of(open: &SessionOpen) -> Result<Option<Arc<PolicyDoc>>, String> {
     if open.policy_document.is_empty() {
         return Ok(None);
     }
-    let doc = PolicyDoc::from_canonical(&open.policy_document)
-        .map_err(|e| format!("policy document unreadable: {e}"))?;
-    Ok(Some(Guard::new(
-        Arc::new(doc),
+    PolicyDoc::from_canonical(&open.policy_document)
+        .map(|d| Some(Arc::new(d)))
+        .map_err(|e| format!("policy document unreadable: {e}"))
+}
+
+/// The session's guard.
+pub fn guard(doc: &Arc<PolicyDoc>, open: &SessionOpen) -> Guard {
+    Guard::new(
+        doc.clone(),
         Subject {
             identity: open.identity.clone(),
             groups: open.groups.clone(),
             target: open.target.clone(),
         },
-    )))
+    )
 }
 
 /// Startup parameters that change who the session acts as or how names
@@ -92,16 +97,15 @@ fn reason_of(text: &str) -> Option<String> {
         .strip_prefix("set ")?
         .trim_start()
         .trim_start_matches("session ")
+        .trim_start()
+        .strip_prefix("gatehouse.reason")?
         .trim_start();
-    let rest = rest.strip_prefix("gatehouse.reason")?.trim_start();
-    let rest = rest
-        .strip_prefix('=')
-        .or_else(|| rest.strip_prefix("to "))?
-        .trim();
-    // Take the original text's quoted value (case kept).
+    if !(rest.starts_with('=') || rest.starts_with("to ")) {
+        return None;
+    }
+    // The original text's quoted value (case kept).
     let start = text.find('\'')? + 1;
     let end = text.rfind('\'')?;
-    let _ = rest;
     (end > start).then(|| text.get(start..end).unwrap_or_default().replace("''", "'"))
 }
 
@@ -121,23 +125,17 @@ pub enum SessionMasking {
 /// Masking for one session, from the document it opened under.
 pub fn masking_for_session(
     cache: &MaskerCache,
+    doc: &PolicyDoc,
     open: &SessionOpen,
 ) -> Result<SessionMasking, String> {
-    if open.policy_document.is_empty() {
-        return Ok(SessionMasking::Off);
-    }
-    let doc = PolicyDoc::from_canonical(&open.policy_document)
-        .map_err(|e| format!("policy document unreadable: {e}"))?;
-    let Some(m) = doc.masking.as_ref() else {
+    let Some(m) = doc.masking.as_ref().filter(|m| m.covers(&open.target)) else {
         return Ok(SessionMasking::Off);
     };
-    if !m.targets.is_empty() && !m.targets.contains(&open.target) {
-        return Ok(SessionMasking::Off);
-    }
     if m.exempt(&open.identity, &open.groups) {
         return Ok(SessionMasking::Exempt);
     }
-    let version = doc.version();
+    // The policy version names the document (with the access rules).
+    let version = open.policy_version.clone();
     let masker = {
         let mut c = cache
             .0
@@ -253,7 +251,12 @@ impl Mask for SessionMask {
     }
 
     fn mask_whole(&mut self, value: &[u8]) -> Vec<u8> {
-        *self.counts.entry(COLUMN_RULE.to_string()).or_default() += 1;
+        match self.counts.get_mut(COLUMN_RULE) {
+            Some(n) => *n += 1,
+            None => {
+                self.counts.insert(COLUMN_RULE.to_string(), 1);
+            }
+        }
         value
             .iter()
             .map(|b| if b.is_ascii_alphanumeric() { b'*' } else { *b })
@@ -270,15 +273,12 @@ impl Mask for SessionMask {
 pub async fn approve(
     ctx: &crate::AgentCtx,
     open: &SessionOpen,
+    settings: &Approvals,
     text: &str,
     held: &Refusal,
     reason: String,
 ) -> Resolution {
     use gatehouse_proto::tunnel::{ApprovalAnswer, ApprovalAsk, approval_answer::Outcome};
-    let settings = PolicyDoc::from_canonical(&open.policy_document)
-        .ok()
-        .and_then(|d| d.approvals)
-        .unwrap_or_default();
     let refuse = |message: String| {
         Resolution::Refused(Refusal {
             rule: held.rule.clone(),

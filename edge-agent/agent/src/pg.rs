@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use bytes::BytesMut;
 use gatehouse_audit::{AuditEvent, Decision, EventKind, MaskCount};
 use gatehouse_pgwire_inspect::build::{self, Severity};
-use gatehouse_pgwire_inspect::{Action, PgInspector, SessionEvent, Side, Statement};
+use gatehouse_pgwire_inspect::{Action, PgInspector, SessionEvent, Side, Statement, merge_counts};
 use gatehouse_proto::read_frame;
 use gatehouse_proto::tunnel::SessionOpen;
 use gatehouse_recording::{Header, RecordEvent};
@@ -126,7 +126,8 @@ async fn run(
             ),
         ));
     }
-    let guard = crate::guard::for_session(open).map_err(|e| ClientError("58000".into(), e))?;
+    let policy = crate::guard::policy_of(open).map_err(|e| ClientError("58000".into(), e))?;
+    let guard = policy.as_ref().map(|d| crate::guard::guard(d, open));
     if let Some(v) = guard
         .as_ref()
         .and_then(|g| crate::guard::judge_startup(g, open))
@@ -143,8 +144,11 @@ async fn run(
             ),
         ));
     }
-    let mut masking = crate::guard::masking_for_session(&ctx.maskers, open)
-        .map_err(|e| ClientError("58000".into(), e))?;
+    let mut masking = match &policy {
+        Some(d) => crate::guard::masking_for_session(&ctx.maskers, d, open)
+            .map_err(|e| ClientError("58000".into(), e))?,
+        None => crate::guard::SessionMasking::Off,
+    };
     let mut recorder = Recorder::start(
         ctx,
         Header {
@@ -251,7 +255,7 @@ async fn run(
         crate::guard::SessionMasking::On(m) => {
             let sibling = m.sibling();
             insp.set_mask(Box::new(m));
-            Some(Mutex::new(sibling))
+            Some(sibling)
         }
         _ => None,
     };
@@ -261,6 +265,7 @@ async fn run(
         failed: None,
         param_mask,
         reason,
+        approvals: policy.and_then(|d| d.approvals.clone()).unwrap_or_default(),
     }));
     let reason = relay(
         ctx,
@@ -295,12 +300,10 @@ fn mask_parameters(pm: &mut crate::guard::SessionMask, st: &mut Statement) {
             *p = m;
         }
     }
-    for (k, n) in gatehouse_pgwire_inspect::Mask::take_counts(pm) {
-        match st.masked.iter_mut().find(|(d, _)| *d == k) {
-            Some(e) => e.1 += n,
-            None => st.masked.push((k, n)),
-        }
-    }
+    merge_counts(
+        &mut st.masked,
+        gatehouse_pgwire_inspect::Mask::take_counts(pm),
+    );
 }
 
 /// A finished statement cycle: what ran, and when the cycle started.
@@ -312,9 +315,11 @@ struct Session {
     recorder: Option<Recorder>,
     failed: Option<String>,
     /// Masks bound parameters before they go into the evidence.
-    param_mask: Option<Mutex<crate::guard::SessionMask>>,
-    /// The reason the caller gave (`SET gatehouse.reason`), for approvals.
+    param_mask: Option<crate::guard::SessionMask>,
+    /// The reason the caller gave (`SET gatehouse.reason`), and the
+    /// document's approval settings, for approvals.
     reason: Arc<Mutex<String>>,
+    approvals: gatehouse_policy::Approvals,
 }
 
 /// A statement the inspector holds for approval: its text and the rule.
@@ -351,11 +356,9 @@ impl Session {
                             started_ms,
                             ..
                         } => {
-                            if let Some(pm) = self.param_mask.as_ref()
-                                && let Ok(mut pm) = pm.lock()
-                            {
+                            if let Some(pm) = self.param_mask.as_mut() {
                                 for st in &mut statements {
-                                    mask_parameters(&mut pm, st);
+                                    mask_parameters(pm, st);
                                 }
                             }
                             let r = RecordEvent::StatementDone {
@@ -423,7 +426,7 @@ impl Pump<'_> {
         let mut out = Vec::new();
         loop {
             if !buf.is_empty() {
-                let (fwd, done, failed, held, reason) = {
+                let (fwd, done, failed, held) = {
                     let Ok(mut s) = self.state.lock() else {
                         return "internal error".into();
                     };
@@ -435,8 +438,7 @@ impl Pump<'_> {
                         return format!("protocol error: {e}");
                     }
                     let (f, d, h) = s.take(&mut out);
-                    let reason = s.reason.lock().map(|r| r.clone()).unwrap_or_default();
-                    (f, d, s.failed.clone(), h, reason)
+                    (f, d, s.failed.clone(), h)
                 };
                 if let Some(f) = failed {
                     return f;
@@ -475,8 +477,16 @@ impl Pump<'_> {
                 // A held statement: what came before it is on its way; it
                 // and what follows wait for the decision, then go round again.
                 if let Some((text, refusal)) = held {
-                    let r =
-                        crate::guard::approve(self.ctx, self.open, &text, &refusal, reason).await;
+                    let Some((settings, reason)) = self.state.lock().ok().map(|s| {
+                        let reason = s.reason.lock().map(|r| r.clone()).unwrap_or_default();
+                        (s.approvals.clone(), reason)
+                    }) else {
+                        return "internal error".into();
+                    };
+                    let r = crate::guard::approve(
+                        self.ctx, self.open, &settings, &text, &refusal, reason,
+                    )
+                    .await;
                     let Ok(mut s) = self.state.lock() else {
                         return "internal error".into();
                     };

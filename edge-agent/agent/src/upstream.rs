@@ -198,30 +198,7 @@ async fn greeting(
     let mut out = BytesMut::with_capacity(buf.len() + 64);
     let mut key = None;
     loop {
-        let Some(&[ty, a, b, c, d]) = buf.get(..5) else {
-            if sock.read_buf(&mut buf).await? == 0 {
-                return Err(UpstreamError::Protocol(
-                    "connection closed before ready for query".into(),
-                ));
-            }
-            continue;
-        };
-        let len = i32::from_be_bytes([a, b, c, d]);
-        if !(4..=1 << 20).contains(&len) {
-            return Err(UpstreamError::Protocol(format!(
-                "message of length {len} after authentication"
-            )));
-        }
-        let total = 1 + len as usize;
-        if buf.len() < total {
-            if sock.read_buf(&mut buf).await? == 0 {
-                return Err(UpstreamError::Protocol(
-                    "connection closed before ready for query".into(),
-                ));
-            }
-            continue;
-        }
-        let msg = buf.split_to(total);
+        let (ty, msg) = read_message(sock, &mut buf, "before ready for query", 1 << 20).await?;
         match ty {
             b'K' => {
                 if let Some((pid, secret)) = msg.get(5..).and_then(|b| b.split_first_chunk::<4>()) {
@@ -267,41 +244,24 @@ pub async fn agent_query(
     let mut rows = Vec::new();
     let mut error = None;
     loop {
-        let Some(&[ty, a, b, c, d]) = buf.get(..5) else {
-            if sock.read_buf(&mut buf).await? == 0 {
-                return Err(UpstreamError::Protocol(
-                    "connection closed during a catalog query".into(),
-                ));
-            }
-            continue;
-        };
-        let len = i32::from_be_bytes([a, b, c, d]);
-        if !(4..=16 << 20).contains(&len) {
-            return Err(UpstreamError::Protocol(format!(
-                "message of length {len} in a catalog query"
-            )));
-        }
-        let total = 1 + len as usize;
-        if buf.len() < total {
-            if sock.read_buf(&mut buf).await? == 0 {
-                return Err(UpstreamError::Protocol(
-                    "connection closed during a catalog query".into(),
-                ));
-            }
-            continue;
-        }
-        let msg = buf.split_to(total);
-        let body = msg.get(5..).unwrap_or_default();
+        let (ty, msg) = read_message(sock, &mut buf, "during a catalog query", 16 << 20).await?;
         match ty {
-            b'D' => rows.push(text_row(body).ok_or_else(|| {
-                UpstreamError::Protocol("malformed row in a catalog query".into())
-            })?),
-            b'E' => error = Some(String::from_utf8_lossy(body).replace('\0', " ")),
+            b'D' => {
+                let values = gatehouse_pgwire_inspect::data_row_values(&msg).ok_or_else(|| {
+                    UpstreamError::Protocol("malformed row in a catalog query".into())
+                })?;
+                rows.push(
+                    values
+                        .into_iter()
+                        .map(|v| v.map(|v| String::from_utf8_lossy(v).into_owned()))
+                        .collect(),
+                );
+            }
+            b'E' => error = gatehouse_pgwire_inspect::error_fields(&msg),
             b'Z' => {
                 return match error {
-                    Some(e) => Err(UpstreamError::Protocol(format!(
-                        "catalog query failed: {}",
-                        e.trim()
+                    Some((code, message)) => Err(UpstreamError::Protocol(format!(
+                        "catalog query failed: {code} {message}"
                     ))),
                     None => Ok(rows),
                 };
@@ -311,24 +271,31 @@ pub async fn agent_query(
     }
 }
 
-/// A DataRow's values as text.
-fn text_row(mut b: &[u8]) -> Option<Vec<Option<String>>> {
-    let (n, rest) = b.split_first_chunk::<2>()?;
-    b = rest;
-    let mut out = Vec::new();
-    for _ in 0..u16::from_be_bytes(*n) {
-        let (len, rest) = b.split_first_chunk::<4>()?;
-        b = rest;
-        let len = i32::from_be_bytes(*len);
-        if len < 0 {
-            out.push(None);
-            continue;
+/// Reads one whole backend message (type and bytes, header included),
+/// refusing lengths outside 4..=`max`.
+async fn read_message(
+    sock: &mut Stream,
+    buf: &mut BytesMut,
+    when: &str,
+    max: i32,
+) -> Result<(u8, BytesMut), UpstreamError> {
+    loop {
+        if let Some(&[ty, a, b, c, d]) = buf.get(..5) {
+            let len = i32::from_be_bytes([a, b, c, d]);
+            if !(4..=max).contains(&len) {
+                return Err(UpstreamError::Protocol(format!(
+                    "message of length {len} {when}"
+                )));
+            }
+            let total = 1 + len as usize;
+            if buf.len() >= total {
+                return Ok((ty, buf.split_to(total)));
+            }
         }
-        let (v, rest) = b.split_at_checked(usize::try_from(len).ok()?)?;
-        b = rest;
-        out.push(Some(String::from_utf8_lossy(v).into_owned()));
+        if sock.read_buf(buf).await? == 0 {
+            return Err(UpstreamError::Protocol(format!("connection closed {when}")));
+        }
     }
-    Some(out)
 }
 
 /// Asks the target to cancel the query running under `key`. The target

@@ -295,14 +295,12 @@ pub struct PgInspector {
     /// Refusals whose decoy error the upstream has yet to report.
     refused: VecDeque<Refusal>,
     mask: Option<Box<dyn Mask>>,
-    /// A statement is held; its resolution, once given.
-    held: bool,
+    /// The statement being held (its rule), and its resolution once given.
+    held: Option<Refusal>,
     resolution: Option<Resolution>,
     /// How each column of the result being sent is masked; `None` before a
     /// RowDescription (every value is then scanned as text).
     columns: Option<Vec<ColumnMask>>,
-    /// Masks counted for the statement whose result is being sent.
-    masked: Vec<(String, u64)>,
 }
 
 // === impl PgInspector ===
@@ -329,10 +327,9 @@ impl PgInspector {
             decoy: String::new(),
             refused: VecDeque::new(),
             mask: None,
-            held: false,
+            held: None,
             resolution: None,
             columns: None,
-            masked: Vec::new(),
         }
     }
 
@@ -349,17 +346,13 @@ impl PgInspector {
         self.resolution = Some(r);
     }
 
-    /// Attributes the masks counted so far to the statement being answered.
-    fn close_result(&mut self) {
+    /// Ends the result being sent; returns what was masked in it.
+    fn close_result(&mut self) -> Vec<(String, u64)> {
         self.columns = None;
-        if let Some(m) = self.mask.as_mut() {
-            for (k, n) in m.take_counts() {
-                match self.masked.iter_mut().find(|(d, _)| *d == k) {
-                    Some(e) => e.1 += n,
-                    None => self.masked.push((k, n)),
-                }
-            }
-        }
+        self.mask
+            .as_mut()
+            .map(|m| m.take_counts())
+            .unwrap_or_default()
     }
 
     /// Masks one DataRow; `None` leaves it as is.
@@ -517,31 +510,31 @@ impl PgInspector {
         Ok(())
     }
 
-    /// The judge's ruling on `text`, or the resolution of the held
-    /// statement when it is the one coming round again.
-    fn rule(&mut self, text: &str, now_ms: i64, held: Option<&Refusal>) -> Ruling {
-        if self.held {
+    /// The resolution of the held statement when it is the one coming
+    /// round again (still held without one); otherwise `hold` for an Execute
+    /// of a statement needing approval, or the judge's ruling on `text`.
+    fn rule(&mut self, text: &str, now_ms: i64, hold: Option<Refusal>) -> Ruling {
+        if let Some(h) = self.held.take() {
             return match self.resolution.take() {
-                Some(r) => {
-                    self.held = false;
-                    match r {
-                        Resolution::Approved => Ruling::Allow,
-                        Resolution::Refused(f) => Ruling::Refuse(f),
-                    }
-                }
-                None => Ruling::Hold(held.cloned().unwrap_or_else(|| Refusal {
-                    rule: String::new(),
-                    message: String::new(),
-                })),
+                Some(Resolution::Approved) => Ruling::Allow,
+                Some(Resolution::Refused(f)) => Ruling::Refuse(f),
+                None => Ruling::Hold(h),
             };
         }
-        if let Some(h) = held {
-            return Ruling::Hold(h.clone());
+        if let Some(h) = hold {
+            return Ruling::Hold(h);
         }
         match self.judge.as_mut() {
             Some(j) => j.judge(text, now_ms),
             None => Ruling::Allow,
         }
+    }
+
+    /// Holds the message at hand (and what follows) until resolved.
+    fn hold(&mut self, text: String, refusal: Refusal, out: &mut Vec<Action>) -> Step {
+        self.held = Some(refusal.clone());
+        out.push(Action::Hold { text, refusal });
+        Step::Hold
     }
 
     /// Queues a refusal for the decoy's error; returns the rule.
@@ -569,11 +562,7 @@ impl PgInspector {
                 let refusal = match self.rule(&text, now_ms, None) {
                     Ruling::Allow => None,
                     Ruling::Refuse(r) => Some(self.queue_refusal(r)),
-                    Ruling::Hold(r) => {
-                        self.held = true;
-                        out.push(Action::Hold { text, refusal: r });
-                        return Ok(Step::Hold);
-                    }
+                    Ruling::Hold(r) => return Ok(self.hold(text, r, out)),
                 };
                 let mut cycle = Pending::new(Protocol::Simple, now_ms);
                 if refusal.is_some() {
@@ -676,19 +665,17 @@ impl PgInspector {
             }
             b'E' => {
                 let name = wire::execute(msg).ok_or_else(|| malformed(side, ty))?;
-                let (text, hold) = match self.portals.get(&name) {
-                    Some(p) => (p.text.clone(), p.hold.clone()),
-                    None => (String::new(), None),
-                };
+                let hold = self.portals.get(&name).and_then(|p| p.hold.clone());
                 let mut refused_by = None;
-                if hold.is_some() || self.held {
-                    match self.rule(&text, now_ms, hold.as_ref()) {
+                if hold.is_some() || self.held.is_some() {
+                    let text = self
+                        .portals
+                        .get(&name)
+                        .map(|p| p.text.clone())
+                        .unwrap_or_default();
+                    match self.rule(&text, now_ms, hold) {
                         Ruling::Allow => {}
-                        Ruling::Hold(r) => {
-                            self.held = true;
-                            out.push(Action::Hold { text, refusal: r });
-                            return Ok(Step::Hold);
-                        }
+                        Ruling::Hold(r) => return Ok(self.hold(text, r, out)),
                         Ruling::Refuse(r) => {
                             // A named decoy, so the unnamed statement stays.
                             refused_by = Some(self.queue_refusal(r));
@@ -746,8 +733,7 @@ impl PgInspector {
         match ty {
             b'C' => {
                 let tag = wire::command_complete(msg).ok_or_else(|| malformed(side, ty))?;
-                self.close_result();
-                let masked = std::mem::take(&mut self.masked);
+                let masked = self.close_result();
                 if let Some(p) = self.pending.front_mut() {
                     if let Some(st) = p.current() {
                         st.outcome.rows += rows_of_command_tag(&tag);
@@ -761,7 +747,7 @@ impl PgInspector {
             // EmptyQueryResponse, PortalSuspended: the Execute is answered.
             b'I' | b's' => {
                 if ty == b'I' {
-                    self.close_result();
+                    self.columns = None;
                 }
                 if let Some(p) = self.pending.front_mut() {
                     p.advance();
@@ -771,8 +757,7 @@ impl PgInspector {
                 let (mut code, mut message) =
                     wire::error_fields(msg).ok_or_else(|| malformed(side, ty))?;
                 let mut refused_by = None;
-                self.close_result();
-                let masked = std::mem::take(&mut self.masked);
+                let masked = self.close_result();
                 if !self.decoy.is_empty()
                     && code == "42601"
                     && message.contains(&self.decoy)
@@ -880,7 +865,8 @@ impl PgInspector {
     }
 }
 
-fn merge_counts(into: &mut Vec<(String, u64)>, from: Vec<(String, u64)>) {
+/// Adds per-detector mask counts to a statement's.
+pub fn merge_counts(into: &mut Vec<(String, u64)>, from: Vec<(String, u64)>) {
     for (k, n) in from {
         match into.iter_mut().find(|(d, _)| *d == k) {
             Some(e) => e.1 += n,

@@ -37,7 +37,7 @@ pub fn frontend_length_ok(buf: &[u8], startup: bool) -> bool {
 
 pub use inspector::{
     Action, InspectError, Judge, Mask, PgInspector, Protocol, REFUSED_SQLSTATE, Refusal,
-    Resolution, Ruling, SessionEvent, Side, Statement,
+    Resolution, Ruling, SessionEvent, Side, Statement, merge_counts,
 };
 
 #[cfg(test)]
@@ -45,3 +45,13 @@ mod tests;
 
 #[cfg(test)]
 mod golden;
+
+/// A whole DataRow message's values (`None` for NULL), bounds-checked.
+pub fn data_row_values(msg: &[u8]) -> Option<Vec<Option<&[u8]>>> {
+    wire::data_row(msg)
+}
+
+/// A whole ErrorResponse's SQLSTATE and message, bounds-checked.
+pub fn error_fields(msg: &[u8]) -> Option<(String, String)> {
+    wire::error_fields(msg)
+}

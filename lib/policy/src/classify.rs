@@ -154,28 +154,12 @@ impl Walker {
     }
 
     fn table(&mut self, o: &Map<String, Value>, m: Mode) {
-        let name = |k: &str| o.get(k).and_then(Value::as_str).unwrap_or("");
-        let (schema, rel) = (name("schemaname"), name("relname"));
-        let t = if schema.is_empty() {
-            rel.to_string()
-        } else {
-            format!("{schema}.{rel}")
-        };
-        self.kind(m.kind, Some(t), m);
+        self.kind(m.kind, Some(table_name(o)), m);
     }
 
     fn unbounded(&mut self, rel: Option<&Value>, m: Mode) {
-        if m.plan_only {
-            return;
-        }
-        if let Some(Value::Object(o)) = rel {
-            let name = |k: &str| o.get(k).and_then(Value::as_str).unwrap_or("");
-            let t = if name("schemaname").is_empty() {
-                name("relname").to_string()
-            } else {
-                format!("{}.{}", name("schemaname"), name("relname"))
-            };
-            self.fx.without_where.insert(t);
+        if let (false, Some(Value::Object(o))) = (m.plan_only, rel) {
+            self.fx.without_where.insert(table_name(o));
         }
     }
 
@@ -375,6 +359,15 @@ impl Walker {
             }
             _ => self.value(body, m),
         }
+    }
+}
+
+/// A RangeVar as written: `schema.table`, or `table` when unqualified.
+fn table_name(o: &Map<String, Value>) -> String {
+    let name = |k: &str| o.get(k).and_then(Value::as_str).unwrap_or("");
+    match (name("schemaname"), name("relname")) {
+        ("", rel) => rel.to_string(),
+        (schema, rel) => format!("{schema}.{rel}"),
     }
 }
 

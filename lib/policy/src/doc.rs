@@ -197,8 +197,12 @@ impl Masking {
     /// Whether a session of `identity` (in `groups`) on `target` has its
     /// values masked.
     pub fn applies(&self, identity: &str, groups: &[String], target: &str) -> bool {
-        (self.targets.is_empty() || self.targets.iter().any(|t| t == target))
-            && !self.exempt(identity, groups)
+        self.covers(target) && !self.exempt(identity, groups)
+    }
+
+    /// Whether masking is on for `target`.
+    pub fn covers(&self, target: &str) -> bool {
+        self.targets.is_empty() || self.targets.iter().any(|t| t == target)
     }
 
     /// Whether the identity or one of its groups sees clear values.
