@@ -226,8 +226,8 @@ impl SessionMask {
 const COLUMN_RULE: &str = "column";
 
 impl Mask for SessionMask {
-    fn mask_row(&mut self, values: &[&[u8]]) -> Option<Vec<Vec<u8>>> {
-        self.masker.mask_row(values, &mut self.counts)
+    fn mask_values(&mut self, values: &[&[u8]]) -> Vec<(usize, Vec<u8>)> {
+        self.masker.mask_values(values, &mut self.counts)
     }
 
     fn mask_copy(&mut self, data: &[u8]) -> Option<Vec<u8>> {

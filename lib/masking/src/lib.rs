@@ -238,23 +238,35 @@ impl Masker {
 }
 
 impl Masker {
-    /// Masks the values of one row. Values the prefilter keeps are joined
-    /// with NUL (which text values cannot contain and no detector matches
-    /// across), scanned once, and split again. `None` when nothing was
-    /// masked; otherwise every value, masked or not, in order.
+    /// Masks the values of one row; `None` when nothing was masked,
+    /// otherwise every value, masked or not, in order.
     pub fn mask_row(&self, values: &[&[u8]], counts: &mut Counts) -> Option<Vec<Vec<u8>>> {
+        let changes = self.mask_values(values, counts);
+        if changes.is_empty() {
+            return None;
+        }
+        let mut row: Vec<Vec<u8>> = values.iter().map(|v| v.to_vec()).collect();
+        for (i, m) in changes {
+            if let Some(slot) = row.get_mut(i) {
+                *slot = m;
+            }
+        }
+        Some(row)
+    }
+
+    /// Masks the values of one row and returns only the changed ones, by
+    /// index (what the data path needs: unchanged values are not copied).
+    /// Values the prefilter keeps are joined with NUL (which text values
+    /// cannot contain and no detector matches across), scanned once, and
+    /// split again.
+    pub fn mask_values(&self, values: &[&[u8]], counts: &mut Counts) -> Vec<(usize, Vec<u8>)> {
         // Values the prefilter rules out are not scanned at all; the rest
         // are scanned together.
         let candidates: Vec<usize> = (0..values.len())
             .filter(|i| values.get(*i).is_some_and(|v| self.may_match(v)))
             .collect();
-        if candidates.is_empty() {
-            return None;
-        }
         let text = |i: &usize| values.get(*i).copied().unwrap_or_default();
-        let masked: Vec<(usize, Vec<u8>)> = if candidates.len() == 1
-            || candidates.iter().any(|i| text(i).contains(&0))
-        {
+        if candidates.len() <= 1 || candidates.iter().any(|i| text(i).contains(&0)) {
             // One value, or not text (NUL inside): value by value.
             candidates
                 .iter()
@@ -268,24 +280,16 @@ impl Masker {
                 }
                 joined.extend_from_slice(text(i));
             }
-            let out = self.scan(&joined, counts)?;
+            let Some(out) = self.scan(&joined, counts) else {
+                return Vec::new();
+            };
             candidates
                 .iter()
                 .zip(out.split(|b| *b == 0))
                 .filter(|(i, m)| text(i) != *m)
                 .map(|(i, m)| (*i, m.to_vec()))
                 .collect()
-        };
-        if masked.is_empty() {
-            return None;
         }
-        let mut row: Vec<Vec<u8>> = values.iter().map(|v| v.to_vec()).collect();
-        for (i, m) in masked {
-            if let Some(slot) = row.get_mut(i) {
-                *slot = m;
-            }
-        }
-        Some(row)
     }
 }
 

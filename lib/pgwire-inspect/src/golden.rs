@@ -67,8 +67,8 @@ fn auth_end(records: &[(u8, Vec<u8>)]) -> (usize, usize) {
 struct MaskNothing;
 
 impl crate::Mask for MaskNothing {
-    fn mask_row(&mut self, _values: &[&[u8]]) -> Option<Vec<Vec<u8>>> {
-        None
+    fn mask_values(&mut self, _values: &[&[u8]]) -> Vec<(usize, Vec<u8>)> {
+        Vec::new()
     }
     fn mask_copy(&mut self, _data: &[u8]) -> Option<Vec<u8>> {
         None

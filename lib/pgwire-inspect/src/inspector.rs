@@ -82,9 +82,9 @@ pub struct Statement {
 
 /// Masks result values before they reach the client.
 pub trait Mask: Send {
-    /// Masks the values of one row (text only); `None` when nothing
-    /// changed, otherwise every value in order.
-    fn mask_row(&mut self, values: &[&[u8]]) -> Option<Vec<Vec<u8>>>;
+    /// Masks the values of one row (text only); returns the changed ones
+    /// by index.
+    fn mask_values(&mut self, values: &[&[u8]]) -> Vec<(usize, Vec<u8>)>;
     /// Masks one chunk of COPY text/CSV output.
     fn mask_copy(&mut self, data: &[u8]) -> Option<Vec<u8>>;
     /// Whether a column's whole value is masked, by the OID of its table
@@ -365,57 +365,52 @@ impl PgInspector {
             Some(c) => c.get(i).copied().unwrap_or(ColumnMask::Skip),
             None => ColumnMask::Scan { prefix: 0 },
         };
-        let mut scan_idx = Vec::new();
+        // Each value's replacement: `Some(None)` for NULL, `Some(Some(v))`
+        // for a masked value; `None` keeps it.
+        let mut new: Vec<Option<Option<Vec<u8>>>> = vec![None; values.len()];
+        let mut scan_at = Vec::new();
         let mut scan = Vec::new();
-        let mut out: Vec<Option<Vec<u8>>> = vec![None; values.len()];
-        let mut changed = false;
         for (i, v) in values.iter().enumerate() {
-            let Some(v) = v else { continue };
+            let (Some(v), Some(slot)) = (v, new.get_mut(i)) else {
+                continue;
+            };
             match how(i) {
                 ColumnMask::Skip => {}
                 ColumnMask::Scan { prefix } => {
-                    scan_idx.push((i, prefix));
+                    scan_at.push((i, prefix));
                     scan.push(v.get(prefix..).unwrap_or_default());
                 }
                 ColumnMask::Whole { prefix } => {
                     let mut w = v.get(..prefix).unwrap_or_default().to_vec();
                     w.extend(mask.mask_whole(v.get(prefix..).unwrap_or_default()));
-                    if let Some(slot) = out.get_mut(i) {
-                        *slot = Some(w);
-                    }
-                    changed = true;
+                    *slot = Some(Some(w));
                 }
-                ColumnMask::Null => changed = true,
+                ColumnMask::Null => *slot = Some(None),
             }
         }
-        if !scan.is_empty()
-            && let Some(masked) = mask.mask_row(&scan)
-        {
-            for ((i, prefix), m) in scan_idx.into_iter().zip(masked) {
+        if !scan.is_empty() {
+            for (j, m) in mask.mask_values(&scan) {
+                let Some(&(i, prefix)) = scan_at.get(j) else {
+                    continue;
+                };
                 let orig = values.get(i).copied().flatten().unwrap_or_default();
-                if orig.get(prefix..) != Some(m.as_slice()) {
-                    let mut w = orig.get(..prefix).unwrap_or_default().to_vec();
-                    w.extend(m);
-                    if let Some(slot) = out.get_mut(i) {
-                        *slot = Some(w);
-                    }
-                    changed = true;
+                let mut w = orig.get(..prefix).unwrap_or_default().to_vec();
+                w.extend(m);
+                if let Some(slot) = new.get_mut(i) {
+                    *slot = Some(Some(w));
                 }
             }
         }
-        if !changed {
+        if new.iter().all(Option::is_none) {
             return Ok(None);
         }
         let row: Vec<Option<&[u8]>> = values
             .iter()
-            .enumerate()
-            .map(
-                |(i, v)| match (how(i), out.get(i).and_then(Option::as_deref)) {
-                    (ColumnMask::Null, _) => None,
-                    (_, Some(m)) => Some(m),
-                    (_, None) => *v,
-                },
-            )
+            .zip(&new)
+            .map(|(v, n)| match n {
+                Some(n) => n.as_deref(),
+                None => *v,
+            })
             .collect();
         Ok(Some(build::data_row(&row)))
     }

@@ -460,26 +460,23 @@ struct MaskCards {
 }
 
 impl Mask for MaskCards {
-    fn mask_row(&mut self, values: &[&[u8]]) -> Option<Vec<Vec<u8>>> {
-        let mut changed = false;
-        let out = values
-            .iter()
-            .map(|v| {
-                if v.windows(4).any(|w| w == b"card") {
-                    changed = true;
-                    self.counted += 1;
+    fn mask_values(&mut self, values: &[&[u8]]) -> Vec<(usize, Vec<u8>)> {
+        let mut out = Vec::new();
+        for (i, v) in values.iter().enumerate() {
+            if v.windows(4).any(|w| w == b"card") {
+                self.counted += 1;
+                out.push((
+                    i,
                     v.iter()
                         .map(|b| if b.is_ascii_digit() { b'*' } else { *b })
-                        .collect()
-                } else {
-                    v.to_vec()
-                }
-            })
-            .collect();
-        changed.then_some(out)
+                        .collect(),
+                ));
+            }
+        }
+        out
     }
     fn mask_copy(&mut self, data: &[u8]) -> Option<Vec<u8>> {
-        self.mask_row(&[data]).and_then(|mut v| v.pop())
+        self.mask_values(&[data]).pop().map(|(_, v)| v)
     }
     fn whole_column(&self, _table_oid: u32, name: &str) -> bool {
         name.starts_with("ssn")

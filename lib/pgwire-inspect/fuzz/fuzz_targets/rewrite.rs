@@ -31,20 +31,16 @@ impl Judge for RefuseX {
 struct MaskAt;
 
 impl Mask for MaskAt {
-    fn mask_row(&mut self, values: &[&[u8]]) -> Option<Vec<Vec<u8>>> {
-        let hit = values.iter().any(|v| v.contains(&b'@'));
-        hit.then(|| {
-            values
-                .iter()
-                .map(|v| {
-                    if v.contains(&b'@') {
-                        v.iter().map(|b| if b.is_ascii_digit() { b'*' } else { *b }).chain(*b"+").collect()
-                    } else {
-                        v.to_vec()
-                    }
-                })
-                .collect()
-        })
+    fn mask_values(&mut self, values: &[&[u8]]) -> Vec<(usize, Vec<u8>)> {
+        values
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.contains(&b'@'))
+            .map(|(i, v)| {
+                let masked = v.iter().map(|b| if b.is_ascii_digit() { b'*' } else { *b });
+                (i, masked.chain(*b"+").collect())
+            })
+            .collect()
     }
     fn mask_copy(&mut self, data: &[u8]) -> Option<Vec<u8>> {
         data.contains(&b'@').then(|| data.iter().map(|b| if b.is_ascii_digit() { b'*' } else { *b }).collect())
