@@ -152,7 +152,7 @@ impl StateReader {
         Ok(self.access_requests()?.into_iter().find(|r| {
             r.requester == identity
                 && r.target == target
-                && r.state(now_ms) == "approved"
+                && r.state(now_ms) == state::RequestState::Approved
                 && (r.grant_minutes > 0 || r.statement_sha256 == statement_sha256)
         }))
     }

@@ -142,26 +142,57 @@ impl AccessRequest {
             .then(|| self.approvals.get(need - 1).map_or(0, |r| r.at_ms))
     }
 
-    /// pending | approved | denied | expired | used, at `now_ms`.
-    pub fn state(&self, now_ms: i64) -> &'static str {
+    /// Where the request stands at `now_ms`.
+    pub fn state(&self, now_ms: i64) -> RequestState {
         if self.denial.is_some() {
-            return "denied";
+            return RequestState::Denied;
         }
         if self.used_ms.is_some() {
-            return "used";
+            return RequestState::Used;
         }
         match self.approved_ms() {
             Some(at) if self.grant_minutes > 0 => {
                 if now_ms < at + i64::from(self.grant_minutes) * 60_000 {
-                    "approved"
+                    RequestState::Approved
                 } else {
-                    "expired"
+                    RequestState::Expired
                 }
             }
-            Some(_) => "approved",
-            None if now_ms >= self.expires_ms => "expired",
-            None => "pending",
+            Some(_) => RequestState::Approved,
+            None if now_ms >= self.expires_ms => RequestState::Expired,
+            None => RequestState::Pending,
         }
+    }
+}
+
+/// Where an access request stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestState {
+    Pending,
+    /// A grant that may be used (now, for a time-bound one).
+    Approved,
+    Denied,
+    /// Undecided past its expiry, or a time-bound grant past its minutes.
+    Expired,
+    /// A one-time grant already used.
+    Used,
+}
+
+impl RequestState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestState::Pending => "pending",
+            RequestState::Approved => "approved",
+            RequestState::Denied => "denied",
+            RequestState::Expired => "expired",
+            RequestState::Used => "used",
+        }
+    }
+}
+
+impl std::fmt::Display for RequestState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -358,7 +389,7 @@ pub(crate) fn apply(txn: &WriteTransaction, cmd: &Command) -> ApplyResult<Comman
                 ));
             }
             let state = r.state(*now_ms);
-            if state != "pending" {
+            if state != RequestState::Pending {
                 return refuse(format!("access request {id} is {state}"));
             }
             if r.approvals.iter().any(|a| a.identity == *reviewer) {
@@ -383,7 +414,7 @@ pub(crate) fn apply(txn: &WriteTransaction, cmd: &Command) -> ApplyResult<Comman
                 return Ok(reject(Rejection::NotFound(format!("access request {id}"))));
             };
             let state = r.state(*now_ms);
-            if state != "approved" {
+            if state != RequestState::Approved {
                 return Ok(reject(Rejection::Invalid(format!(
                     "access request {id} is {state}"
                 ))));

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use gatehouse_audit::{AuditEvent, Decision, EventKind};
 use gatehouse_cp_raft::Command;
-use gatehouse_cp_raft::state::AccessRequest;
+use gatehouse_cp_raft::state::{AccessRequest, RequestState};
 use gatehouse_proto::tunnel::{ApprovalAnswer, ApprovalAsk, approval_answer::Outcome};
 use gatehouse_proto::v1::reviews_server::Reviews;
 use gatehouse_proto::v1::{
@@ -56,7 +56,7 @@ fn notify(cluster: &Cluster, what: &str, r: &AccessRequest, now: i64) {
         serde_json::json!({
             "event": what,
             "request_id": r.id,
-            "state": r.state(now),
+            "state": r.state(now).as_str(),
             "requester": r.requester,
             "target": r.target,
             "statement": r.statement,
@@ -218,9 +218,9 @@ async fn decide(
             continue;
         };
         match r.state(now_ms()) {
-            "pending" => {}
-            "approved" => return use_grant(cluster, &r).await,
-            "denied" => {
+            RequestState::Pending => {}
+            RequestState::Approved => return use_grant(cluster, &r).await,
+            RequestState::Denied => {
                 let d = r.denial.clone().unwrap_or_default();
                 return Ok(ApprovalAnswer {
                     outcome: Outcome::Denied as i32,
@@ -229,7 +229,7 @@ async fn decide(
                     reason: d.reason,
                 });
             }
-            _ => {
+            RequestState::Expired | RequestState::Used => {
                 let mut ev = event(cluster, EventKind::ApprovalExpired, &r, Decision::Deny);
                 ev.detail = Some(format!(
                     "request {} expired after {} s without a decision",
@@ -310,7 +310,7 @@ fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
 }
 
 fn to_api(r: AccessRequest, now: i64) -> ApiRequest {
-    let state = r.state(now).to_string();
+    let state = r.state(now).as_str().to_string();
     let denial = r.denial.clone().unwrap_or_default();
     ApiRequest {
         id: r.id,
