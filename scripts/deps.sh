@@ -30,3 +30,8 @@ if [ ${#need[@]} -gt 0 ]; then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
+if [ "$mode" = test ]; then
+  # A real S3-compatible server for the recording tests (keeps each bucket
+  # as a directory; this version builds with the pinned Rust).
+  command -v s3s-fs >/dev/null || cargo install s3s-fs@0.14.1 --features binary --locked
+fi

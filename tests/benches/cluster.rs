@@ -119,10 +119,11 @@ fn main() {
         let cfg = gatehouse_agent::config::AgentConfig::load(&cfg_path).unwrap();
         let files = gatehouse_agent::identity::IdentityFiles::new(&cfg.data_dir);
         gatehouse_agent::identity::enroll(&cfg, &token, &files).await.unwrap();
-        std::fs::create_dir_all(&cfg.recordings_dir).unwrap();
-        let store = object_store::local::LocalFileSystem::new_with_prefix(&cfg.recordings_dir).unwrap();
-        let (ctx, queues) = gatehouse_agent::AgentCtx::new(cfg, Arc::new(store));
+        let store = gatehouse_recording::store::open(&cfg.store()).unwrap();
+        let key = gatehouse_pki::pkcs8_der(&std::fs::read_to_string(&files.key).unwrap()).unwrap();
+        let (ctx, queues) = gatehouse_agent::AgentCtx::new(cfg, store, key);
         let ctx = Arc::new(ctx);
+        tokio::spawn(gatehouse_agent::recorder::uploader(ctx.clone()));
         tokio::spawn(gatehouse_agent::tunnel::run(ctx.clone(), queues));
         let mut client = c.client(1).await.unwrap();
         let base = client.status(ListRequest {}).await.unwrap().into_inner().audit_events;

@@ -106,14 +106,120 @@ pub struct Stack {
     pub ca_file: PathBuf,
     pub recordings: PathBuf,
     pub agent_config: PathBuf,
+    /// The S3-compatible server recordings go to, when the stack uses one.
+    pub s3: Option<S3Server>,
+}
+
+/// A real S3-compatible server (s3s-fs) on a loopback port, storing its
+/// buckets as directories under `root`. It can be stopped and started
+/// again on the same port with the same data.
+pub struct S3Server {
+    pub root: PathBuf,
+    pub port: u16,
+    pub bucket: String,
+    proc: Option<Proc>,
+    log: PathBuf,
+}
+
+pub const S3_ACCESS_KEY: &str = "gatehouse-test";
+pub const S3_SECRET_KEY: &str = "s3cr3t-never-in-evidence";
+
+impl S3Server {
+    pub fn start(dir: &Path) -> Self {
+        let root = dir.join("s3");
+        let bucket = "recordings".to_string();
+        std::fs::create_dir_all(root.join(&bucket)).unwrap();
+        let port = free_port();
+        let mut s = Self {
+            root,
+            port,
+            bucket,
+            proc: None,
+            log: dir.join("s3.log"),
+        };
+        s.resume();
+        s
+    }
+
+    /// Starts (again) on the same port and data.
+    pub fn resume(&mut self) {
+        let p = Proc::spawn(
+            Path::new("s3s-fs"),
+            &[
+                "--host".into(),
+                "127.0.0.1".into(),
+                "--port".into(),
+                self.port.to_string(),
+                "--access-key".into(),
+                S3_ACCESS_KEY.into(),
+                "--secret-key".into(),
+                S3_SECRET_KEY.into(),
+                self.root.display().to_string(),
+            ],
+            &self.log,
+        );
+        let addr = format!("127.0.0.1:{}", self.port);
+        wait_until("S3 server listening", Duration::from_secs(30), || {
+            std::net::TcpStream::connect(&addr).ok()
+        });
+        self.proc = Some(p);
+    }
+
+    /// Stops the server (its data stays on disk).
+    pub fn stop(&mut self) {
+        self.proc = None;
+        let addr = format!("127.0.0.1:{}", self.port);
+        wait_until("S3 server stopped", Duration::from_secs(10), || {
+            std::net::TcpStream::connect(&addr).is_err().then_some(())
+        });
+    }
+
+    pub fn url(&self) -> String {
+        format!("s3://{}", self.bucket)
+    }
+
+    /// object_store options for this server.
+    pub fn options(&self) -> Vec<(String, String)> {
+        [
+            ("aws_endpoint", format!("http://127.0.0.1:{}", self.port)),
+            ("aws_region", "us-east-1".to_string()),
+            ("aws_access_key_id", S3_ACCESS_KEY.to_string()),
+            ("aws_secret_access_key", S3_SECRET_KEY.to_string()),
+            ("aws_allow_http", "true".to_string()),
+            ("aws_virtual_hosted_style_request", "false".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    /// The bucket's directory (objects are files under it).
+    pub fn bucket_dir(&self) -> PathBuf {
+        self.root.join(&self.bucket)
+    }
+}
+
+/// A TCP port free on loopback now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap()
 }
 
 impl Stack {
     /// Starts PostgreSQL (databases `app` and `direct`, both owned by the
     /// agent's role) and a server; no agent yet.
     pub fn start_server() -> Self {
+        Self::start_server_with(false)
+    }
+
+    /// Like [`Self::start_server`]; with `s3`, recordings go to a real
+    /// S3-compatible server the stack starts.
+    pub fn start_server_with(s3: bool) -> Self {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let tmp = tempfile::tempdir().unwrap();
+        let s3 = s3.then(|| S3Server::start(tmp.path()));
         let pg = LocalPostgres::start().unwrap();
         pg.create_role_and_db(AGENT_ROLE, AGENT_PASSWORD, "app")
             .unwrap();
@@ -123,23 +229,40 @@ impl Stack {
         )
         .unwrap();
         let data = tmp.path().join("server");
-        let recordings = tmp.path().join("recordings");
+        let recordings = match &s3 {
+            Some(s3) => s3.bucket_dir(),
+            None => tmp.path().join("recordings"),
+        };
+        let mut store_args = match &s3 {
+            Some(s3) => {
+                let mut a = vec!["--recordings".to_string(), s3.url()];
+                for (k, v) in s3.options() {
+                    a.push("--recordings-option".into());
+                    a.push(format!("{k}={v}"));
+                }
+                a
+            }
+            None => vec!["--recordings-dir".into(), recordings.display().to_string()],
+        };
+        store_args.extend(["--retention-interval-secs".to_string(), "1".to_string()]);
         let server = Proc::spawn(
             &bin("gatehouse-server"),
             &[
-                "--data-dir".into(),
-                data.display().to_string(),
-                "--recordings-dir".into(),
-                recordings.display().to_string(),
-                "--pg-listen".into(),
-                "127.0.0.1:0".into(),
-                "--api-listen".into(),
-                "127.0.0.1:0".into(),
-                "--tunnel-listen".into(),
-                "127.0.0.1:0".into(),
-                "--raft-listen".into(),
-                "127.0.0.1:0".into(),
-            ],
+                store_args,
+                vec![
+                    "--data-dir".into(),
+                    data.display().to_string(),
+                    "--pg-listen".into(),
+                    "127.0.0.1:0".into(),
+                    "--api-listen".into(),
+                    "127.0.0.1:0".into(),
+                    "--tunnel-listen".into(),
+                    "127.0.0.1:0".into(),
+                    "--raft-listen".into(),
+                    "127.0.0.1:0".into(),
+                ],
+            ]
+            .concat(),
             &tmp.path().join("server.log"),
         );
         let ready: serde_json::Value = wait_until("server ready", Duration::from_secs(60), || {
@@ -159,6 +282,7 @@ impl Stack {
             tunnel: s("tunnel"),
             recordings,
             agent_config: tmp.path().join("agent").join("agent.toml"),
+            s3,
             tmp,
             pg,
             server,
@@ -169,7 +293,13 @@ impl Stack {
     /// Server plus an enrolled, connected agent `edge-1` serving target `db`,
     /// and a service account `alice` allowed on it. Returns alice's API key.
     pub fn start() -> (Self, String) {
-        let mut s = Self::start_server();
+        Self::start_with(false, "")
+    }
+
+    /// Like [`Self::start`]; `s3` as in [`Self::start_server_with`], and
+    /// `agent_extra` appended to the agent's configuration (TOML).
+    pub fn start_with(s3: bool, agent_extra: &str) -> (Self, String) {
+        let mut s = Self::start_server_with(s3);
         s.cli_ok(&[
             "targets",
             "create",
@@ -182,7 +312,12 @@ impl Stack {
         let key = s.create_account("alice", &["dev"]);
         s.cli_ok(&["rules", "create", "--subject", "sa:alice", "--target", "db"]);
         let token = s.enroll_token("edge-1");
-        s.write_agent_config("edge-1", &s.tmp.path().join("agent"));
+        let cfg = s.write_agent_config("edge-1", &s.tmp.path().join("agent"));
+        if !agent_extra.is_empty() {
+            let mut text = std::fs::read_to_string(&cfg).unwrap();
+            text.push_str(agent_extra);
+            std::fs::write(&cfg, text).unwrap();
+        }
         s.start_agent(Some(&token));
         s.wait_agent_connected("edge-1");
         (s, key)
@@ -209,11 +344,23 @@ impl Stack {
         std::fs::create_dir_all(dir).unwrap();
         let pw = dir.join("db.password");
         std::fs::write(&pw, AGENT_PASSWORD).unwrap();
+        let store = match &self.s3 {
+            Some(s3) => format!(
+                "[recordings]\nurl = \"{}\"\noptions = {{ {} }}\n",
+                s3.url(),
+                s3.options()
+                    .iter()
+                    .map(|(k, v)| format!("{k} = \"{v}\""))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            None => format!("recordings_dir = \"{}\"\n", self.recordings.display()),
+        };
+        // Tables after the top-level keys (the store may be a table).
         let cfg = format!(
-            "name = \"{name}\"\nservers = [\"{}\"]\ndata_dir = \"{}\"\nrecordings_dir = \"{}\"\n\n[[targets]]\nname = \"db\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"{AGENT_ROLE}\"\npassword_file = \"{}\"\n",
+            "name = \"{name}\"\nservers = [\"{}\"]\ndata_dir = \"{}\"\n{store}\n[[targets]]\nname = \"db\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"{AGENT_ROLE}\"\npassword_file = \"{}\"\n",
             self.tunnel,
             dir.display(),
-            self.recordings.display(),
             self.pg.port,
             pw.display()
         );
@@ -383,6 +530,11 @@ pub fn read_tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
         if p.is_dir() {
             out.extend(read_tree(&p));
         } else if let Ok(b) = std::fs::read(&p) {
+            // Recording chunks are zstd: scan what they hold.
+            let b = match p.extension().is_some_and(|e| e == "zst") {
+                true => zstd::decode_all(b.as_slice()).unwrap_or(b),
+                false => b,
+            };
             out.push((p, b));
         }
     }

@@ -132,15 +132,23 @@ fn psql_through_the_gateway_matches_direct_and_leaves_evidence() {
     .unwrap();
     assert_eq!(shown_json["statements"][0]["statement"], SCRIPT[2]);
 
-    // A tampered recording is detected.
-    let mut tampered = bytes.clone();
+    // A tampered recording is detected, naming the chunk.
+    let chunk_path = stack
+        .recordings
+        .join(insert_session["chunk_keys"][0].as_str().unwrap());
+    let chunk = std::fs::read(&chunk_path).unwrap();
+    let mut tampered = chunk.clone();
     let last = tampered.len() - 3;
     tampered[last] ^= 1;
-    std::fs::write(&key_path, &tampered).unwrap();
+    std::fs::write(&chunk_path, &tampered).unwrap();
     let out = stack.cli(&["sessions", "show", insert_session["id"].as_str().unwrap()]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("does not match the index"));
-    std::fs::write(&key_path, &bytes).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("does not verify") && err.contains("chunk 0"),
+        "{err}"
+    );
+    std::fs::write(&chunk_path, &chunk).unwrap();
 
     // The raw bytes a client receives through the gateway.
     let raw = rawpg::session(

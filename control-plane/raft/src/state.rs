@@ -57,6 +57,9 @@ pub struct Agent {
     pub cert_serial: String,
     pub enrolled_ms: i64,
     pub revoked: bool,
+    /// SEC1 public key (hex) recordings' manifests are signed with.
+    #[serde(default)]
+    pub public_key: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,6 +101,16 @@ pub struct SessionRecord {
     pub cancel_pid: Option<i32>,
     #[serde(default)]
     pub cancel_secret: Option<i32>,
+    /// Object keys of the recording's chunks.
+    #[serde(default)]
+    pub chunk_keys: Vec<String>,
+    #[serde(default)]
+    pub recording_events: u64,
+    /// Legal hold: retention never deletes the recording.
+    #[serde(default)]
+    pub legal_hold: Option<String>,
+    #[serde(default)]
+    pub recording_deleted_ms: Option<i64>,
 }
 
 /// A held statement waiting for (or granted) human approval.
@@ -444,6 +457,7 @@ pub(crate) fn apply(txn: &WriteTransaction, cmd: &Command) -> ApplyResult<Comman
             token_sha256,
             agent,
             cert_serial,
+            public_key,
             now_ms,
         } => {
             let k = key::enroll(token_sha256);
@@ -469,6 +483,7 @@ pub(crate) fn apply(txn: &WriteTransaction, cmd: &Command) -> ApplyResult<Comman
                     cert_serial: cert_serial.clone(),
                     enrolled_ms: *now_ms,
                     revoked: false,
+                    public_key: public_key.clone(),
                 },
             )?;
             CommandResult::Ok
@@ -531,6 +546,8 @@ pub(crate) fn apply(txn: &WriteTransaction, cmd: &Command) -> ApplyResult<Comman
             recording_key,
             recording_sha256,
             recording_size,
+            chunk_keys,
+            events,
         } => {
             let k = key::session(session_id);
             let Some(mut s) = get::<SessionRecord>(&kv, &k)? else {
@@ -541,9 +558,38 @@ pub(crate) fn apply(txn: &WriteTransaction, cmd: &Command) -> ApplyResult<Comman
             s.recording_key = Some(recording_key.clone());
             s.recording_sha256 = Some(recording_sha256.clone());
             s.recording_size = Some(*recording_size);
+            s.chunk_keys = chunk_keys.clone();
+            s.recording_events = *events;
             if let Some(pid) = s.cancel_pid {
                 kv.remove(key::cancel(pid).as_str())?;
             }
+            put(&mut kv, &k, &s)?;
+            CommandResult::Ok
+        }
+        Command::SetLegalHold {
+            session_id,
+            hold,
+            reason,
+        } => {
+            let k = key::session(session_id);
+            let Some(mut s) = get::<SessionRecord>(&kv, &k)? else {
+                return Ok(reject(Rejection::NotFound(format!("session {session_id}"))));
+            };
+            s.legal_hold = hold.then(|| reason.clone());
+            put(&mut kv, &k, &s)?;
+            CommandResult::Ok
+        }
+        Command::RecordingDeleted { session_id, now_ms } => {
+            let k = key::session(session_id);
+            let Some(mut s) = get::<SessionRecord>(&kv, &k)? else {
+                return Ok(reject(Rejection::NotFound(format!("session {session_id}"))));
+            };
+            if s.legal_hold.is_some() {
+                return Ok(reject(Rejection::Invalid(format!(
+                    "session {session_id} is under legal hold"
+                ))));
+            }
+            s.recording_deleted_ms = Some(*now_ms);
             put(&mut kv, &k, &s)?;
             CommandResult::Ok
         }

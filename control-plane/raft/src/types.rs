@@ -103,6 +103,9 @@ pub enum Command {
         token_sha256: String,
         agent: String,
         cert_serial: String,
+        /// The agent's public key (SEC1 point, hex): it signs recordings.
+        #[serde(default)]
+        public_key: String,
         now_ms: i64,
     },
     /// Appends canonical audit events, skipping ids already present.
@@ -120,6 +123,21 @@ pub enum Command {
         recording_key: String,
         recording_sha256: String,
         recording_size: u64,
+        #[serde(default)]
+        chunk_keys: Vec<String>,
+        #[serde(default)]
+        events: u64,
+    },
+    /// Puts a session's recording under legal hold, or releases it.
+    SetLegalHold {
+        session_id: String,
+        hold: bool,
+        reason: String,
+    },
+    /// Retention deleted a session's recording objects.
+    RecordingDeleted {
+        session_id: String,
+        now_ms: i64,
     },
 }
 

@@ -2,12 +2,12 @@
 
 use std::sync::Arc;
 
+use gatehouse_audit::{Decision, EventKind};
 use gatehouse_cp_raft::read::AuditFilter;
 use gatehouse_cp_raft::state::{self, SessionRecord};
 use gatehouse_cp_raft::{Command, Rejection};
 use gatehouse_proto::v1::admin_server::{Admin, AdminServer};
 use gatehouse_proto::v1::*;
-use object_store::{ObjectStore, ObjectStoreExt};
 use subtle::ConstantTimeEq;
 use tonic::{Request, Response, Status};
 
@@ -106,7 +106,7 @@ fn req_name(r: &GetPolicyRequest) -> String {
 pub struct AdminService {
     cluster: Arc<Cluster>,
     agents: AgentRegistry,
-    recordings: Arc<dyn ObjectStore>,
+    recordings: Arc<crate::recordings::Recordings>,
     ca_fingerprint: String,
 }
 
@@ -195,16 +195,29 @@ fn session_proto(s: SessionRecord) -> Session {
         recording_sha256: s.recording_sha256.unwrap_or_default(),
         recording_size: s.recording_size.unwrap_or(0),
         policy_version: s.policy_version,
+        chunk_keys: s.chunk_keys,
+        recording_events: s.recording_events,
+        legal_hold: s.legal_hold.is_some(),
+        legal_hold_reason: s.legal_hold.unwrap_or_default(),
+        recording_deleted_ms: s.recording_deleted_ms.unwrap_or(0),
     }
 }
 
 // === impl AdminService ===
 
 impl AdminService {
+    fn session(&self, id: &str) -> Result<SessionRecord, ApiError> {
+        self.cluster
+            .reader
+            .session(id)
+            .map_err(ApiError::from)?
+            .ok_or_else(|| ApiError::NotFound(format!("session {id} not found")))
+    }
+
     pub fn new(
         cluster: Arc<Cluster>,
         agents: AgentRegistry,
-        recordings: Arc<dyn ObjectStore>,
+        recordings: Arc<crate::recordings::Recordings>,
         ca_pem: &str,
     ) -> Self {
         Self {
@@ -544,32 +557,104 @@ impl Admin for AdminService {
         req: Request<GetRecordingRequest>,
     ) -> ApiResult<GetRecordingResponse> {
         let id = req.into_inner().session_id;
-        let session = self
-            .cluster
-            .reader
-            .session(&id)
-            .map_err(ApiError::from)?
-            .ok_or_else(|| ApiError::NotFound(format!("session {id} not found")))?;
-        let Some(key) = session.recording_key.clone() else {
+        let session = self.session(&id)?;
+        if session.recording_key.is_none() {
             return Err(ApiError::NotFound(format!(
                 "session {id} has no recording yet (still open, or its upload is pending)"
             ))
             .into());
+        }
+        let checked = self.recordings.check(&session).await;
+        let Some(m) = checked.manifest else {
+            return Err(ApiError::NotFound(format!(
+                "recording of session {id}: {}",
+                checked.problems.join("; ")
+            ))
+            .into());
         };
-        let path = object_store::path::Path::parse(&key)
-            .map_err(|e| ApiError::Internal(format!("recording key {key}: {e}")))?;
-        let data = self
-            .recordings
-            .get(&path)
-            .await
-            .map_err(|e| ApiError::NotFound(format!("recording {key}: {e}")))?
-            .bytes()
-            .await
-            .map_err(|e| ApiError::Internal(format!("reading recording {key}: {e}")))?;
+        let mut data = gatehouse_recording::line(&gatehouse_recording::Header {
+            format: "gatehouse-recording".into(),
+            version: m.version,
+            session_id: m.session.session_id,
+            identity: m.session.identity,
+            target: m.session.target,
+            agent: m.session.agent,
+            database: m.session.database,
+            db_user: m.session.db_user,
+            policy_version: m.session.policy_version,
+            started_ms: m.session.started_ms,
+        });
+        for r in &checked.records {
+            data.extend(gatehouse_recording::line(r));
+        }
         Ok(Response::new(GetRecordingResponse {
             session: Some(session_proto(session)),
-            data: data.to_vec(),
+            data,
+            problems: checked.problems,
         }))
+    }
+
+    async fn verify_recordings(
+        &self,
+        req: Request<VerifyRecordingsRequest>,
+    ) -> ApiResult<VerifyRecordingsResponse> {
+        let req = req.into_inner();
+        let sessions = if req.all {
+            self.cluster
+                .reader
+                .sessions()
+                .map_err(ApiError::from)?
+                .into_iter()
+                .filter(|s| s.recording_key.is_some() && s.recording_deleted_ms.is_none())
+                .collect()
+        } else {
+            vec![self.session(&req.session_id)?]
+        };
+        let mut results = Vec::with_capacity(sessions.len());
+        for s in sessions {
+            let c = self.recordings.check(&s).await;
+            results.push(RecordingVerification {
+                session_id: s.id,
+                ok: c.problems.is_empty(),
+                chunks: c.chunks,
+                events: c.records.len() as u64,
+                problems: c.problems,
+            });
+        }
+        Ok(Response::new(VerifyRecordingsResponse { results }))
+    }
+
+    async fn set_legal_hold(&self, req: Request<SetLegalHoldRequest>) -> ApiResult<Session> {
+        let req = req.into_inner();
+        let s = self.session(&req.session_id)?;
+        if req.hold && req.reason.trim().is_empty() {
+            return Err(ApiError::InvalidArgument("a legal hold needs a reason".into()).into());
+        }
+        self.cluster
+            .propose(Command::SetLegalHold {
+                session_id: s.id.clone(),
+                hold: req.hold,
+                reason: req.reason.clone(),
+            })
+            .await
+            .map_err(ApiError::from)?;
+        let mut ev = self.cluster.event(
+            EventKind::LegalHold,
+            if req.hold {
+                Decision::Allow
+            } else {
+                Decision::Deny
+            },
+            &s.identity,
+            &s.target,
+            &s.id,
+        );
+        ev.detail = Some(match req.hold {
+            true => format!("legal hold placed: {}", req.reason),
+            false => format!("legal hold released: {}", req.reason),
+        });
+        self.cluster.audit(ev).await.map_err(ApiError::from)?;
+        Ok(Response::new(session_proto(self.session(&s.id)?)))
     }
 
     async fn list_audit_events(

@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod ingress;
 mod join;
 pub mod peer;
+mod recordings;
 pub mod tunnel;
 mod webhook;
 
@@ -63,9 +64,29 @@ pub struct Config {
     /// Names and addresses put into the node's TLS certificate.
     #[arg(long = "hostname", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
     pub hostnames: Vec<String>,
-    /// Root of the filesystem object store that holds session recordings.
-    #[arg(long, env = "GATEHOUSE_RECORDINGS_DIR")]
-    pub recordings_dir: PathBuf,
+    /// Where session recordings are stored: a local directory, or a URL
+    /// (`s3://bucket/prefix`, `gs://…`, `az://…`, `file:///dir`).
+    #[arg(
+        long = "recordings",
+        alias = "recordings-dir",
+        env = "GATEHOUSE_RECORDINGS"
+    )]
+    pub recordings: String,
+    /// An option of the recordings store, `KEY=VALUE` as object_store names
+    /// them (`aws_endpoint`, `aws_region`, `aws_allow_http`, …); repeatable.
+    /// Credentials are better given in the environment
+    /// (`GATEHOUSE_RECORDINGS_OPTIONS`, comma-separated).
+    #[arg(
+        long = "recordings-option",
+        env = "GATEHOUSE_RECORDINGS_OPTIONS",
+        value_delimiter = ',',
+        hide_env_values = true,
+        value_parser = parse_option
+    )]
+    pub recordings_options: Vec<(String, String)>,
+    /// How often retention looks for recordings to delete.
+    #[arg(long, default_value_t = 60)]
+    pub retention_interval_secs: u64,
     /// File holding the bootstrap admin token; created with a random token
     /// when missing.
     #[arg(long)]
@@ -75,6 +96,13 @@ pub struct Config {
     /// through a relay, a tunnel or address translation between sites.
     #[arg(long = "peer-route", value_parser = parse_route)]
     pub peer_routes: Vec<(String, String)>,
+}
+
+fn parse_option(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| "expected KEY=VALUE".to_string())?;
+    Ok((k.trim().to_string(), v.to_string()))
 }
 
 fn parse_route(s: &str) -> Result<(String, String), String> {
@@ -104,12 +132,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
-    std::fs::create_dir_all(&config.recordings_dir).with_context(|| {
-        format!(
-            "creating recordings dir {}",
-            config.recordings_dir.display()
-        )
-    })?;
     anyhow::ensure!(config.node_id != 0, "node id 0 is reserved");
 
     // Bind first, so addresses given as port 0 are known before joining.
@@ -190,10 +212,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .unwrap_or_else(|| config.data_dir.join("admin.token"));
     let admin_token = load_or_create_token(&token_file, &cluster)?;
 
-    let recordings: Arc<dyn object_store::ObjectStore> = Arc::new(
-        object_store::local::LocalFileSystem::new_with_prefix(&config.recordings_dir)
-            .context("opening the recordings store")?,
-    );
+    let store = gatehouse_recording::store::open(&gatehouse_recording::store::StoreConfig {
+        url: config.recordings.clone(),
+        options: config.recordings_options.iter().cloned().collect(),
+    })?;
+    let recordings = Arc::new(recordings::Recordings {
+        store,
+        cluster: cluster.clone(),
+    });
+    tokio::spawn(recordings::retention_loop(
+        recordings.clone(),
+        std::time::Duration::from_secs(config.retention_interval_secs.max(1)),
+    ));
 
     let chain = tls_chain(&server_cert, ca.cert_pem())?;
 

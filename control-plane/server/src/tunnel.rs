@@ -221,14 +221,17 @@ async fn enroll_agent(
             not_after_unix: now / 1000 + 365 * 86_400,
         })
         .map_err(|e| e.to_string())?;
-    let serial_hex = gatehouse_pki::first_der(&cert)
-        .and_then(|d| gatehouse_pki::serial_of(&d))
-        .ok_or("issued certificate did not parse")?;
+    let der = gatehouse_pki::first_der(&cert).ok_or("issued certificate did not parse")?;
+    let serial_hex = gatehouse_pki::serial_of(&der).ok_or("issued certificate did not parse")?;
+    let public_key = gatehouse_pki::public_key_of(&der)
+        .map(hex::encode)
+        .ok_or("issued certificate has no public key")?;
     match cluster
         .propose(Command::ConsumeEnrollmentToken {
             token_sha256,
             agent: req.agent.clone(),
             cert_serial: serial_hex,
+            public_key,
             now_ms: now,
         })
         .await
@@ -465,6 +468,16 @@ fn handle<'a>(
         }
         Some(agent_message::Msg::Recorded(r)) => Box::pin(async move {
             let session_id = r.session_id.clone();
+            // Only the agent that served a session may close its index entry.
+            match cluster.reader.session(&session_id) {
+                Ok(Some(s)) if s.agent != name => {
+                    return Err(format!(
+                        "agent {name} reported session {session_id}, served by {}",
+                        s.agent
+                    ));
+                }
+                _ => {}
+            }
             match cluster
                 .propose(Command::SessionClosed {
                     session_id: r.session_id,
@@ -473,6 +486,8 @@ fn handle<'a>(
                     recording_key: r.recording_key,
                     recording_sha256: r.recording_sha256,
                     recording_size: r.recording_size,
+                    chunk_keys: r.chunk_keys,
+                    events: r.events,
                 })
                 .await
             {

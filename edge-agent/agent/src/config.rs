@@ -19,10 +19,41 @@ pub struct AgentConfig {
     pub server_name: String,
     /// Keys, certificate and the recording spool live here.
     pub data_dir: PathBuf,
-    /// Root of the filesystem object store recordings are uploaded to.
-    pub recordings_dir: PathBuf,
+    /// A local directory recordings are uploaded to (shorthand for
+    /// `[recordings] url`).
+    pub recordings_dir: Option<PathBuf>,
+    /// The object store recordings are uploaded to.
+    pub recordings: Option<gatehouse_recording::store::StoreConfig>,
+    #[serde(default)]
+    pub spool: SpoolConfig,
     #[serde(default)]
     pub targets: Vec<TargetConfig>,
+}
+
+/// Limits of the local recording spool. Below them, new recorded sessions
+/// are refused (running ones carry on).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpoolConfig {
+    /// Most bytes the spool may hold (0: no limit).
+    #[serde(default)]
+    pub max_bytes: u64,
+    /// Free bytes the spool's filesystem must keep.
+    #[serde(default = "default_min_free")]
+    pub min_free_bytes: u64,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: 0,
+            min_free_bytes: default_min_free(),
+        }
+    }
+}
+
+fn default_min_free() -> u64 {
+    256 << 20
 }
 
 #[derive(Clone, Deserialize)]
@@ -85,6 +116,10 @@ impl AgentConfig {
         let cfg: AgentConfig =
             toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         anyhow::ensure!(!cfg.servers.is_empty(), "config lists no servers");
+        anyhow::ensure!(
+            cfg.recordings_dir.is_some() ^ cfg.recordings.is_some(),
+            "set exactly one of recordings_dir, [recordings] url"
+        );
         for t in &cfg.targets {
             anyhow::ensure!(
                 t.password.is_some() ^ t.password_file.is_some(),
@@ -98,6 +133,18 @@ impl AgentConfig {
             );
         }
         Ok(cfg)
+    }
+
+    /// Where recordings are uploaded.
+    pub fn store(&self) -> gatehouse_recording::store::StoreConfig {
+        match (&self.recordings, &self.recordings_dir) {
+            (Some(r), _) => r.clone(),
+            (None, Some(d)) => gatehouse_recording::store::StoreConfig {
+                url: d.display().to_string(),
+                options: Default::default(),
+            },
+            (None, None) => Default::default(),
+        }
     }
 
     pub fn target(&self, name: &str) -> Option<&TargetConfig> {

@@ -42,6 +42,12 @@ pub struct PendingAudit {
 pub struct AgentCtx {
     pub config: AgentConfig,
     pub recordings: std::sync::Arc<dyn object_store::ObjectStore>,
+    /// The agent's private key (PKCS#8): it signs recording manifests.
+    pub signing_key: Vec<u8>,
+    /// Wakes the uploader when a chunk or a manifest lands in the spool.
+    pub uploads: tokio::sync::Notify,
+    /// Sessions whose recording report the control plane committed.
+    pub recorded: Mutex<std::collections::HashSet<String>>,
     audit_tx: mpsc::Sender<PendingAudit>,
     pub(crate) report_tx: mpsc::UnboundedSender<gatehouse_proto::tunnel::SessionRecorded>,
     seq: AtomicU64,
@@ -108,6 +114,7 @@ impl AgentCtx {
     pub fn new(
         config: AgentConfig,
         recordings: std::sync::Arc<dyn object_store::ObjectStore>,
+        signing_key: Vec<u8>,
     ) -> (Self, AgentQueues) {
         let (audit_tx, audit_rx) = mpsc::channel(AUDIT_QUEUE);
         let (report_tx, report_rx) = mpsc::unbounded_channel();
@@ -115,6 +122,9 @@ impl AgentCtx {
             Self {
                 config,
                 recordings,
+                signing_key,
+                uploads: tokio::sync::Notify::new(),
+                recorded: Mutex::new(Default::default()),
                 audit_tx,
                 report_tx,
                 seq: AtomicU64::new(0),

@@ -43,12 +43,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         enroll(&cfg, token, &files).await.context("enrollment")?;
         tracing::info!(agent = %cfg.name, "enrolled");
     }
-    std::fs::create_dir_all(&cfg.recordings_dir)
-        .with_context(|| format!("creating {}", cfg.recordings_dir.display()))?;
-    let store = object_store::local::LocalFileSystem::new_with_prefix(&cfg.recordings_dir)
-        .context("opening the recordings store")?;
-    let (ctx, queues) = gatehouse_agent::AgentCtx::new(cfg, Arc::new(store));
+    let store = gatehouse_recording::store::open(&cfg.store())?;
+    let signing_key = std::fs::read_to_string(&files.key)
+        .ok()
+        .and_then(|pem| gatehouse_pki::pkcs8_der(&pem))
+        .context("reading the agent key")?;
+    let (ctx, queues) = gatehouse_agent::AgentCtx::new(cfg, store, signing_key);
     let ctx = Arc::new(ctx);
+    // Sessions a crash left open are closed ("agent restarted") before any
+    // new one starts; the uploader then ships them.
+    gatehouse_agent::recorder::recover(&ctx).context("recovering the recording spool")?;
+    tokio::spawn(gatehouse_agent::recorder::uploader(ctx.clone()));
     tokio::select! {
         r = gatehouse_agent::tunnel::run(ctx.clone(), queues) => r,
         _ = shutdown() => Ok(()),

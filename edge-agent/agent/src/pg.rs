@@ -11,7 +11,8 @@ use gatehouse_pgwire_inspect::build::{self, Severity};
 use gatehouse_pgwire_inspect::{Action, PgInspector, SessionEvent, Side, Statement, merge_counts};
 use gatehouse_proto::read_frame;
 use gatehouse_proto::tunnel::SessionOpen;
-use gatehouse_recording::{Header, RecordEvent};
+use gatehouse_recording::RecordEvent;
+use gatehouse_recording::chunked::SessionMeta;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::recorder::Recorder;
@@ -149,19 +150,24 @@ async fn run(
             .map_err(|e| ClientError("58000".into(), e))?,
         None => crate::guard::SessionMasking::Off,
     };
+    // Fail closed: no durable recording, no session.
+    if let Err(why) = crate::recorder::admit(ctx) {
+        let mut ev = base_event(ctx, open, EventKind::RecordingRefused, Decision::Deny);
+        ev.detail = Some(why.clone());
+        ctx.audit(ev).await.map_err(|_| audit_down())?;
+        return Err(ClientError("53100".into(), format!("gatehouse: {why}")));
+    }
     let mut recorder = Recorder::start(
         ctx,
-        Header {
-            format: String::new(),
-            version: 0,
+        SessionMeta {
             session_id: open.session_id.clone(),
             identity: open.identity.clone(),
             target: open.target.clone(),
             agent: ctx.config.name.clone(),
-            database: open.database.clone(),
-            db_user: db_user.clone(),
             policy_version: open.policy_version.clone(),
             started_ms: open.started_ms,
+            database: open.database.clone(),
+            db_user: db_user.clone(),
         },
     )
     .map_err(|e| {
@@ -184,7 +190,7 @@ async fn run(
                     message: e.to_string(),
                 },
             );
-            let _ = recorder.finish(ctx, "upstream refused").await;
+            let _ = recorder.finish(ctx, "upstream refused");
             return match e {
                 UpstreamError::Refused { raw, .. } => {
                     let _ = send.write_all(&raw).await;
@@ -206,7 +212,7 @@ async fn run(
                 let mut ev = base_event(ctx, open, EventKind::SessionStart, Decision::Deny);
                 ev.detail = Some(format!("masking column rules unresolved: {e}"));
                 ctx.audit(ev).await.map_err(|_| audit_down())?;
-                let _ = recorder.finish(ctx, "masking unavailable").await;
+                let _ = recorder.finish(ctx, "masking unavailable");
                 return Err(ClientError(
                     "58000".into(),
                     format!("masking column rules could not be resolved on the target: {e}"),
@@ -251,6 +257,7 @@ async fn run(
         ),
         None => PgInspector::new(),
     };
+    insp.record_rows(true);
     let param_mask = match masking {
         crate::guard::SessionMasking::On(m) => {
             let sibling = m.sibling();
@@ -282,9 +289,9 @@ async fn run(
     end.detail = Some(reason.clone());
     let _ = ctx.audit(end).await;
     if let Some(r) = recorder
-        && let Err(e) = r.finish(ctx, &reason).await
+        && let Err(e) = r.finish(ctx, &reason)
     {
-        tracing::error!(session_id = %open.session_id, error = %e, "recording upload failed");
+        tracing::error!(session_id = %open.session_id, error = %e, "sealing the recording failed");
     }
     Ok(reason)
 }
@@ -361,6 +368,18 @@ impl Session {
                                     mask_parameters(pm, st);
                                 }
                             }
+                            if let Some(recorder) = self.recorder.as_mut() {
+                                for st in statements.iter().filter(|s| s.refused_by.is_some()) {
+                                    let d = RecordEvent::Decision {
+                                        statement: st.text.clone(),
+                                        action: "deny".into(),
+                                        rule: st.refused_by.clone().unwrap_or_default(),
+                                    };
+                                    if let Err(e) = recorder.record(at_ms, d) {
+                                        self.failed = Some(format!("recording failed: {e}"));
+                                    }
+                                }
+                            }
                             let r = RecordEvent::StatementDone {
                                 statements: statements.iter().map(|s| s.text.clone()).collect(),
                                 rows: statements.iter().map(|s| s.outcome.rows).sum(),
@@ -369,6 +388,12 @@ impl Session {
                             Some(r)
                         }
                         SessionEvent::Terminate => None,
+                        SessionEvent::Row { values } => Some(RecordEvent::Row {
+                            values: values.into_iter().map(|v| v.map(value_text)).collect(),
+                        }),
+                        SessionEvent::Notice { code, message } => {
+                            Some(RecordEvent::Notice { code, message })
+                        }
                     };
                     if let (Some(rec), Some(recorder)) = (rec, self.recorder.as_mut())
                         && let Err(e) = recorder.record(at_ms, rec)
@@ -378,8 +403,19 @@ impl Session {
                 }
             }
         }
+        if let Some(r) = self.recorder.as_mut()
+            && let Err(e) = r.flush()
+        {
+            self.failed = Some(format!("recording failed: {e}"));
+        }
         (fwd, done, held)
     }
+}
+
+/// A result value for the recording: text as is, other bytes (binary
+/// format) as `\x` and hex, as PostgreSQL writes bytea.
+fn value_text(v: Vec<u8>) -> String {
+    String::from_utf8(v).unwrap_or_else(|e| format!("\\x{}", hex::encode(e.as_bytes())))
 }
 
 async fn relay(

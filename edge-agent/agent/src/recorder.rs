@@ -1,82 +1,219 @@
-//! Session recording: events are appended to a spool file as they happen,
-//! the file is fsync'd when the session ends, uploaded through object_store,
-//! and its key and SHA-256 are reported for the sessions index.
+//! Session recordings: the spool, the uploader and crash recovery.
+//!
+//! A session's events become record lines (format version 2, see
+//! `gatehouse_recording::chunked`). Each session has a directory in the
+//! spool (`<data dir>/recordings/<session id>/`):
+//!
+//! - `meta.json`: the session's metadata, fsync'd before the session starts;
+//! - `tail-N.jsonl`: the lines of chunk `N` not yet sealed, written through
+//!   to the OS as they happen (a killed agent loses none of them);
+//! - `chunk-N.zst`: a sealed chunk, fsync'd and renamed into place before
+//!   it counts; then its reference is appended (fsync'd) to `chunks.jsonl`
+//!   and the tail removed;
+//! - `manifest.json`: written, signed and fsync'd when the session ends.
+//!
+//! The uploader sends each chunk with object_store, reads it back and
+//! compares its SHA-256, and only then removes the local file; once every
+//! chunk is up it does the same with the manifest, reports the session to
+//! the control plane (manifest hash and object keys for the sessions index)
+//! and removes the directory when the report is committed. It retries with
+//! backoff for as long as it takes. On start, [`recover`] seals what a crash
+//! left open with end reason "agent restarted".
 
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use gatehouse_proto::tunnel::SessionRecorded;
-use gatehouse_recording::{FORMAT_VERSION, Header, Record, RecordEvent, line};
-use object_store::{ObjectStore, ObjectStoreExt, WriteMultipart};
-use sha2::{Digest, Sha256};
-use tokio::io::AsyncReadExt;
+use gatehouse_recording::chunked::{
+    Chunk, ChunkRef, ChunkWriter, Manifest, SessionMeta, chunk_key, manifest_key, read_chunk,
+};
+use gatehouse_recording::{Record, RecordEvent, sha256_hex};
+use object_store::{ObjectStoreExt, PutPayload};
 
 use crate::{AgentCtx, now_ms};
+
+/// End reason of a session a crash interrupted.
+pub const AGENT_RESTARTED: &str = "agent restarted";
 
 /// Recording failed; the session must end (fail closed).
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
-    #[error("recording spool: {0}")]
-    Spool(#[from] std::io::Error),
-    #[error("recording upload: {0}")]
-    Upload(#[from] object_store::Error),
+    #[error("recording spool {0}: {1}")]
+    Spool(String, std::io::Error),
+    #[error("recording format: {0}")]
+    Format(#[from] gatehouse_recording::chunked::FormatError),
+    #[error("{0}")]
+    Full(String),
 }
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RecordError + '_ {
+    move |e| RecordError::Spool(path.display().to_string(), e)
+}
+
+/// The spool's root.
+pub fn spool_dir(ctx: &AgentCtx) -> PathBuf {
+    ctx.config.data_dir.join("recordings")
+}
+
+fn chunk_file(dir: &Path, index: u32) -> PathBuf {
+    dir.join(format!("chunk-{index:06}.zst"))
+}
+
+fn tail_file(dir: &Path, index: u32) -> PathBuf {
+    dir.join(format!("tail-{index:06}.jsonl"))
+}
+
+/// fsyncs a directory, so a rename or a new file in it survives a crash.
+fn sync_dir(dir: &Path) -> Result<(), RecordError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+}
+
+/// Writes a file whole: temporary name, fsync, rename, fsync of the directory.
+fn write_durable(path: &Path, bytes: &[u8]) -> Result<(), RecordError> {
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp).map_err(io(&tmp))?;
+    f.write_all(bytes).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    match path.parent() {
+        Some(d) => sync_dir(d),
+        None => Ok(()),
+    }
+}
+
+// === admission ===
+
+/// Bytes the spool holds now.
+fn spool_usage(root: &Path) -> u64 {
+    let Ok(dirs) = std::fs::read_dir(root) else {
+        return 0;
+    };
+    dirs.flatten()
+        .filter_map(|d| std::fs::read_dir(d.path()).ok())
+        .flat_map(|files| files.flatten())
+        .filter_map(|f| f.metadata().ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// Whether a new recorded session may start: the spool is under its quota
+/// and its filesystem keeps the configured free space. `Err` says why not.
+pub fn admit(ctx: &AgentCtx) -> Result<(), String> {
+    let root = spool_dir(ctx);
+    std::fs::create_dir_all(&root).map_err(|e| format!("recording spool: {e}"))?;
+    let limits = &ctx.config.spool;
+    if limits.max_bytes > 0 {
+        let used = spool_usage(&root);
+        if used >= limits.max_bytes {
+            return Err(format!(
+                "recording spool is full ({used} bytes waiting for upload, quota {} bytes); new sessions are refused until recordings are uploaded",
+                limits.max_bytes
+            ));
+        }
+    }
+    if limits.min_free_bytes > 0
+        && let Ok(st) = nix::sys::statvfs::statvfs(&root)
+    {
+        let free = st.blocks_available().saturating_mul(st.fragment_size());
+        if free < limits.min_free_bytes {
+            return Err(format!(
+                "recording spool's filesystem has {free} bytes free, below the {} bytes it must keep; new sessions are refused",
+                limits.min_free_bytes
+            ));
+        }
+    }
+    Ok(())
+}
+
+// === the live recorder ===
 
 /// One session's recording in progress.
 pub struct Recorder {
-    path: PathBuf,
-    key: String,
-    file: BufWriter<std::fs::File>,
-    hash: Sha256,
-    size: u64,
-    started_ms: i64,
-    session_id: String,
+    dir: PathBuf,
+    meta: SessionMeta,
+    writer: ChunkWriter,
+    tail: BufWriter<File>,
+    refs: Vec<ChunkRef>,
+    refs_file: File,
+    line: Vec<u8>,
+    signing_key: Vec<u8>,
 }
 
 // === impl Recorder ===
 
 impl Recorder {
-    /// Creates the spool file and writes the header.
-    pub fn start(ctx: &AgentCtx, header: Header) -> Result<Self, RecordError> {
-        let dir = ctx.config.data_dir.join("spool");
-        std::fs::create_dir_all(&dir)?;
-        let path = dir.join(format!("{}.jsonl", header.session_id));
-        let file = BufWriter::with_capacity(64 << 10, std::fs::File::create(&path)?);
-        let mut r = Self {
-            key: format!("recordings/{}/{}.jsonl", header.target, header.session_id),
-            path,
-            file,
-            hash: Sha256::new(),
-            size: 0,
-            started_ms: header.started_ms,
-            session_id: header.session_id.clone(),
-        };
-        r.write(&line(&Header {
-            format: "gatehouse-recording".into(),
-            version: FORMAT_VERSION,
-            ..header
-        }))?;
-        Ok(r)
+    /// Creates the session's spool directory with its metadata, durable
+    /// before the session goes on.
+    pub fn start(ctx: &AgentCtx, meta: SessionMeta) -> Result<Self, RecordError> {
+        let root = spool_dir(ctx);
+        let dir = root.join(&meta.session_id);
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let meta_bytes = serde_json::to_vec(&meta).unwrap_or_default();
+        write_durable(&dir.join("meta.json"), &meta_bytes)?;
+        sync_dir(&root)?;
+        let refs_path = dir.join("chunks.jsonl");
+        let refs_file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&refs_path)
+            .map_err(io(&refs_path))?;
+        let tail_path = tail_file(&dir, 0);
+        let tail = File::create(&tail_path).map_err(io(&tail_path))?;
+        Ok(Self {
+            writer: ChunkWriter::new(&meta.session_id),
+            dir,
+            meta,
+            tail: BufWriter::with_capacity(64 << 10, tail),
+            refs: Vec::new(),
+            refs_file,
+            line: Vec::with_capacity(256),
+            signing_key: ctx.signing_key.clone(),
+        })
     }
 
-    fn write(&mut self, bytes: &[u8]) -> Result<(), RecordError> {
-        self.file.write_all(bytes)?;
-        self.hash.update(bytes);
-        self.size += bytes.len() as u64;
+    /// Appends one event stamped `at_ms`; seals a chunk when it filled.
+    pub fn record(&mut self, at_ms: i64, event: RecordEvent) -> Result<(), RecordError> {
+        let rec = Record {
+            t: at_ms - self.meta.started_ms,
+            event,
+        };
+        self.line.clear();
+        serde_json::to_writer(&mut self.line, &rec)
+            .map_err(|e| RecordError::Spool("encoding".into(), e.into()))?;
+        self.tail
+            .write_all(&self.line)
+            .and_then(|_| self.tail.write_all(b"\n"))
+            .map_err(io(&self.dir))?;
+        if let Some(c) = self.writer.push_line(&self.line)? {
+            self.seal(c)?;
+        }
         Ok(())
     }
 
-    /// Appends one event stamped `at_ms`.
-    pub fn record(&mut self, at_ms: i64, event: RecordEvent) -> Result<(), RecordError> {
-        let rec = Record {
-            t: at_ms - self.started_ms,
-            event,
-        };
-        self.write(&line(&rec))
+    /// Hands what was recorded to the OS (survives the agent being killed).
+    pub fn flush(&mut self) -> Result<(), RecordError> {
+        self.tail.flush().map_err(io(&self.dir))
     }
 
-    /// Ends the recording: fsync, upload, verify, report for the index.
-    pub async fn finish(mut self, ctx: &AgentCtx, reason: &str) -> Result<(), RecordError> {
+    fn seal(&mut self, c: Chunk) -> Result<(), RecordError> {
+        let r = store_chunk(&self.dir, &mut self.refs_file, &c)?;
+        self.refs.push(r);
+        // The sealed chunk holds the tail's lines now.
+        let next = tail_file(&self.dir, self.writer.next_index());
+        let f = File::create(&next).map_err(io(&next))?;
+        let old = std::mem::replace(&mut self.tail, BufWriter::with_capacity(64 << 10, f));
+        drop(old.into_parts());
+        let _ = std::fs::remove_file(tail_file(&self.dir, c.index));
+        Ok(())
+    }
+
+    /// Ends the recording: seals the last chunk and writes the signed
+    /// manifest; the uploader takes it from there.
+    pub fn finish(mut self, ctx: &AgentCtx, reason: &str) -> Result<(), RecordError> {
         let now = now_ms();
         self.record(
             now,
@@ -84,49 +221,281 @@ impl Recorder {
                 reason: reason.to_string(),
             },
         )?;
-        self.file.flush()?;
-        self.file.get_ref().sync_all()?;
-        let sha256 = hex::encode(self.hash.finalize_reset());
-        let path = object_store::path::Path::from(self.key.as_str());
-        upload(ctx.recordings.as_ref(), &self.path, &path).await?;
-        let meta = ctx.recordings.head(&path).await?;
-        if meta.size != self.size {
-            return Err(RecordError::Upload(object_store::Error::Generic {
-                store: "recordings",
-                source: format!("uploaded size {} != spooled size {}", meta.size, self.size).into(),
-            }));
+        if let Some(c) = self.writer.finish()? {
+            self.seal(c)?;
         }
-        // The store confirmed the object: the spool copy can go.
-        let _ = std::fs::remove_file(&self.path);
-        let _ = ctx.report_tx.send(SessionRecorded {
-            session_id: self.session_id.clone(),
-            recording_key: self.key.clone(),
-            recording_sha256: sha256,
-            recording_size: self.size,
-            ended_ms: now,
-            end_reason: reason.to_string(),
-        });
+        write_manifest(
+            &self.dir,
+            &self.meta,
+            self.refs,
+            now,
+            reason,
+            &self.signing_key,
+        )?;
+        let _ = std::fs::remove_file(tail_file(&self.dir, self.writer.next_index()));
+        ctx.uploads.notify_one();
         Ok(())
     }
 }
 
-/// Streams the spool file to the store in parts of a few MiB.
-async fn upload(
-    store: &dyn ObjectStore,
-    file: &std::path::Path,
-    path: &object_store::path::Path,
+/// Writes a sealed chunk durably and appends its reference.
+fn store_chunk(dir: &Path, refs_file: &mut File, c: &Chunk) -> Result<ChunkRef, RecordError> {
+    write_durable(&chunk_file(dir, c.index), &c.bytes)?;
+    let r = c.to_ref();
+    let mut line = serde_json::to_vec(&r).unwrap_or_default();
+    line.push(b'\n');
+    let refs = dir.join("chunks.jsonl");
+    refs_file.write_all(&line).map_err(io(&refs))?;
+    refs_file.sync_data().map_err(io(&refs))?;
+    Ok(r)
+}
+
+fn write_manifest(
+    dir: &Path,
+    meta: &SessionMeta,
+    refs: Vec<ChunkRef>,
+    ended_ms: i64,
+    reason: &str,
+    key: &[u8],
 ) -> Result<(), RecordError> {
-    let mut f = tokio::fs::File::open(file).await?;
-    let mut w = WriteMultipart::new_with_chunk_size(store.put_multipart(path).await?, 5 << 20);
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).await?;
-        if n == 0 {
-            break;
+    let mut m = Manifest::new(meta, refs, ended_ms, reason);
+    m.sign(key)?;
+    write_durable(&dir.join("manifest.json"), &m.to_bytes())
+}
+
+// === recovery ===
+
+/// Closes every session a crash left open: the chunks it sealed stay, the
+/// lines of its last tail become its last chunk, and its manifest says
+/// "agent restarted". Runs before the agent takes sessions.
+pub fn recover(ctx: &AgentCtx) -> Result<usize, RecordError> {
+    let root = spool_dir(ctx);
+    std::fs::create_dir_all(&root).map_err(io(&root))?;
+    let mut closed = 0;
+    for d in std::fs::read_dir(&root).map_err(io(&root))?.flatten() {
+        let dir = d.path();
+        if !dir.is_dir() || dir.join("manifest.json").exists() {
+            continue;
         }
-        w.wait_for_capacity(4).await?;
-        w.write(buf.get(..n).unwrap_or_default());
+        let Some(meta) = std::fs::read(dir.join("meta.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<SessionMeta>(&b).ok())
+        else {
+            // Died before its metadata was durable: the session never started.
+            let _ = std::fs::remove_dir_all(&dir);
+            continue;
+        };
+        recover_session(&dir, &meta, &ctx.signing_key)?;
+        tracing::warn!(session_id = %meta.session_id, "closed a recording the last run left open");
+        closed += 1;
     }
-    w.finish().await?;
+    Ok(closed)
+}
+
+fn recover_session(dir: &Path, meta: &SessionMeta, key: &[u8]) -> Result<(), RecordError> {
+    let refs_path = dir.join("chunks.jsonl");
+    let text = std::fs::read(&refs_path).unwrap_or_default();
+    // A torn last line (crash mid-append) is not a reference.
+    let mut refs: Vec<ChunkRef> = text
+        .split(|b| *b == b'\n')
+        .map_while(|l| serde_json::from_slice(l).ok())
+        .collect();
+    let refs_file = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(&refs_path)
+        .map_err(io(&refs_path))?;
+    let good: usize = refs
+        .iter()
+        .map(|r| serde_json::to_vec(r).map(|v| v.len() + 1).unwrap_or(0))
+        .sum();
+    refs_file.set_len(good as u64).map_err(io(&refs_path))?;
+    let mut refs_file = OpenOptions::new()
+        .append(true)
+        .open(&refs_path)
+        .map_err(io(&refs_path))?;
+    let mut prev = refs.last().map(|r| r.sha256.clone()).unwrap_or_default();
+    let mut next = refs.len() as u32;
+    // A chunk sealed and renamed into place whose reference was not yet
+    // appended.
+    let sealed = chunk_file(dir, next);
+    if let Ok(bytes) = std::fs::read(&sealed) {
+        match read_chunk(&bytes, &meta.session_id, next, &prev) {
+            Ok(records) => {
+                let r = ChunkRef {
+                    index: next,
+                    sha256: sha256_hex(&bytes),
+                    size: bytes.len() as u64,
+                    events: records.len() as u64,
+                };
+                let mut line = serde_json::to_vec(&r).unwrap_or_default();
+                line.push(b'\n');
+                refs_file.write_all(&line).map_err(io(&refs_path))?;
+                refs_file.sync_data().map_err(io(&refs_path))?;
+                prev = r.sha256.clone();
+                refs.push(r);
+                next += 1;
+            }
+            Err(_) => {
+                let _ = std::fs::remove_file(&sealed);
+            }
+        }
+    }
+    // Tails of chunks that were sealed are leftovers.
+    for i in 0..next {
+        let _ = std::fs::remove_file(tail_file(dir, i));
+    }
+    let mut w = ChunkWriter::resume(&meta.session_id, next, &prev);
+    let tail = std::fs::read(tail_file(dir, next)).unwrap_or_default();
+    let mut last_t = 0;
+    let mut chunks = Vec::new();
+    // Only whole lines that decode: a torn last write is dropped.
+    for l in tail.split(|b| *b == b'\n') {
+        let Ok(r) = serde_json::from_slice::<Record>(l) else {
+            break;
+        };
+        last_t = r.t;
+        chunks.extend(w.push_line(l)?);
+    }
+    let end = Record {
+        t: last_t,
+        event: RecordEvent::End {
+            reason: AGENT_RESTARTED.into(),
+        },
+    };
+    chunks.extend(w.push(&end)?);
+    chunks.extend(w.finish()?);
+    for c in &chunks {
+        refs.push(store_chunk(dir, &mut refs_file, c)?);
+    }
+    let ended_ms = meta.started_ms.saturating_add(last_t);
+    write_manifest(dir, meta, refs, ended_ms, AGENT_RESTARTED, key)?;
+    let _ = std::fs::remove_file(tail_file(dir, next));
+    Ok(())
+}
+
+// === the uploader ===
+
+/// Uploads spooled recordings for as long as the agent runs.
+pub async fn uploader(ctx: Arc<AgentCtx>) {
+    let mut reported: HashSet<String> = HashSet::new();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match upload_pass(&ctx, &mut reported).await {
+            Ok(()) => backoff = Duration::from_millis(100),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "recording upload failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), ctx.uploads.notified()).await;
+    }
+}
+
+/// One pass over the spool: every chunk on disk, then finished sessions'
+/// manifests and reports, then committed sessions' directories.
+async fn upload_pass(ctx: &AgentCtx, reported: &mut HashSet<String>) -> Result<(), String> {
+    let root = spool_dir(ctx);
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
+        .map_err(|e| format!("{}: {e}", root.display()))?
+        .flatten()
+        .map(|d| d.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    dirs.sort();
+    for dir in dirs {
+        let Some(meta) = std::fs::read(dir.join("meta.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<SessionMeta>(&b).ok())
+        else {
+            continue;
+        };
+        let id = meta.session_id.clone();
+        let committed = ctx
+            .recorded
+            .lock()
+            .map(|s| s.contains(&id))
+            .unwrap_or(false);
+        if committed {
+            std::fs::remove_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            reported.remove(&id);
+            if let Ok(mut s) = ctx.recorded.lock() {
+                s.remove(&id);
+            }
+            continue;
+        }
+        if reported.contains(&id) {
+            continue;
+        }
+        // Chunks in order; each file goes once its object verified.
+        let mut chunks: Vec<(u32, PathBuf)> = std::fs::read_dir(&dir)
+            .map_err(|e| format!("{}: {e}", dir.display()))?
+            .flatten()
+            .filter_map(|f| {
+                let name = f.file_name().into_string().ok()?;
+                let n = name.strip_prefix("chunk-")?.strip_suffix(".zst")?;
+                Some((n.parse().ok()?, f.path()))
+            })
+            .collect();
+        chunks.sort();
+        for (i, path) in chunks {
+            let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            put_verified(ctx, &chunk_key(&meta.target, &id, i), bytes).await?;
+            std::fs::remove_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        let Ok(manifest_bytes) = std::fs::read(dir.join("manifest.json")) else {
+            continue; // still recording
+        };
+        let manifest = Manifest::from_bytes(&manifest_bytes).map_err(|e| e.to_string())?;
+        let key = manifest_key(&meta.target, &id);
+        put_verified(ctx, &key, manifest_bytes.clone()).await?;
+        let report = SessionRecorded {
+            session_id: id.clone(),
+            recording_key: key,
+            recording_sha256: sha256_hex(&manifest_bytes),
+            recording_size: manifest.chunks.iter().map(|c| c.size).sum(),
+            ended_ms: manifest.ended_ms,
+            end_reason: manifest.end_reason.clone(),
+            chunk_keys: manifest
+                .chunks
+                .iter()
+                .map(|c| chunk_key(&meta.target, &id, c.index))
+                .collect(),
+            events: manifest.chunks.iter().map(|c| c.events).sum(),
+        };
+        ctx.report_tx
+            .send(report)
+            .map_err(|_| "the control stream is closed".to_string())?;
+        reported.insert(id);
+    }
+    Ok(())
+}
+
+/// Puts an object, reads it back and compares its SHA-256.
+async fn put_verified(ctx: &AgentCtx, key: &str, bytes: Vec<u8>) -> Result<(), String> {
+    let path = object_store::path::Path::parse(key).map_err(|e| format!("{key}: {e}"))?;
+    let sha = sha256_hex(&bytes);
+    let len = bytes.len();
+    ctx.recordings
+        .put(&path, PutPayload::from(bytes))
+        .await
+        .map_err(|e| format!("uploading {key}: {e}"))?;
+    let back = ctx
+        .recordings
+        .get(&path)
+        .await
+        .map_err(|e| format!("reading back {key}: {e}"))?
+        .bytes()
+        .await
+        .map_err(|e| format!("reading back {key}: {e}"))?;
+    if back.len() != len || sha256_hex(&back) != sha {
+        return Err(format!(
+            "{key}: the stored object ({} bytes) differs from the spooled one ({len} bytes)",
+            back.len()
+        ));
+    }
     Ok(())
 }

@@ -226,7 +226,7 @@ async fn serve_connection(
             }
             reply = reply_rx.recv() => {
                 let Some(reply) = reply else { break Ok(()) };
-                let acked = on_reply(reply, outbox);
+                let acked = on_reply(ctx, reply, outbox);
                 if acked > 0 {
                     spool.ack(acked as u64)?;
                 }
@@ -363,7 +363,7 @@ async fn flush(
 }
 
 /// Applies a reply; returns how many audit events it acknowledged.
-fn on_reply(reply: ServerMessage, outbox: &mut Outbox) -> usize {
+fn on_reply(ctx: &AgentCtx, reply: ServerMessage, outbox: &mut Outbox) -> usize {
     match reply.msg {
         Some(server_message::Msg::AuditAck(_)) => {
             // Batches are committed in the order they were sent.
@@ -376,6 +376,10 @@ fn on_reply(reply: ServerMessage, outbox: &mut Outbox) -> usize {
         }
         Some(server_message::Msg::RecordedAck(a)) => {
             outbox.reports.retain(|r| r.session_id != a.session_id);
+            if let Ok(mut s) = ctx.recorded.lock() {
+                s.insert(a.session_id);
+            }
+            ctx.uploads.notify_one();
             0
         }
         _ => 0,

@@ -30,6 +30,13 @@ pub enum EventKind {
     ApprovalUsed,
     /// A request expired undecided; its statement did not run.
     ApprovalExpired,
+    /// A recording's objects were deleted by retention.
+    RecordingDeleted,
+    /// A recording was put under legal hold (allow) or released (deny).
+    LegalHold,
+    /// A new session was refused because its recording could not be made
+    /// durable (spool full or below its free-space threshold).
+    RecordingRefused,
 }
 
 /// The outcome of the policy decision for the action.

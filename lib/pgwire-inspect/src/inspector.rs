@@ -64,6 +64,11 @@ pub enum SessionEvent {
     },
     /// The client said goodbye.
     Terminate,
+    /// A result row as the client receives it (masked), when rows are
+    /// recorded ([`PgInspector::record_rows`]).
+    Row { values: Vec<Option<Vec<u8>>> },
+    /// The upstream sent a notice (when rows are recorded).
+    Notice { code: String, message: String },
 }
 
 /// One statement that ran, with its parameters and outcome.
@@ -295,6 +300,8 @@ pub struct PgInspector {
     /// Refusals whose decoy error the upstream has yet to report.
     refused: VecDeque<Refusal>,
     mask: Option<Box<dyn Mask>>,
+    /// Emit [`SessionEvent::Row`] and [`SessionEvent::Notice`].
+    rows: bool,
     /// The statement being held (its rule), and its resolution once given.
     held: Option<Refusal>,
     resolution: Option<Resolution>,
@@ -330,7 +337,14 @@ impl PgInspector {
             held: None,
             resolution: None,
             columns: None,
+            rows: false,
         }
+    }
+
+    /// Emits every result row as delivered (after masking) and every
+    /// notice as events, for the session recording.
+    pub fn record_rows(&mut self, on: bool) {
+        self.rows = on;
     }
 
     /// Masks result values (DataRow values of text types, COPY text output)
@@ -469,9 +483,11 @@ impl PgInspector {
                 }),
                 Side::Upstream => {
                     let masking = self.mask.is_some();
+                    let rows = self.rows;
                     self.upstream.next(buf, pos, |t| {
                         matches!(t, b'C' | b'E' | b'T' | b'Z' | b'I' | b's' | b't')
                             || (masking && matches!(t, b'D' | b'd' | b'H'))
+                            || (rows && matches!(t, b'D' | b'N'))
                     })
                 }
             }
@@ -789,7 +805,22 @@ impl PgInspector {
                 }
                 event(out, now_ms, SessionEvent::Error { code, message });
             }
-            b'D' => replace = self.mask_row(msg)?,
+            b'D' => {
+                replace = self.mask_row(msg)?;
+                if self.rows {
+                    let delivered = replace.as_deref().unwrap_or(msg);
+                    let values = wire::data_row(delivered)
+                        .ok_or_else(|| malformed(Side::Upstream, b'D'))?
+                        .into_iter()
+                        .map(|v| v.map(<[u8]>::to_vec))
+                        .collect();
+                    event(out, now_ms, SessionEvent::Row { values });
+                }
+            }
+            b'N' if self.rows => {
+                let (code, message) = wire::error_fields(msg).ok_or_else(|| malformed(side, ty))?;
+                event(out, now_ms, SessionEvent::Notice { code, message });
+            }
             b'H' if wire::copy_out_format(msg) != Some(0) => {
                 return Err(InspectError::Unmaskable);
             }

@@ -229,6 +229,22 @@ pub fn serial_of(cert_der: &[u8]) -> Option<String> {
     Some(hex::encode(cert.raw_serial()))
 }
 
+/// The subject public key of a DER certificate (for an EC key, the SEC1
+/// point).
+pub fn public_key_of(cert_der: &[u8]) -> Option<Vec<u8>> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    Some(cert.public_key().subject_public_key.data.to_vec())
+}
+
+/// The PKCS#8 DER of a private key in PEM.
+pub fn pkcs8_der(key_pem: &str) -> Option<Vec<u8>> {
+    use rustls::pki_types::PrivatePkcs8KeyDer;
+    use rustls::pki_types::pem::PemObject;
+    PrivatePkcs8KeyDer::from_pem_slice(key_pem.as_bytes())
+        .ok()
+        .map(|k| k.secret_pkcs8_der().to_vec())
+}
+
 /// SHA-256 of the first certificate in a PEM text, lowercase hex. Used to pin
 /// the cluster CA in enrollment tokens.
 pub fn fingerprint_pem(pem_text: &str) -> Option<String> {

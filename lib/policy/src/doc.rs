@@ -87,6 +87,50 @@ pub struct PolicyDoc {
     /// Inline masking of result values; off when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub masking: Option<Masking>,
+    /// How long session recordings are kept; forever when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recordings: Option<Recordings>,
+}
+
+/// Recording retention: a duration (`90d`, `12h`, `30m`, `45s`) for every
+/// target, and per target. Recordings under legal hold are never deleted.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recordings {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<String>,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub targets: std::collections::BTreeMap<String, String>,
+}
+
+impl Recordings {
+    /// How long a target's recordings are kept (`None`: forever).
+    pub fn retention_for(&self, target: &str) -> Option<std::time::Duration> {
+        self.targets
+            .get(target)
+            .or(self.retention.as_ref())
+            .and_then(|d| parse_duration(d).ok())
+    }
+}
+
+/// Parses `<number><d|h|m|s>`.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let (n, unit) = s.split_at(s.len().saturating_sub(1));
+    let secs_per = match unit {
+        "d" => 86_400,
+        "h" => 3_600,
+        "m" => 60,
+        "s" => 1,
+        _ => return Err(format!("duration \"{s}\" must end in d, h, m or s")),
+    };
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("duration \"{s}\" must be a whole number and a unit, like 90d"))?;
+    if n == 0 {
+        return Err(format!("duration \"{s}\" must be more than zero"));
+    }
+    Ok(std::time::Duration::from_secs(n.saturating_mul(secs_per)))
 }
 
 /// How a statement a guardrail holds (`action: approve`) is approved.
@@ -351,6 +395,8 @@ pub enum DocError {
     Approvals(String),
     #[error("masking: {0}")]
     Masking(String),
+    #[error("recordings: {0}")]
+    Recordings(String),
     #[error("guardrail {index}: {message}")]
     Rule { index: usize, message: String },
 }
@@ -385,6 +431,11 @@ impl PolicyDoc {
     }
 
     fn validate(&self) -> Result<(), DocError> {
+        if let Some(r) = &self.recordings {
+            for d in r.retention.iter().chain(r.targets.values()) {
+                parse_duration(d).map_err(DocError::Recordings)?;
+            }
+        }
         if let Some(a) = &self.approvals {
             if a.required == 0 || a.required > 10 {
                 return Err(DocError::Approvals("`required` must be 1 to 10".into()));

@@ -15,7 +15,7 @@ use std::sync::Arc;
 pub use classify::{ParseError, StatementEffects, classify};
 pub use doc::{
     Action, Approvals, ColumnRule, CustomDetector, DocError, Guardrails, Hours, Kind, Masking,
-    PolicyDoc, Rule, Weekday,
+    PolicyDoc, Recordings, Rule, Weekday, parse_duration,
 };
 
 /// Who is asking, and where.

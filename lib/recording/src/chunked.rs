@@ -89,6 +89,20 @@ pub struct SessionMeta {
     pub agent: String,
     pub policy_version: String,
     pub started_ms: i64,
+    #[serde(default)]
+    pub database: String,
+    #[serde(default)]
+    pub db_user: String,
+}
+
+/// Object key of a session's chunk `index` under `prefix/target/session`.
+pub fn chunk_key(target: &str, session_id: &str, index: u32) -> String {
+    format!("recordings/{target}/{session_id}/chunk-{index:06}.zst")
+}
+
+/// Object key of a session's manifest.
+pub fn manifest_key(target: &str, session_id: &str) -> String {
+    format!("recordings/{target}/{session_id}/manifest.json")
 }
 
 /// Cuts a session's records into chained chunks.
@@ -131,16 +145,36 @@ impl ChunkWriter {
         }
     }
 
+    /// A writer that carries on a chain after chunk `index - 1`, whose
+    /// object hashed to `prev_sha256` (recovery after a restart).
+    pub fn resume(session_id: &str, index: u32, prev_sha256: &str) -> Self {
+        let mut w = Self::new(session_id);
+        w.index = index;
+        w.prev_sha256 = prev_sha256.to_string();
+        w
+    }
+
     /// Adds a record; returns a sealed chunk when this one filled it.
     pub fn push(&mut self, r: &Record) -> Result<Option<Chunk>, FormatError> {
         let line = serde_json::to_vec(r).map_err(|e| FormatError::Compress(e.to_string()))?;
-        self.buf.extend_from_slice(&line);
+        self.push_line(&line)
+    }
+
+    /// Adds a record already encoded as one JSON line (without its
+    /// newline); returns a sealed chunk when this one filled it.
+    pub fn push_line(&mut self, line: &[u8]) -> Result<Option<Chunk>, FormatError> {
+        self.buf.extend_from_slice(line);
         self.buf.push(b'\n');
         self.events += 1;
         if self.buf.len() >= self.target {
             return self.seal().map(Some);
         }
         Ok(None)
+    }
+
+    /// Index the next sealed chunk gets.
+    pub fn next_index(&self) -> u32 {
+        self.index
     }
 
     /// Seals what is buffered (if anything) as the last chunk.
@@ -307,41 +341,73 @@ pub fn public_key(pkcs8_der: &[u8]) -> Result<Vec<u8>, FormatError> {
 pub fn verify_recording(
     manifest: &Manifest,
     public_key: &[u8],
-    mut fetch: impl FnMut(u32) -> Option<Vec<u8>>,
+    fetch: impl FnMut(u32) -> Option<Vec<u8>>,
 ) -> Result<Vec<Record>, FormatError> {
-    manifest.verify(public_key)?;
+    let mut v = check_recording(manifest, public_key, fetch);
+    match v.problems.is_empty() {
+        true => Ok(v.records),
+        false => Err(v.problems.swap_remove(0)),
+    }
+}
+
+/// Everything a check of one recording found.
+#[derive(Debug, Default)]
+pub struct Verification {
+    /// Records of the chunks that verified, in order.
+    pub records: Vec<Record>,
+    /// Every problem, each naming the manifest or a chunk.
+    pub problems: Vec<FormatError>,
+}
+
+/// Like [`verify_recording`], but carries on past a bad chunk (the next one
+/// is checked against the hash the manifest lists) and reports every
+/// problem.
+pub fn check_recording(
+    manifest: &Manifest,
+    public_key: &[u8],
+    mut fetch: impl FnMut(u32) -> Option<Vec<u8>>,
+) -> Verification {
+    let mut v = Verification::default();
+    if let Err(e) = manifest.verify(public_key) {
+        v.problems.push(e);
+    }
     let mut prev = String::new();
-    let mut out = Vec::new();
     for (i, c) in manifest.chunks.iter().enumerate() {
         let index = u32::try_from(i).unwrap_or(u32::MAX);
+        let chunk_err = |message: String| FormatError::Chunk { index, message };
         if c.index != index {
-            return Err(FormatError::Manifest(format!(
+            v.problems.push(FormatError::Manifest(format!(
                 "chunk {} listed in place {index}",
                 c.index
             )));
         }
-        let bytes = fetch(index).ok_or(FormatError::Chunk {
-            index,
-            message: "missing".into(),
-        })?;
-        let sha = sha256_hex(&bytes);
-        if sha != c.sha256 {
-            return Err(FormatError::Chunk {
-                index,
-                message: format!("SHA-256 {sha} does not match the manifest's {}", c.sha256),
-            });
+        match fetch(index) {
+            None => v.problems.push(chunk_err("missing".into())),
+            Some(bytes) => {
+                let sha = sha256_hex(&bytes);
+                if sha != c.sha256 {
+                    v.problems.push(chunk_err(format!(
+                        "SHA-256 {sha} does not match the manifest's {}",
+                        c.sha256
+                    )));
+                } else {
+                    match read_chunk(&bytes, &manifest.session.session_id, index, &prev) {
+                        Ok(records) if records.len() as u64 != c.events => {
+                            v.problems.push(chunk_err(format!(
+                                "{} events, the manifest says {}",
+                                records.len(),
+                                c.events
+                            )))
+                        }
+                        Ok(records) => v.records.extend(records),
+                        Err(e) => v.problems.push(e),
+                    }
+                }
+            }
         }
-        let records = read_chunk(&bytes, &manifest.session.session_id, index, &prev)?;
-        if records.len() as u64 != c.events {
-            return Err(FormatError::Chunk {
-                index,
-                message: format!("{} events, the manifest says {}", records.len(), c.events),
-            });
-        }
-        out.extend(records);
-        prev = sha;
+        prev = c.sha256.clone();
     }
-    Ok(out)
+    v
 }
 
 #[cfg(test)]
@@ -367,6 +433,7 @@ mod tests {
             agent: "edge-1".into(),
             policy_version: "p1".into(),
             started_ms: 1_000,
+            ..SessionMeta::default()
         }
     }
 

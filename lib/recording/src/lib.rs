@@ -8,6 +8,8 @@
 
 pub mod asciicast;
 pub mod chunked;
+#[cfg(feature = "store")]
+pub mod store;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};

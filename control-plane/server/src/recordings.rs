@@ -1,0 +1,232 @@
+//! Recordings as evidence: reading them back from the object store and
+//! verifying them against the sessions index and the agent's key, and
+//! deleting them when their retention ends (never under legal hold).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use gatehouse_audit::{Decision, EventKind};
+use gatehouse_cp_raft::state::SessionRecord;
+use gatehouse_cp_raft::types::Command;
+use gatehouse_recording::chunked::{Manifest, check_recording};
+use gatehouse_recording::{Record, sha256_hex};
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt};
+
+use crate::cluster::{Cluster, now_ms};
+
+/// What reading one session's recording found.
+#[derive(Debug, Default)]
+pub struct Checked {
+    pub manifest: Option<Manifest>,
+    pub records: Vec<Record>,
+    pub chunks: u32,
+    /// Each names the manifest or a chunk (index and key).
+    pub problems: Vec<String>,
+}
+
+/// The recordings store and the cluster whose index describes it.
+pub struct Recordings {
+    pub store: Arc<dyn ObjectStore>,
+    pub cluster: Arc<Cluster>,
+}
+
+// === impl Recordings ===
+
+impl Recordings {
+    async fn fetch(&self, key: &str) -> Result<Option<Vec<u8>>, String> {
+        let path = Path::parse(key).map_err(|e| format!("key {key}: {e}"))?;
+        match self.store.get(&path).await {
+            Ok(r) => r
+                .bytes()
+                .await
+                .map(|b| Some(b.to_vec()))
+                .map_err(|e| format!("reading {key}: {e}")),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(format!("reading {key}: {e}")),
+        }
+    }
+
+    /// Reads a session's recording and checks the manifest against the
+    /// index's hash, its signature against the serving agent's key, and
+    /// every chunk's hash and place in the chain.
+    pub async fn check(&self, s: &SessionRecord) -> Checked {
+        let mut out = Checked::default();
+        let Some(key) = s.recording_key.as_deref() else {
+            out.problems
+                .push("no recording yet (session open, or its upload is pending)".into());
+            return out;
+        };
+        if let Some(ms) = s.recording_deleted_ms {
+            out.problems
+                .push(format!("deleted by retention at {ms} (Unix ms)"));
+            return out;
+        }
+        let manifest_bytes = match self.fetch(key).await {
+            Ok(Some(b)) => b,
+            Ok(None) => {
+                out.problems.push(format!("manifest {key}: missing"));
+                return out;
+            }
+            Err(e) => {
+                out.problems.push(format!("manifest: {e}"));
+                return out;
+            }
+        };
+        let sha = sha256_hex(&manifest_bytes);
+        if Some(sha.as_str()) != s.recording_sha256.as_deref() {
+            out.problems.push(format!(
+                "manifest {key}: SHA-256 {sha} does not match the sessions index's {}",
+                s.recording_sha256.as_deref().unwrap_or("")
+            ));
+        }
+        let manifest = match Manifest::from_bytes(&manifest_bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                out.problems.push(format!("manifest {key}: {e}"));
+                return out;
+            }
+        };
+        if manifest.session.session_id != s.id || manifest.session.agent != s.agent {
+            out.problems.push(format!(
+                "manifest {key}: names session {} of agent {}",
+                manifest.session.session_id, manifest.session.agent
+            ));
+        }
+        let public_key = match self.cluster.reader.agent(&s.agent) {
+            Ok(Some(a)) => hex::decode(&a.public_key).unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        if public_key.is_empty() {
+            out.problems
+                .push(format!("agent {} has no registered public key", s.agent));
+        }
+        if manifest.chunks.len() != s.chunk_keys.len() {
+            out.problems.push(format!(
+                "manifest {key}: lists {} chunks, the sessions index {}",
+                manifest.chunks.len(),
+                s.chunk_keys.len()
+            ));
+        }
+        let mut objects = Vec::with_capacity(s.chunk_keys.len());
+        for k in &s.chunk_keys {
+            match self.fetch(k).await {
+                Ok(b) => objects.push(b),
+                Err(e) => {
+                    out.problems.push(e);
+                    objects.push(None);
+                }
+            }
+        }
+        let v = check_recording(&manifest, &public_key, |i| {
+            objects.get(i as usize).cloned().flatten()
+        });
+        for p in v.problems {
+            let named = match &p {
+                gatehouse_recording::chunked::FormatError::Chunk { index, .. } => s
+                    .chunk_keys
+                    .get(*index as usize)
+                    .map(|k| format!("{p} (object {k})")),
+                _ => None,
+            };
+            out.problems.push(named.unwrap_or_else(|| p.to_string()));
+        }
+        out.chunks = manifest.chunks.len() as u32;
+        out.records = v.records;
+        out.manifest = Some(manifest);
+        out
+    }
+
+    /// Deletes the recordings whose retention has passed (leader only, so
+    /// one node does it).
+    pub async fn sweep(&self) {
+        let m = self.cluster.raft.metrics().borrow().clone();
+        if m.current_leader != Some(self.cluster.node_id) {
+            return;
+        }
+        let Ok(Some(policy)) = self.cluster.reader.current_policy() else {
+            return;
+        };
+        let Some(retention) = gatehouse_policy::PolicyDoc::from_canonical(&policy.canonical)
+            .ok()
+            .and_then(|d| d.recordings)
+        else {
+            return;
+        };
+        let Ok(sessions) = self.cluster.reader.sessions() else {
+            return;
+        };
+        let now = now_ms();
+        for s in sessions {
+            let (Some(ended), Some(manifest)) = (s.ended_ms, s.recording_key.clone()) else {
+                continue;
+            };
+            if s.legal_hold.is_some() || s.recording_deleted_ms.is_some() {
+                continue;
+            }
+            let Some(keep) = retention.retention_for(&s.target) else {
+                continue;
+            };
+            if ended.saturating_add(keep.as_millis() as i64) > now {
+                continue;
+            }
+            // The index says "deleted" first (a hold placed meanwhile wins),
+            // and the deletion is evidence before any object goes.
+            match self
+                .cluster
+                .propose(Command::RecordingDeleted {
+                    session_id: s.id.clone(),
+                    now_ms: now,
+                })
+                .await
+            {
+                Ok(gatehouse_cp_raft::types::CommandResult::Ok) => {}
+                _ => continue,
+            }
+            let mut ev = self.cluster.event(
+                EventKind::RecordingDeleted,
+                Decision::Allow,
+                &s.identity,
+                &s.target,
+                &s.id,
+            );
+            ev.detail = Some(format!(
+                "retention {} passed; deleted {} chunk objects and manifest {manifest}",
+                humanize(keep),
+                s.chunk_keys.len()
+            ));
+            if let Err(e) = self.cluster.audit(ev).await {
+                tracing::error!(session_id = %s.id, error = %e, "recording deletion audit failed");
+                continue;
+            }
+            for k in s.chunk_keys.iter().chain(std::iter::once(&manifest)) {
+                if let Ok(p) = Path::parse(k)
+                    && let Err(e) = self.store.delete(&p).await
+                    && !matches!(e, object_store::Error::NotFound { .. })
+                {
+                    tracing::warn!(key = %k, error = %e, "deleting a recording object failed");
+                }
+            }
+        }
+    }
+}
+
+fn humanize(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        s if s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s % 3_600 == 0 => format!("{}h", s / 3_600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+/// Sweeps retention every `every` until the process exits.
+pub async fn retention_loop(rec: Arc<Recordings>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        rec.sweep().await;
+    }
+}
