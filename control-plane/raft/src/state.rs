@@ -553,6 +553,16 @@ pub(crate) fn apply(txn: &WriteTransaction, cmd: &Command) -> ApplyResult<Comman
             let Some(mut s) = get::<SessionRecord>(&kv, &k)? else {
                 return Ok(reject(Rejection::NotFound(format!("session {session_id}"))));
             };
+            if recording_key.is_empty() {
+                // Ended without a recording (refused before it started); a
+                // recording already committed is never replaced.
+                if s.recording_key.is_none() {
+                    s.ended_ms = Some(*ended_ms);
+                    s.end_reason = Some(end_reason.clone());
+                    put(&mut kv, &k, &s)?;
+                }
+                return Ok(CommandResult::Ok);
+            }
             s.ended_ms = Some(*ended_ms);
             s.end_reason = Some(end_reason.clone());
             s.recording_key = Some(recording_key.clone());

@@ -42,6 +42,21 @@ pub async fn session(ctx: Arc<AgentCtx>, mut send: quinn::SendStream, mut recv: 
                     &message.1,
                 ))
                 .await;
+            // Refused before its recording started: the sessions index
+            // still learns that (and why) it ended.
+            if !crate::recorder::spool_dir(&ctx)
+                .join(&open.session_id)
+                .exists()
+            {
+                let _ = ctx
+                    .report_tx
+                    .send(gatehouse_proto::tunnel::SessionRecorded {
+                        session_id: open.session_id.clone(),
+                        ended_ms: now_ms(),
+                        end_reason: format!("refused: {}", message.1),
+                        ..Default::default()
+                    });
+            }
             message.1
         }
     };

@@ -430,25 +430,24 @@ async fn upload_pass(ctx: &AgentCtx, reported: &mut HashSet<String>) -> Result<(
         if reported.contains(&id) {
             continue;
         }
+        // The manifest is read first: once it exists every chunk is sealed,
+        // so the listing below holds all the chunks it names.
+        let manifest_bytes = std::fs::read(dir.join("manifest.json")).ok();
         // Chunks in order; each file goes once its object verified.
-        let mut chunks: Vec<(u32, PathBuf)> = std::fs::read_dir(&dir)
-            .map_err(|e| format!("{}: {e}", dir.display()))?
-            .flatten()
-            .filter_map(|f| {
-                let name = f.file_name().into_string().ok()?;
-                let n = name.strip_prefix("chunk-")?.strip_suffix(".zst")?;
-                Some((n.parse().ok()?, f.path()))
-            })
-            .collect();
-        chunks.sort();
-        for (i, path) in chunks {
+        for (i, path) in chunk_files(&dir)? {
             let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
             put_verified(ctx, &chunk_key(&meta.target, &id, i), bytes).await?;
             std::fs::remove_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         }
-        let Ok(manifest_bytes) = std::fs::read(dir.join("manifest.json")) else {
+        let Some(manifest_bytes) = manifest_bytes else {
             continue; // still recording
         };
+        if !chunk_files(&dir)?.is_empty() {
+            return Err(format!(
+                "{}: chunks appeared after the manifest",
+                dir.display()
+            ));
+        }
         let manifest = Manifest::from_bytes(&manifest_bytes).map_err(|e| e.to_string())?;
         let key = manifest_key(&meta.target, &id);
         put_verified(ctx, &key, manifest_bytes.clone()).await?;
@@ -472,6 +471,21 @@ async fn upload_pass(ctx: &AgentCtx, reported: &mut HashSet<String>) -> Result<(
         reported.insert(id);
     }
     Ok(())
+}
+
+/// The sealed chunks in a session's spool directory, in order.
+fn chunk_files(dir: &Path) -> Result<Vec<(u32, PathBuf)>, String> {
+    let mut chunks: Vec<(u32, PathBuf)> = std::fs::read_dir(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .flatten()
+        .filter_map(|f| {
+            let name = f.file_name().into_string().ok()?;
+            let n = name.strip_prefix("chunk-")?.strip_suffix(".zst")?;
+            Some((n.parse().ok()?, f.path()))
+        })
+        .collect();
+    chunks.sort();
+    Ok(chunks)
 }
 
 /// Puts an object, reads it back and compares its SHA-256.
