@@ -193,6 +193,19 @@ impl S3Server {
         .collect()
     }
 
+    /// The agent's `[recordings]` table for this server.
+    pub fn agent_toml(&self) -> String {
+        format!(
+            "[recordings]\nurl = \"{}\"\noptions = {{ {} }}\n",
+            self.url(),
+            self.options()
+                .iter()
+                .map(|(k, v)| format!("{k} = \"{v}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    }
+
     /// The bucket's directory (objects are files under it).
     pub fn bucket_dir(&self) -> PathBuf {
         self.root.join(&self.bucket)
@@ -345,15 +358,7 @@ impl Stack {
         let pw = dir.join("db.password");
         std::fs::write(&pw, AGENT_PASSWORD).unwrap();
         let store = match &self.s3 {
-            Some(s3) => format!(
-                "[recordings]\nurl = \"{}\"\noptions = {{ {} }}\n",
-                s3.url(),
-                s3.options()
-                    .iter()
-                    .map(|(k, v)| format!("{k} = \"{v}\""))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
+            Some(s3) => s3.agent_toml(),
             None => format!("recordings_dir = \"{}\"\n", self.recordings.display()),
         };
         // Tables after the top-level keys (the store may be a table).
@@ -440,6 +445,26 @@ impl Stack {
     pub fn psql_gateway(&self, user: &str, password: &str, db: &str, sql: &str) -> Output {
         let (host, port) = self.pg_addr.rsplit_once(':').unwrap();
         psql(host, port, user, password, db, "require", sql)
+    }
+
+    /// libpq-style connection settings for target `db`, database `app`
+    /// through the gateway with API key `key`.
+    pub fn gateway_conf(&self, key: &str) -> String {
+        let (host, port) = self.pg_addr.rsplit_once(':').unwrap();
+        format!("host={host} port={port} user=db password={key} dbname=app sslmode=require")
+    }
+
+    /// A tokio-postgres client through the gateway (its connection driven
+    /// by a task on the current runtime).
+    pub async fn driver(&self, key: &str) -> tokio_postgres::Client {
+        let (c, conn) = tokio_postgres::connect(
+            &self.gateway_conf(key),
+            tpg::RustlsConnect::new(&self.ca_file),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        c
     }
 
     /// Runs psql through the gateway to target `db`, database `app`, as a

@@ -239,15 +239,7 @@ async fn extended_protocol_refusals_keep_the_connection_and_abort_the_transactio
         &format!("{POLICY_DIR}/readonly.yaml"),
     ]);
 
-    let (host, port) = stack.pg_addr.rsplit_once(':').unwrap();
-    let conf = format!("host={host} port={port} user=db password={key} dbname=app sslmode=require");
-    let (mut c, conn) = tokio_postgres::connect(
-        &conf,
-        gatehouse_e2e::tpg::RustlsConnect::new(&stack.ca_file),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut c = stack.driver(&key).await;
 
     // Refused at Parse, naming the rule; the connection carries on.
     let e = c

@@ -116,15 +116,7 @@ async fn values_leave_the_agent_masked_and_no_clear_value_reaches_the_evidence()
 
     // A driver: binary results of text columns and jsonb, and a parameter
     // that is itself personal data.
-    let (host, port) = stack.pg_addr.rsplit_once(':').unwrap();
-    let conf = format!("host={host} port={port} user=db password={key} dbname=app sslmode=require");
-    let (c, conn) = tokio_postgres::connect(
-        &conf,
-        gatehouse_e2e::tpg::RustlsConnect::new(&stack.ca_file),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let c = stack.driver(&key).await;
     let row = c
         .query_one(
             "select email, note::text, note from customers where email = $1",

@@ -208,13 +208,14 @@ fn a_session_cut_by_kill_9_of_the_agent_is_closed_as_agent_restarted_and_verifie
             "select pg_sleep(60)",
         ],
     );
-    // The first statement's rows are in the agent's spool (written through
-    // to the OS as they pass) before the agent dies.
+    // The first statement's rows and the second statement are in the
+    // agent's spool (written through to the OS as they pass) before the
+    // agent dies in the middle of the second.
     let spool = stack.tmp.path().join("agent").join("recordings");
     wait_until("rows in the spool", Duration::from_secs(30), || {
         read_tree(&spool)
             .iter()
-            .any(|(_, b)| contains(b, b"before-the-crash-500"))
+            .any(|(_, b)| contains(b, b"before-the-crash-500") && contains(b, b"pg_sleep(60)"))
             .then_some(())
     });
     stack.agent.as_mut().unwrap().kill9();
@@ -363,15 +364,8 @@ fn a_full_spool_refuses_new_sessions_with_an_audit_event_while_running_ones_keep
     let (mut stack, key) = Stack::start_with(true, "\n[spool]\nmax_bytes = 262144\n");
     stack.s3.as_mut().unwrap().stop();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let (host, port) = stack.pg_addr.rsplit_once(':').unwrap();
-    let conf = format!("host={host} port={port} user=db password={key} dbname=app sslmode=require");
-    let (client, conn) = rt
-        .block_on(tokio_postgres::connect(
-            &conf,
-            gatehouse_e2e::tpg::RustlsConnect::new(&stack.ca_file),
-        ))
-        .unwrap();
-    rt.spawn(conn);
+    let conf = stack.gateway_conf(&key);
+    let client = rt.block_on(stack.driver(&key));
     // About 6 MiB of record lines: a sealed chunk and a tail, with storage
     // down, so the spool passes its quota.
     let rows = rt
@@ -524,4 +518,78 @@ fn retention_deletes_expired_recordings_as_an_audit_event_and_never_those_under_
                 .find(|s| s["id"] == held && s["recording_deleted_ms"] != 0)
         },
     );
+}
+
+#[test]
+fn replay_shows_statements_parameters_decisions_masked_rows_and_errors_on_a_timeline() {
+    let (stack, key) = Stack::start_with(true, "");
+    let policy = stack.tmp.path().join("p.yaml");
+    std::fs::write(
+        &policy,
+        "guardrails:\n  default: allow\n  rules:\n    - name: no-drops\n      action: deny\n      kinds: [ddl]\nmasking:\n  detectors: [email]\n",
+    )
+    .unwrap();
+    stack.cli_ok(&["policy", "apply", "-f", policy.to_str().unwrap()]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = stack.driver(&key).await;
+        let row = c
+            .query_one(
+                "select $1::text || ' wrote to ' || 'ada' || '@' || 'example.com'",
+                &[&"grace"],
+            )
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, String>(0), "grace wrote to a***@example.com");
+        let e = c
+            .batch_execute("drop table if exists nothing_here")
+            .await
+            .unwrap_err();
+        assert_eq!(e.as_db_error().unwrap().code().code(), "42501");
+        c.batch_execute("select 1/0").await.unwrap_err();
+    });
+    let all = wait_all_recorded(&stack, 1, Duration::from_secs(60));
+    let id = all[0]["id"].as_str().unwrap();
+    let text = stack.cli_ok(&["sessions", "replay", id]);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].contains(&format!("session {id}")) && lines[0].contains("sa:alice"));
+    assert!(lines[1].starts_with("recording verified"), "{text}");
+    let find = |what: &str, needle: &str| {
+        lines
+            .iter()
+            .position(|l| l.split_whitespace().nth(1) == Some(what) && l.contains(needle))
+            .unwrap_or_else(|| panic!("no {what} line with {needle:?} in\n{text}"))
+    };
+    let parse = find("parse", "$1::text || ' wrote to '");
+    let row = find("row", "grace wrote to a***@example.com");
+    let params = find("params", "grace");
+    let decision = find(
+        "decision",
+        "deny by rule \"no-drops\": drop table if exists nothing_here",
+    );
+    let error = find("error", "22012");
+    assert!(
+        parse < row && row < params && params < decision && decision < error,
+        "{text}"
+    );
+    assert!(
+        !text.contains("ada@example.com"),
+        "a clear value in the replay: {text}"
+    );
+    // Offsets grow along the timeline.
+    let offsets: Vec<i64> = lines[2..]
+        .iter()
+        .map(|l| {
+            l.trim_start()
+                .trim_start_matches('+')
+                .split("ms")
+                .next()
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert!(offsets.windows(2).all(|w| w[0] <= w[1]), "{offsets:?}");
+    assert_eq!(lines.last().unwrap().split_whitespace().nth(1), Some("end"));
 }

@@ -1056,6 +1056,10 @@ async fn replay(c: &mut Client, id: &str, json_out: bool) -> anyhow::Result<()> 
                     format!("{action} by rule \"{rule}\": {statement}"),
                 ),
                 E::StatementDone { rows, .. } => ("ready", format!("{rows} rows")),
+                E::Parameters { values, .. } => (
+                    "params",
+                    values.iter().map(cell).collect::<Vec<_>>().join(" | "),
+                ),
                 E::End { reason } => ("end", reason.clone()),
                 E::TerminalOutput { data } | E::TerminalInput { data } => {
                     ("terminal", data.clone())
@@ -1065,7 +1069,7 @@ async fn replay(c: &mut Client, id: &str, json_out: bool) -> anyhow::Result<()> 
                     ("kube", format!("{verb} {path} {status}"))
                 }
             };
-            println!("+{:>8}ms  {what:<9} {text}", rec.t);
+            println!("{:>10}  {what:<9} {text}", format!("+{}ms", rec.t));
         }
     }
     anyhow::ensure!(

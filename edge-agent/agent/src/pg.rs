@@ -384,6 +384,18 @@ impl Session {
                                 }
                             }
                             if let Some(recorder) = self.recorder.as_mut() {
+                                for st in &statements {
+                                    let Some(values) = st.parameters.clone() else {
+                                        continue;
+                                    };
+                                    let p = RecordEvent::Parameters {
+                                        statement: st.text.clone(),
+                                        values,
+                                    };
+                                    if let Err(e) = recorder.record(at_ms, p) {
+                                        self.failed = Some(format!("recording failed: {e}"));
+                                    }
+                                }
                                 for st in statements.iter().filter(|s| s.refused_by.is_some()) {
                                     let d = RecordEvent::Decision {
                                         statement: st.text.clone(),

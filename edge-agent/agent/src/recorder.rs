@@ -395,6 +395,12 @@ pub async fn uploader(ctx: Arc<AgentCtx>) {
     }
 }
 
+/// Uploads everything in the spool once (for benchmarks and tools): sealed
+/// chunks, and finished sessions with their reports.
+pub async fn upload_all(ctx: &AgentCtx) -> Result<(), String> {
+    upload_pass(ctx, &mut HashSet::new()).await
+}
+
 /// One pass over the spool: every chunk on disk, then finished sessions'
 /// manifests and reports, then committed sessions' directories.
 async fn upload_pass(ctx: &AgentCtx, reported: &mut HashSet<String>) -> Result<(), String> {
@@ -512,4 +518,141 @@ async fn put_verified(ctx: &AgentCtx, key: &str, bytes: Vec<u8>) -> Result<(), S
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+
+    use gatehouse_recording::chunked::verify_recording;
+
+    use super::*;
+
+    fn ctx(dir: &Path) -> (AgentCtx, crate::AgentQueues) {
+        let cfg = dir.join("agent.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "name = \"a\"\nservers = [\"127.0.0.1:1\"]\ndata_dir = \"{}\"\nrecordings_dir = \"{}\"\n",
+                dir.join("data").display(),
+                dir.join("store").display()
+            ),
+        )
+        .unwrap();
+        let cfg = crate::config::AgentConfig::load(&cfg).unwrap();
+        let store = gatehouse_recording::store::open(&cfg.store()).unwrap();
+        let key = agent_key();
+        crate::AgentCtx::new(cfg, store, key)
+    }
+
+    /// A fresh P-256 key (PKCS#8) from the PKI crate's generator.
+    fn agent_key() -> Vec<u8> {
+        let k = gatehouse_pki::AgentKey::generate("a").unwrap();
+        gatehouse_pki::pkcs8_der(&k.key_pem).unwrap()
+    }
+
+    fn meta() -> SessionMeta {
+        SessionMeta {
+            session_id: "s1".into(),
+            identity: "sa:x".into(),
+            target: "db".into(),
+            agent: "a".into(),
+            started_ms: 1_000,
+            ..SessionMeta::default()
+        }
+    }
+
+    fn row(i: usize) -> RecordEvent {
+        RecordEvent::Row {
+            values: vec![Some(format!("{i:08} {}", "v".repeat(200)))],
+        }
+    }
+
+    fn records_of(ctx: &AgentCtx, dir: &Path) -> Vec<Record> {
+        let m = Manifest::from_bytes(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+        let pk = gatehouse_recording::chunked::public_key(&ctx.signing_key).unwrap();
+        verify_recording(&m, &pk, |i| std::fs::read(chunk_file(dir, i)).ok()).unwrap()
+    }
+
+    #[test]
+    fn a_crash_loses_no_written_line_and_closes_the_session_as_agent_restarted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (ctx, _q) = ctx(tmp.path());
+        let mut r = Recorder::start(&ctx, meta()).unwrap();
+        // Past one chunk (4 MiB of lines), then more in the tail.
+        let n = 25_000;
+        for i in 0..n {
+            r.record(1_000 + i as i64, row(i)).unwrap();
+        }
+        r.flush().unwrap();
+        let dir = spool_dir(&ctx).join("s1");
+        assert!(chunk_file(&dir, 0).exists());
+        // The crash: nothing more is written; a torn line ends the tail.
+        std::mem::forget(r);
+        let mut tail = OpenOptions::new()
+            .append(true)
+            .open(tail_file(&dir, 1))
+            .unwrap();
+        tail.write_all(b"{\"t\":99,\"type\":\"ro").unwrap();
+        drop(tail);
+        assert_eq!(recover(&ctx).unwrap(), 1);
+        let m = Manifest::from_bytes(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+        assert_eq!(m.end_reason, AGENT_RESTARTED);
+        let recs = records_of(&ctx, &dir);
+        assert_eq!(recs.len(), n + 1);
+        assert_eq!(recs[n - 1].event, row(n - 1));
+        assert_eq!(
+            recs[n].event,
+            RecordEvent::End {
+                reason: AGENT_RESTARTED.into()
+            }
+        );
+        // Recovering again changes nothing.
+        assert_eq!(recover(&ctx).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_chunk_sealed_but_not_yet_listed_is_kept_after_a_crash() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (ctx, _q) = ctx(tmp.path());
+        let mut r = Recorder::start(&ctx, meta()).unwrap();
+        for i in 0..20_000 {
+            r.record(1_000, row(i)).unwrap();
+        }
+        r.flush().unwrap();
+        std::mem::forget(r);
+        let dir = spool_dir(&ctx).join("s1");
+        // The crash came after chunk 0 was renamed into place and before its
+        // reference was appended (and its tail removed).
+        let refs = std::fs::read_to_string(dir.join("chunks.jsonl")).unwrap();
+        assert_eq!(refs.lines().count(), 1);
+        std::fs::write(dir.join("chunks.jsonl"), "").unwrap();
+        let chunk0 =
+            zstd::decode_all(std::fs::read(chunk_file(&dir, 0)).unwrap().as_slice()).unwrap();
+        let lines: Vec<&[u8]> = chunk0.split(|b| *b == b'\n').skip(1).collect();
+        std::fs::write(tail_file(&dir, 0), lines.join(&b'\n')).unwrap();
+        recover(&ctx).unwrap();
+        let recs = records_of(&ctx, &dir);
+        assert_eq!(recs.len(), 20_001, "no record lost or doubled");
+        assert!(!tail_file(&dir, 0).exists());
+    }
+
+    #[test]
+    fn a_spool_over_its_quota_refuses_new_sessions() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut ctx, _q) = ctx(tmp.path());
+        ctx.config.spool.max_bytes = 10_000;
+        assert!(admit(&ctx).is_ok());
+        let mut r = Recorder::start(&ctx, meta()).unwrap();
+        for i in 0..100 {
+            r.record(1_000, row(i)).unwrap();
+        }
+        r.flush().unwrap();
+        let why = admit(&ctx).unwrap_err();
+        assert!(why.contains("quota 10000 bytes"), "{why}");
+        ctx.config.spool.max_bytes = 0;
+        ctx.config.spool.min_free_bytes = u64::MAX;
+        let why = admit(&ctx).unwrap_err();
+        assert!(why.contains("bytes free"), "{why}");
+    }
 }

@@ -57,6 +57,12 @@ pub enum RecordEvent {
         statements: Vec<String>,
         rows: u64,
     },
+    /// The parameters a prepared statement ran with (extended protocol),
+    /// rendered as text and masked like result values.
+    Parameters {
+        statement: String,
+        values: Vec<Option<String>>,
+    },
     End {
         reason: String,
     },
