@@ -593,3 +593,71 @@ fn replay_shows_statements_parameters_decisions_masked_rows_and_errors_on_a_time
     assert!(offsets.windows(2).all(|w| w[0] <= w[1]), "{offsets:?}");
     assert_eq!(lines.last().unwrap().split_whitespace().nth(1), Some("end"));
 }
+
+/// A tmpfs of `size` mounted on a fresh directory for the test's life.
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    fn mount(size: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mounting a tmpfs (needs root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self(dir)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
+    }
+}
+
+#[test]
+fn a_spool_that_cannot_be_written_ends_the_session_with_an_error_and_what_was_recorded_verifies() {
+    let spool = Tmpfs::mount("3m");
+    let (stack, key) = Stack::start_with(
+        false,
+        &format!(
+            "\n[spool]\ndir = \"{}\"\nmin_free_bytes = 1048576\n",
+            spool.0.path().display()
+        ),
+    );
+    // More record lines than the spool's disk holds before a chunk is cut.
+    let (out, err, ok) = stack.psql_user(
+        &key,
+        "select g, md5(g::text), md5((g + 1)::text) from generate_series(1, 300000) g",
+    );
+    assert!(!ok, "the session outlived its recording");
+    assert!(
+        err.contains("58030") && err.contains("session recording failed"),
+        "{err}"
+    );
+    assert!(err.contains("No space left on device"), "{err}");
+    assert!(out.lines().count() < 300_000, "every row was delivered");
+    // What was recorded up to the failure is sealed, uploaded and verifies.
+    let all = wait_all_recorded(&stack, 1, Duration::from_secs(60));
+    let s = &all[0];
+    assert!(
+        s["end_reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("session recording failed"),
+        "{s}"
+    );
+    let id = s["id"].as_str().unwrap();
+    let (ok, out) = verify(&stack, &[id]);
+    assert!(ok, "{out}");
+    let r = replay_json(&stack, id);
+    assert!(!row_values(&r).is_empty());
+    // Once uploaded, the spool has room again.
+    let (_, err, ok) = stack.psql_user(&key, "select 1");
+    assert!(ok, "{err}");
+}

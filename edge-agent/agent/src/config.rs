@@ -35,6 +35,9 @@ pub struct AgentConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SpoolConfig {
+    /// Where recordings wait for upload (default `<data dir>/recordings`).
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
     /// Most bytes the spool may hold (0: no limit).
     #[serde(default)]
     pub max_bytes: u64,
@@ -46,6 +49,7 @@ pub struct SpoolConfig {
 impl Default for SpoolConfig {
     fn default() -> Self {
         Self {
+            dir: None,
             max_bytes: 0,
             min_free_bytes: default_min_free(),
         }

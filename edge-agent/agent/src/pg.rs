@@ -79,6 +79,9 @@ async fn cancel(ctx: &AgentCtx, open: &SessionOpen) {
     }
 }
 
+/// How a session that could not be recorded ends.
+const RECORDING_FAILED: &str = "session recording failed";
+
 /// An error for the client: SQLSTATE and message.
 struct ClientError(String, String);
 
@@ -308,6 +311,14 @@ async fn run(
     {
         tracing::error!(session_id = %open.session_id, error = %e, "sealing the recording failed");
     }
+    // Fail closed: what could not be recorded was not relayed; the client
+    // learns why its session ended.
+    if reason.starts_with(RECORDING_FAILED) {
+        return Err(ClientError(
+            "58030".into(),
+            format!("gatehouse: {reason}; the session is closed"),
+        ));
+    }
     Ok(reason)
 }
 
@@ -393,7 +404,7 @@ impl Session {
                                         values,
                                     };
                                     if let Err(e) = recorder.record(at_ms, p) {
-                                        self.failed = Some(format!("recording failed: {e}"));
+                                        self.failed = Some(format!("{RECORDING_FAILED}: {e}"));
                                     }
                                 }
                                 for st in statements.iter().filter(|s| s.refused_by.is_some()) {
@@ -403,7 +414,7 @@ impl Session {
                                         rule: st.refused_by.clone().unwrap_or_default(),
                                     };
                                     if let Err(e) = recorder.record(at_ms, d) {
-                                        self.failed = Some(format!("recording failed: {e}"));
+                                        self.failed = Some(format!("{RECORDING_FAILED}: {e}"));
                                     }
                                 }
                             }
@@ -425,7 +436,7 @@ impl Session {
                     if let (Some(rec), Some(recorder)) = (rec, self.recorder.as_mut())
                         && let Err(e) = recorder.record(at_ms, rec)
                     {
-                        self.failed = Some(format!("recording failed: {e}"));
+                        self.failed = Some(format!("{RECORDING_FAILED}: {e}"));
                     }
                 }
             }
@@ -433,7 +444,7 @@ impl Session {
         if let Some(r) = self.recorder.as_mut()
             && let Err(e) = r.flush()
         {
-            self.failed = Some(format!("recording failed: {e}"));
+            self.failed = Some(format!("{RECORDING_FAILED}: {e}"));
         }
         (fwd, done, held)
     }

@@ -54,9 +54,12 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RecordError + '_ {
     move |e| RecordError::Spool(path.display().to_string(), e)
 }
 
-/// The spool's root.
+/// The spool's root (`[spool] dir`, by default `<data dir>/recordings`).
 pub fn spool_dir(ctx: &AgentCtx) -> PathBuf {
-    ctx.config.data_dir.join("recordings")
+    match &ctx.config.spool.dir {
+        Some(d) => d.clone(),
+        None => ctx.config.data_dir.join("recordings"),
+    }
 }
 
 fn chunk_file(dir: &Path, index: u32) -> PathBuf {
@@ -212,27 +215,47 @@ impl Recorder {
     }
 
     /// Ends the recording: seals the last chunk and writes the signed
-    /// manifest; the uploader takes it from there.
-    pub fn finish(mut self, ctx: &AgentCtx, reason: &str) -> Result<(), RecordError> {
+    /// manifest; the uploader takes it from there. After a spool write
+    /// failed (a full disk), the tail's lines are still in memory: the tail
+    /// is dropped to make room and the last chunk written from memory.
+    pub fn finish(self, ctx: &AgentCtx, reason: &str) -> Result<(), RecordError> {
+        let Self {
+            dir,
+            meta,
+            mut writer,
+            tail,
+            mut refs,
+            mut refs_file,
+            signing_key,
+            ..
+        } = self;
+        // Closed without a last flush: the lines are in the writer, and an
+        // unlinked file still open would keep its space.
+        drop(tail.into_parts());
         let now = now_ms();
-        self.record(
-            now,
-            RecordEvent::End {
+        let end = Record {
+            t: now - meta.started_ms,
+            event: RecordEvent::End {
                 reason: reason.to_string(),
             },
-        )?;
-        if let Some(c) = self.writer.finish()? {
-            self.seal(c)?;
+        };
+        let tail = tail_file(&dir, writer.next_index());
+        let mut last = writer.push(&end)?;
+        if last.is_none() {
+            last = writer.finish()?;
         }
-        write_manifest(
-            &self.dir,
-            &self.meta,
-            self.refs,
-            now,
-            reason,
-            &self.signing_key,
-        )?;
-        let _ = std::fs::remove_file(tail_file(&self.dir, self.writer.next_index()));
+        if let Some(c) = last {
+            let r = match store_chunk(&dir, &mut refs_file, &c) {
+                Ok(r) => r,
+                Err(_) => {
+                    let _ = std::fs::remove_file(&tail);
+                    store_chunk(&dir, &mut refs_file, &c)?
+                }
+            };
+            refs.push(r);
+        }
+        let _ = std::fs::remove_file(&tail);
+        write_manifest(&dir, &meta, refs, now, reason, &signing_key)?;
         ctx.uploads.notify_one();
         Ok(())
     }
