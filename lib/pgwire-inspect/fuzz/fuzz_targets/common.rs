@@ -21,6 +21,8 @@ impl Feed {
         if self.failed {
             return false;
         }
+        // As the agent runs it: rows and notices become events.
+        self.insp.record_rows(true);
         let i = side as usize;
         self.given[i].extend_from_slice(bytes);
         self.bufs[i].extend_from_slice(bytes);

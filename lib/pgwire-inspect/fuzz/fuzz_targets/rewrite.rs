@@ -59,6 +59,7 @@ impl Mask for MaskAt {
 fuzz_target!(|data: &[u8]| {
     let mut insp = PgInspector::with_judge(Box::new(RefuseX), "f1");
     insp.set_mask(Box::new(MaskAt));
+    insp.record_rows(true);
     let mut bufs = [BytesMut::new(), BytesMut::new()];
     let mut forwarded = [Vec::new(), Vec::new()];
     let mut rest = data;
