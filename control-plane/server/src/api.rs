@@ -564,7 +564,7 @@ impl Admin for AdminService {
             ))
             .into());
         }
-        let checked = self.recordings.check(&session).await;
+        let checked = self.recordings.check(&session, true).await;
         let Some(m) = checked.manifest else {
             return Err(ApiError::NotFound(format!(
                 "recording of session {id}: {}",
@@ -612,12 +612,12 @@ impl Admin for AdminService {
         };
         let mut results = Vec::with_capacity(sessions.len());
         for s in sessions {
-            let c = self.recordings.check(&s).await;
+            let c = self.recordings.check(&s, false).await;
             results.push(RecordingVerification {
                 session_id: s.id,
                 ok: c.problems.is_empty(),
                 chunks: c.chunks,
-                events: c.records.len() as u64,
+                events: c.events,
                 problems: c.problems,
             });
         }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use gatehouse_audit::{Decision, EventKind};
 use gatehouse_cp_raft::state::SessionRecord;
 use gatehouse_cp_raft::types::Command;
-use gatehouse_recording::chunked::{Manifest, check_recording};
+use gatehouse_recording::chunked::{ChainCheck, Manifest};
 use gatehouse_recording::{Record, sha256_hex};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
@@ -21,6 +21,8 @@ pub struct Checked {
     pub manifest: Option<Manifest>,
     pub records: Vec<Record>,
     pub chunks: u32,
+    /// Records in the chunks that verified.
+    pub events: u64,
     /// Each names the manifest or a chunk (index and key).
     pub problems: Vec<String>,
 }
@@ -50,7 +52,9 @@ impl Recordings {
     /// Reads a session's recording and checks the manifest against the
     /// index's hash, its signature against the serving agent's key, and
     /// every chunk's hash and place in the chain.
-    pub async fn check(&self, s: &SessionRecord) -> Checked {
+    /// `keep_records` keeps the verified records (for replay); without it
+    /// only one chunk is held in memory at a time.
+    pub async fn check(&self, s: &SessionRecord, keep_records: bool) -> Checked {
         let mut out = Checked::default();
         let Some(key) = s.recording_key.as_deref() else {
             out.problems
@@ -108,20 +112,23 @@ impl Recordings {
                 s.chunk_keys.len()
             ));
         }
-        let mut objects = Vec::with_capacity(s.chunk_keys.len());
-        for k in &s.chunk_keys {
-            match self.fetch(k).await {
-                Ok(b) => objects.push(b),
+        // One chunk in memory at a time (plus the records, when kept).
+        let mut check = ChainCheck::new(&manifest, &public_key);
+        for (i, k) in s.chunk_keys.iter().enumerate() {
+            let bytes = match self.fetch(k).await {
+                Ok(b) => b,
                 Err(e) => {
                     out.problems.push(e);
-                    objects.push(None);
+                    None
                 }
+            };
+            let records = check.chunk(i as u32, bytes.as_deref());
+            out.events += records.len() as u64;
+            if keep_records {
+                out.records.extend(records);
             }
         }
-        let v = check_recording(&manifest, &public_key, |i| {
-            objects.get(i as usize).cloned().flatten()
-        });
-        for p in v.problems {
+        for p in check.problems {
             let named = match &p {
                 gatehouse_recording::chunked::FormatError::Chunk { index, .. } => s
                     .chunk_keys
@@ -132,7 +139,6 @@ impl Recordings {
             out.problems.push(named.unwrap_or_else(|| p.to_string()));
         }
         out.chunks = manifest.chunks.len() as u32;
-        out.records = v.records;
         out.manifest = Some(manifest);
         out
     }

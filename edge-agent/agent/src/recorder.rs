@@ -27,6 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::{StreamExt, TryStreamExt};
 use gatehouse_proto::tunnel::SessionRecorded;
 use gatehouse_recording::chunked::{
     Chunk, ChunkRef, ChunkWriter, Manifest, SessionMeta, chunk_key, manifest_key, read_chunk,
@@ -35,6 +36,9 @@ use gatehouse_recording::{Record, RecordEvent, sha256_hex};
 use object_store::{ObjectStoreExt, PutPayload};
 
 use crate::{AgentCtx, now_ms};
+
+/// Chunk objects in flight at once.
+const PARALLEL_UPLOADS: usize = 4;
 
 /// End reason of a session a crash interrupted.
 pub const AGENT_RESTARTED: &str = "agent restarted";
@@ -462,12 +466,23 @@ async fn upload_pass(ctx: &AgentCtx, reported: &mut HashSet<String>) -> Result<(
         // The manifest is read first: once it exists every chunk is sealed,
         // so the listing below holds all the chunks it names.
         let manifest_bytes = std::fs::read(dir.join("manifest.json")).ok();
-        // Chunks in order; each file goes once its object verified.
-        for (i, path) in chunk_files(&dir)? {
-            let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-            put_verified(ctx, &chunk_key(&meta.target, &id, i), bytes).await?;
-            std::fs::remove_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        }
+        // A few chunks at a time; each file goes once its object verified.
+        let uploads = chunk_files(&dir)?.into_iter().map(|(i, path)| {
+            let key = chunk_key(&meta.target, &id, i);
+            async move {
+                let bytes = tokio::fs::read(&path)
+                    .await
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                put_verified(ctx, &key, bytes).await?;
+                tokio::fs::remove_file(&path)
+                    .await
+                    .map_err(|e| format!("{}: {e}", path.display()))
+            }
+        });
+        futures::stream::iter(uploads)
+            .buffer_unordered(PARALLEL_UPLOADS)
+            .try_collect::<Vec<()>>()
+            .await?;
         let Some(manifest_bytes) = manifest_bytes else {
             continue; // still recording
         };

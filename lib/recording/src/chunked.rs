@@ -367,47 +367,85 @@ pub fn check_recording(
     public_key: &[u8],
     mut fetch: impl FnMut(u32) -> Option<Vec<u8>>,
 ) -> Verification {
-    let mut v = Verification::default();
-    if let Err(e) = manifest.verify(public_key) {
-        v.problems.push(e);
-    }
-    let mut prev = String::new();
-    for (i, c) in manifest.chunks.iter().enumerate() {
+    let mut check = ChainCheck::new(manifest, public_key);
+    let mut records = Vec::new();
+    for i in 0..manifest.chunks.len() {
         let index = u32::try_from(i).unwrap_or(u32::MAX);
+        records.extend(check.chunk(index, fetch(index).as_deref()));
+    }
+    Verification {
+        records,
+        problems: check.problems,
+    }
+}
+
+/// Checks a recording one chunk at a time, so a reader holds one chunk in
+/// memory: first the manifest's signature, then each chunk in order.
+pub struct ChainCheck<'a> {
+    manifest: &'a Manifest,
+    prev: String,
+    /// Every problem so far, each naming the manifest or a chunk.
+    pub problems: Vec<FormatError>,
+}
+
+impl<'a> ChainCheck<'a> {
+    pub fn new(manifest: &'a Manifest, public_key: &[u8]) -> Self {
+        let mut problems = Vec::new();
+        if let Err(e) = manifest.verify(public_key) {
+            problems.push(e);
+        }
+        Self {
+            manifest,
+            prev: String::new(),
+            problems,
+        }
+    }
+
+    /// Checks chunk `index` (`None`: the object is missing) and returns its
+    /// records when it verifies.
+    pub fn chunk(&mut self, index: u32, bytes: Option<&[u8]>) -> Vec<Record> {
+        let Some(c) = self.manifest.chunks.get(index as usize) else {
+            self.problems.push(FormatError::Manifest(format!(
+                "chunk {index} is not listed"
+            )));
+            return Vec::new();
+        };
         let chunk_err = |message: String| FormatError::Chunk { index, message };
+        let prev = std::mem::replace(&mut self.prev, c.sha256.clone());
         if c.index != index {
-            v.problems.push(FormatError::Manifest(format!(
+            self.problems.push(FormatError::Manifest(format!(
                 "chunk {} listed in place {index}",
                 c.index
             )));
         }
-        match fetch(index) {
-            None => v.problems.push(chunk_err("missing".into())),
-            Some(bytes) => {
-                let sha = sha256_hex(&bytes);
-                if sha != c.sha256 {
-                    v.problems.push(chunk_err(format!(
-                        "SHA-256 {sha} does not match the manifest's {}",
-                        c.sha256
-                    )));
-                } else {
-                    match read_chunk(&bytes, &manifest.session.session_id, index, &prev) {
-                        Ok(records) if records.len() as u64 != c.events => {
-                            v.problems.push(chunk_err(format!(
-                                "{} events, the manifest says {}",
-                                records.len(),
-                                c.events
-                            )))
-                        }
-                        Ok(records) => v.records.extend(records),
-                        Err(e) => v.problems.push(e),
-                    }
-                }
+        let Some(bytes) = bytes else {
+            self.problems.push(chunk_err("missing".into()));
+            return Vec::new();
+        };
+        let sha = sha256_hex(bytes);
+        if sha != c.sha256 {
+            self.problems.push(chunk_err(format!(
+                "SHA-256 {sha} does not match the manifest's {}",
+                c.sha256
+            )));
+            return Vec::new();
+        }
+        match read_chunk(bytes, &self.manifest.session.session_id, index, &prev) {
+            Ok(records) if records.len() as u64 != c.events => {
+                self.problems.push(chunk_err(format!(
+                    "{} events, the manifest says {}",
+                    records.len(),
+                    c.events
+                )));
+                Vec::new()
+            }
+            Ok(records) => records,
+            Err(e) => {
+                self.problems.push(e);
+                Vec::new()
             }
         }
-        prev = c.sha256.clone();
     }
-    v
 }
 
 #[cfg(test)]
