@@ -563,13 +563,14 @@ fn replay_shows_statements_parameters_decisions_masked_rows_and_errors_on_a_time
     let parse = find("parse", "$1::text || ' wrote to '");
     let row = find("row", "grace wrote to a***@example.com");
     let params = find("params", "grace");
+    let masked = find("ready", "1 rows; values masked: email 1");
     let decision = find(
         "decision",
         "deny by rule \"no-drops\": drop table if exists nothing_here",
     );
     let error = find("error", "22012");
     assert!(
-        parse < row && row < params && params < decision && decision < error,
+        parse < row && row < params && params < masked && masked < decision && decision < error,
         "{text}"
     );
     assert!(

@@ -1055,7 +1055,20 @@ async fn replay(c: &mut Client, id: &str, json_out: bool) -> anyhow::Result<()> 
                     "decision",
                     format!("{action} by rule \"{rule}\": {statement}"),
                 ),
-                E::StatementDone { rows, .. } => ("ready", format!("{rows} rows")),
+                E::StatementDone { rows, masked, .. } if masked.is_empty() => {
+                    ("ready", format!("{rows} rows"))
+                }
+                E::StatementDone { rows, masked, .. } => (
+                    "ready",
+                    format!(
+                        "{rows} rows; values masked: {}",
+                        masked
+                            .iter()
+                            .map(|(d, n)| format!("{d} {n}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ),
                 E::Parameters { values, .. } => (
                     "params",
                     values.iter().map(cell).collect::<Vec<_>>().join(" | "),

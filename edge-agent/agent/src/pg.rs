@@ -418,9 +418,14 @@ impl Session {
                                     }
                                 }
                             }
+                            let mut masked = std::collections::BTreeMap::new();
+                            for (detector, n) in statements.iter().flat_map(|s| &s.masked) {
+                                *masked.entry(detector.clone()).or_insert(0) += n;
+                            }
                             let r = RecordEvent::StatementDone {
                                 statements: statements.iter().map(|s| s.text.clone()).collect(),
                                 rows: statements.iter().map(|s| s.outcome.rows).sum(),
+                                masked,
                             };
                             done.push((statements, started_ms));
                             Some(r)

@@ -195,10 +195,16 @@ impl Recorder {
             .write_all(&self.line)
             .and_then(|_| self.tail.write_all(b"\n"))
             .map_err(io(&self.dir))?;
-        if let Some(c) = self.writer.push_line(&self.line)? {
-            self.seal(c)?;
+        if !self.writer.would_seal(self.line.len()) {
+            self.writer.push_line(&self.line)?;
+            return Ok(());
         }
-        Ok(())
+        // Compressing and fsyncing a chunk takes milliseconds: let the
+        // runtime move its other tasks off this thread meanwhile.
+        blocking(|| match self.writer.push_line(&self.line)? {
+            Some(c) => self.seal(c),
+            None => Ok(()),
+        })
     }
 
     /// Hands what was recorded to the OS (survives the agent being killed).
@@ -262,6 +268,16 @@ impl Recorder {
         write_manifest(&dir, &meta, refs, now, reason, &signing_key)?;
         ctx.uploads.notify_one();
         Ok(())
+    }
+}
+
+/// Runs blocking work on a multi-threaded runtime's worker without stalling
+/// the tasks queued on it (directly anywhere else).
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }
 

@@ -172,6 +172,11 @@ impl ChunkWriter {
         Ok(None)
     }
 
+    /// Whether adding a line of `len` bytes seals a chunk.
+    pub fn would_seal(&self, len: usize) -> bool {
+        self.buf.len() + len + 1 >= self.target
+    }
+
     /// Index the next sealed chunk gets.
     pub fn next_index(&self) -> u32 {
         self.index

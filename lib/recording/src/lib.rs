@@ -56,6 +56,9 @@ pub enum RecordEvent {
     StatementDone {
         statements: Vec<String>,
         rows: u64,
+        /// Values masked in the cycle's results, per detector.
+        #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+        masked: std::collections::BTreeMap<String, u64>,
     },
     /// The parameters a prepared statement ran with (extended protocol),
     /// rendered as text and masked like result values.
