@@ -25,8 +25,9 @@ pub type ReviewsClient =
 /// Connects over TLS, trusting only the cluster CA in `ca_pem`.
 pub async fn connect(api: &str, token: &str, ca_pem: &str) -> anyhow::Result<Client> {
     let channel = channel(api, ca_pem).await?;
-    // Recordings come back whole (up to 256 MiB of record lines).
-    Ok(AdminClient::with_interceptor(channel, bearer(token)?).max_decoding_message_size(256 << 20))
+    // Recordings stream in parts of about 1 MiB; one record (a row with a
+    // large value) may be bigger.
+    Ok(AdminClient::with_interceptor(channel, bearer(token)?).max_decoding_message_size(64 << 20))
 }
 
 fn bearer(token: &str) -> anyhow::Result<Bearer> {

@@ -997,115 +997,183 @@ fn print_cluster(s: &ClusterStatusResponse, json_out: bool) {
     }
 }
 
-/// Prints a session's recording as a timeline.
-async fn replay(c: &mut Client, id: &str, json_out: bool) -> anyhow::Result<()> {
-    use gatehouse_recording::RecordEvent as E;
-    let r = c
+/// Reads a recording as it streams, calling `on_line` with each JSON line
+/// (the session header first, then the records); returns the session and
+/// what verification found.
+async fn read_recording(
+    c: &mut Client,
+    id: &str,
+    mut on_line: impl FnMut(&[u8]) -> anyhow::Result<()>,
+) -> anyhow::Result<(Session, Vec<String>)> {
+    let mut stream = c
         .get_recording(GetRecordingRequest {
             session_id: id.to_string(),
         })
         .await?
         .into_inner();
-    let s = r.session.context("server returned no session")?;
-    let (header, records) = gatehouse_recording::parse(&r.data).context("parsing the recording")?;
-    if json_out {
-        print_json(&json!({
-            "session": session_json(&s),
-            "verified": r.problems.is_empty(),
-            "problems": r.problems,
-            "events": records,
-        }));
-    } else {
-        println!(
-            "session {} · {} → {} ({}) as {} · agent {} · policy {} · started {}",
-            s.id,
-            header.identity,
-            header.target,
-            header.database,
-            header.db_user,
-            header.agent,
-            header.policy_version,
-            fmt_ms(header.started_ms)
-        );
-        match r.problems.is_empty() {
-            true => println!(
-                "recording verified: every chunk hash, the chain and the agent's signature"
-            ),
-            false => println!("RECORDING DOES NOT VERIFY: {}", r.problems.join("; ")),
+    let mut session = None;
+    let mut problems = None;
+    let mut buf = Vec::new();
+    while let Some(part) = stream.message().await? {
+        if part.session.is_some() {
+            session = part.session;
         }
-        let cell = |v: &Option<String>| v.clone().unwrap_or_else(|| "NULL".into());
-        for rec in &records {
-            let (what, text) = match &rec.event {
-                E::Query { text } => ("query", text.clone()),
-                E::Parse { name, text } if name.is_empty() => ("parse", text.clone()),
-                E::Parse { name, text } => ("parse", format!("{name}: {text}")),
-                E::RowDescription { columns } => ("columns", columns.join(" | ")),
-                E::Row { values } => (
-                    "row",
-                    values.iter().map(cell).collect::<Vec<_>>().join(" | "),
-                ),
-                E::CommandComplete { tag } => ("complete", tag.clone()),
-                E::Error { code, message } => ("error", format!("{code} {message}")),
-                E::Notice { code, message } => ("notice", format!("{code} {message}")),
-                E::Decision {
-                    statement,
-                    action,
-                    rule,
-                } => (
-                    "decision",
-                    format!("{action} by rule \"{rule}\": {statement}"),
-                ),
-                E::StatementDone { rows, masked, .. } if masked.is_empty() => {
-                    ("ready", format!("{rows} rows"))
-                }
-                E::StatementDone { rows, masked, .. } => (
-                    "ready",
-                    format!(
-                        "{rows} rows; values masked: {}",
-                        masked
-                            .iter()
-                            .map(|(d, n)| format!("{d} {n}"))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                ),
-                E::Parameters { values, .. } => (
-                    "params",
-                    values.iter().map(cell).collect::<Vec<_>>().join(" | "),
-                ),
-                E::End { reason } => ("end", reason.clone()),
-                E::TerminalOutput { data } | E::TerminalInput { data } => {
-                    ("terminal", data.clone())
-                }
-                E::WindowSize { cols, rows } => ("window", format!("{cols}x{rows}")),
-                E::KubeRequest { verb, path, status } => {
-                    ("kube", format!("{verb} {path} {status}"))
-                }
-            };
-            println!("{:>10}  {what:<9} {text}", format!("+{}ms", rec.t));
+        buf.extend_from_slice(&part.data);
+        let mut start = 0;
+        while let Some(n) = buf
+            .get(start..)
+            .and_then(|b| b.iter().position(|c| *c == b'\n'))
+        {
+            on_line(buf.get(start..start + n).unwrap_or_default())?;
+            start += n + 1;
+        }
+        buf.drain(..start);
+        if part.done {
+            problems = Some(part.problems);
         }
     }
+    let session = session.context("the server sent no session")?;
+    let problems = problems.context("the recording stream ended early")?;
+    Ok((session, problems))
+}
+
+/// One record as a timeline line: what it is, and its text.
+fn timeline(rec: &gatehouse_recording::Record) -> (&'static str, String) {
+    use gatehouse_recording::RecordEvent as E;
+    let cell = |v: &Option<String>| v.clone().unwrap_or_else(|| "NULL".into());
+    let (what, text) = match &rec.event {
+        E::Query { text } => ("query", text.clone()),
+        E::Parse { name, text } if name.is_empty() => ("parse", text.clone()),
+        E::Parse { name, text } => ("parse", format!("{name}: {text}")),
+        E::RowDescription { columns } => ("columns", columns.join(" | ")),
+        E::Row { values } => (
+            "row",
+            values.iter().map(cell).collect::<Vec<_>>().join(" | "),
+        ),
+        E::CommandComplete { tag } => ("complete", tag.clone()),
+        E::Error { code, message } => ("error", format!("{code} {message}")),
+        E::Notice { code, message } => ("notice", format!("{code} {message}")),
+        E::Decision {
+            statement,
+            action,
+            rule,
+        } => (
+            "decision",
+            format!("{action} by rule \"{rule}\": {statement}"),
+        ),
+        E::StatementDone { rows, masked, .. } if masked.is_empty() => {
+            ("ready", format!("{rows} rows"))
+        }
+        E::StatementDone { rows, masked, .. } => (
+            "ready",
+            format!(
+                "{rows} rows; values masked: {}",
+                masked
+                    .iter()
+                    .map(|(d, n)| format!("{d} {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ),
+        E::Parameters { values, .. } => (
+            "params",
+            values.iter().map(cell).collect::<Vec<_>>().join(" | "),
+        ),
+        E::End { reason } => ("end", reason.clone()),
+        E::TerminalOutput { data } | E::TerminalInput { data } => ("terminal", data.clone()),
+        E::WindowSize { cols, rows } => ("window", format!("{cols}x{rows}")),
+        E::KubeRequest { verb, path, status } => ("kube", format!("{verb} {path} {status}")),
+    };
+    (what, text)
+}
+
+/// Prints a session's recording as a timeline, as it streams.
+async fn replay(c: &mut Client, id: &str, json_out: bool) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut header: Option<gatehouse_recording::Header> = None;
+    let mut first = true;
+    let (s, problems) = read_recording(c, id, |line| {
+        if header.is_none() {
+            let h: gatehouse_recording::Header =
+                serde_json::from_slice(line).context("parsing the recording's header")?;
+            if json_out {
+                write!(
+                    out,
+                    "{{\"header\":{},\"events\":[",
+                    serde_json::to_string(&h)?
+                )?;
+            } else {
+                writeln!(
+                    out,
+                    "session {} · {} → {} ({}) as {} · agent {} · policy {} · started {}",
+                    h.session_id,
+                    h.identity,
+                    h.target,
+                    h.database,
+                    h.db_user,
+                    h.agent,
+                    h.policy_version,
+                    fmt_ms(h.started_ms)
+                )?;
+            }
+            header = Some(h);
+            return Ok(());
+        }
+        let rec: gatehouse_recording::Record =
+            serde_json::from_slice(line).context("parsing a record")?;
+        if json_out {
+            let sep = if first { "" } else { "," };
+            write!(out, "{sep}{}", serde_json::to_string(&rec)?)?;
+        } else {
+            let (what, text) = timeline(&rec);
+            writeln!(out, "{:>10}  {what:<9} {text}", format!("+{}ms", rec.t))?;
+        }
+        first = false;
+        Ok(())
+    })
+    .await?;
+    if json_out {
+        if header.is_none() {
+            write!(out, "{{\"header\":null,\"events\":[")?;
+        }
+        writeln!(
+            out,
+            "],\"session\":{},\"verified\":{},\"problems\":{}}}",
+            session_json(&s),
+            problems.is_empty(),
+            json!(problems)
+        )?;
+    } else if problems.is_empty() {
+        writeln!(
+            out,
+            "recording verified: every chunk hash, the chain and the agent's signature"
+        )?;
+    } else {
+        writeln!(out, "RECORDING DOES NOT VERIFY: {}", problems.join("; "))?;
+    }
+    out.flush()?;
     anyhow::ensure!(
-        r.problems.is_empty(),
+        problems.is_empty(),
         "recording of session {id} does not verify"
     );
     Ok(())
 }
 
 async fn show_session(c: &mut Client, id: &str, json_out: bool) -> anyhow::Result<()> {
-    let r = c
-        .get_recording(GetRecordingRequest {
-            session_id: id.to_string(),
-        })
-        .await?
-        .into_inner();
-    let s = r.session.context("server returned no session")?;
+    let mut lines = Vec::new();
+    let (s, problems) = read_recording(c, id, |l| {
+        lines.push(l.to_vec());
+        Ok(())
+    })
+    .await?;
     anyhow::ensure!(
-        r.problems.is_empty(),
+        problems.is_empty(),
         "recording of session {id} does not verify: {}",
-        r.problems.join("; ")
+        problems.join("; ")
     );
-    let (header, records) = gatehouse_recording::parse(&r.data).context("parsing the recording")?;
+    let data = lines.join(&b'\n');
+    let (header, records) = gatehouse_recording::parse(&data).context("parsing the recording")?;
     let statements: Vec<(i64, String)> = records
         .iter()
         .filter_map(|r| match &r.event {

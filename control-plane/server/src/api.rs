@@ -552,10 +552,14 @@ impl Admin for AdminService {
         Ok(Response::new(ListSessionsResponse { sessions }))
     }
 
+    type GetRecordingStream = tonic::codegen::tokio_stream::wrappers::ReceiverStream<
+        Result<GetRecordingResponse, Status>,
+    >;
+
     async fn get_recording(
         &self,
         req: Request<GetRecordingRequest>,
-    ) -> ApiResult<GetRecordingResponse> {
+    ) -> ApiResult<Self::GetRecordingStream> {
         let id = req.into_inner().session_id;
         let session = self.session(&id)?;
         if session.recording_key.is_none() {
@@ -564,34 +568,44 @@ impl Admin for AdminService {
             ))
             .into());
         }
-        let checked = self.recordings.check(&session, true).await;
-        let Some(m) = checked.manifest else {
-            return Err(ApiError::NotFound(format!(
-                "recording of session {id}: {}",
-                checked.problems.join("; ")
-            ))
-            .into());
-        };
-        let mut data = gatehouse_recording::line(&gatehouse_recording::Header {
-            format: "gatehouse-recording".into(),
-            version: m.version,
-            session_id: m.session.session_id,
-            identity: m.session.identity,
-            target: m.session.target,
-            agent: m.session.agent,
-            database: m.session.database,
-            db_user: m.session.db_user,
-            policy_version: m.session.policy_version,
-            started_ms: m.session.started_ms,
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let recordings = self.recordings.clone();
+        tokio::spawn(async move {
+            let first = GetRecordingResponse {
+                session: Some(session_proto(session.clone())),
+                ..Default::default()
+            };
+            if tx.send(Ok(first)).await.is_err() {
+                return;
+            }
+            let (lines_tx, mut lines_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(2);
+            let forward = {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    while let Some(data) = lines_rx.recv().await {
+                        let part = GetRecordingResponse {
+                            data,
+                            ..Default::default()
+                        };
+                        if tx.send(Ok(part)).await.is_err() {
+                            break;
+                        }
+                    }
+                })
+            };
+            let checked = recordings.check(&session, Some(&lines_tx)).await;
+            drop(lines_tx);
+            let _ = forward.await;
+            let last = GetRecordingResponse {
+                problems: checked.problems,
+                done: true,
+                ..Default::default()
+            };
+            let _ = tx.send(Ok(last)).await;
         });
-        for r in &checked.records {
-            data.extend(gatehouse_recording::line(r));
-        }
-        Ok(Response::new(GetRecordingResponse {
-            session: Some(session_proto(session)),
-            data,
-            problems: checked.problems,
-        }))
+        Ok(Response::new(
+            tonic::codegen::tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
     }
 
     async fn verify_recordings(
@@ -612,7 +626,7 @@ impl Admin for AdminService {
         };
         let mut results = Vec::with_capacity(sessions.len());
         for s in sessions {
-            let c = self.recordings.check(&s, false).await;
+            let c = self.recordings.check(&s, None).await;
             results.push(RecordingVerification {
                 session_id: s.id,
                 ok: c.problems.is_empty(),

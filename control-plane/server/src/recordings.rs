@@ -9,17 +9,20 @@ use gatehouse_audit::{Decision, EventKind};
 use gatehouse_cp_raft::state::SessionRecord;
 use gatehouse_cp_raft::types::Command;
 use gatehouse_recording::chunked::{ChainCheck, Manifest};
-use gatehouse_recording::{Record, sha256_hex};
+use gatehouse_recording::sha256_hex;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
+use tokio::sync::mpsc::Sender;
 
 use crate::cluster::{Cluster, now_ms};
+
+/// Bytes of JSON lines per part a reader is sent.
+pub const PART_BYTES: usize = 1 << 20;
 
 /// What reading one session's recording found.
 #[derive(Debug, Default)]
 pub struct Checked {
     pub manifest: Option<Manifest>,
-    pub records: Vec<Record>,
     pub chunks: u32,
     /// Records in the chunks that verified.
     pub events: u64,
@@ -52,9 +55,10 @@ impl Recordings {
     /// Reads a session's recording and checks the manifest against the
     /// index's hash, its signature against the serving agent's key, and
     /// every chunk's hash and place in the chain.
-    /// `keep_records` keeps the verified records (for replay); without it
-    /// only one chunk is held in memory at a time.
-    pub async fn check(&self, s: &SessionRecord, keep_records: bool) -> Checked {
+    /// With a `sink`, the session header and then the records of every
+    /// chunk that verified are sent to it as JSON lines, in parts of about
+    /// [`PART_BYTES`]. One chunk is held in memory at a time.
+    pub async fn check(&self, s: &SessionRecord, sink: Option<&Sender<Vec<u8>>>) -> Checked {
         let mut out = Checked::default();
         let Some(key) = s.recording_key.as_deref() else {
             out.problems
@@ -112,7 +116,22 @@ impl Recordings {
                 s.chunk_keys.len()
             ));
         }
-        // One chunk in memory at a time (plus the records, when kept).
+        let mut part = Vec::new();
+        if sink.is_some() {
+            let m = &manifest.session;
+            part = gatehouse_recording::line(&gatehouse_recording::Header {
+                format: "gatehouse-recording".into(),
+                version: manifest.version,
+                session_id: m.session_id.clone(),
+                identity: m.identity.clone(),
+                target: m.target.clone(),
+                agent: m.agent.clone(),
+                database: m.database.clone(),
+                db_user: m.db_user.clone(),
+                policy_version: m.policy_version.clone(),
+                started_ms: m.started_ms,
+            });
+        }
         let mut check = ChainCheck::new(&manifest, &public_key);
         for (i, k) in s.chunk_keys.iter().enumerate() {
             let bytes = match self.fetch(k).await {
@@ -124,9 +143,21 @@ impl Recordings {
             };
             let records = check.chunk(i as u32, bytes.as_deref());
             out.events += records.len() as u64;
-            if keep_records {
-                out.records.extend(records);
+            let Some(sink) = sink else { continue };
+            for r in &records {
+                part.extend(gatehouse_recording::line(r));
+                if part.len() >= PART_BYTES {
+                    // A reader that went away ends the reading.
+                    if sink.send(std::mem::take(&mut part)).await.is_err() {
+                        return out;
+                    }
+                }
             }
+        }
+        if let Some(sink) = sink
+            && !part.is_empty()
+        {
+            let _ = sink.send(part).await;
         }
         for p in check.problems {
             let named = match &p {
