@@ -441,7 +441,7 @@ fn a_full_spool_refuses_new_sessions_with_an_audit_event_while_running_ones_keep
 
 #[test]
 fn retention_deletes_expired_recordings_as_an_audit_event_and_never_those_under_legal_hold() {
-    let (stack, key) = Stack::start_with(true, "");
+    let (mut stack, key) = Stack::start_with(true, "");
     for i in 1..=2 {
         let (_, err, ok) = stack.psql_user(&key, &format!("select 'kept or not {i}'"));
         assert!(ok, "{err}");
@@ -467,6 +467,9 @@ fn retention_deletes_expired_recordings_as_an_audit_event_and_never_those_under_
         "recordings:\n  retention: 90d\n  targets:\n    db: 2s\n",
     )
     .unwrap();
+    // Storage is down when retention runs: the deletion is decided and
+    // audited, and the objects go once storage is back.
+    stack.s3.as_mut().unwrap().stop();
     stack.cli_ok(&["policy", "apply", "-f", policy.to_str().unwrap()]);
     let deleted = wait_until("retention deletes", Duration::from_secs(30), || {
         sessions(&stack)
@@ -476,6 +479,14 @@ fn retention_deletes_expired_recordings_as_an_audit_event_and_never_those_under_
     assert!(deleted["recording_deleted_ms"].as_i64().unwrap() > 0);
     let bucket = stack.s3.as_ref().unwrap().bucket_dir();
     let objects = read_tree(&bucket);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        read_tree(&bucket)
+            .iter()
+            .any(|(p, _)| p.to_string_lossy().contains(&gone)),
+        "objects vanished while storage was down"
+    );
+    stack.s3.as_mut().unwrap().resume();
     let listed = |id: &str| {
         objects
             .iter()

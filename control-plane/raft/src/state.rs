@@ -111,6 +111,9 @@ pub struct SessionRecord {
     pub legal_hold: Option<String>,
     #[serde(default)]
     pub recording_deleted_ms: Option<i64>,
+    /// Retention deleted every object (until then the sweep retries).
+    #[serde(default)]
+    pub recording_purged: bool,
 }
 
 /// A held statement waiting for (or granted) human approval.
@@ -600,6 +603,15 @@ pub(crate) fn apply(txn: &WriteTransaction, cmd: &Command) -> ApplyResult<Comman
                 ))));
             }
             s.recording_deleted_ms = Some(*now_ms);
+            put(&mut kv, &k, &s)?;
+            CommandResult::Ok
+        }
+        Command::RecordingPurged { session_id } => {
+            let k = key::session(session_id);
+            let Some(mut s) = get::<SessionRecord>(&kv, &k)? else {
+                return Ok(reject(Rejection::NotFound(format!("session {session_id}"))));
+            };
+            s.recording_purged = true;
             put(&mut kv, &k, &s)?;
             CommandResult::Ok
         }

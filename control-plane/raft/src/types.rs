@@ -139,6 +139,10 @@ pub enum Command {
         session_id: String,
         now_ms: i64,
     },
+    /// Every object of a deleted recording is gone from the store.
+    RecordingPurged {
+        session_id: String,
+    },
 }
 
 /// Why a command changed nothing.

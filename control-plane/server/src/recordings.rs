@@ -175,12 +175,19 @@ impl Recordings {
     }
 
     /// Deletes the recordings whose retention has passed (leader only, so
-    /// one node does it).
+    /// one node does it), then removes the objects of every deleted
+    /// recording not yet purged (retried on every sweep until the store
+    /// has none left).
     pub async fn sweep(&self) {
         let m = self.cluster.raft.metrics().borrow().clone();
         if m.current_leader != Some(self.cluster.node_id) {
             return;
         }
+        self.expire().await;
+        self.purge().await;
+    }
+
+    async fn expire(&self) {
         let Ok(Some(policy)) = self.cluster.reader.current_policy() else {
             return;
         };
@@ -195,7 +202,7 @@ impl Recordings {
         };
         let now = now_ms();
         for s in sessions {
-            let (Some(ended), Some(manifest)) = (s.ended_ms, s.recording_key.clone()) else {
+            let (Some(ended), Some(manifest)) = (s.ended_ms, s.recording_key.as_deref()) else {
                 continue;
             };
             if s.legal_hold.is_some() || s.recording_deleted_ms.is_some() {
@@ -228,21 +235,45 @@ impl Recordings {
                 &s.id,
             );
             ev.detail = Some(format!(
-                "retention {} passed; deleted {} chunk objects and manifest {manifest}",
+                "retention {} passed; deleting {} chunk objects and manifest {manifest}",
                 humanize(keep),
                 s.chunk_keys.len()
             ));
             if let Err(e) = self.cluster.audit(ev).await {
                 tracing::error!(session_id = %s.id, error = %e, "recording deletion audit failed");
+            }
+        }
+    }
+
+    async fn purge(&self) {
+        let Ok(sessions) = self.cluster.reader.sessions() else {
+            return;
+        };
+        for s in sessions {
+            let (Some(_), Some(manifest)) = (s.recording_deleted_ms, s.recording_key.as_ref())
+            else {
+                continue;
+            };
+            if s.recording_purged {
                 continue;
             }
-            for k in s.chunk_keys.iter().chain(std::iter::once(&manifest)) {
+            let mut all = true;
+            for k in s.chunk_keys.iter().chain(std::iter::once(manifest)) {
                 if let Ok(p) = Path::parse(k)
                     && let Err(e) = self.store.delete(&p).await
                     && !matches!(e, object_store::Error::NotFound { .. })
                 {
-                    tracing::warn!(key = %k, error = %e, "deleting a recording object failed");
+                    tracing::warn!(key = %k, error = %e, "deleting a recording object failed; will retry");
+                    all = false;
                 }
+            }
+            if all {
+                let _ = self
+                    .cluster
+                    .propose(Command::RecordingPurged {
+                        session_id: s.id.clone(),
+                    })
+                    .await;
             }
         }
     }
