@@ -467,6 +467,24 @@ impl Stack {
         c
     }
 
+    /// Starts psql through the gateway to target `db`, database `app`,
+    /// with `args` (flags and `-c` statements) and `conninfo` appended to
+    /// the connection string, without waiting for it.
+    pub fn psql_spawn(&self, key: &str, args: &[&str], conninfo: &str) -> std::process::Child {
+        let (host, port) = self.pg_addr.rsplit_once(':').unwrap();
+        Command::new("psql")
+            .args(args)
+            .arg(format!(
+                "host={host} port={port} user=db dbname=app sslmode=require {conninfo}"
+            ))
+            .env("PGPASSWORD", key)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
     /// Runs psql through the gateway to target `db`, database `app`, as a
     /// user would (errors with their SQLSTATE); returns stdout, stderr and
     /// whether psql succeeded.

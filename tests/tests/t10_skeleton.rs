@@ -149,6 +149,15 @@ fn psql_through_the_gateway_matches_direct_and_leaves_evidence() {
         "{err}"
     );
     std::fs::write(&chunk_path, &chunk).unwrap();
+    // So is a manifest that is not the one the index committed.
+    let mut tampered = bytes.clone();
+    let last = tampered.len() - 3;
+    tampered[last] ^= 1;
+    std::fs::write(&key_path, &tampered).unwrap();
+    let out = stack.cli(&["sessions", "show", insert_session["id"].as_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not match the sessions index"));
+    std::fs::write(&key_path, &bytes).unwrap();
 
     // The raw bytes a client receives through the gateway.
     let raw = rawpg::session(

@@ -95,18 +95,11 @@ fn cli_as(stack: &Stack, token: &str, args: &[&str]) -> std::process::Output {
 
 /// psql running one statement through the gateway, in the background.
 fn spawn_psql(stack: &Stack, key: &str, sql: &str) -> Child {
-    let (host, port) = stack.pg_addr.rsplit_once(':').unwrap();
-    Command::new("psql")
-        .args(["-X", "-v", "VERBOSITY=verbose", "-c", sql])
-        .arg(format!(
-            "host={host} port={port} user=db dbname=app sslmode=require application_name=cleanup-ticket-42"
-        ))
-        .env("PGPASSWORD", key)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+    stack.psql_spawn(
+        key,
+        &["-X", "-v", "VERBOSITY=verbose", "-c", sql],
+        "application_name=cleanup-ticket-42",
+    )
 }
 
 /// Runs one statement through the gateway to the end.

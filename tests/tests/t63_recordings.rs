@@ -8,7 +8,7 @@
     clippy::panic
 )]
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use gatehouse_e2e::*;
@@ -18,19 +18,9 @@ use serde_json::Value;
 /// Starts psql through the gateway without waiting for it; each statement
 /// is sent as its own query.
 fn psql_bg(stack: &Stack, key: &str, statements: &[&str]) -> Child {
-    let (host, port) = stack.pg_addr.rsplit_once(':').unwrap();
-    Command::new("psql")
-        .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
-        .args(statements.iter().flat_map(|s| ["-c", s]))
-        .arg(format!(
-            "host={host} port={port} user=db dbname=app sslmode=require connect_timeout=10"
-        ))
-        .env("PGPASSWORD", key)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+    let mut args = vec!["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1"];
+    args.extend(statements.iter().flat_map(|s| ["-c", s]));
+    stack.psql_spawn(key, &args, "")
 }
 
 fn sessions(stack: &Stack) -> Vec<Value> {

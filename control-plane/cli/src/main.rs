@@ -1161,9 +1161,13 @@ async fn replay(c: &mut Client, id: &str, json_out: bool) -> anyhow::Result<()> 
 }
 
 async fn show_session(c: &mut Client, id: &str, json_out: bool) -> anyhow::Result<()> {
-    let mut lines = Vec::new();
+    let mut header: Option<gatehouse_recording::Header> = None;
+    let mut records: Vec<gatehouse_recording::Record> = Vec::new();
     let (s, problems) = read_recording(c, id, |l| {
-        lines.push(l.to_vec());
+        match header {
+            None => header = Some(serde_json::from_slice(l).context("parsing the header")?),
+            Some(_) => records.push(serde_json::from_slice(l).context("parsing a record")?),
+        }
         Ok(())
     })
     .await?;
@@ -1172,8 +1176,7 @@ async fn show_session(c: &mut Client, id: &str, json_out: bool) -> anyhow::Resul
         "recording of session {id} does not verify: {}",
         problems.join("; ")
     );
-    let data = lines.join(&b'\n');
-    let (header, records) = gatehouse_recording::parse(&data).context("parsing the recording")?;
+    let header = header.context("the recording has no header")?;
     let statements: Vec<(i64, String)> = records
         .iter()
         .filter_map(|r| match &r.event {

@@ -552,69 +552,55 @@ pub(crate) fn apply(txn: &WriteTransaction, cmd: &Command) -> ApplyResult<Comman
             chunk_keys,
             events,
         } => {
-            let k = key::session(session_id);
-            let Some(mut s) = get::<SessionRecord>(&kv, &k)? else {
-                return Ok(reject(Rejection::NotFound(format!("session {session_id}"))));
-            };
-            if recording_key.is_empty() {
-                // Ended without a recording (refused before it started); a
-                // recording already committed is never replaced.
-                if s.recording_key.is_none() {
-                    s.ended_ms = Some(*ended_ms);
-                    s.end_reason = Some(end_reason.clone());
-                    put(&mut kv, &k, &s)?;
+            let mut cancel = None;
+            let r = update_session(&mut kv, session_id, |s| {
+                if recording_key.is_empty() {
+                    // Ended without a recording (refused before it started);
+                    // a recording already committed is never replaced.
+                    if s.recording_key.is_none() {
+                        s.ended_ms = Some(*ended_ms);
+                        s.end_reason = Some(end_reason.clone());
+                    }
+                    return Ok(());
                 }
-                return Ok(CommandResult::Ok);
-            }
-            s.ended_ms = Some(*ended_ms);
-            s.end_reason = Some(end_reason.clone());
-            s.recording_key = Some(recording_key.clone());
-            s.recording_sha256 = Some(recording_sha256.clone());
-            s.recording_size = Some(*recording_size);
-            s.chunk_keys = chunk_keys.clone();
-            s.recording_events = *events;
-            if let Some(pid) = s.cancel_pid {
+                s.ended_ms = Some(*ended_ms);
+                s.end_reason = Some(end_reason.clone());
+                s.recording_key = Some(recording_key.clone());
+                s.recording_sha256 = Some(recording_sha256.clone());
+                s.recording_size = Some(*recording_size);
+                s.chunk_keys = chunk_keys.clone();
+                s.recording_events = *events;
+                cancel = s.cancel_pid;
+                Ok(())
+            })?;
+            if let Some(pid) = cancel {
                 kv.remove(key::cancel(pid).as_str())?;
             }
-            put(&mut kv, &k, &s)?;
-            CommandResult::Ok
+            r
         }
         Command::SetLegalHold {
             session_id,
             hold,
             reason,
-        } => {
-            let k = key::session(session_id);
-            let Some(mut s) = get::<SessionRecord>(&kv, &k)? else {
-                return Ok(reject(Rejection::NotFound(format!("session {session_id}"))));
-            };
+        } => update_session(&mut kv, session_id, |s| {
             s.legal_hold = hold.then(|| reason.clone());
-            put(&mut kv, &k, &s)?;
-            CommandResult::Ok
-        }
+            Ok(())
+        })?,
         Command::RecordingDeleted { session_id, now_ms } => {
-            let k = key::session(session_id);
-            let Some(mut s) = get::<SessionRecord>(&kv, &k)? else {
-                return Ok(reject(Rejection::NotFound(format!("session {session_id}"))));
-            };
-            if s.legal_hold.is_some() {
-                return Ok(reject(Rejection::Invalid(format!(
-                    "session {session_id} is under legal hold"
-                ))));
-            }
-            s.recording_deleted_ms = Some(*now_ms);
-            put(&mut kv, &k, &s)?;
-            CommandResult::Ok
+            update_session(&mut kv, session_id, |s| {
+                if s.legal_hold.is_some() {
+                    return Err(Rejection::Invalid(format!(
+                        "session {session_id} is under legal hold"
+                    )));
+                }
+                s.recording_deleted_ms = Some(*now_ms);
+                Ok(())
+            })?
         }
-        Command::RecordingPurged { session_id } => {
-            let k = key::session(session_id);
-            let Some(mut s) = get::<SessionRecord>(&kv, &k)? else {
-                return Ok(reject(Rejection::NotFound(format!("session {session_id}"))));
-            };
+        Command::RecordingPurged { session_id } => update_session(&mut kv, session_id, |s| {
             s.recording_purged = true;
-            put(&mut kv, &k, &s)?;
-            CommandResult::Ok
-        }
+            Ok(())
+        })?,
     };
     Ok(res)
 }
@@ -679,6 +665,23 @@ fn policy_version(kv: &redb::Table<&str, &str>) -> ApplyResult<String> {
         h.update([0]);
     }
     Ok(hex::encode(h.finalize()).chars().take(16).collect())
+}
+
+/// Applies `change` to a session's index entry; a rejection writes nothing.
+fn update_session(
+    kv: &mut redb::Table<&str, &str>,
+    session_id: &str,
+    change: impl FnOnce(&mut SessionRecord) -> Result<(), Rejection>,
+) -> ApplyResult<CommandResult> {
+    let k = key::session(session_id);
+    let Some(mut s) = get::<SessionRecord>(kv, &k)? else {
+        return Ok(reject(Rejection::NotFound(format!("session {session_id}"))));
+    };
+    if let Err(r) = change(&mut s) {
+        return Ok(reject(r));
+    }
+    put(kv, &k, &s)?;
+    Ok(CommandResult::Ok)
 }
 
 fn reject(r: Rejection) -> CommandResult {

@@ -208,7 +208,7 @@ impl Recordings {
             if s.legal_hold.is_some() || s.recording_deleted_ms.is_some() {
                 continue;
             }
-            let Some(keep) = retention.retention_for(&s.target) else {
+            let Some((written, keep)) = retention.retention_for(&s.target) else {
                 continue;
             };
             if ended.saturating_add(keep.as_millis() as i64) > now {
@@ -236,7 +236,7 @@ impl Recordings {
             );
             ev.detail = Some(format!(
                 "retention {} passed; deleting {} chunk objects and manifest {manifest}",
-                humanize(keep),
+                written.trim(),
                 s.chunk_keys.len()
             ));
             if let Err(e) = self.cluster.audit(ev).await {
@@ -276,16 +276,6 @@ impl Recordings {
                     .await;
             }
         }
-    }
-}
-
-fn humanize(d: Duration) -> String {
-    let s = d.as_secs();
-    match s {
-        s if s % 86_400 == 0 => format!("{}d", s / 86_400),
-        s if s % 3_600 == 0 => format!("{}h", s / 3_600),
-        s if s % 60 == 0 => format!("{}m", s / 60),
-        s => format!("{s}s"),
     }
 }
 

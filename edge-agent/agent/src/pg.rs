@@ -32,7 +32,23 @@ pub async fn session(ctx: Arc<AgentCtx>, mut send: quinn::SendStream, mut recv: 
         let _ = send.finish();
         return;
     }
-    let reason = match run(&ctx, &open, &mut send, &mut recv).await {
+    let result = match admit(&ctx, &open).await {
+        Ok(admitted) => run(&ctx, &open, admitted, &mut send, &mut recv).await,
+        Err(refused) => {
+            // Refused before its recording started: the sessions index
+            // still learns that (and why) it ended.
+            let _ = ctx
+                .report_tx
+                .send(gatehouse_proto::tunnel::SessionRecorded {
+                    session_id: open.session_id.clone(),
+                    ended_ms: now_ms(),
+                    end_reason: format!("refused: {}", refused.1),
+                    ..Default::default()
+                });
+            Err(refused)
+        }
+    };
+    let reason = match result {
         Ok(reason) => reason,
         Err(message) => {
             let _ = send
@@ -42,21 +58,6 @@ pub async fn session(ctx: Arc<AgentCtx>, mut send: quinn::SendStream, mut recv: 
                     &message.1,
                 ))
                 .await;
-            // Refused before its recording started: the sessions index
-            // still learns that (and why) it ended.
-            if !crate::recorder::spool_dir(&ctx)
-                .join(&open.session_id)
-                .exists()
-            {
-                let _ = ctx
-                    .report_tx
-                    .send(gatehouse_proto::tunnel::SessionRecorded {
-                        session_id: open.session_id.clone(),
-                        ended_ms: now_ms(),
-                        end_reason: format!("refused: {}", message.1),
-                        ..Default::default()
-                    });
-            }
             message.1
         }
     };
@@ -110,18 +111,26 @@ fn base_event(
     }
 }
 
-async fn run(
-    ctx: &AgentCtx,
-    open: &SessionOpen,
-    send: &mut quinn::SendStream,
-    recv: &mut quinn::RecvStream,
-) -> Result<String, ClientError> {
-    let audit_down = || {
-        ClientError(
-            "58000".into(),
-            "audit pipeline unavailable; refusing to proceed".into(),
-        )
-    };
+/// What a session was admitted with, its recording started.
+struct Admitted<'c> {
+    target: &'c crate::config::TargetConfig,
+    db_user: String,
+    policy: Option<Arc<gatehouse_policy::PolicyDoc>>,
+    guard: Option<gatehouse_policy::Guard>,
+    masking: crate::guard::SessionMasking,
+    recorder: Recorder,
+}
+
+fn audit_down() -> ClientError {
+    ClientError(
+        "58000".into(),
+        "audit pipeline unavailable; refusing to proceed".into(),
+    )
+}
+
+/// Everything decided before the session's recording starts: the target and
+/// role, the policy (startup parameters judged), masking, room in the spool.
+async fn admit<'c>(ctx: &'c AgentCtx, open: &SessionOpen) -> Result<Admitted<'c>, ClientError> {
     let Some(target) = ctx.config.target(&open.target) else {
         return Err(ClientError(
             "08001".into(),
@@ -163,7 +172,7 @@ async fn run(
             ),
         ));
     }
-    let mut masking = match &policy {
+    let masking = match &policy {
         Some(d) => crate::guard::masking_for_session(&ctx.maskers, d, open)
             .map_err(|e| ClientError("58000".into(), e))?,
         None => crate::guard::SessionMasking::Off,
@@ -175,7 +184,7 @@ async fn run(
         ctx.audit(ev).await.map_err(|_| audit_down())?;
         return Err(ClientError("53100".into(), format!("gatehouse: {why}")));
     }
-    let mut recorder = Recorder::start(
+    let recorder = Recorder::start(
         ctx,
         SessionMeta {
             session_id: open.session_id.clone(),
@@ -194,7 +203,31 @@ async fn run(
             format!("session recording unavailable: {e}"),
         )
     })?;
+    Ok(Admitted {
+        target,
+        db_user,
+        policy,
+        guard,
+        masking,
+        recorder,
+    })
+}
 
+async fn run(
+    ctx: &AgentCtx,
+    open: &SessionOpen,
+    admitted: Admitted<'_>,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+) -> Result<String, ClientError> {
+    let Admitted {
+        target,
+        db_user,
+        policy,
+        guard,
+        mut masking,
+        mut recorder,
+    } = admitted;
     let mut upstream = match upstream::connect(target, open, &db_user).await {
         Ok(x) => x,
         Err(e) => {
@@ -359,6 +392,15 @@ struct Session {
 type Held = (String, gatehouse_pgwire_inspect::Refusal);
 
 impl Session {
+    /// Appends one event to the recording; a failure ends the session.
+    fn record(&mut self, at_ms: i64, ev: RecordEvent) {
+        if let Some(r) = self.recorder.as_mut()
+            && let Err(e) = r.record(at_ms, ev)
+        {
+            self.failed = Some(format!("{RECORDING_FAILED}: {e}"));
+        }
+    }
+
     /// Records events and returns the bytes to forward, the statements to
     /// audit and a statement held for approval.
     fn take(&mut self, out: &mut Vec<Action>) -> (Vec<bytes::Bytes>, Vec<Done>, Option<Held>) {
@@ -394,41 +436,11 @@ impl Session {
                                     mask_parameters(pm, st);
                                 }
                             }
-                            if let Some(recorder) = self.recorder.as_mut() {
-                                for st in &statements {
-                                    let Some(values) = st.parameters.clone() else {
-                                        continue;
-                                    };
-                                    let p = RecordEvent::Parameters {
-                                        statement: st.text.clone(),
-                                        values,
-                                    };
-                                    if let Err(e) = recorder.record(at_ms, p) {
-                                        self.failed = Some(format!("{RECORDING_FAILED}: {e}"));
-                                    }
-                                }
-                                for st in statements.iter().filter(|s| s.refused_by.is_some()) {
-                                    let d = RecordEvent::Decision {
-                                        statement: st.text.clone(),
-                                        action: "deny".into(),
-                                        rule: st.refused_by.clone().unwrap_or_default(),
-                                    };
-                                    if let Err(e) = recorder.record(at_ms, d) {
-                                        self.failed = Some(format!("{RECORDING_FAILED}: {e}"));
-                                    }
-                                }
+                            for ev in cycle_records(&statements) {
+                                self.record(at_ms, ev);
                             }
-                            let mut masked = std::collections::BTreeMap::new();
-                            for (detector, n) in statements.iter().flat_map(|s| &s.masked) {
-                                *masked.entry(detector.clone()).or_insert(0) += n;
-                            }
-                            let r = RecordEvent::StatementDone {
-                                statements: statements.iter().map(|s| s.text.clone()).collect(),
-                                rows: statements.iter().map(|s| s.outcome.rows).sum(),
-                                masked,
-                            };
                             done.push((statements, started_ms));
-                            Some(r)
+                            None
                         }
                         SessionEvent::Terminate => None,
                         SessionEvent::Row { values } => Some(RecordEvent::Row {
@@ -438,10 +450,8 @@ impl Session {
                             Some(RecordEvent::Notice { code, message })
                         }
                     };
-                    if let (Some(rec), Some(recorder)) = (rec, self.recorder.as_mut())
-                        && let Err(e) = recorder.record(at_ms, rec)
-                    {
-                        self.failed = Some(format!("{RECORDING_FAILED}: {e}"));
+                    if let Some(rec) = rec {
+                        self.record(at_ms, rec);
                     }
                 }
             }
@@ -453,6 +463,38 @@ impl Session {
         }
         (fwd, done, held)
     }
+}
+
+/// What a finished query cycle adds to the recording: each statement's
+/// bound parameters (masked) and refusal, then the cycle's end with its row
+/// count and the values masked per detector.
+fn cycle_records(statements: &[Statement]) -> Vec<RecordEvent> {
+    let mut out = Vec::new();
+    let mut masked = std::collections::BTreeMap::new();
+    for st in statements {
+        if let Some(values) = &st.parameters {
+            out.push(RecordEvent::Parameters {
+                statement: st.text.clone(),
+                values: values.clone(),
+            });
+        }
+        if let Some(rule) = &st.refused_by {
+            out.push(RecordEvent::Decision {
+                statement: st.text.clone(),
+                action: "deny".into(),
+                rule: rule.clone(),
+            });
+        }
+        for (detector, n) in &st.masked {
+            *masked.entry(detector.clone()).or_insert(0) += n;
+        }
+    }
+    out.push(RecordEvent::StatementDone {
+        statements: statements.iter().map(|s| s.text.clone()).collect(),
+        rows: statements.iter().map(|s| s.outcome.rows).sum(),
+        masked,
+    });
+    out
 }
 
 /// A result value for the recording: text as is, other bytes (binary

@@ -338,26 +338,23 @@ pub fn recover(ctx: &AgentCtx) -> Result<usize, RecordError> {
 fn recover_session(dir: &Path, meta: &SessionMeta, key: &[u8]) -> Result<(), RecordError> {
     let refs_path = dir.join("chunks.jsonl");
     let text = std::fs::read(&refs_path).unwrap_or_default();
-    // A torn last line (crash mid-append) is not a reference.
-    let mut refs: Vec<ChunkRef> = text
-        .split(|b| *b == b'\n')
-        .map_while(|l| serde_json::from_slice(l).ok())
-        .collect();
-    let refs_file = OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(false)
-        .open(&refs_path)
-        .map_err(io(&refs_path))?;
-    let good: usize = refs
-        .iter()
-        .map(|r| serde_json::to_vec(r).map(|v| v.len() + 1).unwrap_or(0))
-        .sum();
-    refs_file.set_len(good as u64).map_err(io(&refs_path))?;
+    // Whole reference lines, up to a torn last one (crash mid-append),
+    // which is cut off.
+    let mut refs: Vec<ChunkRef> = Vec::new();
+    let mut good = 0;
+    for l in text.split_inclusive(|b| *b == b'\n') {
+        match l.strip_suffix(b"\n").map(serde_json::from_slice) {
+            Some(Ok(r)) => refs.push(r),
+            _ => break,
+        }
+        good += l.len();
+    }
     let mut refs_file = OpenOptions::new()
+        .create(true)
         .append(true)
         .open(&refs_path)
         .map_err(io(&refs_path))?;
+    refs_file.set_len(good as u64).map_err(io(&refs_path))?;
     let mut prev = refs.last().map(|r| r.sha256.clone()).unwrap_or_default();
     let mut next = refs.len() as u32;
     // A chunk sealed and renamed into place whose reference was not yet

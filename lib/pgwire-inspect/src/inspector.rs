@@ -369,18 +369,15 @@ impl PgInspector {
             .unwrap_or_default()
     }
 
-    /// Masks one DataRow; `None` leaves it as is.
-    fn mask_row(&mut self, msg: &[u8]) -> Result<Option<Vec<u8>>, InspectError> {
-        let Some(mask) = self.mask.as_mut() else {
-            return Ok(None);
-        };
-        let values = wire::data_row(msg).ok_or_else(|| malformed(Side::Upstream, b'D'))?;
+    /// Masks one DataRow's values: each value's replacement (`Some(None)`
+    /// for NULL, `Some(Some(v))` for a masked value, `None` to keep it), or
+    /// `None` when nothing changes.
+    fn mask_row(&mut self, values: &[Option<&[u8]>]) -> Option<Vec<Option<Option<Vec<u8>>>>> {
+        let mask = self.mask.as_mut()?;
         let how = |i: usize| match &self.columns {
             Some(c) => c.get(i).copied().unwrap_or(ColumnMask::Skip),
             None => ColumnMask::Scan { prefix: 0 },
         };
-        // Each value's replacement: `Some(None)` for NULL, `Some(Some(v))`
-        // for a masked value; `None` keeps it.
         let mut new: Vec<Option<Option<Vec<u8>>>> = vec![None; values.len()];
         let mut scan_at = Vec::new();
         let mut scan = Vec::new();
@@ -416,17 +413,9 @@ impl PgInspector {
             }
         }
         if new.iter().all(Option::is_none) {
-            return Ok(None);
+            return None;
         }
-        let row: Vec<Option<&[u8]>> = values
-            .iter()
-            .zip(&new)
-            .map(|(v, n)| match n {
-                Some(n) => n.as_deref(),
-                None => *v,
-            })
-            .collect();
-        Ok(Some(build::data_row(&row)))
+        Some(new)
     }
 
     /// An inspector that asks `judge` about every statement. `tag` (a few
@@ -806,14 +795,19 @@ impl PgInspector {
                 event(out, now_ms, SessionEvent::Error { code, message });
             }
             b'D' => {
-                replace = self.mask_row(msg)?;
+                // Decoded once, for masking and for the recording.
+                let mut row = wire::data_row(msg).ok_or_else(|| malformed(side, ty))?;
+                let new = self.mask_row(&row);
+                if let Some(new) = &new {
+                    for (v, n) in row.iter_mut().zip(new) {
+                        if let Some(n) = n {
+                            *v = n.as_deref();
+                        }
+                    }
+                    replace = Some(build::data_row(&row));
+                }
                 if self.rows {
-                    let delivered = replace.as_deref().unwrap_or(msg);
-                    let values = wire::data_row(delivered)
-                        .ok_or_else(|| malformed(Side::Upstream, b'D'))?
-                        .into_iter()
-                        .map(|v| v.map(<[u8]>::to_vec))
-                        .collect();
+                    let values = row.iter().map(|v| v.map(<[u8]>::to_vec)).collect();
                     event(out, now_ms, SessionEvent::Row { values });
                 }
             }

@@ -104,12 +104,11 @@ pub struct Recordings {
 }
 
 impl Recordings {
-    /// How long a target's recordings are kept (`None`: forever).
-    pub fn retention_for(&self, target: &str) -> Option<std::time::Duration> {
-        self.targets
-            .get(target)
-            .or(self.retention.as_ref())
-            .and_then(|d| parse_duration(d).ok())
+    /// How long a target's recordings are kept, as written and parsed
+    /// (`None`: forever).
+    pub fn retention_for(&self, target: &str) -> Option<(&str, std::time::Duration)> {
+        let d = self.targets.get(target).or(self.retention.as_ref())?;
+        parse_duration(d).ok().map(|p| (d.as_str(), p))
     }
 }
 
