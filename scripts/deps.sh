@@ -1,37 +1,63 @@
 #!/usr/bin/env bash
 # Installs the system packages Gatehouse needs, when missing.
-#   deps.sh build   what the build needs (libclang for PostgreSQL's parser)
+#   deps.sh build   what the build needs
 #   deps.sh dev     the build, plus a PostgreSQL server for `gatehouse dev`
 #   deps.sh test    the build, plus everything the tests run
+#
+# Whether a package is present is asked of the package manager, by the
+# package's exact name: a look-alike library (libclang-cpp for libclang, say)
+# never counts. Only the exact file the build loads is checked as well.
 set -euo pipefail
 mode="${1:-build}"
 
 sudo=""
 if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
 
+# pg_query (PostgreSQL's own parser, for guardrails) generates its bindings
+# with bindgen, which loads libclang.so.
+build_pkgs=(libclang-dev pkg-config)
+# `gatehouse dev` starts a throwaway PostgreSQL server and prints psql lines.
+dev_pkgs=(postgresql postgresql-contrib postgresql-client)
+# The tests: pgbench (in the client package), runuser for initdb as a
+# non-root user, network namespaces and a MASQUERADE NAT for the
+# agent-behind-NAT test.
+test_pkgs=(util-linux coreutils iproute2 iptables conntrack)
+
+case "$mode" in
+  build) want=("${build_pkgs[@]}") ;;
+  dev) want=("${build_pkgs[@]}" "${dev_pkgs[@]}") ;;
+  test) want=("${build_pkgs[@]}" "${dev_pkgs[@]}" "${test_pkgs[@]}") ;;
+  *) echo "deps.sh: unknown mode '$mode' (build | dev | test)" >&2; exit 2 ;;
+esac
+
+installed() {
+  [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]
+}
+
 need=()
-# pg_query (PostgreSQL's parser, for guardrails) generates its bindings with libclang.
-ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || need+=(libclang-dev)
-if [ "$mode" = dev ] || [ "$mode" = test ]; then
-  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql postgresql-contrib)
-  command -v psql >/dev/null || need+=(postgresql-client)
+for p in "${want[@]}"; do
+  installed "$p" || need+=("$p")
+done
+# The exact library bindgen loads; libclang-dev provides it as a symlink.
+if ! compgen -G '/usr/lib/llvm-*/lib/libclang.so' >/dev/null; then
+  case " ${need[*]} " in *" libclang-dev "*) ;; *) need+=(libclang-dev) ;; esac
 fi
-if [ "$mode" = test ]; then
-  command -v pgbench >/dev/null || need+=(postgresql-contrib)
-  command -v runuser >/dev/null || need+=(util-linux)
-  command -v sha256sum >/dev/null || need+=(coreutils)
-  # Network namespaces and a MASQUERADE NAT for the agent-behind-NAT test.
-  command -v ip >/dev/null || need+=(iproute2)
-  command -v iptables >/dev/null || need+=(iptables)
-  command -v conntrack >/dev/null || need+=(conntrack)
-fi
+
 if [ ${#need[@]} -gt 0 ]; then
-  echo "installing: ${need[*]}"
+  echo "deps.sh ($mode): installing ${need[*]}"
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
+if ! compgen -G '/usr/lib/llvm-*/lib/libclang.so' >/dev/null; then
+  echo "deps.sh: libclang-dev is installed but no /usr/lib/llvm-*/lib/libclang.so exists; reinstall libclang-dev and its libclang-NN-dev" >&2
+  exit 1
+fi
+
 if [ "$mode" = test ]; then
   # A real S3-compatible server for the recording tests (keeps each bucket
   # as a directory; this version builds with the pinned Rust).
-  command -v s3s-fs >/dev/null || cargo install s3s-fs@0.14.1 --features binary --locked
+  if ! command -v s3s-fs >/dev/null; then
+    echo "deps.sh (test): installing s3s-fs 0.14.1 with cargo"
+    cargo install s3s-fs@0.14.1 --features binary --locked
+  fi
 fi

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use gatehouse_proto::v1::{
-    CreateEnrollmentTokenRequest, CreateRuleRequest, CreateServiceAccountRequest,
-    CreateTargetRequest, ListRequest,
+    ApplyPolicyRequest, CreateEnrollmentTokenRequest, CreateRuleRequest,
+    CreateServiceAccountRequest, CreateTargetRequest, ListRequest,
 };
 use tokio::process::{Child, Command};
 
@@ -28,16 +28,59 @@ pub struct DevArgs {
     /// API port (a free one is chosen if it is taken).
     #[arg(long, default_value_t = 7443)]
     pub api_port: u16,
+    /// Start without the demo policy: no guardrails, no masking.
+    #[arg(long)]
+    pub no_policy: bool,
 }
 
-const SAMPLE: &str = "create table customers (id serial primary key, name text not null, email text not null, country text not null);
-insert into customers (name, email, country) values
-  ('Ada Lovelace', 'ada@example.com', 'GB'),
-  ('Grace Hopper', 'grace@example.com', 'US'),
-  ('Edsger Dijkstra', 'edsger@example.org', 'NL'),
-  ('Barbara Liskov', 'barbara@example.net', 'US');";
+const SAMPLE: &str = "create table customers (id serial primary key, name text not null, email text not null, phone text not null, card text not null, country text not null);
+insert into customers (name, email, phone, card, country) values
+  ('Ada Lovelace', 'ada@example.com', '+44 20 7946 0958', '4242 4242 4242 4242', 'GB'),
+  ('Grace Hopper', 'grace@example.com', '(202) 555-0143', '5555 5555 5555 4444', 'US'),
+  ('Edsger Dijkstra', 'edsger@example.org', '+31 20 794 6012', '4000 0566 5566 5556', 'NL'),
+  ('Barbara Liskov', 'barbara@example.net', '(617) 555-0199', '3782 822463 10005', 'US');";
 
+/// The policy `gatehouse dev` applies (unless `--no-policy`): what a first
+/// look at Gatehouse should show — masked results, a refused unbounded
+/// delete, a refused schema change, a delete held for a reviewer.
+pub const DEMO_POLICY: &str = r#"# The demo policy of `gatehouse dev`. Edit it and apply it again with
+#   gatehouse policy apply -f <this file>
+guardrails:
+  default: deny                  # whatever no rule allows is refused
+  rules:
+    - name: side-effect-functions
+      action: deny
+      message: functions with side effects outside the query are not allowed
+      functions: [pg_terminate_backend, pg_cancel_backend, pg_read_file, pg_ls_dir,
+                  lo_import, lo_export, set_config, pg_reload_conf, dblink_exec]
+    - name: no-unbounded-writes
+      action: deny
+      message: UPDATE and DELETE need a WHERE clause
+      without_where: true
+    - name: no-schema-changes
+      action: deny
+      message: schema changes are not allowed through the gateway
+      kinds: [ddl, privilege]
+    - name: reads
+      action: allow
+      kinds: [read, transaction, config]
+    - name: writes-need-approval
+      action: approve
+      message: changes to data need a reviewer's approval
+      kinds: [write]
+approvals:
+  wait_seconds: 0                # answer at once with the request id; run it again once approved
+  required: 1
+  approver_groups: [reviewers]
+masking:
+  detectors: [email, phone, card, iban, us_ssn, secret]
+"#;
+
+/// `preferred` when it is free, else (or when it is 0) any free port.
 fn port_or_free(preferred: u16) -> anyhow::Result<u16> {
+    if preferred == 0 {
+        return free_port();
+    }
     match std::net::TcpListener::bind(("127.0.0.1", preferred)) {
         Ok(_) => Ok(preferred),
         Err(_) => free_port(),
@@ -179,6 +222,23 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         })
         .await?
         .into_inner();
+    let reviewer = client
+        .create_service_account(CreateServiceAccountRequest {
+            name: "reviewer".into(),
+            groups: vec!["reviewers".into()],
+        })
+        .await?
+        .into_inner();
+    let policy_file = data.join("demo-policy.yaml");
+    if pg.is_some() && !args.no_policy {
+        std::fs::write(&policy_file, DEMO_POLICY)?;
+        client
+            .apply_policy(ApplyPolicyRequest {
+                yaml: DEMO_POLICY.into(),
+            })
+            .await
+            .context("applying the demo policy")?;
+    }
     let mut agent = None;
     if let Some(pg) = &pg {
         client
@@ -243,27 +303,54 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         .await?;
     }
 
+    // The directory of this very binary goes first on PATH, so that the
+    // `gatehouse …` lines printed below run this build.
+    let bin_dir = std::env::current_exe()
+        .context("locating the gatehouse binary")?
+        .parent()
+        .map(Path::to_path_buf)
+        .context("the gatehouse binary has no directory")?;
     let env = format!(
-        "export PGHOST=127.0.0.1\nexport PGPORT={pg_port}\nexport PGUSER=demo\nexport PGDATABASE=app\nexport PGPASSWORD={}\nexport PGSSLMODE=require\nexport GATEHOUSE_API={api}\nexport GATEHOUSE_TOKEN={token}\nexport GATEHOUSE_CA_FILE={}\n",
+        "export PATH=\"{}:$PATH\"\nexport PGHOST=127.0.0.1\nexport PGPORT={pg_port}\nexport PGUSER=demo\nexport PGDATABASE=app\nexport PGPASSWORD={}\nexport PGSSLMODE=verify-full\nexport PGSSLROOTCERT={}\nexport GATEHOUSE_API={api}\nexport GATEHOUSE_TOKEN={token}\nexport GATEHOUSE_CA_FILE={}\nexport GATEHOUSE_REVIEWER_TOKEN={}\n",
+        bin_dir.display(),
         sa.api_key,
-        ca_file.display()
+        ca_file.display(),
+        ca_file.display(),
+        reviewer.api_key,
     );
-    write_private(&data.join("dev.env"), &env)?;
+    let env_file = data.join("dev.env");
+    write_private(&env_file, &env)?;
     println!("Gatehouse is running (data in {}).", data.display());
     if pg.is_some() {
         println!("Connect to the demo database through Gatehouse:");
         println!();
         println!(
-            "  PGPASSWORD={} psql \"host=127.0.0.1 port={pg_port} user=demo dbname=app sslmode=require\"",
-            sa.api_key
+            "  PGPASSWORD={} psql \"host=127.0.0.1 port={pg_port} user=demo dbname=app sslmode=verify-full sslrootcert={}\"",
+            sa.api_key,
+            ca_file.display()
         );
+        println!();
+        println!("(verify-full: psql checks the gateway's certificate against the cluster CA");
+        println!("before it sends your key; `require` would send it to any server.)");
     }
     println!();
     println!(
-        "Or load the settings into your shell:  source {}",
-        data.join("dev.env").display()
+        "Load the settings into your shell:  source {}",
+        env_file.display()
     );
-    println!("Then try:  gatehouse audit events   ·   gatehouse sessions list");
+    if pg.is_some() && !args.no_policy {
+        println!();
+        println!(
+            "Then take the tour (the demo policy is {}):",
+            policy_file.display()
+        );
+        for line in tour(&reviewer.api_key) {
+            println!("  {line}");
+        }
+    } else {
+        println!("Then try:  gatehouse audit events   ·   gatehouse sessions list");
+    }
+    println!();
     println!("Press Ctrl-C to stop.");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -281,6 +368,26 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         pg.stop();
     }
     Ok(())
+}
+
+/// The "try this" lines `gatehouse dev` prints, in order. Each comment
+/// says what to look for.
+pub fn tour(reviewer_key: &str) -> Vec<String> {
+    [
+        "psql -c 'select * from customers'                       # e-mails, phones, cards arrive masked",
+        "psql -c 'delete from customers'                         # refused: rule no-unbounded-writes",
+        "psql -c 'drop table customers'                          # refused: rule no-schema-changes",
+        "psql -c 'delete from customers where id = 4'            # held: answers with a request id",
+        &format!("GATEHOUSE_TOKEN={reviewer_key} gatehouse requests approve <request id>   # the reviewer approves"),
+        "psql -c 'delete from customers where id = 4'            # now it runs, once",
+        "gatehouse audit events                                  # the evidence: who, what, which rule",
+        "gatehouse sessions list                                 # every session, with its end reason",
+        "gatehouse sessions replay <session id>                  # a session as a timeline, verified",
+        "gatehouse sessions verify --all                         # every recording's hashes and signature",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }
 
 /// SIGTERM, then SIGKILL after five seconds.

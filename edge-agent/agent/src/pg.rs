@@ -324,6 +324,7 @@ async fn run(
         param_mask,
         reason,
         approvals: policy.and_then(|d| d.approvals.clone()).unwrap_or_default(),
+        terminated: false,
     }));
     let reason = relay(
         ctx,
@@ -335,7 +336,18 @@ async fn run(
         recv,
     )
     .await;
-    let recorder = state.lock().ok().and_then(|mut s| s.recorder.take());
+    let (recorder, terminated) = state
+        .lock()
+        .ok()
+        .map(|mut s| (s.recorder.take(), s.terminated))
+        .unwrap_or_default();
+    // After a Terminate the target closes its end and the client its own,
+    // in either order: both mean the client ended the session.
+    let reason = if terminated && (reason == CLIENT_GONE || reason == TARGET_GONE) {
+        "client ended the session".to_string()
+    } else {
+        reason
+    };
     let mut end = base_event(ctx, open, EventKind::SessionEnd, Decision::Allow);
     end.detail = Some(reason.clone());
     let _ = ctx.audit(end).await;
@@ -386,6 +398,9 @@ struct Session {
     /// document's approval settings, for approvals.
     reason: Arc<Mutex<String>>,
     approvals: gatehouse_policy::Approvals,
+    /// The client sent Terminate: whichever side closes next, the client
+    /// ended the session.
+    terminated: bool,
 }
 
 /// A statement the inspector holds for approval: its text and the rule.
@@ -442,7 +457,10 @@ impl Session {
                             done.push((statements, started_ms));
                             None
                         }
-                        SessionEvent::Terminate => None,
+                        SessionEvent::Terminate => {
+                            self.terminated = true;
+                            None
+                        }
                         SessionEvent::Row { values } => Some(RecordEvent::Row {
                             values: values.into_iter().map(|v| v.map(value_text)).collect(),
                         }),
@@ -503,6 +521,10 @@ fn value_text(v: Vec<u8>) -> String {
     String::from_utf8(v).unwrap_or_else(|e| format!("\\x{}", hex::encode(e.as_bytes())))
 }
 
+/// End reasons of a relay direction.
+const CLIENT_GONE: &str = "client disconnected";
+const TARGET_GONE: &str = "target closed the connection";
+
 async fn relay(
     ctx: &AgentCtx,
     open: &SessionOpen,
@@ -541,8 +563,8 @@ impl Pump<'_> {
         W: tokio::io::AsyncWrite + Unpin,
     {
         let (closed, write_failed) = match side {
-            Side::Client => ("client disconnected", "target closed the connection"),
-            Side::Upstream => ("target closed the connection", "client disconnected"),
+            Side::Client => (CLIENT_GONE, TARGET_GONE),
+            Side::Upstream => (TARGET_GONE, CLIENT_GONE),
         };
         let mut out = Vec::new();
         loop {

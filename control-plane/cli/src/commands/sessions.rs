@@ -1,0 +1,401 @@
+//! `gatehouse sessions`: the sessions index and the recordings.
+
+use anyhow::Context;
+use clap::Subcommand;
+use gatehouse_proto::v1::{
+    GetRecordingRequest, ListSessionsRequest, Session, SetLegalHoldRequest, VerifyRecordingsRequest,
+};
+use serde_json::json;
+
+use super::Ctx;
+use crate::client::Client;
+use crate::outln;
+use crate::output::{self, fmt_ms};
+
+#[derive(Subcommand)]
+pub enum SessionsCmd {
+    /// Sessions in the index, newest last.
+    List {
+        #[arg(long, default_value = "")]
+        identity: String,
+        #[arg(long, default_value = "")]
+        target: String,
+        #[arg(long, default_value_t = 0)]
+        limit: u32,
+    },
+    /// The statements of a session, read from its recording.
+    Show { id: String },
+    /// Re-reads recordings from the object store and checks every chunk's
+    /// hash, the chain and the agent's signature against the sessions
+    /// index. Exits non-zero when any recording does not verify.
+    Verify {
+        /// The session to check.
+        #[arg(required_unless_present = "all")]
+        id: Option<String>,
+        /// Check every recorded session.
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
+    },
+    /// A session as a timeline: time offset, statements, decisions, result
+    /// rows as delivered (masked values as the client saw them), errors.
+    Replay {
+        id: String,
+        #[arg(long, value_enum, default_value = "text")]
+        format: ReplayFormat,
+    },
+    /// Puts a session's recording under legal hold: retention never deletes it.
+    Hold {
+        id: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Releases a legal hold.
+    Release {
+        id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReplayFormat {
+    Text,
+    Json,
+}
+
+pub fn session_json(s: &Session) -> serde_json::Value {
+    json!({
+        "id": s.id, "identity": s.identity, "target": s.target, "agent": s.agent,
+        "database": s.database, "db_user": s.db_user, "client_addr": s.client_addr,
+        "started_ms": s.started_ms, "ended_ms": s.ended_ms, "end_reason": s.end_reason,
+        "recording_key": s.recording_key, "recording_sha256": s.recording_sha256,
+        "recording_size": s.recording_size, "policy_version": s.policy_version,
+        "chunk_keys": s.chunk_keys, "recording_events": s.recording_events,
+        "legal_hold": s.legal_hold, "legal_hold_reason": s.legal_hold_reason,
+        "recording_deleted_ms": s.recording_deleted_ms,
+    })
+}
+
+pub async fn exec(cmd: &SessionsCmd, ctx: &Ctx) -> anyhow::Result<()> {
+    let mut c = ctx.admin().await?;
+    match cmd {
+        SessionsCmd::List {
+            identity,
+            target,
+            limit,
+        } => {
+            let s = c
+                .list_sessions(ListSessionsRequest {
+                    identity: identity.clone(),
+                    target: target.clone(),
+                    limit: *limit,
+                })
+                .await?
+                .into_inner()
+                .sessions;
+            if ctx.json {
+                output::json(&json!(s.iter().map(session_json).collect::<Vec<_>>()))?;
+            } else {
+                output::table(
+                    &["ID", "IDENTITY", "TARGET", "STARTED", "ENDED", "END REASON"],
+                    s.into_iter()
+                        .map(|x| {
+                            vec![
+                                x.id,
+                                x.identity,
+                                x.target,
+                                fmt_ms(x.started_ms),
+                                fmt_ms(x.ended_ms),
+                                x.end_reason,
+                            ]
+                        })
+                        .collect(),
+                )?;
+            }
+        }
+        SessionsCmd::Show { id } => show_session(&mut c, id, ctx.json).await?,
+        SessionsCmd::Verify { id, all } => verify(&mut c, id.as_deref(), *all, ctx.json).await?,
+        SessionsCmd::Replay { id, format } => {
+            replay(&mut c, id, ctx.json || *format == ReplayFormat::Json).await?
+        }
+        SessionsCmd::Hold { id, reason } | SessionsCmd::Release { id, reason } => {
+            let hold = matches!(cmd, SessionsCmd::Hold { .. });
+            let s = c
+                .set_legal_hold(SetLegalHoldRequest {
+                    session_id: id.clone(),
+                    hold,
+                    reason: reason.clone(),
+                })
+                .await?
+                .into_inner();
+            if ctx.json {
+                output::json(&session_json(&s))?;
+            } else if s.legal_hold {
+                outln!(
+                    "session {} is under legal hold: {}",
+                    s.id,
+                    s.legal_hold_reason
+                )?;
+            } else {
+                outln!("session {} is not under legal hold", s.id)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn verify(c: &mut Client, id: Option<&str>, all: bool, json_out: bool) -> anyhow::Result<()> {
+    let results = c
+        .verify_recordings(VerifyRecordingsRequest {
+            session_id: id.unwrap_or_default().to_string(),
+            all,
+        })
+        .await?
+        .into_inner()
+        .results;
+    let bad = results.iter().filter(|r| !r.ok).count();
+    if json_out {
+        output::json(&json!(
+            results
+                .iter()
+                .map(|r| json!({
+                    "session_id": r.session_id, "ok": r.ok, "chunks": r.chunks,
+                    "events": r.events, "problems": r.problems,
+                }))
+                .collect::<Vec<_>>()
+        ))?;
+    } else {
+        for r in &results {
+            if r.ok {
+                outln!(
+                    "session {}: ok ({} chunks, {} events; hashes, chain and signature verified)",
+                    r.session_id,
+                    r.chunks,
+                    r.events
+                )?;
+            } else {
+                for p in &r.problems {
+                    outln!("session {}: FAILED: {p}", r.session_id)?;
+                }
+            }
+        }
+    }
+    anyhow::ensure!(
+        bad == 0,
+        "{bad} of {} recordings did not verify",
+        results.len()
+    );
+    Ok(())
+}
+
+/// Reads a recording as it streams, calling `on_line` with each JSON line
+/// (the session header first, then the records); returns the session and
+/// what verification found.
+async fn read_recording(
+    c: &mut Client,
+    id: &str,
+    mut on_line: impl FnMut(&[u8]) -> anyhow::Result<()>,
+) -> anyhow::Result<(Session, Vec<String>)> {
+    let mut stream = c
+        .get_recording(GetRecordingRequest {
+            session_id: id.to_string(),
+        })
+        .await?
+        .into_inner();
+    let mut session = None;
+    let mut problems = None;
+    let mut buf = Vec::new();
+    while let Some(part) = stream.message().await? {
+        if part.session.is_some() {
+            session = part.session;
+        }
+        buf.extend_from_slice(&part.data);
+        let mut start = 0;
+        while let Some(n) = buf
+            .get(start..)
+            .and_then(|b| b.iter().position(|c| *c == b'\n'))
+        {
+            on_line(buf.get(start..start + n).unwrap_or_default())?;
+            start += n + 1;
+        }
+        buf.drain(..start);
+        if part.done {
+            problems = Some(part.problems);
+        }
+    }
+    let session = session.context("the server sent no session")?;
+    let problems = problems.context("the recording stream ended early")?;
+    Ok((session, problems))
+}
+
+/// One record as a timeline line: what it is, and its text.
+fn timeline(rec: &gatehouse_recording::Record) -> (&'static str, String) {
+    use gatehouse_recording::RecordEvent as E;
+    let cell = |v: &Option<String>| v.clone().unwrap_or_else(|| "NULL".into());
+    let (what, text) = match &rec.event {
+        E::Query { text } => ("query", text.clone()),
+        E::Parse { name, text } if name.is_empty() => ("parse", text.clone()),
+        E::Parse { name, text } => ("parse", format!("{name}: {text}")),
+        E::RowDescription { columns } => ("columns", columns.join(" | ")),
+        E::Row { values } => (
+            "row",
+            values.iter().map(cell).collect::<Vec<_>>().join(" | "),
+        ),
+        E::CommandComplete { tag } => ("complete", tag.clone()),
+        E::Error { code, message } => ("error", format!("{code} {message}")),
+        E::Notice { code, message } => ("notice", format!("{code} {message}")),
+        E::Decision {
+            statement,
+            action,
+            rule,
+        } => (
+            "decision",
+            format!("{action} by rule \"{rule}\": {statement}"),
+        ),
+        E::StatementDone { rows, masked, .. } if masked.is_empty() => {
+            ("ready", format!("{rows} rows"))
+        }
+        E::StatementDone { rows, masked, .. } => (
+            "ready",
+            format!(
+                "{rows} rows; values masked: {}",
+                masked
+                    .iter()
+                    .map(|(d, n)| format!("{d} {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ),
+        E::Parameters { values, .. } => (
+            "params",
+            values.iter().map(cell).collect::<Vec<_>>().join(" | "),
+        ),
+        E::End { reason } => ("end", reason.clone()),
+        E::TerminalOutput { data } | E::TerminalInput { data } => ("terminal", data.clone()),
+        E::WindowSize { cols, rows } => ("window", format!("{cols}x{rows}")),
+        E::KubeRequest { verb, path, status } => ("kube", format!("{verb} {path} {status}")),
+    };
+    (what, text)
+}
+
+/// Prints a session's recording as a timeline, as it streams.
+async fn replay(c: &mut Client, id: &str, json_out: bool) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut header: Option<gatehouse_recording::Header> = None;
+    let mut first = true;
+    let (s, problems) = read_recording(c, id, |line| {
+        if header.is_none() {
+            let h: gatehouse_recording::Header =
+                serde_json::from_slice(line).context("parsing the recording's header")?;
+            if json_out {
+                write!(
+                    out,
+                    "{{\"header\":{},\"events\":[",
+                    serde_json::to_string(&h)?
+                )?;
+            } else {
+                writeln!(
+                    out,
+                    "session {} · {} → {} ({}) as {} · agent {} · policy {} · started {}",
+                    h.session_id,
+                    h.identity,
+                    h.target,
+                    h.database,
+                    h.db_user,
+                    h.agent,
+                    h.policy_version,
+                    fmt_ms(h.started_ms)
+                )?;
+            }
+            header = Some(h);
+            return Ok(());
+        }
+        let rec: gatehouse_recording::Record =
+            serde_json::from_slice(line).context("parsing a record")?;
+        if json_out {
+            let sep = if first { "" } else { "," };
+            write!(out, "{sep}{}", serde_json::to_string(&rec)?)?;
+        } else {
+            let (what, text) = timeline(&rec);
+            writeln!(out, "{:>10}  {what:<9} {text}", format!("+{}ms", rec.t))?;
+        }
+        first = false;
+        Ok(())
+    })
+    .await?;
+    if json_out {
+        if header.is_none() {
+            write!(out, "{{\"header\":null,\"events\":[")?;
+        }
+        writeln!(
+            out,
+            "],\"session\":{},\"verified\":{},\"problems\":{}}}",
+            session_json(&s),
+            problems.is_empty(),
+            json!(problems)
+        )?;
+    } else if problems.is_empty() {
+        writeln!(
+            out,
+            "recording verified: every chunk hash, the chain and the agent's signature"
+        )?;
+    } else {
+        writeln!(out, "RECORDING DOES NOT VERIFY: {}", problems.join("; "))?;
+    }
+    out.flush()?;
+    anyhow::ensure!(
+        problems.is_empty(),
+        "recording of session {id} does not verify"
+    );
+    Ok(())
+}
+
+async fn show_session(c: &mut Client, id: &str, json_out: bool) -> anyhow::Result<()> {
+    let mut header: Option<gatehouse_recording::Header> = None;
+    let mut records: Vec<gatehouse_recording::Record> = Vec::new();
+    let (s, problems) = read_recording(c, id, |l| {
+        match header {
+            None => header = Some(serde_json::from_slice(l).context("parsing the header")?),
+            Some(_) => records.push(serde_json::from_slice(l).context("parsing a record")?),
+        }
+        Ok(())
+    })
+    .await?;
+    anyhow::ensure!(
+        problems.is_empty(),
+        "recording of session {id} does not verify: {}",
+        problems.join("; ")
+    );
+    let header = header.context("the recording has no header")?;
+    let statements: Vec<(i64, String)> = records
+        .iter()
+        .filter_map(|r| match &r.event {
+            gatehouse_recording::RecordEvent::Query { text } => Some((r.t, text.clone())),
+            gatehouse_recording::RecordEvent::Parse { text, .. } => Some((r.t, text.clone())),
+            _ => None,
+        })
+        .collect();
+    if json_out {
+        output::json(&json!({
+            "session": session_json(&s),
+            "recording_sha256_verified": true,
+            "statements": statements.iter().map(|(t, q)| json!({"offset_ms": t, "statement": q})).collect::<Vec<_>>(),
+            "events": records,
+        }))?;
+    } else {
+        outln!(
+            "session {} · {} → {} as {} · started {} · recording sha256 {} (verified)",
+            s.id,
+            header.identity,
+            header.target,
+            header.db_user,
+            fmt_ms(header.started_ms),
+            s.recording_sha256
+        )?;
+        for (t, q) in statements {
+            outln!("+{t}ms\t{q}")?;
+        }
+    }
+    Ok(())
+}
