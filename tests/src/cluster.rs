@@ -103,6 +103,7 @@ impl TestCluster {
 
     fn start_inner(n: u64, snapshot_every: u64, links: Option<Links>, tunnel_host: &str) -> Self {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        gatehouse_secure_fs::owner_only_umask();
         let tmp = tempfile::tempdir().unwrap();
         let token = "gha_test_cluster_admin_token_0123456789".to_string();
         let token_file = tmp.path().join("admin.token");
@@ -208,11 +209,16 @@ impl TestCluster {
             }
         }
         if let Some((via, token)) = &node.join {
+            let f = crate::secret_file(
+                self.tmp.path(),
+                &format!("node{}.join-token", node.id),
+                token,
+            );
             args.extend([
                 "--join".into(),
                 via.clone(),
-                "--join-token".into(),
-                token.clone(),
+                "--join-token-file".into(),
+                f.display().to_string(),
             ]);
         }
         std::fs::create_dir_all(&node.dir).unwrap();
@@ -224,6 +230,7 @@ impl TestCluster {
             .unwrap();
         let child = std::process::Command::new(bin("gatehouse-server"))
             .args(&args)
+            .env("GATEHOUSE_KEK", crate::TEST_KEK)
             .env(
                 "RUST_LOG",
                 std::env::var("GATEHOUSE_TEST_NODE_LOG")

@@ -60,12 +60,25 @@ pub struct Proc {
     pub log: PathBuf,
 }
 
+/// The key-encryption key every server of a test is started with (in the
+/// environment, outside every data directory).
+pub const TEST_KEK: &str = "5e1f0c0ffee5e1f0c0ffee5e1f0c0ffee5e1f0c0ffee5e1f0c0ffee5e1f0c0ff";
+
+/// Writes a secret to a file of its own (tokens go to processes as files,
+/// never on their command line) and returns the path.
+pub fn secret_file(dir: &Path, name: &str, secret: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, secret).unwrap();
+    p
+}
+
 impl Proc {
     pub fn spawn(bin: &Path, args: &[String], log: &Path) -> Self {
         let f = std::fs::File::create(log).unwrap();
         let child = Command::new(bin)
             .args(args)
             .env("RUST_LOG", "info")
+            .env("GATEHOUSE_KEK", TEST_KEK)
             .stdin(Stdio::null())
             .stdout(f.try_clone().unwrap())
             .stderr(f)
@@ -231,6 +244,8 @@ impl Stack {
     /// S3-compatible server the stack starts.
     pub fn start_server_with(s3: bool) -> Self {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        // As a deployment keeps them: data directories owner-only.
+        gatehouse_secure_fs::owner_only_umask();
         let tmp = tempfile::tempdir().unwrap();
         let s3 = s3.then(|| S3Server::start(tmp.path()));
         let pg = LocalPostgres::start().unwrap();
@@ -383,8 +398,9 @@ impl Stack {
     pub fn spawn_agent(&self, config: &Path, token: Option<&str>, log: &str) -> Proc {
         let mut args = vec!["--config".to_string(), config.display().to_string()];
         if let Some(t) = token {
-            args.push("--enroll-token".into());
-            args.push(t.into());
+            args.push("--enroll-token-file".into());
+            let f = secret_file(self.tmp.path(), &format!("{log}.enroll-token"), t);
+            args.push(f.display().to_string());
         }
         // Append to the log so restarts keep earlier lines.
         let path = self.tmp.path().join(log);

@@ -161,8 +161,10 @@ fn any_node_serves_sessions_and_the_agent_fails_over_to_a_surviving_node() {
         &[
             "--config".into(),
             config.display().to_string(),
-            "--enroll-token".into(),
-            token,
+            "--enroll-token-file".into(),
+            secret_file(c.tmp.path(), "enroll-token", &token)
+                .display()
+                .to_string(),
         ],
         &c.tmp.path().join("agent.log"),
     );
@@ -267,8 +269,10 @@ fn an_agent_behind_nat_serves_sessions_through_node_death_and_a_mapping_flush() 
             agent_bin.display().to_string(),
             "--config".into(),
             config.display().to_string(),
-            "--enroll-token".into(),
-            token,
+            "--enroll-token-file".into(),
+            secret_file(c.tmp.path(), "enroll-token", &token)
+                .display()
+                .to_string(),
         ],
         &c.tmp.path().join("agent.log"),
     );

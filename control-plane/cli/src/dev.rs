@@ -144,9 +144,17 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         );
         std::fs::remove_dir_all(&data)?;
     }
-    std::fs::create_dir_all(data.join("server"))?;
-    std::fs::create_dir_all(data.join("agent"))?;
+    std::fs::create_dir_all(&data)?;
     std::fs::write(data.join(".gatehouse-dev"), "")?;
+    // The server's and the agent's data directories are owner-only, as a
+    // deployment keeps them (each process checks at start-up).
+    for d in ["server", "agent"] {
+        gatehouse_secure_fs::private_dir(&data.join(d))?;
+    }
+    // The key-encryption key sealing the cluster's private keys lives
+    // outside the server's data directory.
+    let kek_file = data.join("kek");
+    write_private(&kek_file, &hex::encode(rand::random::<[u8; 32]>()))?;
     let recordings = data.join("recordings");
 
     let mut pg = match crate::postgres::find_bin() {
@@ -183,6 +191,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             format!("127.0.0.1:{tunnel_port}"),
             "--raft-listen".into(),
             format!("127.0.0.1:{}", free_port()?),
+            "--kek-file".into(),
+            kek_file.display().to_string(),
         ],
         &data.join("server.log"),
     )?;
@@ -273,14 +283,17 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             password_file.display()
         );
         let config_file = agent_dir.join("agent.toml");
-        std::fs::write(&config_file, config)?;
+        write_private(&config_file, &config)?;
+        // The single-use token goes to the agent in a file, not its argv.
+        let token_file = data.join("enroll-token");
+        write_private(&token_file, &enroll.token)?;
         agent = Some(spawn_logged(
             &sibling("gatehouse-agent")?,
             &[
                 "--config".into(),
                 config_file.display().to_string(),
-                "--enroll-token".into(),
-                enroll.token,
+                "--enroll-token-file".into(),
+                token_file.display().to_string(),
             ],
             &data.join("agent.log"),
         )?);
@@ -301,6 +314,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             }
         })
         .await?;
+        // Used: it opens nothing any more, and need not stay on disk.
+        let _ = std::fs::remove_file(&token_file);
     }
 
     // The directory of this very binary goes first on PATH, so that the
@@ -407,13 +422,5 @@ async fn stop(child: &mut Child) {
 }
 
 fn write_private(path: &Path, data: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(data.as_bytes())
+    gatehouse_secure_fs::write_private(path, data.as_bytes())
 }

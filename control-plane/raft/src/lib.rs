@@ -22,7 +22,7 @@ use std::sync::Arc;
 pub use network::PeerTls;
 pub use read::StateReader;
 pub use store::{LogStore, StateMachineStore, open_database};
-pub use types::{Command, CommandResult, NodeInfo, RawEvent, Rejection, TypeConfig};
+pub use types::{ChangeAudit, Command, CommandResult, NodeInfo, RawEvent, Rejection, TypeConfig};
 
 /// The handle to the local Raft member.
 pub type Raft = openraft::Raft<TypeConfig>;

@@ -182,6 +182,23 @@ impl StateReader {
         }))
     }
 
+    /// An enrollment token by the SHA-256 of its secret (checked before
+    /// any Raft write, so an invalid token costs no log entry).
+    pub fn enrollment_token(
+        &self,
+        token_sha256: &str,
+    ) -> Result<Option<crate::state::EnrollmentToken>, ReadError> {
+        self.get(&key::enroll(token_sha256))
+    }
+
+    /// A join token by the SHA-256 of its secret.
+    pub fn join_token(
+        &self,
+        token_sha256: &str,
+    ) -> Result<Option<crate::state::JoinToken>, ReadError> {
+        self.get(&key::join(token_sha256))
+    }
+
     pub fn agent(&self, name: &str) -> Result<Option<Agent>, ReadError> {
         self.get(&key::agent(name))
     }

@@ -231,7 +231,7 @@ pub struct PolicyRecord {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterKeys {
     pub ca_cert_pem: String,
-    pub ca_key_pem: String,
+    pub ca_key_sealed: String,
     pub created_ms: i64,
 }
 
@@ -284,7 +284,7 @@ pub(crate) fn apply(txn: &WriteTransaction, cmd: &Command) -> ApplyResult<Comman
     let res = match cmd {
         Command::InitCluster {
             ca_cert_pem,
-            ca_key_pem,
+            ca_key_sealed,
             now_ms,
         } => {
             if kv.get(key::CLUSTER)?.is_none() {
@@ -293,7 +293,7 @@ pub(crate) fn apply(txn: &WriteTransaction, cmd: &Command) -> ApplyResult<Comman
                     key::CLUSTER,
                     &ClusterKeys {
                         ca_cert_pem: ca_cert_pem.clone(),
-                        ca_key_pem: ca_key_pem.clone(),
+                        ca_key_sealed: ca_key_sealed.clone(),
                         created_ms: *now_ms,
                     },
                 )?;
@@ -601,8 +601,142 @@ pub(crate) fn apply(txn: &WriteTransaction, cmd: &Command) -> ApplyResult<Comman
             s.recording_purged = true;
             Ok(())
         })?,
+        Command::Audited { audit, change } => {
+            let before = kv
+                .get(key::POLICY_VERSION)?
+                .map(|v| v.value().to_string())
+                .unwrap_or_default();
+            drop(kv);
+            if matches!(**change, Command::Audited { .. }) {
+                return Ok(reject(Rejection::Invalid("nested audited change".into())));
+            }
+            let res = apply(txn, change)?;
+            if matches!(res, CommandResult::Rejected(_)) {
+                return Ok(res);
+            }
+            let after = txn
+                .open_table(KV)?
+                .get(key::POLICY_VERSION)?
+                .map(|v| v.value().to_string())
+                .unwrap_or_default();
+            let (target, what) = describe_change(change);
+            let ev = gatehouse_audit::AuditEvent {
+                id: audit.event_id.clone(),
+                agent: audit.producer.clone(),
+                seq: audit.seq,
+                time_ms: audit.now_ms,
+                kind: gatehouse_audit::EventKind::ConfigChange,
+                session_id: String::new(),
+                identity: audit.actor.clone(),
+                target,
+                policy_version: after.clone(),
+                decision: gatehouse_audit::Decision::Allow,
+                statement: None,
+                parameters: None,
+                outcome: None,
+                detail: Some(format!(
+                    "{what}; by {} from {}; policy version {} -> {}",
+                    audit.actor,
+                    audit.client_addr,
+                    if before.is_empty() { "-" } else { &before },
+                    if after.is_empty() { "-" } else { &after },
+                )),
+                masked: None,
+            };
+            let raw = RawEvent::new(String::from_utf8_lossy(&ev.encode()).into_owned())
+                .map_err(corrupt)?;
+            append_audit(txn, &audit.producer, &[raw])?;
+            res
+        }
     };
     Ok(res)
+}
+
+/// What an audited change changed, in words, and the target it concerns.
+/// Never includes a secret: keys and tokens appear as their ids or hashes'
+/// first digits only.
+fn describe_change(cmd: &Command) -> (String, String) {
+    let short = |h: &str| h.chars().take(12).collect::<String>();
+    match cmd {
+        Command::CreateServiceAccount {
+            name,
+            groups,
+            key_id,
+            ..
+        } => (
+            String::new(),
+            format!(
+                "created service account sa:{name} (groups [{}], API key id {key_id})",
+                groups.join(", ")
+            ),
+        ),
+        Command::CreateTarget { target } => (
+            target.name.clone(),
+            format!(
+                "created target {} ({}, served by agent {}, default role {:?})",
+                target.name, target.kind, target.agent, target.default_db_user
+            ),
+        ),
+        Command::CreateRule { rule } => (
+            rule.target.clone(),
+            format!(
+                "created access rule {}: {} may use {}",
+                rule.id, rule.subject, rule.target
+            ),
+        ),
+        Command::ApplyPolicy { policy } => (
+            String::new(),
+            format!("applied policy document {}", policy.doc_version),
+        ),
+        Command::CreateEnrollmentToken {
+            token_sha256,
+            agent,
+            expires_ms,
+            ..
+        } => (
+            String::new(),
+            format!(
+                "created enrollment token {} for agent {agent}, expiring at {expires_ms} ms",
+                short(token_sha256)
+            ),
+        ),
+        Command::ConsumeEnrollmentToken {
+            token_sha256,
+            agent,
+            cert_serial,
+            ..
+        } => (
+            String::new(),
+            format!(
+                "enrolled agent {agent} with token {} (certificate serial {cert_serial})",
+                short(token_sha256)
+            ),
+        ),
+        Command::CreateJoinToken {
+            token_sha256,
+            node_id,
+            expires_ms,
+            ..
+        } => (
+            String::new(),
+            format!(
+                "created join token {} for node {node_id}, expiring at {expires_ms} ms",
+                short(token_sha256)
+            ),
+        ),
+        Command::ConsumeJoinToken {
+            token_sha256,
+            node_id,
+            ..
+        } => (
+            String::new(),
+            format!(
+                "admitted node {node_id} with join token {}",
+                short(token_sha256)
+            ),
+        ),
+        _ => (String::new(), "changed the configuration".into()),
+    }
 }
 
 fn append_audit(

@@ -40,7 +40,7 @@ pub enum Command {
     /// Creates the cluster's CA once; ignored when one exists.
     InitCluster {
         ca_cert_pem: String,
-        ca_key_pem: String,
+        ca_key_sealed: String,
         now_ms: i64,
     },
     CreateServiceAccount {
@@ -143,6 +143,29 @@ pub enum Command {
     RecordingPurged {
         session_id: String,
     },
+    /// A configuration change and its audit event, applied together: when
+    /// `change` takes effect, apply appends a `config_change` event naming
+    /// `actor`, what changed, and the policy version before and after. The
+    /// event's id, producer, sequence number and time are chosen before
+    /// proposing, so apply stays deterministic.
+    Audited {
+        audit: Box<ChangeAudit>,
+        change: Box<Command>,
+    },
+}
+
+/// Who made an audited configuration change, and the fields of its event.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeAudit {
+    /// The authenticated caller (`admin`, `sa:<name>`, `agent:<name>`, …).
+    pub actor: String,
+    /// Where the call came from.
+    pub client_addr: String,
+    pub event_id: String,
+    /// The producer (`control-plane-<node>`) and its sequence number.
+    pub producer: String,
+    pub seq: u64,
+    pub now_ms: i64,
 }
 
 /// Why a command changed nothing.

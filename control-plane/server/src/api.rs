@@ -118,6 +118,7 @@ pub async fn serve(
     reviews: crate::approvals::ReviewsService,
     admin_token: String,
     chain: TlsChain,
+    limits: std::sync::Arc<crate::limits::ConnLimits>,
 ) {
     let expected = format!("Bearer {admin_token}");
     let review_auth = {
@@ -137,17 +138,17 @@ pub async fn serve(
             Err(Status::unauthenticated("missing or invalid admin token"))
         }
     };
-    let tls = tonic::transport::ServerTlsConfig::new().identity(
-        tonic::transport::Identity::from_pem(chain.cert_pem.as_bytes(), chain.key_pem.as_bytes()),
-    );
-    let mut server = match tonic::transport::Server::builder().tls_config(tls) {
-        Ok(s) => s,
+    let acceptor = match crate::tls_listener::acceptor(&chain.cert_pem, &chain.key_pem, None) {
+        Ok(a) => a,
         Err(e) => {
             tracing::error!(error = %e, "API TLS configuration failed");
             return;
         }
     };
-    let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    let incoming = crate::tls_listener::incoming("api", listener, acceptor, limits);
+    let mut server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)));
     if let Err(e) = server
         .add_service(AdminServer::with_interceptor(svc, auth))
         .add_service(
@@ -162,6 +163,16 @@ pub async fn serve(
     {
         tracing::error!(error = %e, "API server failed");
     }
+}
+
+/// Who called, for the audit: the bootstrap admin token is the only
+/// credential of this API, and where the call came from.
+fn caller<T>(req: &Request<T>) -> (String, String) {
+    let addr = req
+        .remote_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|| "unknown".into());
+    ("admin".into(), addr)
 }
 
 fn valid_name(kind: &str, name: &str) -> Result<(), ApiError> {
@@ -235,6 +246,7 @@ impl Admin for AdminService {
         &self,
         req: Request<CreateServiceAccountRequest>,
     ) -> ApiResult<CreateServiceAccountResponse> {
+        let (actor, addr) = caller(&req);
         let req = req.into_inner();
         valid_name("service account", &req.name)?;
         for g in &req.groups {
@@ -244,13 +256,17 @@ impl Admin for AdminService {
         let secret = self.cluster.new_secret(24);
         let now = now_ms();
         self.cluster
-            .propose(Command::CreateServiceAccount {
-                name: req.name.clone(),
-                groups: req.groups.clone(),
-                key_id: key_id.clone(),
-                key_sha256: state::sha256_hex(secret.as_bytes()),
-                now_ms: now,
-            })
+            .propose_audited(
+                &actor,
+                &addr,
+                Command::CreateServiceAccount {
+                    name: req.name.clone(),
+                    groups: req.groups.clone(),
+                    key_id: key_id.clone(),
+                    key_sha256: state::sha256_hex(secret.as_bytes()),
+                    now_ms: now,
+                },
+            )
             .await
             .map_err(ApiError::from)?;
         Ok(Response::new(CreateServiceAccountResponse {
@@ -285,6 +301,7 @@ impl Admin for AdminService {
     }
 
     async fn create_target(&self, req: Request<CreateTargetRequest>) -> ApiResult<Target> {
+        let (actor, addr) = caller(&req);
         let req = req.into_inner();
         valid_name("target", &req.name)?;
         valid_name("agent", &req.agent)?;
@@ -307,9 +324,13 @@ impl Admin for AdminService {
             created_ms: now_ms(),
         };
         self.cluster
-            .propose(Command::CreateTarget {
-                target: target.clone(),
-            })
+            .propose_audited(
+                &actor,
+                &addr,
+                Command::CreateTarget {
+                    target: target.clone(),
+                },
+            )
             .await
             .map_err(ApiError::from)?;
         Ok(Response::new(self.target_proto(target)))
@@ -328,6 +349,7 @@ impl Admin for AdminService {
     }
 
     async fn create_rule(&self, req: Request<CreateRuleRequest>) -> ApiResult<Rule> {
+        let (actor, addr) = caller(&req);
         let req = req.into_inner();
         let subject_ok = req
             .subject
@@ -348,7 +370,7 @@ impl Admin for AdminService {
             created_ms: now_ms(),
         };
         self.cluster
-            .propose(Command::CreateRule { rule: rule.clone() })
+            .propose_audited(&actor, &addr, Command::CreateRule { rule: rule.clone() })
             .await
             .map_err(ApiError::from)?;
         Ok(Response::new(Rule {
@@ -379,6 +401,7 @@ impl Admin for AdminService {
     }
 
     async fn apply_policy(&self, req: Request<ApplyPolicyRequest>) -> ApiResult<PolicyDocument> {
+        let (actor, addr) = caller(&req);
         let yaml = req.into_inner().yaml;
         if yaml.len() > MAX_POLICY_BYTES {
             return Err(ApiError::InvalidArgument(format!(
@@ -404,14 +427,18 @@ impl Admin for AdminService {
             doc_version,
             yaml,
             canonical: doc.canonical(),
-            author: "admin".into(),
+            author: actor.clone(),
             applied_ms: now_ms(),
         };
         match self
             .cluster
-            .propose(Command::ApplyPolicy {
-                policy: Box::new(record),
-            })
+            .propose_audited(
+                &actor,
+                &addr,
+                Command::ApplyPolicy {
+                    policy: Box::new(record),
+                },
+            )
             .await
         {
             Ok(_) | Err(ProposeError::Rejected(Rejection::Unchanged(_))) => {}
@@ -472,6 +499,7 @@ impl Admin for AdminService {
         &self,
         req: Request<CreateEnrollmentTokenRequest>,
     ) -> ApiResult<CreateEnrollmentTokenResponse> {
+        let (actor, addr) = caller(&req);
         let req = req.into_inner();
         valid_name("agent", &req.agent)?;
         let ttl = match req.ttl_seconds {
@@ -488,12 +516,16 @@ impl Admin for AdminService {
         let now = now_ms();
         let expires_ms = now + ttl * 1000;
         self.cluster
-            .propose(Command::CreateEnrollmentToken {
-                token_sha256: state::sha256_hex(secret.as_bytes()),
-                agent: req.agent,
-                expires_ms,
-                now_ms: now,
-            })
+            .propose_audited(
+                &actor,
+                &addr,
+                Command::CreateEnrollmentToken {
+                    token_sha256: state::sha256_hex(secret.as_bytes()),
+                    agent: req.agent,
+                    expires_ms,
+                    now_ms: now,
+                },
+            )
             .await
             .map_err(ApiError::from)?;
         Ok(Response::new(CreateEnrollmentTokenResponse {
@@ -639,6 +671,7 @@ impl Admin for AdminService {
     }
 
     async fn set_legal_hold(&self, req: Request<SetLegalHoldRequest>) -> ApiResult<Session> {
+        let (actor, addr) = caller(&req);
         let req = req.into_inner();
         let s = self.session(&req.session_id)?;
         if req.hold && req.reason.trim().is_empty() {
@@ -664,8 +697,8 @@ impl Admin for AdminService {
             &s.id,
         );
         ev.detail = Some(match req.hold {
-            true => format!("legal hold placed: {}", req.reason),
-            false => format!("legal hold released: {}", req.reason),
+            true => format!("legal hold placed by {actor} from {addr}: {}", req.reason),
+            false => format!("legal hold released by {actor} from {addr}: {}", req.reason),
         });
         self.cluster.audit(ev).await.map_err(ApiError::from)?;
         Ok(Response::new(session_proto(self.session(&s.id)?)))
@@ -700,6 +733,7 @@ impl Admin for AdminService {
         &self,
         req: Request<CreateJoinTokenRequest>,
     ) -> ApiResult<CreateJoinTokenResponse> {
+        let (actor, addr) = caller(&req);
         let req = req.into_inner();
         if req.node_id == 0 {
             return Err(ApiError::InvalidArgument("node id 0 is reserved".into()).into());
@@ -713,12 +747,16 @@ impl Admin for AdminService {
         let now = now_ms();
         let expires_ms = now + ttl * 1000;
         self.cluster
-            .propose(Command::CreateJoinToken {
-                token_sha256: state::sha256_hex(secret.as_bytes()),
-                node_id: req.node_id,
-                expires_ms,
-                now_ms: now,
-            })
+            .propose_audited(
+                &actor,
+                &addr,
+                Command::CreateJoinToken {
+                    token_sha256: state::sha256_hex(secret.as_bytes()),
+                    node_id: req.node_id,
+                    expires_ms,
+                    now_ms: now,
+                },
+            )
             .await
             .map_err(ApiError::from)?;
         Ok(Response::new(CreateJoinTokenResponse {
@@ -735,6 +773,7 @@ impl Admin for AdminService {
         &self,
         req: Request<RemoveNodeRequest>,
     ) -> ApiResult<ClusterStatusResponse> {
+        let (actor, addr) = caller(&req);
         let id = req.into_inner().node_id;
         let m = self.cluster.raft.metrics().borrow().clone();
         if m.current_leader != Some(self.cluster.node_id) {
@@ -753,11 +792,25 @@ impl Admin for AdminService {
         } else {
             openraft::ChangeMembers::RemoveNodes(std::collections::BTreeSet::from([id]))
         };
-        self.cluster
-            .raft
-            .change_membership(change, false)
-            .await
-            .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        // The evidence commits first: a leader that removes itself cannot
+        // write anything once it is out.
+        let mut ev = self
+            .cluster
+            .event(EventKind::ConfigChange, Decision::Allow, &actor, "", "");
+        ev.detail = Some(format!(
+            "removed node {id} from the cluster; by {actor} from {addr}"
+        ));
+        self.cluster.audit(ev).await.map_err(ApiError::from)?;
+        if let Err(e) = self.cluster.raft.change_membership(change, false).await {
+            let mut ev =
+                self.cluster
+                    .event(EventKind::ConfigChange, Decision::Deny, &actor, "", "");
+            ev.detail = Some(format!(
+                "removing node {id} failed, it is still a member: {e}; by {actor} from {addr}"
+            ));
+            let _ = self.cluster.audit(ev).await;
+            return Err(ApiError::InvalidArgument(e.to_string()).into());
+        }
         Ok(Response::new(self.cluster_status()))
     }
 

@@ -247,19 +247,46 @@ impl Cluster {
         }
     }
 
+    /// The next sequence number of this node's own audit events.
+    fn next_seq(&self) -> u64 {
+        let mut s = match self.audit_seq.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        *s += 1;
+        *s
+    }
+
+    /// Proposes a configuration change made by `actor` (calling from
+    /// `client_addr`); the change and its `config_change` audit event commit
+    /// together or not at all.
+    pub async fn propose_audited(
+        &self,
+        actor: &str,
+        client_addr: &str,
+        change: Command,
+    ) -> Result<CommandResult, ProposeError> {
+        let audit = gatehouse_cp_raft::ChangeAudit {
+            actor: actor.to_string(),
+            client_addr: client_addr.to_string(),
+            event_id: self.new_id(),
+            producer: Self::producer_name(self.node_id),
+            seq: self.next_seq(),
+            now_ms: now_ms(),
+        };
+        self.propose(Command::Audited {
+            audit: Box::new(audit),
+            change: Box::new(change),
+        })
+        .await
+    }
+
     /// Commits an audit event produced by this node (e.g. a refused
     /// connection). Returns once it is durable in the log.
     pub async fn audit(&self, mut ev: AuditEvent) -> Result<(), ProposeError> {
         let producer = Self::producer_name(self.node_id);
         ev.agent = producer.clone();
-        ev.seq = {
-            let mut s = match self.audit_seq.lock() {
-                Ok(s) => s,
-                Err(p) => p.into_inner(),
-            };
-            *s += 1;
-            *s
-        };
+        ev.seq = self.next_seq();
         let raw = RawEvent::new(String::from_utf8_lossy(&ev.encode()).into_owned())
             .map_err(|e| ProposeError::Raft(format!("encoding an audit event: {e}")))?;
         self.propose(Command::AppendAudit {

@@ -29,10 +29,16 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::TlsChain;
 use crate::cluster::{Cluster, now_ms};
+use crate::limits::{ConnLimits, LoginThrottle};
 use crate::tunnel::AgentRegistry;
 
-/// Time a client has to finish TLS, startup and password.
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// What the ingress needs beyond the cluster: its limits before
+/// authentication and the failed-login throttle.
+#[derive(Clone)]
+pub struct Gate {
+    pub limits: Arc<ConnLimits>,
+    pub throttle: Arc<LoginThrottle>,
+}
 
 /// Why a connection was refused before reaching a target. Each maps to the
 /// SQLSTATE the client sees.
@@ -42,10 +48,12 @@ enum Refusal {
     TlsRequired,
     #[error("password authentication failed for user \"{0}\"")]
     BadCredentials(String),
-    #[error("no target named \"{0}\"")]
-    NoSuchTarget(String),
-    #[error("{identity} is not allowed to access target \"{target}\"")]
+    /// A missing target and one the caller may not use look the same to
+    /// the caller: names are not disclosed to someone without a rule.
+    #[error("{identity} may not use a target named \"{target}\"")]
     NotAllowed { identity: String, target: String },
+    #[error("too many failed logins from {addr}; retry in {secs} s")]
+    Throttled { addr: std::net::IpAddr, secs: u64 },
     #[error("target \"{target}\" is unavailable: {reason}")]
     Unavailable { target: String, reason: String },
     #[error("the session could not be recorded in the index; refusing to proceed")]
@@ -59,7 +67,9 @@ enum Refusal {
 impl Refusal {
     fn sqlstate(&self) -> &'static str {
         match self {
-            Refusal::TlsRequired | Refusal::NotAllowed { .. } | Refusal::NoSuchTarget(_) => "28000",
+            Refusal::TlsRequired | Refusal::NotAllowed { .. } | Refusal::Throttled { .. } => {
+                "28000"
+            }
             Refusal::BadCredentials(_) => "28P01",
             Refusal::Unavailable { .. } | Refusal::StateUnconfirmed => "57P03",
             Refusal::NotDurable => "58000",
@@ -86,24 +96,50 @@ pub async fn serve(
     tls: TlsAcceptor,
     cluster: Arc<Cluster>,
     agents: AgentRegistry,
+    gate: Gate,
 ) {
+    let accept_errors = crate::limits::LogEvery::new(Duration::from_secs(10));
+    let startup_errors = Arc::new(crate::limits::LogEvery::new(Duration::from_secs(10)));
     loop {
         let (sock, peer) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
+                if let Some(n) = accept_errors.tick() {
+                    tracing::warn!(error = %e, count = n, "accept failed");
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
+        // Over the cap for its address or in total: closed at once, before
+        // a byte is read.
+        let Some(slot) = gate.limits.admit(peer.ip()) else {
+            drop(sock);
+            continue;
+        };
         let _ = sock.set_nodelay(true);
-        let (tls, cluster, agents) = (tls.clone(), cluster.clone(), agents.clone());
+        let (tls, cluster, agents, gate) =
+            (tls.clone(), cluster.clone(), agents.clone(), gate.clone());
+        let startup_errors = startup_errors.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle(sock, peer, tls, cluster, agents).await {
-                tracing::debug!(%peer, error = %e, "client connection ended");
+            if let Err(e) = handle(sock, peer, tls, cluster, agents, gate, slot).await
+                && let Some(n) = startup_errors.tick()
+            {
+                tracing::info!(%peer, error = %e, count = n, "client connection ended before a session");
             }
         });
     }
+}
+
+/// One stage before authentication, under its deadline.
+async fn stage<T>(
+    what: &'static str,
+    limit: Duration,
+    f: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    tokio::time::timeout(limit, f)
+        .await
+        .map_err(|_| anyhow::anyhow!("{what} did not finish within {} s", limit.as_secs()))?
 }
 
 /// What the client asked for in its StartupMessage.
@@ -117,14 +153,27 @@ async fn handle(
     tls: TlsAcceptor,
     cluster: Arc<Cluster>,
     agents: AgentRegistry,
+    gate: Gate,
+    slot: crate::limits::ConnSlot,
 ) -> anyhow::Result<()> {
+    let limit = gate.limits.stage();
     let mut ctx = DecodeContext::default();
     let mut buf = BytesMut::with_capacity(1024);
     // SSL negotiation on the plain socket.
     loop {
-        let msg = tokio::time::timeout(STARTUP_TIMEOUT, next_frontend(&mut sock, &mut buf, &ctx))
-            .await
-            .context("startup timed out")??;
+        let msg = match stage(
+            "SSL negotiation",
+            limit,
+            next_frontend(&mut sock, &mut buf, &ctx),
+        )
+        .await
+        {
+            Ok(m) => m,
+            Err(e) => {
+                refuse(&mut sock, &Refusal::Protocol(e.to_string())).await;
+                return Err(e);
+            }
+        };
         match msg {
             PgWireFrontendMessage::SslNegotiation(SslNegotiationMetaMessage::PostgresSsl(_)) => {
                 sock.write_all(b"S").await?;
@@ -139,7 +188,15 @@ async fn handle(
                 // carries is all the authentication a cancel has, as with
                 // PostgreSQL itself.
                 ctx.awaiting_frontend_ssl = false;
-                match next_frontend(&mut sock, &mut buf, &ctx).await? {
+                let msg =
+                    match stage("startup", limit, next_frontend(&mut sock, &mut buf, &ctx)).await {
+                        Ok(m) => m,
+                        Err(e) => {
+                            refuse(&mut sock, &Refusal::Protocol(e.to_string())).await;
+                            return Err(e);
+                        }
+                    };
+                match msg {
                     PgWireFrontendMessage::Startup(_) => {
                         refuse(&mut sock, &Refusal::TlsRequired).await;
                     }
@@ -154,46 +211,70 @@ async fn handle(
         }
     }
     anyhow::ensure!(buf.is_empty(), "client sent data before the TLS handshake");
-    let mut stream = tls.accept(sock).await.context("TLS handshake")?;
+    let mut stream = stage("TLS handshake", limit, async {
+        tls.accept(sock).await.context("TLS handshake")
+    })
+    .await?;
     ctx.awaiting_frontend_ssl = false;
-    let startup =
-        match tokio::time::timeout(STARTUP_TIMEOUT, next_frontend(&mut stream, &mut buf, &ctx))
-            .await
-            .context("startup timed out")??
-        {
-            PgWireFrontendMessage::Startup(s) => Startup {
-                params: s.parameters,
-            },
-            PgWireFrontendMessage::CancelRequest(c) => {
-                cancel(c, peer, &cluster, &agents).await;
-                return Ok(());
-            }
-            _ => return Ok(()),
-        };
+    let msg = match stage("startup", limit, next_frontend(&mut stream, &mut buf, &ctx)).await {
+        Ok(m) => m,
+        Err(e) => {
+            refuse(&mut stream, &Refusal::Protocol(e.to_string())).await;
+            return Err(e);
+        }
+    };
+    let startup = match msg {
+        PgWireFrontendMessage::Startup(s) => Startup {
+            params: s.parameters,
+        },
+        PgWireFrontendMessage::CancelRequest(c) => {
+            cancel(c, peer, &cluster, &agents).await;
+            return Ok(());
+        }
+        _ => return Ok(()),
+    };
     ctx.awaiting_frontend_startup = false;
     stream.write_all(&build::authentication_cleartext()).await?;
-    let password =
-        match tokio::time::timeout(STARTUP_TIMEOUT, next_frontend(&mut stream, &mut buf, &ctx))
-            .await
-            .context("password timed out")??
-        {
-            PgWireFrontendMessage::PasswordMessageFamily(p) => p
-                .into_password()
-                .map(|p| p.password)
-                .map_err(|e| anyhow::anyhow!("bad password message: {e}"))?,
-            _ => {
-                refuse(
-                    &mut stream,
-                    &Refusal::Protocol("expected a password message".into()),
-                )
-                .await;
-                return Ok(());
-            }
-        };
-    match admit(&startup, &password, peer, &cluster, &agents).await {
-        Ok((open, agent, Route::Local)) => relay(stream, buf, open, &agent, &agents).await,
+    let msg = match stage(
+        "password",
+        limit,
+        next_frontend(&mut stream, &mut buf, &ctx),
+    )
+    .await
+    {
+        Ok(m) => m,
+        Err(e) => {
+            refuse(&mut stream, &Refusal::Protocol(e.to_string())).await;
+            return Err(e);
+        }
+    };
+    let password = match msg {
+        PgWireFrontendMessage::PasswordMessageFamily(p) => p
+            .into_password()
+            .map(|p| p.password)
+            .map_err(|e| anyhow::anyhow!("bad password message: {e}"))?,
+        _ => {
+            refuse(
+                &mut stream,
+                &Refusal::Protocol("expected a password message".into()),
+            )
+            .await;
+            return Ok(());
+        }
+    };
+    let admitted = admit(&startup, &password, peer, &cluster, &agents, &gate.throttle).await;
+    // Authenticated (or refused): no longer counted against the caps.
+    drop(slot);
+    match admitted {
+        Ok((open, agent, Route::Local)) => {
+            let id = open.session_id.clone();
+            let r = relay(stream, buf, open, &agent, &agents).await;
+            close_unreached(&cluster, &id, r).await
+        }
         Ok((open, agent, Route::Peer(addr))) => {
-            relay_via_peer(stream, buf, open, &agent, &addr, &cluster).await
+            let id = open.session_id.clone();
+            let r = relay_via_peer(stream, buf, open, &agent, &addr, &cluster).await;
+            close_unreached(&cluster, &id, r).await
         }
         Err(r) => {
             tracing::info!(%peer, refusal = %r, "client refused");
@@ -210,13 +291,37 @@ async fn admit(
     peer: SocketAddr,
     cluster: &Cluster,
     agents: &AgentRegistry,
+    throttle: &LoginThrottle,
 ) -> Result<(SessionOpen, String, Route), Refusal> {
     let user = startup.params.get("user").cloned().unwrap_or_default();
     let (db_user, target_name) = match user.rsplit_once('@') {
         Some((u, t)) => (u.to_string(), t.to_string()),
         None => (String::new(), user.clone()),
     };
+    // Evidence fields the caller chose are bounded and escaped.
+    let target_name = bounded(&target_name);
     let session_id = cluster.new_id();
+    let now = std::time::Instant::now();
+    if let Err(wait) = throttle.check(peer.ip(), now) {
+        if let Some(count) = throttle.note_throttled(peer.ip(), now) {
+            let mut ev = cluster.event(
+                gatehouse_audit::EventKind::LoginThrottled,
+                gatehouse_audit::Decision::Deny,
+                "anonymous",
+                &target_name,
+                &session_id,
+            );
+            ev.detail = Some(format!(
+                "{count} login attempts from {} refused unchecked while it backs off after failed logins",
+                peer.ip()
+            ));
+            let _ = cluster.audit(ev).await;
+        }
+        return Err(Refusal::Throttled {
+            addr: peer.ip(),
+            secs: wait.as_secs().max(1),
+        });
+    }
     // Decide on state that includes every earlier write (revocations too).
     cluster
         .linearizable()
@@ -231,11 +336,14 @@ async fn admit(
             "anonymous",
             &target_name,
             &session_id,
-            "invalid API key".into(),
+            format!("invalid API key from {peer}"),
         );
         let _ = cluster.audit(ev).await;
-        return Err(Refusal::BadCredentials(user));
+        let delay = throttle.failed(peer.ip(), &target_name, now);
+        tokio::time::sleep(delay).await;
+        return Err(Refusal::BadCredentials(bounded(&user)));
     };
+    throttle.succeeded(peer.ip());
     let identity = format!("sa:{}", account.name);
     let deny = |detail: String| cluster.denial(&identity, &target_name, &session_id, detail);
     let Some(target) = cluster
@@ -243,12 +351,14 @@ async fn admit(
         .target(&target_name)
         .map_err(|_| Refusal::NotDurable)?
     else {
-        let r = Refusal::NoSuchTarget(target_name.clone());
         cluster
-            .audit(deny(r.to_string()))
+            .audit(deny(format!("no target named \"{target_name}\"")))
             .await
             .map_err(|_| Refusal::NotDurable)?;
-        return Err(r);
+        return Err(Refusal::NotAllowed {
+            identity: identity.clone(),
+            target: target_name.clone(),
+        });
     };
     let allowed = cluster
         .reader
@@ -260,7 +370,10 @@ async fn admit(
             target: target.name.clone(),
         };
         cluster
-            .audit(deny(r.to_string()))
+            .audit(deny(format!(
+                "{identity} has no rule for target \"{}\"",
+                target.name
+            )))
             .await
             .map_err(|_| Refusal::NotDurable)?;
         return Err(r);
@@ -454,7 +567,7 @@ async fn relay<S>(
     open: SessionOpen,
     agent: &str,
     agents: &AgentRegistry,
-) -> anyhow::Result<()>
+) -> anyhow::Result<Relayed>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -466,10 +579,17 @@ where
                 reason: e.to_string(),
             };
             refuse(&mut client, &r).await;
-            return Ok(());
+            return Ok(Relayed::Unreached(r.to_string()));
         }
     };
-    send.write_all(&frame(&open)).await?;
+    if let Err(e) = send.write_all(&frame(&open)).await {
+        let r = Refusal::Unavailable {
+            target: open.target.clone(),
+            reason: e.to_string(),
+        };
+        refuse(&mut client, &r).await;
+        return Ok(Relayed::Unreached(r.to_string()));
+    }
     if !leftover.is_empty() {
         send.write_all(&leftover).await?;
     }
@@ -477,7 +597,7 @@ where
     let _ =
         tokio::io::copy_bidirectional_with_sizes(&mut client, &mut agent_io, 64 << 10, 64 << 10)
             .await;
-    Ok(())
+    Ok(Relayed::Reached)
 }
 
 /// Relays the session through the node that holds the agent's connection.
@@ -488,7 +608,7 @@ async fn relay_via_peer<S>(
     agent: &str,
     peer: &str,
     cluster: &Cluster,
-) -> anyhow::Result<()>
+) -> anyhow::Result<Relayed>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -520,7 +640,7 @@ where
                 reason,
             };
             refuse(&mut client, &r).await;
-            return Ok(());
+            return Ok(Relayed::Unreached(r.to_string()));
         }
     };
     let (mut cr, mut cw) = tokio::io::split(client);
@@ -550,7 +670,54 @@ where
         _ = up => {}
         _ = down => {}
     }
+    Ok(Relayed::Reached)
+}
+
+/// A caller-chosen string as it may appear in evidence and errors: control
+/// characters escaped, at most 64 characters.
+fn bounded(s: &str) -> String {
+    let mut out: String = s.chars().flat_map(char::escape_default).take(64).collect();
+    if s.chars().flat_map(char::escape_default).nth(64).is_some() {
+        out.push('…');
+    }
+    out
+}
+
+/// A relay that ended before the agent took the session (no agent stream,
+/// or the peer refused it) leaves nobody to close the index entry: close
+/// it here with the reason.
+async fn close_unreached(
+    cluster: &Cluster,
+    session_id: &str,
+    r: Result<Relayed, anyhow::Error>,
+) -> anyhow::Result<()> {
+    let reason = match r {
+        Ok(Relayed::Reached) => return Ok(()),
+        Ok(Relayed::Unreached(reason)) => reason,
+        Err(e) => format!("the session never reached its agent: {e}"),
+    };
+    let closed = cluster
+        .propose(Command::SessionClosed {
+            session_id: session_id.to_string(),
+            ended_ms: now_ms(),
+            end_reason: reason,
+            recording_key: String::new(),
+            recording_sha256: String::new(),
+            recording_size: 0,
+            chunk_keys: Vec::new(),
+            events: 0,
+        })
+        .await;
+    if let Err(e) = closed {
+        tracing::warn!(session_id, error = %e, "closing an unreached session in the index failed");
+    }
     Ok(())
+}
+
+/// Whether a relay handed the session to its agent.
+enum Relayed {
+    Reached,
+    Unreached(String),
 }
 
 async fn refuse<W: AsyncWrite + Unpin>(w: &mut W, r: &Refusal) {

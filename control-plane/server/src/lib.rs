@@ -9,8 +9,10 @@ pub mod approvals;
 pub mod cluster;
 pub mod ingress;
 mod join;
+pub mod limits;
 pub mod peer;
 mod recordings;
+mod tls_listener;
 pub mod tunnel;
 mod webhook;
 
@@ -21,6 +23,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use gatehouse_cp_raft::{Bootstrap, Command, NodeInfo, PeerTls};
+use gatehouse_pki::sealed::Kek;
 use gatehouse_pki::{CertifiedKey, ClusterCa};
 
 use crate::cluster::{Cluster, now_ms};
@@ -52,9 +55,33 @@ pub struct Config {
     /// on first start.
     #[arg(long)]
     pub join: Option<String>,
-    /// Single-use join token from `gatehouse cluster join`.
-    #[arg(long, env = "GATEHOUSE_JOIN_TOKEN", hide_env_values = true)]
-    pub join_token: Option<String>,
+    /// File holding the single-use join token from `gatehouse cluster
+    /// join` (or set GATEHOUSE_JOIN_TOKEN); never on the command line, where
+    /// every local user could read it.
+    #[arg(long)]
+    pub join_token_file: Option<PathBuf>,
+    /// File holding the key-encryption key (64 hex digits) that seals the
+    /// cluster's private keys in the Raft state. It must live outside the
+    /// data directory and be the same on every node. Alternatives:
+    /// --kek-command, or GATEHOUSE_KEK in the environment.
+    #[arg(long, env = "GATEHOUSE_KEK_FILE")]
+    pub kek_file: Option<PathBuf>,
+    /// A command that prints the key-encryption key (a KMS or secret
+    /// manager's client), run with `sh -c`.
+    #[arg(long)]
+    pub kek_command: Option<String>,
+    /// Deadline of each stage before a caller is authenticated (SSL
+    /// negotiation, TLS handshake, startup, password), in seconds.
+    #[arg(long, default_value_t = 10)]
+    pub handshake_timeout_secs: u64,
+    /// Unauthenticated connections one address may hold open at once, per
+    /// listener.
+    #[arg(long, default_value_t = 32)]
+    pub max_unauthenticated_per_source: usize,
+    /// Unauthenticated connections in all, per listener (also cut to fit
+    /// the open-file limit).
+    #[arg(long, default_value_t = 1024)]
+    pub max_unauthenticated: usize,
     /// Build a snapshot (and compact the log) after this many entries.
     #[arg(long, default_value_t = 20_000)]
     pub snapshot_every: u64,
@@ -130,9 +157,27 @@ pub struct Ready {
 /// Runs a node until SIGINT/SIGTERM.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+    // Everything this process creates is owner-only.
+    gatehouse_secure_fs::owner_only_umask();
     anyhow::ensure!(config.node_id != 0, "node id 0 is reserved");
+    gatehouse_secure_fs::private_dir(&config.data_dir)?;
+    let kek = Arc::new(load_kek(&config)?);
+    let fds = limits::raise_fd_limit();
+    let total = config
+        .max_unauthenticated
+        .min(usize::try_from(fds.saturating_sub(limits::FD_RESERVE) / 3).unwrap_or(usize::MAX))
+        .max(1);
+    let listener_limits = limits::ListenerLimits {
+        per_source: config.max_unauthenticated_per_source.max(1),
+        total,
+        stage: Duration::from_secs(config.handshake_timeout_secs.max(1)),
+    };
+    tracing::info!(
+        open_files = fds,
+        unauthenticated_per_listener = total,
+        per_source = listener_limits.per_source,
+        "connection limits"
+    );
 
     // Bind first, so addresses given as port 0 are known before joining.
     let raft_listener = tokio::net::TcpListener::bind(config.raft_listen)
@@ -152,11 +197,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if let Some(join_url) = &config.join
         && !files.exist()
     {
-        let token = config
-            .join_token
-            .as_deref()
-            .context("--join needs --join-token")?;
-        join::join(join_url, token, config.node_id, &me, &files)
+        let token = match &config.join_token_file {
+            Some(f) => std::fs::read_to_string(f)
+                .with_context(|| format!("reading the join token from {}", f.display()))?,
+            None => std::env::var("GATEHOUSE_JOIN_TOKEN")
+                .context("--join needs --join-token-file or GATEHOUSE_JOIN_TOKEN")?,
+        };
+        join::join(join_url, token.trim(), config.node_id, &me, &files)
             .await
             .context("joining the cluster")?;
     }
@@ -177,13 +224,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     .await
     .context("starting raft")?;
     let cluster = Arc::new(Cluster::new(config.node_id, member, peers.clone()));
+    let raft_limits = limits::ConnLimits::new("raft", listener_limits);
     let agents = tunnel::AgentRegistry::default();
     let mut raft_listener = Some(raft_listener);
     if files.exist() {
         let id = files.load()?;
         peers.set(&id.cert_pem, &id.key_pem, &id.ca_pem);
         if let Some(l) = raft_listener.take() {
-            tokio::spawn(peer_serve(l, cluster.clone(), agents.clone(), id));
+            tokio::spawn(peer_serve(
+                l,
+                cluster.clone(),
+                agents.clone(),
+                id,
+                raft_limits.clone(),
+            ));
         }
     }
     tracing::info!(node_id = config.node_id, raft = %raft_addr, "waiting for a leader");
@@ -194,12 +248,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .context("waiting for a leader")?;
 
-    let ca = bootstrap_ca(&cluster).await?;
+    let ca = bootstrap_ca(&cluster, &kek).await?;
     if let Some(l) = raft_listener.take() {
         // The founding node's first start: issue its own node certificate.
         let id = issue_node_identity(&ca, &cluster, &files)?;
         peers.set(&id.cert_pem, &id.key_pem, &id.ca_pem);
-        tokio::spawn(peer_serve(l, cluster.clone(), agents.clone(), id));
+        tokio::spawn(peer_serve(
+            l,
+            cluster.clone(),
+            agents.clone(),
+            id,
+            raft_limits,
+        ));
     }
     let server_cert = ca
         .issue_server(&config.hostnames, now_ms() / 1000, 365)
@@ -247,6 +307,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ingress::tls_acceptor(&chain)?,
         cluster.clone(),
         agents.clone(),
+        ingress::Gate {
+            limits: limits::ConnLimits::new("postgres", listener_limits),
+            throttle: Arc::new(limits::LoginThrottle::default()),
+        },
     ));
     let api = api::AdminService::new(cluster.clone(), agents.clone(), recordings, ca.cert_pem());
     let join_svc = peer::JoinService {
@@ -262,6 +326,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         },
         admin_token,
         chain.clone(),
+        limits::ConnLimits::new("api", listener_limits),
     ));
 
     let ready = Ready {
@@ -293,28 +358,33 @@ async fn peer_serve(
     cluster: Arc<Cluster>,
     agents: tunnel::AgentRegistry,
     id: NodeIdentity,
+    limits: Arc<limits::ConnLimits>,
 ) {
-    let tls = tonic::transport::ServerTlsConfig::new()
-        .identity(tonic::transport::Identity::from_pem(
-            &id.cert_pem,
-            &id.key_pem,
-        ))
-        .client_ca_root(tonic::transport::Certificate::from_pem(&id.ca_pem));
-    let mut server = match tonic::transport::Server::builder().tls_config(tls) {
-        Ok(s) => s,
+    let acceptor = match tls_listener::acceptor(&id.cert_pem, &id.key_pem, Some(&id.ca_pem)) {
+        Ok(a) => a,
         Err(e) => {
             tracing::error!(error = %e, "Raft port TLS configuration failed");
             return;
         }
     };
+    let gate = peer::NodeGate {
+        cluster: cluster.clone(),
+        refusals: Arc::new(limits::LogEvery::new(Duration::from_secs(10))),
+    };
     let svc = gatehouse_proto::cluster::raft_peer_server::RaftPeerServer::new(peer::PeerService {
         cluster,
         agents,
+        relayed: Default::default(),
     })
     .max_decoding_message_size(256 << 20)
     .max_encoding_message_size(256 << 20);
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    if let Err(e) = server.add_service(svc).serve_with_incoming(incoming).await {
+    let svc = tonic::service::interceptor::InterceptedService::new(svc, gate);
+    let incoming = tls_listener::incoming("raft", listener, acceptor, limits);
+    if let Err(e) = tonic::transport::Server::builder()
+        .add_service(svc)
+        .serve_with_incoming(incoming)
+        .await
+    {
         tracing::error!(error = %e, "Raft port failed");
     }
 }
@@ -402,14 +472,15 @@ fn tls_chain(leaf: &CertifiedKey, ca_pem: &str) -> anyhow::Result<TlsChain> {
 
 /// Creates the cluster CA through Raft on the founding node's first start;
 /// every other start waits until the CA has been applied here.
-async fn bootstrap_ca(cluster: &Cluster) -> anyhow::Result<ClusterCa> {
+async fn bootstrap_ca(cluster: &Cluster, kek: &Kek) -> anyhow::Result<ClusterCa> {
     let leads = cluster.raft.metrics().borrow().current_leader == Some(cluster.node_id);
     if leads && cluster.reader.cluster_keys()?.is_none() {
         let ca = ClusterCa::generate("gatehouse", now_ms() / 1000).context("generating the CA")?;
+        let sealed = kek.seal(CA_KEY_PURPOSE, random_nonce(cluster), ca.key_pem.as_bytes());
         cluster
             .propose(Command::InitCluster {
                 ca_cert_pem: ca.cert_pem,
-                ca_key_pem: ca.key_pem,
+                ca_key_sealed: sealed,
                 now_ms: now_ms(),
             })
             .await
@@ -426,10 +497,62 @@ async fn bootstrap_ca(cluster: &Cluster) -> anyhow::Result<ClusterCa> {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    let key_pem = kek
+        .open(CA_KEY_PURPOSE, &keys.ca_key_sealed)
+        .context("unsealing the cluster CA key (is this the cluster's key-encryption key?)")?;
+    let key_pem = String::from_utf8(key_pem).context("the unsealed CA key is not PEM")?;
     Ok(ClusterCa::from_pem(&CertifiedKey {
         cert_pem: keys.ca_cert_pem,
-        key_pem: keys.ca_key_pem,
+        key_pem,
     })?)
+}
+
+/// Associated data of the sealed CA key.
+const CA_KEY_PURPOSE: &str = "gatehouse cluster CA private key";
+
+fn random_nonce(cluster: &Cluster) -> [u8; 12] {
+    let mut n = [0u8; 12];
+    let a = cluster.random_u64().to_be_bytes();
+    let b = cluster.random_u64().to_be_bytes();
+    n[..8].copy_from_slice(&a);
+    n[8..].copy_from_slice(&b[..4]);
+    n
+}
+
+/// The key-encryption key, from a file outside the data directory, a
+/// command, or the environment.
+fn load_kek(config: &Config) -> anyhow::Result<Kek> {
+    let text = if let Some(f) = &config.kek_file {
+        let data = std::path::absolute(&config.data_dir)?;
+        let file = std::path::absolute(f)?;
+        anyhow::ensure!(
+            !file.starts_with(&data),
+            "the key-encryption key file {} is inside the data directory {}; keep it elsewhere, or a copy of the data directory yields every cluster key",
+            file.display(),
+            data.display()
+        );
+        std::fs::read_to_string(f)
+            .with_context(|| format!("reading the key-encryption key from {}", f.display()))?
+    } else if let Some(cmd) = &config.kek_command {
+        let out = std::process::Command::new("sh")
+            .args(["-c", cmd])
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .context("running --kek-command")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "--kek-command failed ({})",
+            out.status
+        );
+        String::from_utf8(out.stdout).context("--kek-command printed no text")?
+    } else if let Ok(v) = std::env::var("GATEHOUSE_KEK") {
+        v
+    } else {
+        anyhow::bail!(
+            "no key-encryption key: pass --kek-file (or GATEHOUSE_KEK_FILE), --kek-command, or set GATEHOUSE_KEK to 64 hex digits; keep it outside the data directory, the same on every node"
+        );
+    };
+    Kek::from_text(&text).context("invalid key-encryption key")
 }
 
 fn load_or_create_token(path: &std::path::Path, cluster: &Cluster) -> anyhow::Result<String> {
@@ -449,16 +572,7 @@ fn load_or_create_token(path: &std::path::Path, cluster: &Cluster) -> anyhow::Re
 
 /// Writes a file readable only by its owner.
 pub fn write_private(path: &std::path::Path, data: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(data.as_bytes())?;
-    f.sync_all()
+    gatehouse_secure_fs::write_private(path, data.as_bytes())
 }
 
 async fn shutdown_signal() {

@@ -165,7 +165,7 @@ async fn enroll(conn: quinn::Connection, cluster: &Cluster, ca: &ClusterCa) {
         return;
     };
     let resp = match read_frame::<EnrollRequest, _>(&mut recv).await {
-        Ok(Some(req)) => match enroll_agent(&req, cluster, ca).await {
+        Ok(Some(req)) => match enroll_agent(conn.remote_address(), &req, cluster, ca).await {
             Ok(cert_pem) => {
                 tracing::info!(agent = %req.agent, "agent enrolled");
                 EnrollResponse {
@@ -196,6 +196,7 @@ async fn enroll(conn: quinn::Connection, cluster: &Cluster, ca: &ClusterCa) {
 /// Signs the CSR, then consumes the token in Raft; the certificate is only
 /// returned when the single-use consumption committed.
 async fn enroll_agent(
+    remote: std::net::SocketAddr,
     req: &EnrollRequest,
     cluster: &Cluster,
     ca: &ClusterCa,
@@ -210,8 +211,20 @@ async fn enroll_agent(
     }
     let secret = req.token.trim();
     let token_sha256 = gatehouse_cp_raft::state::sha256_hex(secret.as_bytes());
-    let serial = cluster.random_u64();
     let now = now_ms();
+    // An invalid token is refused here, before anything is signed or
+    // written to the log; the Raft write below re-checks it atomically.
+    match cluster.reader.enrollment_token(&token_sha256) {
+        Ok(Some(t)) if t.used_ms.is_none() && now < t.expires_ms && t.agent == req.agent => {}
+        Ok(Some(t)) if t.used_ms.is_some() => {
+            return Err("enrollment token was already used".into());
+        }
+        Ok(Some(t)) if now >= t.expires_ms => return Err("enrollment token has expired".into()),
+        Ok(Some(_)) => return Err("enrollment token is bound to another agent".into()),
+        Ok(None) => return Err("unknown enrollment token".into()),
+        Err(e) => return Err(e.to_string()),
+    }
+    let serial = cluster.random_u64();
     let cert = ca
         .sign_agent(&AgentCertRequest {
             csr_pem: &req.csr_pem,
@@ -227,13 +240,17 @@ async fn enroll_agent(
         .map(hex::encode)
         .ok_or("issued certificate has no public key")?;
     match cluster
-        .propose(Command::ConsumeEnrollmentToken {
-            token_sha256,
-            agent: req.agent.clone(),
-            cert_serial: serial_hex,
-            public_key,
-            now_ms: now,
-        })
+        .propose_audited(
+            &format!("agent:{}", req.agent),
+            &remote.to_string(),
+            Command::ConsumeEnrollmentToken {
+                token_sha256,
+                agent: req.agent.clone(),
+                cert_serial: serial_hex,
+                public_key,
+                now_ms: now,
+            },
+        )
         .await
     {
         Ok(_) => Ok(cert),

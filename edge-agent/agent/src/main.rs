@@ -12,9 +12,11 @@ struct Args {
     /// Agent configuration file (TOML).
     #[arg(long, env = "GATEHOUSE_AGENT_CONFIG")]
     config: PathBuf,
-    /// Single-use enrollment token; needed only on the first start.
-    #[arg(long, env = "GATEHOUSE_ENROLL_TOKEN", hide_env_values = true)]
-    enroll_token: Option<String>,
+    /// File holding the single-use enrollment token (or set
+    /// GATEHOUSE_ENROLL_TOKEN); needed only on the first start. Never on
+    /// the command line, where every local user could read it.
+    #[arg(long)]
+    enroll_token_file: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -33,14 +35,23 @@ async fn main() {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    // Everything the agent creates (its key, spool, recordings on a local
+    // store) is owner-only.
+    gatehouse_secure_fs::owner_only_umask();
     let cfg = AgentConfig::load(&args.config)?;
+    gatehouse_secure_fs::private_dir(&cfg.data_dir)?;
     let files = IdentityFiles::new(&cfg.data_dir);
     if !files.exist() {
-        let token = args
-            .enroll_token
-            .as_deref()
-            .context("agent is not enrolled yet: pass --enroll-token")?;
-        enroll(&cfg, token, &files).await.context("enrollment")?;
+        let token = match &args.enroll_token_file {
+            Some(f) => std::fs::read_to_string(f)
+                .with_context(|| format!("reading the enrollment token from {}", f.display()))?,
+            None => std::env::var("GATEHOUSE_ENROLL_TOKEN").context(
+                "agent is not enrolled yet: pass --enroll-token-file or set GATEHOUSE_ENROLL_TOKEN",
+            )?,
+        };
+        enroll(&cfg, token.trim(), &files)
+            .await
+            .context("enrollment")?;
         tracing::info!(agent = %cfg.name, "enrolled");
     }
     let store = gatehouse_recording::store::open(&cfg.store())?;

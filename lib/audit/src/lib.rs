@@ -37,6 +37,14 @@ pub enum EventKind {
     /// A new session was refused because its recording could not be made
     /// durable (spool full or below its free-space threshold).
     RecordingRefused,
+    /// The configuration changed (service accounts, keys, targets, rules,
+    /// the policy document, agents, enrollment and join tokens, cluster
+    /// membership, legal holds): the actor, what changed, and the policy
+    /// version before and after.
+    ConfigChange,
+    /// Logins refused because their source or subject failed too often;
+    /// one event per source and interval, with the count.
+    LoginThrottled,
 }
 
 /// The outcome of the policy decision for the action.

@@ -5,6 +5,8 @@
 //! an agent only ever generates a key pair and a CSR ([`AgentKey::generate`]),
 //! so its private key never leaves the agent.
 
+pub mod sealed;
+
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SerialNumber,
@@ -223,6 +225,25 @@ pub fn agent_name_of(cert_der: &[u8]) -> Option<String> {
     Some(cn.to_string())
 }
 
+/// The node id in a node certificate ([`ClusterCa::sign_node`]): its only
+/// DNS name is [`NODE_SAN`] and its common name `node-<id>`. An agent
+/// certificate never qualifies: its DNS name always ends in
+/// `.agent.gatehouse`, whatever the agent is called.
+pub fn node_id_of(cert_der: &[u8]) -> Option<u64> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    let names = &san.value.general_names;
+    let only_node = names.len() == 1
+        && matches!(names.first(), Some(GeneralName::DNSName(n)) if *n == NODE_SAN);
+    if !only_node {
+        return None;
+    }
+    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
+    let id: u64 = cn.strip_prefix("node-")?.parse().ok()?;
+    (id != 0).then_some(id)
+}
+
 /// Serial number of a DER certificate, as lowercase hex.
 pub fn serial_of(cert_der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
@@ -406,5 +427,37 @@ mod tests {
             })
             .unwrap_err();
         assert!(matches!(err, PkiError::BadCsr(_)));
+    }
+
+    #[test]
+    fn only_node_certificates_name_a_node() {
+        let ca = ClusterCa::from_pem(&ClusterCa::generate("t", NOW).unwrap()).unwrap();
+        let key = AgentKey::generate("x").unwrap();
+        let node = ca
+            .sign_node(&NodeCertRequest {
+                csr_pem: &key.csr_pem,
+                node_id: 3,
+                serial: 7,
+                not_before_unix: NOW,
+                not_after_unix: NOW + 86_400,
+            })
+            .unwrap();
+        assert_eq!(node_id_of(&first_der(&node).unwrap()), Some(3));
+        // An agent called like a node is still an agent.
+        let agent = ca
+            .sign_agent(&AgentCertRequest {
+                csr_pem: &key.csr_pem,
+                agent_name: "node-1",
+                serial: 8,
+                not_before_unix: NOW,
+                not_after_unix: NOW + 86_400,
+            })
+            .unwrap();
+        assert_eq!(node_id_of(&first_der(&agent).unwrap()), None);
+        // The API/ingress certificate is not a node certificate either.
+        let server = ca
+            .issue_server(&["localhost".into(), NODE_SAN.into()], NOW, 1)
+            .unwrap();
+        assert_eq!(node_id_of(&first_der(&server.cert_pem).unwrap()), None);
     }
 }
