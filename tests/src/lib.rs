@@ -243,6 +243,12 @@ impl Stack {
     /// Like [`Self::start_server`]; with `s3`, recordings go to a real
     /// S3-compatible server the stack starts.
     pub fn start_server_with(s3: bool) -> Self {
+        Self::start_server_opts(s3, &[])
+    }
+
+    /// Like [`Self::start_server_with`], with `server_args` added to the
+    /// server's command line.
+    pub fn start_server_opts(s3: bool, server_args: &[&str]) -> Self {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         // As a deployment keeps them: data directories owner-only.
         gatehouse_secure_fs::owner_only_umask();
@@ -289,6 +295,7 @@ impl Stack {
                     "--raft-listen".into(),
                     "127.0.0.1:0".into(),
                 ],
+                server_args.iter().map(|a| a.to_string()).collect(),
             ]
             .concat(),
             &tmp.path().join("server.log"),
@@ -327,7 +334,13 @@ impl Stack {
     /// Like [`Self::start`]; `s3` as in [`Self::start_server_with`], and
     /// `agent_extra` appended to the agent's configuration (TOML).
     pub fn start_with(s3: bool, agent_extra: &str) -> (Self, String) {
-        let mut s = Self::start_server_with(s3);
+        Self::start_opts(s3, agent_extra, &[])
+    }
+
+    /// Like [`Self::start_with`], with `server_args` added to the server's
+    /// command line.
+    pub fn start_opts(s3: bool, agent_extra: &str, server_args: &[&str]) -> (Self, String) {
+        let mut s = Self::start_server_opts(s3, server_args);
         s.cli_ok(&[
             "targets",
             "create",
@@ -491,7 +504,8 @@ impl Stack {
         Command::new("psql")
             .args(args)
             .arg(format!(
-                "host={host} port={port} user=db dbname=app sslmode=require {conninfo}"
+                "host={host} port={port} user=db dbname=app sslmode=verify-full sslrootcert={} {conninfo}",
+                self.ca_file.display()
             ))
             .env("PGPASSWORD", key)
             .stdin(Stdio::null())
@@ -509,7 +523,8 @@ impl Stack {
         let out = Command::new("psql")
             .args(["-X", "-A", "-v", "VERBOSITY=verbose", "-c", sql])
             .arg(format!(
-                "host={host} port={port} user=db dbname=app sslmode=require connect_timeout=10"
+                "host={host} port={port} user=db dbname=app sslmode=verify-full sslrootcert={} connect_timeout=10",
+                self.ca_file.display()
             ))
             .env("PGPASSWORD", key)
             .stdin(Stdio::null())

@@ -45,10 +45,13 @@ pub fn session(
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(run(addr, ca_file, user, db, password, queries))
+    rt.block_on(run_from(None, addr, ca_file, user, db, password, queries))
 }
 
-async fn run(
+/// Like [`session`], async, from the source address `src` when given (any
+/// of 127.0.0.0/8 on loopback).
+pub async fn run_from(
+    src: Option<std::net::IpAddr>,
     addr: &str,
     ca_file: &Path,
     user: &str,
@@ -57,7 +60,14 @@ async fn run(
     queries: &[&str],
 ) -> RawSession {
     use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
-    let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut sock = match src {
+        None => tokio::net::TcpStream::connect(addr).await.unwrap(),
+        Some(ip) => {
+            let s = tokio::net::TcpSocket::new_v4().unwrap();
+            s.bind(std::net::SocketAddr::new(ip, 0)).unwrap();
+            s.connect(addr.parse().unwrap()).await.unwrap()
+        }
+    };
     sock.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
         .await
         .unwrap();

@@ -114,6 +114,12 @@ pub async fn serve(
         // Over the cap for its address or in total: closed at once, before
         // a byte is read.
         let Some(slot) = gate.limits.admit(peer.ip()) else {
+            // One non-blocking write of the reason, then close.
+            let _ = sock.try_write(&build::error_response(
+                Severity::Fatal,
+                "53300",
+                "too many connections from your address are still authenticating; retry shortly",
+            ));
             drop(sock);
             continue;
         };

@@ -76,7 +76,7 @@ pub struct Config {
     pub handshake_timeout_secs: u64,
     /// Unauthenticated connections one address may hold open at once, per
     /// listener.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 256)]
     pub max_unauthenticated_per_source: usize,
     /// Unauthenticated connections in all, per listener (also cut to fit
     /// the open-file limit).

@@ -569,7 +569,7 @@ impl Pump<'_> {
         let mut out = Vec::new();
         loop {
             if !buf.is_empty() {
-                let (fwd, done, failed, held) = {
+                let inspected = {
                     let Ok(mut s) = self.state.lock() else {
                         return "internal error".into();
                     };
@@ -577,11 +577,26 @@ impl Pump<'_> {
                         Side::Client => s.insp.on_client(&mut buf, now_ms(), &mut out),
                         Side::Upstream => s.insp.on_upstream(&mut buf, now_ms(), &mut out),
                     };
-                    if let Err(e) = r {
+                    r.map(|()| {
+                        let (f, d, h) = s.take(&mut out);
+                        (f, d, s.failed.clone(), h)
+                    })
+                };
+                let (fwd, done, failed, held) = match inspected {
+                    Ok(x) => x,
+                    Err(e) => {
+                        if side == Side::Upstream {
+                            // The client learns why its session ends.
+                            let msg = build::error_response(
+                                Severity::Fatal,
+                                "54000",
+                                &format!("gatehouse: {e}; the session is closed"),
+                            );
+                            let _ = to.write_all(&msg).await;
+                            let _ = to.flush().await;
+                        }
                         return format!("protocol error: {e}");
                     }
-                    let (f, d, h) = s.take(&mut out);
-                    (f, d, s.failed.clone(), h)
                 };
                 if let Some(f) = failed {
                     return f;

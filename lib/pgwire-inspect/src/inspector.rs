@@ -25,7 +25,7 @@ pub enum Side {
 pub enum InspectError {
     #[error("{side:?} sent a message with invalid length {len}")]
     BadLength { side: Side, len: i32 },
-    #[error("{side:?} sent a {len}-byte '{}' message, over the inspection limit", *ty as char)]
+    #[error("{side:?} sent a {len}-byte '{}' message, over the inspection limit of 64 MiB per message", *ty as char)]
     TooLarge { side: Side, ty: u8, len: usize },
     #[error("{side:?} sent a malformed '{}' message", *ty as char)]
     Malformed { side: Side, ty: u8 },
