@@ -749,3 +749,66 @@ fn a_60_mb_value_delays_only_its_own_session_and_one_over_the_limit_gets_a_clear
     let agents = stack.cli_ok(&["agents", "list", "-o", "json"]);
     assert!(agents.contains("\"connected\": true"), "{agents}");
 }
+
+#[test]
+fn requests_are_listed_only_to_their_requester_and_those_who_may_review_them() {
+    let (stack, alice) = Stack::start();
+    let policy = stack.tmp.path().join("p.yaml");
+    std::fs::write(
+        &policy,
+        "guardrails:\n  default: allow\n  rules:\n    - name: writes-need-approval\n      action: approve\n      kinds: [write]\napprovals:\n  wait_seconds: 0\n  approver_groups: [dba]\n",
+    )
+    .unwrap();
+    stack.cli_ok(&["policy", "apply", "-f", policy.to_str().unwrap()]);
+    let (_, err, _) = stack.psql_user(&alice, "create table if not exists t (x int)");
+    assert!(!err.contains("FATAL"), "{err}");
+    let (_, err, ok) = stack.psql_user(&alice, "insert into t values (1)");
+    assert!(!ok && err.contains("approval requested"), "{err}");
+    let outsider = stack.create_account("mallory", &[]);
+    let dba = stack.create_account("dana", &["dba"]);
+    let rules_only = stack.create_account("rob", &["dev"]);
+    let list = |key: &str| -> Vec<serde_json::Value> {
+        let out = Command::new(bin("gatehouse"))
+            .args(["requests", "list", "-o", "json"])
+            .env("GATEHOUSE_API", &stack.api)
+            .env("GATEHOUSE_TOKEN", key)
+            .env("GATEHOUSE_CA_FILE", &stack.ca_file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    assert_eq!(list(&alice).len(), 1, "the requester sees its own");
+    assert_eq!(list(&dba).len(), 1, "an approver sees what it may review");
+    assert!(list(&outsider).is_empty(), "an outsider sees nothing");
+    assert!(
+        list(&rules_only).is_empty(),
+        "a user outside the approver groups sees nothing"
+    );
+    assert_eq!(list(&stack.token).len(), 1, "the admin sees all");
+    // A caller without a rule cannot tell a missing target from one it may
+    // not use.
+    let (_, missing, _) = {
+        let (host, port) = stack.pg_addr.rsplit_once(':').unwrap();
+        let out = Command::new("psql")
+            .args(["-X", "-c", "select 1"])
+            .arg(format!(
+                "host={host} port={port} user=nosuch dbname=app sslmode=verify-full sslrootcert={}",
+                stack.ca_file.display()
+            ))
+            .env("PGPASSWORD", &outsider)
+            .output()
+            .unwrap();
+        (0, String::from_utf8_lossy(&out.stderr).into_owned(), 0)
+    };
+    let (_, forbidden, _) = stack.psql_user(&outsider, "select 1");
+    let shape = |e: &str, name: &str| e.replace(name, "<T>");
+    assert_eq!(
+        shape(missing.trim(), "nosuch").replace(|c: char| c.is_ascii_digit(), ""),
+        shape(forbidden.trim(), "db").replace(|c: char| c.is_ascii_digit(), ""),
+    );
+}

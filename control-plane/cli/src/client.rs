@@ -37,6 +37,35 @@ fn bearer(token: &str) -> anyhow::Result<Bearer> {
     Ok(Bearer(value))
 }
 
+/// Whether a token may travel to `api`: over https always; over plain
+/// http only to a loopback address and only when the caller said so.
+pub fn check_transport(api: &str, allow_loopback_http: bool) -> anyhow::Result<()> {
+    let uri: tonic::transport::Uri = api
+        .parse()
+        .with_context(|| format!("invalid API address {api}"))?;
+    match uri.scheme_str() {
+        Some("https") => Ok(()),
+        Some("http") => {
+            let host = uri.host().unwrap_or("").trim_matches(['[', ']']);
+            let loopback = host == "localhost"
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            anyhow::ensure!(
+                loopback && allow_loopback_http,
+                "refusing to send a token over {api}: plain http exposes it to anyone on the path; use https://{}",
+                if loopback {
+                    "… or pass --insecure-loopback-http for this loopback address"
+                } else {
+                    "…"
+                }
+            );
+            Ok(())
+        }
+        _ => anyhow::bail!("invalid API address {api}: use https://host:port"),
+    }
+}
+
 async fn channel(api: &str, ca_pem: &str) -> anyhow::Result<Channel> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let uri: tonic::transport::Uri = api

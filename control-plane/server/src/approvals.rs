@@ -340,15 +340,26 @@ impl Reviews for ReviewsService {
         &self,
         req: Request<ListAccessRequestsRequest>,
     ) -> Result<Response<ListAccessRequestsResponse>, Status> {
-        caller(&req)?;
+        let who = caller(&req)?;
         let want = req.into_inner().state;
         let now = now_ms();
+        // An account sees its own requests and those it may review (as
+        // apply decides a review); the admin token sees all.
+        let visible = |r: &AccessRequest| match &who {
+            Caller::Admin => true,
+            Caller::Account { identity, groups } => {
+                r.requester == *identity
+                    || r.approver_groups.is_empty()
+                    || r.approver_groups.iter().any(|g| groups.contains(g))
+            }
+        };
         let mut requests: Vec<ApiRequest> = self
             .cluster
             .reader
             .access_requests()
             .map_err(|e| Status::internal(e.to_string()))?
             .into_iter()
+            .filter(|r| visible(r))
             .map(|r| to_api(r, now))
             .filter(|r| want.is_empty() || r.state == want)
             .collect();

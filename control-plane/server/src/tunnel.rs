@@ -284,6 +284,53 @@ fn authenticate(conn: &quinn::Connection, cluster: &Cluster) -> Result<String, S
     Ok(name)
 }
 
+/// How old an open session must be before an agent's hello that does not
+/// name it closes it: younger ones may still be on their way to it.
+const SWEEP_GRACE_MS: i64 = 60_000;
+
+/// Closes the index's open sessions of `agent` that the agent does not
+/// hold: they never reached it (the ingress stopped in between) or were
+/// lost with an earlier agent process. Without this they would stay open
+/// in the index for good.
+async fn sweep_unheld(cluster: Arc<Cluster>, agent: String, held: Vec<String>) {
+    let held: std::collections::HashSet<String> = held.into_iter().collect();
+    let now = now_ms();
+    let Ok(sessions) = cluster.reader.sessions() else {
+        return;
+    };
+    for s in sessions {
+        if s.agent != agent
+            || s.ended_ms.is_some()
+            || held.contains(&s.id)
+            || s.started_ms > now - SWEEP_GRACE_MS
+        {
+            continue;
+        }
+        let closed = cluster
+            .propose(Command::SessionClosed {
+                session_id: s.id.clone(),
+                ended_ms: now,
+                end_reason: format!(
+                    "lost: agent {agent} did not hold the session when it reconnected"
+                ),
+                recording_key: String::new(),
+                recording_sha256: String::new(),
+                recording_size: 0,
+                chunk_keys: Vec::new(),
+                events: 0,
+            })
+            .await;
+        match closed {
+            Ok(_) => {
+                tracing::info!(session_id = %s.id, agent_id = %agent, "stale session closed in the index")
+            }
+            Err(e) => {
+                tracing::warn!(session_id = %s.id, error = %e, "closing a stale session failed")
+            }
+        }
+    }
+}
+
 async fn agent_connection(conn: quinn::Connection, cluster: Arc<Cluster>, agents: AgentRegistry) {
     if let Err(e) = cluster.linearizable().await {
         tracing::warn!(remote = %conn.remote_address(), error = %e, "cannot confirm agent registration");
@@ -339,6 +386,11 @@ async fn agent_connection(conn: quinn::Connection, cluster: Arc<Cluster>, agents
             audit_high_water: cluster.reader.agent_high_water(&name).unwrap_or(0),
         })),
     };
+    tokio::spawn(sweep_unheld(
+        cluster.clone(),
+        name.clone(),
+        hello.sessions.clone(),
+    ));
     let result = async {
         send.write_all(&frame(&ack))
             .await

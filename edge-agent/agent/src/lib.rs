@@ -93,6 +93,14 @@ impl CancelKeys {
     pub fn get(&self, session_id: &str) -> Option<CancelTarget> {
         self.0.lock().ok()?.get(session_id).cloned()
     }
+
+    /// The running sessions.
+    pub fn ids(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
+    }
 }
 
 impl Drop for CancelKeyGuard {

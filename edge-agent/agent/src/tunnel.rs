@@ -166,6 +166,22 @@ async fn connect(
     Ok((endpoint, conn))
 }
 
+/// Sessions this agent holds: running ones, and those whose recording is
+/// still in the spool (not yet reported to the index).
+fn held_sessions(ctx: &AgentCtx) -> Vec<String> {
+    let mut ids = ctx.cancel_keys.ids();
+    if let Ok(dirs) = std::fs::read_dir(crate::recorder::spool_dir(ctx)) {
+        ids.extend(
+            dirs.flatten()
+                .filter(|d| d.path().is_dir())
+                .filter_map(|d| d.file_name().into_string().ok()),
+        );
+    }
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
 async fn serve_connection(
     ctx: &Arc<AgentCtx>,
     conn: &quinn::Connection,
@@ -180,6 +196,7 @@ async fn serve_connection(
             agent: ctx.config.name.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             targets: ctx.config.targets.iter().map(|t| t.name.clone()).collect(),
+            sessions: held_sessions(ctx),
         })),
     };
     send.write_all(&frame(&hello)).await?;

@@ -44,6 +44,10 @@ pub struct Cli {
     /// Output format of listings.
     #[arg(long, short, global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
+    /// Allow an http:// API address on loopback (the token then travels
+    /// unencrypted; never use it across a network).
+    #[arg(long, global = true)]
+    pub insecure_loopback_http: bool,
     #[command(subcommand)]
     pub cmd: Cmd,
 }
@@ -93,6 +97,7 @@ pub enum Cmd {
 /// What every command needs from the global options.
 pub struct Ctx {
     pub api: String,
+    pub insecure_loopback_http: bool,
     pub token: Option<String>,
     pub ca_file: Option<PathBuf>,
     pub json: bool,
@@ -116,6 +121,7 @@ impl Ctx {
     }
 
     fn credentials(&self, no_token: &'static str) -> anyhow::Result<(&str, String)> {
+        crate::client::check_transport(&self.api, self.insecure_loopback_http)?;
         let token = self.token.as_deref().context(no_token)?;
         let ca_file = self
             .ca_file
@@ -131,6 +137,7 @@ impl Ctx {
 pub async fn exec(cli: Cli) -> anyhow::Result<()> {
     let ctx = Ctx {
         api: cli.api,
+        insecure_loopback_http: cli.insecure_loopback_http,
         token: cli.token,
         ca_file: cli.ca_file,
         json: cli.output == Output::Json,
@@ -153,6 +160,19 @@ pub async fn exec(cli: Cli) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory;
+
+    #[test]
+    fn tokens_never_travel_over_plain_http_off_loopback() {
+        use crate::client::check_transport;
+        assert!(check_transport("https://gw.example:7443", false).is_ok());
+        let e = check_transport("http://gw.example:7443", true).unwrap_err();
+        assert!(e.to_string().contains("refusing to send a token"), "{e}");
+        let e = check_transport("http://127.0.0.1:7443", false).unwrap_err();
+        assert!(e.to_string().contains("--insecure-loopback-http"), "{e}");
+        assert!(check_transport("http://127.0.0.1:7443", true).is_ok());
+        assert!(check_transport("http://[::1]:7443", true).is_ok());
+        assert!(check_transport("ftp://x", true).is_err());
+    }
 
     /// Every command and subcommand says what it does in `--help`.
     #[test]
