@@ -647,6 +647,25 @@ fn every_configuration_change_is_one_audit_event_naming_its_actor() {
     assert_ne!(before, after, "{d}");
     assert_eq!(with("legal_hold", "placed by admin from").len(), 1);
     assert_eq!(with("legal_hold", "released by admin from").len(), 1);
+
+    // A reader that leaves (`| head`) ends the CLI quietly.
+    let mut child = Command::new(bin("gatehouse"))
+        .args(["audit", "events"])
+        .env("GATEHOUSE_API", &stack.api)
+        .env("GATEHOUSE_TOKEN", &stack.token)
+        .env("GATEHOUSE_CA_FILE", &stack.ca_file)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{:?}", out.status);
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

@@ -301,6 +301,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         cluster.clone(),
         agents.clone(),
         ca.clone(),
+        limits::ConnLimits::new("tunnel", listener_limits),
     ));
     tokio::spawn(ingress::serve(
         pg_listener,

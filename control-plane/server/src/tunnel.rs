@@ -135,15 +135,32 @@ pub async fn serve(
     cluster: Arc<Cluster>,
     agents: AgentRegistry,
     ca: Arc<ClusterCa>,
+    limits: Arc<crate::limits::ConnLimits>,
 ) {
+    let handshake_errors = Arc::new(crate::limits::LogEvery::new(Duration::from_secs(10)));
     while let Some(incoming) = endpoint.accept().await {
+        let remote = incoming.remote_address();
+        // Over the caps: refused before any handshake work.
+        let Some(slot) = limits.admit(remote.ip()) else {
+            incoming.refuse();
+            continue;
+        };
+        let stage = limits.stage();
         let (cluster, agents, ca) = (cluster.clone(), agents.clone(), ca.clone());
+        let handshake_errors = handshake_errors.clone();
         tokio::spawn(async move {
-            let remote = incoming.remote_address();
-            let conn = match incoming.await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(%remote, error = %e, "agent handshake failed");
+            let conn = match tokio::time::timeout(stage, incoming).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
+                    if let Some(n) = handshake_errors.tick() {
+                        tracing::warn!(%remote, error = %e, count = n, "agent handshake failed");
+                    }
+                    return;
+                }
+                Err(_) => {
+                    if let Some(n) = handshake_errors.tick() {
+                        tracing::warn!(%remote, count = n, "agent handshake did not finish in time");
+                    }
                     return;
                 }
             };
@@ -152,8 +169,21 @@ pub async fn serve(
                 .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
                 .and_then(|h| h.protocol);
             match alpn.as_deref() {
-                Some(ALPN_ENROLL) => enroll(conn, &cluster, &ca).await,
-                Some(ALPN_AGENT) => agent_connection(conn, cluster, agents).await,
+                Some(ALPN_ENROLL) => {
+                    // One exchange, under the stage deadline.
+                    if tokio::time::timeout(stage, enroll(conn.clone(), &cluster, &ca))
+                        .await
+                        .is_err()
+                    {
+                        conn.close(4u32.into(), b"enrollment did not finish in time");
+                    }
+                    drop(slot);
+                }
+                Some(ALPN_AGENT) => {
+                    // Authenticated by its certificate in the handshake.
+                    drop(slot);
+                    agent_connection(conn, cluster, agents).await
+                }
                 _ => conn.close(1u32.into(), b"unknown protocol"),
             }
         });
