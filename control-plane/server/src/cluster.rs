@@ -33,6 +33,10 @@ pub enum ProposeError {
     Rejected(#[from] Rejection),
 }
 
+/// Longest a leader that keeps its majority takes to confirm a read index
+/// (under the 3 s a follower waits for a forwarded one).
+const READ_INDEX_WAIT: Duration = Duration::from_millis(2500);
+
 /// Shared by every part of the node.
 pub struct Cluster {
     pub node_id: u64,
@@ -160,9 +164,26 @@ impl Cluster {
             return Err(ProposeError::NoQuorum);
         }
         let confirm = self.raft.ensure_linearizable();
-        match tokio::time::timeout(self.quorum_wait(), confirm).await {
-            Ok(Ok(log_id)) => Ok(log_id.map(|l| l.index).unwrap_or(0)),
-            Ok(Err(e)) => {
+        // A leader that keeps its majority may be slow to confirm under a
+        // burst (hundreds of logins at once): wait for it as long as the
+        // majority keeps acknowledging, up to a bound; one that loses the
+        // majority is answered at once.
+        let watch = async {
+            let started = std::time::Instant::now();
+            loop {
+                tokio::time::sleep(Duration::from_millis(gatehouse_cp_raft::HEARTBEAT_MS)).await;
+                if self.lost_quorum() || started.elapsed() > READ_INDEX_WAIT {
+                    return;
+                }
+            }
+        };
+        let confirmed = tokio::select! {
+            r = confirm => r,
+            () = watch => return Err(ProposeError::NoQuorum),
+        };
+        match confirmed {
+            Ok(log_id) => Ok(log_id.map(|l| l.index).unwrap_or(0)),
+            Err(e) => {
                 if let Some(f) = e.forward_to_leader() {
                     return Err(ProposeError::ForwardToLeader {
                         leader: f.leader_node.as_ref().map(|n| n.raft_addr.clone()),
@@ -170,13 +191,7 @@ impl Cluster {
                 }
                 Err(ProposeError::Raft(e.to_string()))
             }
-            Err(_) => Err(ProposeError::NoQuorum),
         }
-    }
-
-    /// How long a leader waits for a majority before it gives up on a call.
-    fn quorum_wait(&self) -> Duration {
-        Duration::from_millis(gatehouse_cp_raft::EFFECTIVE_ELECTION_TIMEOUT_MS)
     }
 
     /// Proposes on this node only. A leader that has lost its majority
@@ -245,6 +260,26 @@ impl Cluster {
             Ok(mut r) => r.fill_bytes(b),
             Err(poisoned) => poisoned.into_inner().fill_bytes(b),
         }
+    }
+
+    /// Closes a session in the index that has no recording (refused, never
+    /// reached its agent, or lost), with the reason.
+    pub async fn close_unrecorded(
+        &self,
+        session_id: &str,
+        reason: String,
+    ) -> Result<CommandResult, ProposeError> {
+        self.propose(Command::SessionClosed {
+            session_id: session_id.to_string(),
+            ended_ms: now_ms(),
+            end_reason: reason,
+            recording_key: String::new(),
+            recording_sha256: String::new(),
+            recording_size: 0,
+            chunk_keys: Vec::new(),
+            events: 0,
+        })
+        .await
     }
 
     /// The next sequence number of this node's own audit events.

@@ -702,18 +702,7 @@ async fn close_unreached(
         Ok(Relayed::Unreached(reason)) => reason,
         Err(e) => format!("the session never reached its agent: {e}"),
     };
-    let closed = cluster
-        .propose(Command::SessionClosed {
-            session_id: session_id.to_string(),
-            ended_ms: now_ms(),
-            end_reason: reason,
-            recording_key: String::new(),
-            recording_sha256: String::new(),
-            recording_size: 0,
-            chunk_keys: Vec::new(),
-            events: 0,
-        })
-        .await;
+    let closed = cluster.close_unrecorded(session_id, reason).await;
     if let Err(e) = closed {
         tracing::warn!(session_id, error = %e, "closing an unreached session in the index failed");
     }

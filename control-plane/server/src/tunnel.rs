@@ -337,18 +337,10 @@ async fn sweep_unheld(cluster: Arc<Cluster>, agent: String, held: Vec<String>) {
             continue;
         }
         let closed = cluster
-            .propose(Command::SessionClosed {
-                session_id: s.id.clone(),
-                ended_ms: now,
-                end_reason: format!(
-                    "lost: agent {agent} did not hold the session when it reconnected"
-                ),
-                recording_key: String::new(),
-                recording_sha256: String::new(),
-                recording_size: 0,
-                chunk_keys: Vec::new(),
-                events: 0,
-            })
+            .close_unrecorded(
+                &s.id,
+                format!("lost: agent {agent} did not hold the session when it reconnected"),
+            )
             .await;
         match closed {
             Ok(_) => {

@@ -63,7 +63,7 @@ pub async fn enroll(cfg: &AgentConfig, token: &str, files: &IdentityFiles) -> an
         {
             Ok(resp) if resp.error.is_empty() => {
                 std::fs::create_dir_all(&cfg.data_dir)?;
-                write_private(&files.key, &key.key_pem)?;
+                gatehouse_secure_fs::write_private(&files.key, key.key_pem.as_bytes())?;
                 std::fs::write(&files.cert, &resp.cert_pem)?;
                 std::fs::write(&files.ca, &resp.ca_pem)?;
                 return Ok(());
@@ -140,17 +140,4 @@ pub fn client_tls(files: &IdentityFiles) -> anyhow::Result<rustls::ClientConfig>
         .with_client_auth_cert(certs, key)?;
     tls.alpn_protocols = vec![ALPN_AGENT.to_vec()];
     Ok(tls)
-}
-
-fn write_private(path: &Path, data: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(data.as_bytes())?;
-    f.sync_all()
 }
