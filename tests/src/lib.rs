@@ -112,6 +112,8 @@ pub struct Stack {
     pub pg: LocalPostgres,
     pub server: Proc,
     pub agent: Option<Proc>,
+    /// "serving sessions" lines in agent.log before the last start_agent.
+    pub agent_serving_before: usize,
     pub api: String,
     pub pg_addr: String,
     pub tunnel: String,
@@ -322,6 +324,7 @@ impl Stack {
             pg,
             server,
             agent: None,
+            agent_serving_before: 0,
         }
     }
 
@@ -404,6 +407,7 @@ impl Stack {
 
     /// Starts the agent with the main config; `token` only for enrollment.
     pub fn start_agent(&mut self, token: Option<&str>) {
+        self.agent_serving_before = self.agent_serving_lines();
         let config = self.agent_config.clone();
         self.agent = Some(self.spawn_agent(&config, token, "agent.log"));
     }
@@ -442,10 +446,23 @@ impl Stack {
             .any(|a| a["name"] == name && a["connected"] == true)
     }
 
+    /// Waits until the control plane lists the agent as connected and,
+    /// when the stack started it, until that process's own connection is
+    /// the one registered (after a kill -9 the dead connection is still
+    /// listed until it times out).
     pub fn wait_agent_connected(&self, name: &str) {
         wait_until("agent connected", Duration::from_secs(30), || {
-            self.agent_connected(name).then_some(())
+            let ours =
+                self.agent.is_none() || self.agent_serving_lines() > self.agent_serving_before;
+            (ours && self.agent_connected(name)).then_some(())
         });
+    }
+
+    fn agent_serving_lines(&self) -> usize {
+        std::fs::read_to_string(self.tmp.path().join("agent.log"))
+            .unwrap_or_default()
+            .matches("serving sessions")
+            .count()
     }
 
     /// Runs the `gatehouse` CLI against this stack.

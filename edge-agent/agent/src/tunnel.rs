@@ -207,6 +207,8 @@ async fn serve_connection(
         _ => anyhow::bail!("control plane did not acknowledge hello"),
     };
     ctx.raise_seq(ack.audit_high_water);
+    // The control plane has registered this connection: sessions come here.
+    tracing::info!(high_water = ack.audit_high_water, "serving sessions");
     // After the hello, approval streams may use this connection.
     if let Ok(mut c) = ctx.server_conn.lock() {
         *c = Some(conn.clone());
