@@ -467,14 +467,19 @@ impl Stack {
 
     /// Runs the `gatehouse` CLI against this stack.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(bin("gatehouse"))
-            .args(args)
+        self.cli_cmd(&self.token, args).output().unwrap()
+    }
+
+    /// The CLI against this stack's API with `token` (an API key to act
+    /// as a service account, or the admin token), ready to run.
+    pub fn cli_cmd(&self, token: &str, args: &[&str]) -> Command {
+        let mut c = Command::new(bin("gatehouse"));
+        c.args(args)
             .env("GATEHOUSE_API", &self.api)
-            .env("GATEHOUSE_TOKEN", &self.token)
+            .env("GATEHOUSE_TOKEN", token)
             .env("GATEHOUSE_CA_FILE", &self.ca_file)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
+            .stdin(Stdio::null());
+        c
     }
 
     pub fn cli_ok(&self, args: &[&str]) -> String {

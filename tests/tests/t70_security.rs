@@ -649,11 +649,8 @@ fn every_configuration_change_is_one_audit_event_naming_its_actor() {
     assert_eq!(with("legal_hold", "released by admin from").len(), 1);
 
     // A reader that leaves (`| head`) ends the CLI quietly.
-    let mut child = Command::new(bin("gatehouse"))
-        .args(["audit", "events"])
-        .env("GATEHOUSE_API", &stack.api)
-        .env("GATEHOUSE_TOKEN", &stack.token)
-        .env("GATEHOUSE_CA_FILE", &stack.ca_file)
+    let mut child = stack
+        .cli_cmd(&stack.token, &["audit", "events"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -787,11 +784,8 @@ fn requests_are_listed_only_to_their_requester_and_those_who_may_review_them() {
     let dba = stack.create_account("dana", &["dba"]);
     let rules_only = stack.create_account("rob", &["dev"]);
     let list = |key: &str| -> Vec<serde_json::Value> {
-        let out = Command::new(bin("gatehouse"))
-            .args(["requests", "list", "-o", "json"])
-            .env("GATEHOUSE_API", &stack.api)
-            .env("GATEHOUSE_TOKEN", key)
-            .env("GATEHOUSE_CA_FILE", &stack.ca_file)
+        let out = stack
+            .cli_cmd(key, &["requests", "list", "-o", "json"])
             .output()
             .unwrap();
         assert!(
