@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             config,
             &[
                 "gatehouse/v1/admin.proto",
+                "gatehouse/v1/identity.proto",
                 "gatehouse/v1/tunnel.proto",
                 "gatehouse/v1/cluster.proto",
             ],

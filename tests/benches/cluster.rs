@@ -141,6 +141,8 @@ fn main() {
                         kind: EventKind::Statement,
                         session_id: "bench".into(),
                         identity: "sa:bench".into(),
+                        issuer: None,
+                        groups: None,
                         target: "bench".into(),
                         policy_version: "bench".into(),
                         decision: Decision::Allow,

@@ -102,3 +102,12 @@ pub async fn connect_reviews(
         ),
     )
 }
+
+/// The login service: no credential.
+pub type IdentityClient = gatehouse_proto::v1::identity_client::IdentityClient<Channel>;
+
+pub async fn connect_identity(api: &str, ca_pem: &str) -> anyhow::Result<IdentityClient> {
+    Ok(gatehouse_proto::v1::identity_client::IdentityClient::new(
+        channel(api, ca_pem).await?,
+    ))
+}

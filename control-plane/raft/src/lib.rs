@@ -9,6 +9,7 @@
 //! - [`read`]: queries over the applied state for the API and ingress.
 //! - [`network`]: the peer transport (gRPC with mutual TLS).
 
+pub mod identity;
 pub mod network;
 pub mod read;
 pub mod state;

@@ -9,6 +9,8 @@ use std::sync::Arc;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use subtle::ConstantTimeEq;
 
+use crate::identity::key as ikey;
+use crate::identity::{Issuer, RoleGrant, SigningKey, User, WorkloadBinding};
 use crate::state::{
     self, AGENT_SEQ, AUDIT, AccessRequest, Agent, ClusterKeys, KV, PolicyRecord, Rule,
     ServiceAccount, SessionRecord, Target, key,
@@ -104,6 +106,58 @@ impl StateReader {
             }
         }
         Ok(None)
+    }
+
+    pub fn issuer(&self, name: &str) -> Result<Option<Issuer>, ReadError> {
+        self.get(&ikey::issuer(name))
+    }
+
+    pub fn issuers(&self) -> Result<Vec<Issuer>, ReadError> {
+        self.list("issuer/")
+    }
+
+    /// The token-signing keys, oldest first.
+    pub fn signing_keys(&self) -> Result<Vec<SigningKey>, ReadError> {
+        let mut keys: Vec<SigningKey> = self.list("signing_key/")?;
+        keys.sort_by_key(|k| k.created_ms);
+        Ok(keys)
+    }
+
+    pub fn users(&self) -> Result<Vec<User>, ReadError> {
+        self.list("user/")
+    }
+
+    /// Groups an admin added to an identity, beside its provider's.
+    pub fn static_groups(&self, identity: &str) -> Result<Vec<String>, ReadError> {
+        Ok(self
+            .get::<Vec<String>>(&ikey::static_groups(identity))?
+            .unwrap_or_default())
+    }
+
+    pub fn workload_bindings(&self, sa: &str) -> Result<Vec<WorkloadBinding>, ReadError> {
+        self.list(&format!("binding/{sa}/"))
+    }
+
+    pub fn role_grants(&self) -> Result<Vec<RoleGrant>, ReadError> {
+        self.list("grant/")
+    }
+
+    /// Roles held by an identity directly or through one of its groups.
+    pub fn roles_of(&self, identity: &str, groups: &[String]) -> Result<Vec<String>, ReadError> {
+        let mut roles: Vec<String> = self
+            .role_grants()?
+            .into_iter()
+            .filter(|g| {
+                g.principal == identity
+                    || g.principal
+                        .strip_prefix("group:")
+                        .is_some_and(|n| groups.iter().any(|x| x == n))
+            })
+            .map(|g| g.role)
+            .collect();
+        roles.sort();
+        roles.dedup();
+        Ok(roles)
     }
 
     pub fn target(&self, name: &str) -> Result<Option<Target>, ReadError> {

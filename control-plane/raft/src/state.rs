@@ -9,6 +9,7 @@ use redb::{ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::identity::key as ikey;
 use crate::types::{Command, CommandResult, RawEvent, Rejection};
 
 pub(crate) const KV: TableDefinition<&str, &str> = TableDefinition::new("kv");
@@ -601,6 +602,76 @@ pub(crate) fn apply(txn: &WriteTransaction, cmd: &Command) -> ApplyResult<Comman
             s.recording_purged = true;
             Ok(())
         })?,
+        Command::PutIssuer { issuer } => {
+            put(&mut kv, &ikey::issuer(&issuer.name), issuer)?;
+            CommandResult::Ok
+        }
+        Command::DeleteIssuer { name } => {
+            if kv.remove(ikey::issuer(name).as_str())?.is_none() {
+                return Ok(reject(Rejection::NotFound(format!("issuer {name}"))));
+            }
+            CommandResult::Ok
+        }
+        Command::PutSigningKey { key } => {
+            let any = kv
+                .range("signing_key/".."signing_key0")?
+                .next()
+                .transpose()?
+                .is_some();
+            if any {
+                return Ok(reject(Rejection::AlreadyExists(
+                    "a token-signing key".into(),
+                )));
+            }
+            put(&mut kv, &ikey::signing_key(&key.kid), key)?;
+            CommandResult::Ok
+        }
+        Command::UserLoggedIn { user } => {
+            put(&mut kv, &ikey::user(&user.identity), user)?;
+            CommandResult::Ok
+        }
+        Command::SetStaticGroups { identity, groups } => {
+            let k = ikey::static_groups(identity);
+            if groups.is_empty() {
+                kv.remove(k.as_str())?;
+            } else {
+                put(&mut kv, &k, groups)?;
+            }
+            CommandResult::Ok
+        }
+        Command::AddWorkloadBinding {
+            service_account,
+            binding,
+        } => {
+            if kv.get(key::sa(service_account).as_str())?.is_none() {
+                return Ok(reject(Rejection::NotFound(format!(
+                    "service account {service_account}"
+                ))));
+            }
+            if kv.get(ikey::issuer(&binding.issuer).as_str())?.is_none() {
+                return Ok(reject(Rejection::NotFound(format!(
+                    "issuer {}",
+                    binding.issuer
+                ))));
+            }
+            let prefix = format!("binding/{service_account}/");
+            let end = format!("{prefix}\u{10FFFF}");
+            let n = kv.range(prefix.as_str()..end.as_str())?.count();
+            put(&mut kv, &ikey::binding(service_account, n), binding)?;
+            CommandResult::Ok
+        }
+        Command::GrantRole { grant } => {
+            put(&mut kv, &ikey::grant(&grant.role, &grant.principal), grant)?;
+            CommandResult::Ok
+        }
+        Command::RevokeRole { role, principal } => {
+            if kv.remove(ikey::grant(role, principal).as_str())?.is_none() {
+                return Ok(reject(Rejection::NotFound(format!(
+                    "role {role} for {principal}"
+                ))));
+            }
+            CommandResult::Ok
+        }
         Command::Audited { audit, change } => {
             let before = kv
                 .get(key::POLICY_VERSION)?
@@ -628,6 +699,8 @@ pub(crate) fn apply(txn: &WriteTransaction, cmd: &Command) -> ApplyResult<Comman
                 kind: gatehouse_audit::EventKind::ConfigChange,
                 session_id: String::new(),
                 identity: audit.actor.clone(),
+                issuer: (!audit.issuer.is_empty()).then(|| audit.issuer.clone()),
+                groups: (!audit.issuer.is_empty()).then(|| audit.groups.clone()),
                 target,
                 policy_version: after.clone(),
                 decision: gatehouse_audit::Decision::Allow,
@@ -734,6 +807,36 @@ fn describe_change(cmd: &Command) -> (String, String) {
                 "admitted node {node_id} with join token {}",
                 short(token_sha256)
             ),
+        ),
+        Command::PutIssuer { issuer } => (
+            String::new(),
+            format!(
+                "put trusted issuer {} ({}, {}, client {})",
+                issuer.name, issuer.kind, issuer.issuer_url, issuer.client_id
+            ),
+        ),
+        Command::DeleteIssuer { name } => (String::new(), format!("deleted issuer {name}")),
+        Command::SetStaticGroups { identity, groups } => (
+            String::new(),
+            format!("set static groups of {identity} to [{}]", groups.join(", ")),
+        ),
+        Command::AddWorkloadBinding {
+            service_account,
+            binding,
+        } => (
+            String::new(),
+            format!(
+                "bound tokens of issuer {} with subject {:?} and audience {:?} to sa:{service_account}",
+                binding.issuer, binding.subject, binding.audience
+            ),
+        ),
+        Command::GrantRole { grant } => (
+            String::new(),
+            format!("granted role {} to {}", grant.role, grant.principal),
+        ),
+        Command::RevokeRole { role, principal } => (
+            String::new(),
+            format!("revoked role {role} from {principal}"),
         ),
         _ => (String::new(), "changed the configuration".into()),
     }

@@ -4,6 +4,7 @@ use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
 
+use crate::identity::{Issuer, RoleGrant, SigningKey, User, WorkloadBinding};
 use crate::state::{AccessRequest, PolicyRecord, Rule, SessionRecord, Target};
 
 openraft::declare_raft_types!(
@@ -143,6 +144,38 @@ pub enum Command {
     RecordingPurged {
         session_id: String,
     },
+    /// Adds or replaces a trusted identity provider.
+    PutIssuer {
+        issuer: Box<Issuer>,
+    },
+    DeleteIssuer {
+        name: String,
+    },
+    /// The cluster's token-signing key; refused when one exists (the first
+    /// proposal wins, every node then reads the same key).
+    PutSigningKey {
+        key: Box<SigningKey>,
+    },
+    /// A person logged in: their record as the provider described them.
+    UserLoggedIn {
+        user: Box<User>,
+    },
+    /// Replaces an identity's static groups (empty removes them).
+    SetStaticGroups {
+        identity: String,
+        groups: Vec<String>,
+    },
+    AddWorkloadBinding {
+        service_account: String,
+        binding: Box<WorkloadBinding>,
+    },
+    GrantRole {
+        grant: RoleGrant,
+    },
+    RevokeRole {
+        role: String,
+        principal: String,
+    },
     /// A configuration change and its audit event, applied together: when
     /// `change` takes effect, apply appends a `config_change` event naming
     /// `actor`, what changed, and the policy version before and after. The
@@ -161,6 +194,11 @@ pub struct ChangeAudit {
     pub actor: String,
     /// Where the call came from.
     pub client_addr: String,
+    /// The actor's issuer and groups when it acted.
+    #[serde(default)]
+    pub issuer: String,
+    #[serde(default)]
+    pub groups: Vec<String>,
     pub event_id: String,
     /// The producer (`control-plane-<node>`) and its sequence number.
     pub producer: String,

@@ -104,10 +104,11 @@ fn req_name(r: &GetPolicyRequest) -> String {
 
 /// The service implementation.
 pub struct AdminService {
-    cluster: Arc<Cluster>,
+    pub(crate) cluster: Arc<Cluster>,
     agents: AgentRegistry,
     recordings: Arc<crate::recordings::Recordings>,
     ca_fingerprint: String,
+    pub(crate) ids: Arc<crate::identity::Identities>,
 }
 
 /// Serves the API with TLS until the process exits.
@@ -117,6 +118,7 @@ pub async fn serve(
     join: crate::peer::JoinService,
     reviews: crate::approvals::ReviewsService,
     admin_token: String,
+    identity: crate::identity::service::IdentityService,
     chain: TlsChain,
     limits: std::sync::Arc<crate::limits::ConnLimits>,
 ) {
@@ -158,6 +160,9 @@ pub async fn serve(
             ),
         )
         .add_service(gatehouse_proto::cluster::join_server::JoinServer::new(join))
+        .add_service(gatehouse_proto::v1::identity_server::IdentityServer::new(
+            identity,
+        ))
         .serve_with_incoming(incoming)
         .await
     {
@@ -165,17 +170,24 @@ pub async fn serve(
     }
 }
 
-/// Who called, for the audit: the bootstrap admin token is the only
-/// credential of this API, and where the call came from.
-fn caller<T>(req: &Request<T>) -> (String, String) {
+/// Who called, for the audit, and where the call came from.
+pub(crate) fn caller<T>(req: &Request<T>) -> crate::identity::Actor {
     let addr = req
         .remote_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|| "unknown".into());
-    ("admin".into(), addr)
+    crate::identity::Actor {
+        principal: crate::identity::Principal {
+            identity: "admin".into(),
+            issuer: crate::identity::LOCAL_ISSUER.into(),
+            groups: Vec::new(),
+            email: String::new(),
+        },
+        addr,
+    }
 }
 
-fn valid_name(kind: &str, name: &str) -> Result<(), ApiError> {
+pub(crate) fn valid_name(kind: &str, name: &str) -> Result<(), ApiError> {
     let ok = !name.is_empty()
         && name.len() <= 63
         && name
@@ -217,6 +229,24 @@ fn session_proto(s: SessionRecord) -> Session {
 // === impl AdminService ===
 
 impl AdminService {
+    pub(crate) fn sa_proto(&self, a: state::ServiceAccount) -> ServiceAccount {
+        let bindings = self
+            .cluster
+            .reader
+            .workload_bindings(&a.name)
+            .unwrap_or_default()
+            .into_iter()
+            .map(crate::identity::admin::binding_proto)
+            .collect();
+        ServiceAccount {
+            name: a.name,
+            groups: a.groups,
+            created_ms: a.created_ms,
+            key_ids: a.keys.into_iter().map(|k| k.key_id).collect(),
+            bindings,
+        }
+    }
+
     fn session(&self, id: &str) -> Result<SessionRecord, ApiError> {
         self.cluster
             .reader
@@ -230,23 +260,87 @@ impl AdminService {
         agents: AgentRegistry,
         recordings: Arc<crate::recordings::Recordings>,
         ca_pem: &str,
+        ids: Arc<crate::identity::Identities>,
     ) -> Self {
         Self {
             cluster,
             agents,
             recordings,
             ca_fingerprint: gatehouse_pki::fingerprint_pem(ca_pem).unwrap_or_default(),
+            ids,
         }
     }
 }
 
 #[tonic::async_trait]
 impl Admin for AdminService {
+    async fn put_issuer(&self, req: Request<PutIssuerRequest>) -> ApiResult<Issuer> {
+        self.do_put_issuer(req).await
+    }
+
+    async fn list_issuers(&self, _req: Request<ListRequest>) -> ApiResult<ListIssuersResponse> {
+        self.do_list_issuers().await
+    }
+
+    async fn delete_issuer(&self, req: Request<DeleteIssuerRequest>) -> ApiResult<Issuer> {
+        self.do_delete_issuer(req).await
+    }
+
+    async fn add_workload_binding(
+        &self,
+        req: Request<AddWorkloadBindingRequest>,
+    ) -> ApiResult<ServiceAccount> {
+        self.do_add_workload_binding(req).await
+    }
+
+    async fn list_users(&self, _req: Request<ListRequest>) -> ApiResult<ListUsersResponse> {
+        self.do_list_users().await
+    }
+
+    async fn set_static_groups(
+        &self,
+        req: Request<SetStaticGroupsRequest>,
+    ) -> ApiResult<StaticGroups> {
+        self.do_set_static_groups(req).await
+    }
+
+    async fn grant_role(&self, req: Request<RoleGrant>) -> ApiResult<RoleGrant> {
+        self.do_grant_role(req, true).await
+    }
+
+    async fn revoke_role(&self, req: Request<RoleGrant>) -> ApiResult<RoleGrant> {
+        self.do_grant_role(req, false).await
+    }
+
+    async fn list_role_grants(
+        &self,
+        _req: Request<ListRequest>,
+    ) -> ApiResult<ListRoleGrantsResponse> {
+        self.do_list_role_grants().await
+    }
+
+    async fn who_am_i(&self, req: Request<ListRequest>) -> ApiResult<WhoAmIResponse> {
+        let actor = caller(&req);
+        let p = actor.principal;
+        let roles = self
+            .cluster
+            .reader
+            .roles_of(&p.identity, &p.groups)
+            .map_err(ApiError::from)?;
+        Ok(Response::new(WhoAmIResponse {
+            break_glass: p.identity == "admin",
+            identity: p.identity,
+            issuer: p.issuer,
+            groups: p.groups,
+            roles,
+        }))
+    }
+
     async fn create_service_account(
         &self,
         req: Request<CreateServiceAccountRequest>,
     ) -> ApiResult<CreateServiceAccountResponse> {
-        let (actor, addr) = caller(&req);
+        let actor = caller(&req);
         let req = req.into_inner();
         valid_name("service account", &req.name)?;
         for g in &req.groups {
@@ -258,7 +352,6 @@ impl Admin for AdminService {
         self.cluster
             .propose_audited(
                 &actor,
-                &addr,
                 Command::CreateServiceAccount {
                     name: req.name.clone(),
                     groups: req.groups.clone(),
@@ -275,6 +368,7 @@ impl Admin for AdminService {
                 groups: req.groups,
                 created_ms: now,
                 key_ids: vec![key_id.clone()],
+                bindings: Vec::new(),
             }),
             api_key: format!("ghk_{key_id}_{secret}"),
         }))
@@ -290,18 +384,13 @@ impl Admin for AdminService {
             .service_accounts()
             .map_err(ApiError::from)?
             .into_iter()
-            .map(|a| ServiceAccount {
-                name: a.name,
-                groups: a.groups,
-                created_ms: a.created_ms,
-                key_ids: a.keys.into_iter().map(|k| k.key_id).collect(),
-            })
+            .map(|a| self.sa_proto(a))
             .collect();
         Ok(Response::new(ListServiceAccountsResponse { accounts }))
     }
 
     async fn create_target(&self, req: Request<CreateTargetRequest>) -> ApiResult<Target> {
-        let (actor, addr) = caller(&req);
+        let actor = caller(&req);
         let req = req.into_inner();
         valid_name("target", &req.name)?;
         valid_name("agent", &req.agent)?;
@@ -326,7 +415,6 @@ impl Admin for AdminService {
         self.cluster
             .propose_audited(
                 &actor,
-                &addr,
                 Command::CreateTarget {
                     target: target.clone(),
                 },
@@ -349,7 +437,7 @@ impl Admin for AdminService {
     }
 
     async fn create_rule(&self, req: Request<CreateRuleRequest>) -> ApiResult<Rule> {
-        let (actor, addr) = caller(&req);
+        let actor = caller(&req);
         let req = req.into_inner();
         let subject_ok = req
             .subject
@@ -370,7 +458,7 @@ impl Admin for AdminService {
             created_ms: now_ms(),
         };
         self.cluster
-            .propose_audited(&actor, &addr, Command::CreateRule { rule: rule.clone() })
+            .propose_audited(&actor, Command::CreateRule { rule: rule.clone() })
             .await
             .map_err(ApiError::from)?;
         Ok(Response::new(Rule {
@@ -401,7 +489,7 @@ impl Admin for AdminService {
     }
 
     async fn apply_policy(&self, req: Request<ApplyPolicyRequest>) -> ApiResult<PolicyDocument> {
-        let (actor, addr) = caller(&req);
+        let actor = caller(&req);
         let yaml = req.into_inner().yaml;
         if yaml.len() > MAX_POLICY_BYTES {
             return Err(ApiError::InvalidArgument(format!(
@@ -427,14 +515,13 @@ impl Admin for AdminService {
             doc_version,
             yaml,
             canonical: doc.canonical(),
-            author: actor.clone(),
+            author: actor.principal.identity.clone(),
             applied_ms: now_ms(),
         };
         match self
             .cluster
             .propose_audited(
                 &actor,
-                &addr,
                 Command::ApplyPolicy {
                     policy: Box::new(record),
                 },
@@ -499,7 +586,7 @@ impl Admin for AdminService {
         &self,
         req: Request<CreateEnrollmentTokenRequest>,
     ) -> ApiResult<CreateEnrollmentTokenResponse> {
-        let (actor, addr) = caller(&req);
+        let actor = caller(&req);
         let req = req.into_inner();
         valid_name("agent", &req.agent)?;
         let ttl = match req.ttl_seconds {
@@ -518,7 +605,6 @@ impl Admin for AdminService {
         self.cluster
             .propose_audited(
                 &actor,
-                &addr,
                 Command::CreateEnrollmentToken {
                     token_sha256: state::sha256_hex(secret.as_bytes()),
                     agent: req.agent,
@@ -671,7 +757,7 @@ impl Admin for AdminService {
     }
 
     async fn set_legal_hold(&self, req: Request<SetLegalHoldRequest>) -> ApiResult<Session> {
-        let (actor, addr) = caller(&req);
+        let actor = caller(&req);
         let req = req.into_inner();
         let s = self.session(&req.session_id)?;
         if req.hold && req.reason.trim().is_empty() {
@@ -697,8 +783,14 @@ impl Admin for AdminService {
             &s.id,
         );
         ev.detail = Some(match req.hold {
-            true => format!("legal hold placed by {actor} from {addr}: {}", req.reason),
-            false => format!("legal hold released by {actor} from {addr}: {}", req.reason),
+            true => format!(
+                "legal hold placed by {} from {}: {}",
+                actor.principal.identity, actor.addr, req.reason
+            ),
+            false => format!(
+                "legal hold released by {} from {}: {}",
+                actor.principal.identity, actor.addr, req.reason
+            ),
         });
         self.cluster.audit(ev).await.map_err(ApiError::from)?;
         Ok(Response::new(session_proto(self.session(&s.id)?)))
@@ -733,7 +825,7 @@ impl Admin for AdminService {
         &self,
         req: Request<CreateJoinTokenRequest>,
     ) -> ApiResult<CreateJoinTokenResponse> {
-        let (actor, addr) = caller(&req);
+        let actor = caller(&req);
         let req = req.into_inner();
         if req.node_id == 0 {
             return Err(ApiError::InvalidArgument("node id 0 is reserved".into()).into());
@@ -749,7 +841,6 @@ impl Admin for AdminService {
         self.cluster
             .propose_audited(
                 &actor,
-                &addr,
                 Command::CreateJoinToken {
                     token_sha256: state::sha256_hex(secret.as_bytes()),
                     node_id: req.node_id,
@@ -773,7 +864,7 @@ impl Admin for AdminService {
         &self,
         req: Request<RemoveNodeRequest>,
     ) -> ApiResult<ClusterStatusResponse> {
-        let (actor, addr) = caller(&req);
+        let actor = caller(&req);
         let id = req.into_inner().node_id;
         let m = self.cluster.raft.metrics().borrow().clone();
         if m.current_leader != Some(self.cluster.node_id) {
@@ -794,19 +885,29 @@ impl Admin for AdminService {
         };
         // The evidence commits first: a leader that removes itself cannot
         // write anything once it is out.
-        let mut ev = self
-            .cluster
-            .event(EventKind::ConfigChange, Decision::Allow, &actor, "", "");
+        let mut ev = self.cluster.event(
+            EventKind::ConfigChange,
+            Decision::Allow,
+            &actor.principal.identity,
+            "",
+            "",
+        );
         ev.detail = Some(format!(
-            "removed node {id} from the cluster; by {actor} from {addr}"
+            "removed node {id} from the cluster; by {} from {}",
+            actor.principal.identity, actor.addr
         ));
         self.cluster.audit(ev).await.map_err(ApiError::from)?;
         if let Err(e) = self.cluster.raft.change_membership(change, false).await {
-            let mut ev =
-                self.cluster
-                    .event(EventKind::ConfigChange, Decision::Deny, &actor, "", "");
+            let mut ev = self.cluster.event(
+                EventKind::ConfigChange,
+                Decision::Deny,
+                &actor.principal.identity,
+                "",
+                "",
+            );
             ev.detail = Some(format!(
-                "removing node {id} failed, it is still a member: {e}; by {actor} from {addr}"
+                "removing node {id} failed, it is still a member: {e}; by {} from {}",
+                actor.principal.identity, actor.addr
             ));
             let _ = self.cluster.audit(ev).await;
             return Err(ApiError::InvalidArgument(e.to_string()).into());

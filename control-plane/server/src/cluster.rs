@@ -249,6 +249,13 @@ impl Cluster {
         hex::encode(b)
     }
 
+    /// A fresh 96-bit nonce for sealing.
+    pub fn random_nonce(&self) -> [u8; 12] {
+        let mut n = [0u8; 12];
+        self.fill(&mut n);
+        n
+    }
+
     pub fn random_u64(&self) -> u64 {
         let mut b = [0u8; 8];
         self.fill(&mut b);
@@ -297,13 +304,14 @@ impl Cluster {
     /// together or not at all.
     pub async fn propose_audited(
         &self,
-        actor: &str,
-        client_addr: &str,
+        actor: &crate::identity::Actor,
         change: Command,
     ) -> Result<CommandResult, ProposeError> {
         let audit = gatehouse_cp_raft::ChangeAudit {
-            actor: actor.to_string(),
-            client_addr: client_addr.to_string(),
+            actor: actor.principal.identity.clone(),
+            client_addr: actor.addr.clone(),
+            issuer: actor.principal.issuer.clone(),
+            groups: actor.principal.groups.clone(),
             event_id: self.new_id(),
             producer: Self::producer_name(self.node_id),
             seq: self.next_seq(),
@@ -368,6 +376,8 @@ impl Cluster {
             kind,
             session_id: session_id.to_string(),
             identity: identity.to_string(),
+            issuer: None,
+            groups: None,
             target: target.to_string(),
             policy_version: self.reader.policy_version().unwrap_or_default(),
             decision,

@@ -38,6 +38,7 @@ use crate::tunnel::AgentRegistry;
 pub struct Gate {
     pub limits: Arc<ConnLimits>,
     pub throttle: Arc<LoginThrottle>,
+    pub ids: Arc<crate::identity::Identities>,
 }
 
 /// Why a connection was refused before reaching a target. Each maps to the
@@ -46,6 +47,8 @@ pub struct Gate {
 enum Refusal {
     #[error("Gatehouse requires TLS: connect with sslmode=require or stronger")]
     TlsRequired,
+    #[error("password authentication failed for user \"{0}\": {1}")]
+    BadToken(String, String),
     #[error("password authentication failed for user \"{0}\"")]
     BadCredentials(String),
     /// A missing target and one the caller may not use look the same to
@@ -70,7 +73,7 @@ impl Refusal {
             Refusal::TlsRequired | Refusal::NotAllowed { .. } | Refusal::Throttled { .. } => {
                 "28000"
             }
-            Refusal::BadCredentials(_) => "28P01",
+            Refusal::BadCredentials(_) | Refusal::BadToken(..) => "28P01",
             Refusal::Unavailable { .. } | Refusal::StateUnconfirmed => "57P03",
             Refusal::NotDurable => "58000",
             Refusal::Protocol(_) => "08P01",
@@ -268,7 +271,7 @@ async fn handle(
             return Ok(());
         }
     };
-    let admitted = admit(&startup, &password, peer, &cluster, &agents, &gate.throttle).await;
+    let admitted = admit(&startup, &password, peer, &cluster, &agents, &gate).await;
     // Authenticated (or refused): no longer counted against the caps.
     drop(slot);
     match admitted {
@@ -297,8 +300,9 @@ async fn admit(
     peer: SocketAddr,
     cluster: &Cluster,
     agents: &AgentRegistry,
-    throttle: &LoginThrottle,
+    gate: &Gate,
 ) -> Result<(SessionOpen, String, Route), Refusal> {
+    let throttle = &gate.throttle;
     let user = startup.params.get("user").cloned().unwrap_or_default();
     let (db_user, target_name) = match user.rsplit_once('@') {
         Some((u, t)) => (u.to_string(), t.to_string()),
@@ -333,25 +337,40 @@ async fn admit(
         .linearizable()
         .await
         .map_err(|_| Refusal::StateUnconfirmed)?;
-    let account = cluster
-        .reader
-        .verify_api_key(password)
-        .map_err(|_| Refusal::NotDurable)?;
-    let Some(account) = account else {
-        let ev = cluster.denial(
-            "anonymous",
-            &target_name,
-            &session_id,
-            format!("invalid API key from {peer}"),
-        );
-        let _ = cluster.audit(ev).await;
-        let delay = throttle.failed(peer.ip(), &target_name, now);
-        tokio::time::sleep(delay).await;
-        return Err(Refusal::BadCredentials(bounded(&user)));
+    let who = match gate.ids.authenticate(password) {
+        Ok(p) => p,
+        Err(crate::identity::AuthError::Unavailable(_)) => return Err(Refusal::NotDurable),
+        Err(e) => {
+            let what = if crate::identity::tokens::looks_like_jwt(password) {
+                format!("access token refused ({e})")
+            } else {
+                "invalid API key".to_string()
+            };
+            let ev = cluster.denial(
+                "anonymous",
+                &target_name,
+                &session_id,
+                format!("{what} from {peer}"),
+            );
+            let _ = cluster.audit(ev).await;
+            let delay = throttle.failed(peer.ip(), &target_name, now);
+            tokio::time::sleep(delay).await;
+            return Err(match e {
+                crate::identity::AuthError::Token(t) => {
+                    Refusal::BadToken(bounded(&user), t.to_string())
+                }
+                _ => Refusal::BadCredentials(bounded(&user)),
+            });
+        }
     };
     throttle.succeeded(peer.ip());
-    let identity = format!("sa:{}", account.name);
-    let deny = |detail: String| cluster.denial(&identity, &target_name, &session_id, detail);
+    let identity = who.identity.clone();
+    let deny = |detail: String| {
+        let mut ev = cluster.denial(&identity, &target_name, &session_id, detail);
+        ev.issuer = Some(who.issuer.clone());
+        ev.groups = Some(who.groups.clone());
+        ev
+    };
     let Some(target) = cluster
         .reader
         .target(&target_name)
@@ -368,7 +387,7 @@ async fn admit(
     };
     let allowed = cluster
         .reader
-        .is_allowed(&identity, &account.groups, &target.name)
+        .is_allowed(&identity, &who.groups, &target.name)
         .map_err(|_| Refusal::NotDurable)?;
     if !allowed {
         let r = Refusal::NotAllowed {
@@ -439,7 +458,8 @@ async fn admit(
         SessionOpen {
             session_id,
             identity,
-            groups: account.groups.clone(),
+            groups: who.groups.clone(),
+            issuer: who.issuer.clone(),
             target: target.name.clone(),
             database,
             db_user,

@@ -7,6 +7,7 @@
 pub mod api;
 pub mod approvals;
 pub mod cluster;
+pub mod identity;
 pub mod ingress;
 mod join;
 pub mod limits;
@@ -74,6 +75,9 @@ pub struct Config {
     /// negotiation, TLS handshake, startup, password), in seconds.
     #[arg(long, default_value_t = 10)]
     pub handshake_timeout_secs: u64,
+    /// Lifetime of the Gatehouse access tokens logins issue, in seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub token_ttl_secs: i64,
     /// Unauthenticated connections one address may hold open at once, per
     /// listener.
     #[arg(long, default_value_t = 256)]
@@ -303,6 +307,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ca.clone(),
         limits::ConnLimits::new("tunnel", listener_limits),
     ));
+    let throttle = Arc::new(limits::LoginThrottle::default());
+    let ids = Arc::new(identity::Identities {
+        cluster: cluster.clone(),
+        kek: kek.clone(),
+        tokens: identity::tokens::Tokens::new(
+            cluster.clone(),
+            kek.clone(),
+            config.token_ttl_secs.max(60),
+        ),
+        providers: identity::oidc::Providers::new()?,
+        throttle: throttle.clone(),
+    });
+    ids.tokens
+        .ensure_key()
+        .await
+        .context("creating the token-signing key")?;
     tokio::spawn(ingress::serve(
         pg_listener,
         ingress::tls_acceptor(&chain)?,
@@ -310,10 +330,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         agents.clone(),
         ingress::Gate {
             limits: limits::ConnLimits::new("postgres", listener_limits),
-            throttle: Arc::new(limits::LoginThrottle::default()),
+            throttle,
+            ids: ids.clone(),
         },
     ));
-    let api = api::AdminService::new(cluster.clone(), agents.clone(), recordings, ca.cert_pem());
+    let api = api::AdminService::new(
+        cluster.clone(),
+        agents.clone(),
+        recordings,
+        ca.cert_pem(),
+        ids.clone(),
+    );
     let join_svc = peer::JoinService {
         cluster: cluster.clone(),
         ca: ca.clone(),
@@ -326,6 +353,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             cluster: cluster.clone(),
         },
         admin_token,
+        identity::service::IdentityService { ids: ids.clone() },
         chain.clone(),
         limits::ConnLimits::new("api", listener_limits),
     ));
@@ -477,7 +505,11 @@ async fn bootstrap_ca(cluster: &Cluster, kek: &Kek) -> anyhow::Result<ClusterCa>
     let leads = cluster.raft.metrics().borrow().current_leader == Some(cluster.node_id);
     if leads && cluster.reader.cluster_keys()?.is_none() {
         let ca = ClusterCa::generate("gatehouse", now_ms() / 1000).context("generating the CA")?;
-        let sealed = kek.seal(CA_KEY_PURPOSE, random_nonce(cluster), ca.key_pem.as_bytes());
+        let sealed = kek.seal(
+            CA_KEY_PURPOSE,
+            cluster.random_nonce(),
+            ca.key_pem.as_bytes(),
+        );
         cluster
             .propose(Command::InitCluster {
                 ca_cert_pem: ca.cert_pem,
@@ -510,15 +542,6 @@ async fn bootstrap_ca(cluster: &Cluster, kek: &Kek) -> anyhow::Result<ClusterCa>
 
 /// Associated data of the sealed CA key.
 const CA_KEY_PURPOSE: &str = "gatehouse cluster CA private key";
-
-fn random_nonce(cluster: &Cluster) -> [u8; 12] {
-    let mut n = [0u8; 12];
-    let a = cluster.random_u64().to_be_bytes();
-    let b = cluster.random_u64().to_be_bytes();
-    n[..8].copy_from_slice(&a);
-    n[8..].copy_from_slice(&b[..4]);
-    n
-}
 
 /// The key-encryption key, from a file outside the data directory, a
 /// command, or the environment.

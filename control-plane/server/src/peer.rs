@@ -336,8 +336,14 @@ impl Join for JoinService {
         match self
             .cluster
             .propose_audited(
-                &format!("node-{}", req.node_id),
-                &remote,
+                &crate::identity::Actor {
+                    principal: crate::identity::Principal {
+                        identity: format!("node-{}", req.node_id),
+                        issuer: crate::identity::LOCAL_ISSUER.into(),
+                        ..Default::default()
+                    },
+                    addr: remote.clone(),
+                },
                 Command::ConsumeJoinToken {
                     token_sha256,
                     node_id: req.node_id,

@@ -271,8 +271,14 @@ async fn enroll_agent(
         .ok_or("issued certificate has no public key")?;
     match cluster
         .propose_audited(
-            &format!("agent:{}", req.agent),
-            &remote.to_string(),
+            &crate::identity::Actor {
+                principal: crate::identity::Principal {
+                    identity: format!("agent:{}", req.agent),
+                    issuer: crate::identity::LOCAL_ISSUER.into(),
+                    ..Default::default()
+                },
+                addr: remote.to_string(),
+            },
             Command::ConsumeEnrollmentToken {
                 token_sha256,
                 agent: req.agent.clone(),
@@ -406,6 +412,7 @@ async fn agent_connection(conn: quinn::Connection, cluster: Arc<Cluster>, agents
         msg: Some(server_message::Msg::HelloAck(HelloAck {
             policy_version: cluster.reader.policy_version().unwrap_or_default(),
             audit_high_water: cluster.reader.agent_high_water(&name).unwrap_or(0),
+            token_keys: crate::identity::tokens::jwks_of(&cluster.reader),
         })),
     };
     tokio::spawn(sweep_unheld(

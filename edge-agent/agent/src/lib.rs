@@ -60,6 +60,9 @@ pub struct AgentCtx {
     pub maskers: guard::MaskerCache,
     /// The live connection to the control plane (for approval requests).
     pub server_conn: Mutex<Option<quinn::Connection>>,
+    /// The control plane's token-signing public keys (JWKS JSON), as its
+    /// last hello acknowledgement gave them.
+    pub token_keys: Mutex<String>,
 }
 
 /// Where to send a cancel for one session.
@@ -141,6 +144,7 @@ impl AgentCtx {
                 cancel_keys: CancelKeys::default(),
                 maskers: guard::MaskerCache::default(),
                 server_conn: Mutex::new(None),
+                token_keys: Mutex::new(String::new()),
             },
             AgentQueues {
                 audit_rx,

@@ -100,6 +100,8 @@ fn base_event(
         kind,
         session_id: open.session_id.clone(),
         identity: open.identity.clone(),
+        issuer: (!open.issuer.is_empty()).then(|| open.issuer.clone()),
+        groups: Some(open.groups.clone()),
         target: open.target.clone(),
         policy_version: open.policy_version.clone(),
         decision,

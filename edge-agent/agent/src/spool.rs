@@ -231,6 +231,8 @@ mod tests {
             kind: EventKind::Statement,
             session_id: "s".into(),
             identity: "sa:x".into(),
+            issuer: None,
+            groups: None,
             target: "t".into(),
             policy_version: "p".into(),
             decision: Decision::Allow,

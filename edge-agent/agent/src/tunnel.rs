@@ -207,8 +207,19 @@ async fn serve_connection(
         _ => anyhow::bail!("control plane did not acknowledge hello"),
     };
     ctx.raise_seq(ack.audit_high_water);
+    let keys = serde_json::from_str::<serde_json::Value>(&ack.token_keys)
+        .ok()
+        .and_then(|v| v.get("keys").and_then(|k| k.as_array()).map(Vec::len))
+        .unwrap_or(0);
+    if let Ok(mut k) = ctx.token_keys.lock() {
+        *k = ack.token_keys.clone();
+    }
     // The control plane has registered this connection: sessions come here.
-    tracing::info!(high_water = ack.audit_high_water, "serving sessions");
+    tracing::info!(
+        high_water = ack.audit_high_water,
+        token_keys = keys,
+        "serving sessions"
+    );
     // After the hello, approval streams may use this connection.
     if let Ok(mut c) = ctx.server_conn.lock() {
         *c = Some(conn.clone());

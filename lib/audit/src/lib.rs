@@ -42,6 +42,10 @@ pub enum EventKind {
     /// membership, legal holds): the actor, what changed, and the policy
     /// version before and after.
     ConfigChange,
+    /// A login: an OIDC code or device flow, a token exchange, or a
+    /// credential on the API (allow: a token was issued; deny: refused,
+    /// with the check that failed).
+    Login,
     /// Logins refused because their source or subject failed too often;
     /// one event per source and interval, with the count.
     LoginThrottled,
@@ -82,6 +86,13 @@ pub struct AuditEvent {
     pub session_id: String,
     /// The caller, as verified by the control plane (`sa:<name>` for service accounts).
     pub identity: String,
+    /// Who vouched for the identity: the provider's issuer URL for a
+    /// person, `gatehouse` for a service account.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub issuer: Option<String>,
+    /// The identity's groups when the decision was made.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub groups: Option<Vec<String>>,
     pub target: String,
     /// Hash of the policy the decision was made under.
     pub policy_version: String,
@@ -158,6 +169,8 @@ mod tests {
             kind: EventKind::Statement,
             session_id: "s1".into(),
             identity: "sa:ci".into(),
+            issuer: None,
+            groups: None,
             target: "orders".into(),
             policy_version: "abc".into(),
             decision: Decision::Allow,

@@ -11,6 +11,8 @@ use crate::client::{Client, ReviewsClient};
 pub mod agents;
 pub mod audit;
 pub mod cluster;
+pub mod issuers;
+pub mod login;
 pub mod policy;
 pub mod requests;
 pub mod rules;
@@ -35,9 +37,13 @@ pub struct Cli {
         default_value = "https://127.0.0.1:7443"
     )]
     pub api: String,
-    /// Admin token, or your own API key for reviews.
+    /// A credential: an API key, an access token, or the bootstrap admin
+    /// token. Without one, the token `gatehouse login` saved is used.
     #[arg(long, env = "GATEHOUSE_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
+    /// Where `gatehouse login` keeps the access token (owner-only).
+    #[arg(long, env = "GATEHOUSE_TOKEN_FILE", global = true)]
+    pub token_file: Option<PathBuf>,
     /// The cluster CA certificate (PEM) the API's certificate must chain to.
     #[arg(long, env = "GATEHOUSE_CA_FILE", global = true)]
     pub ca_file: Option<PathBuf>,
@@ -62,6 +68,17 @@ pub enum Output {
 pub enum Cmd {
     /// Run a complete local deployment (server, agent, demo PostgreSQL).
     Dev(crate::dev::DevArgs),
+    /// Log in with the company's identity provider (or a workload token)
+    /// and keep a short-lived access token.
+    Login(login::LoginArgs),
+    /// Print the access token (for PGPASSWORD=$(gatehouse token)),
+    /// refreshed when it has expired.
+    Token,
+    /// Forget the access token.
+    Logout,
+    /// Trusted identity providers.
+    #[command(subcommand)]
+    Issuers(issuers::IssuersCmd),
     /// Targets: the databases and hosts agents serve.
     #[command(subcommand)]
     Targets(targets::TargetsCmd),
@@ -99,6 +116,7 @@ pub struct Ctx {
     pub api: String,
     pub insecure_loopback_http: bool,
     pub token: Option<String>,
+    pub token_file: Option<PathBuf>,
     pub ca_file: Option<PathBuf>,
     pub json: bool,
 }
@@ -106,30 +124,48 @@ pub struct Ctx {
 // === impl Ctx ===
 
 impl Ctx {
-    /// The admin API, with the admin token.
+    /// The admin API, with the caller's credential.
     pub async fn admin(&self) -> anyhow::Result<Client> {
-        let (token, ca) =
-            self.credentials("no admin token: set GATEHOUSE_TOKEN or pass --token")?;
-        crate::client::connect(&self.api, token, &ca).await
+        let (token, ca) = self.credentials().await?;
+        crate::client::connect(&self.api, &token, &ca).await
     }
 
-    /// The reviewers' API, with the caller's own key.
+    /// The reviewers' API, with the caller's credential.
     pub async fn reviews(&self) -> anyhow::Result<ReviewsClient> {
-        let (token, ca) =
-            self.credentials("no token: set GATEHOUSE_TOKEN (your API key) or pass --token")?;
-        crate::client::connect_reviews(&self.api, token, &ca).await
+        let (token, ca) = self.credentials().await?;
+        crate::client::connect_reviews(&self.api, &token, &ca).await
     }
 
-    fn credentials(&self, no_token: &'static str) -> anyhow::Result<(&str, String)> {
+    /// The login service, which needs no credential.
+    pub async fn identity(&self) -> anyhow::Result<crate::client::IdentityClient> {
         crate::client::check_transport(&self.api, self.insecure_loopback_http)?;
-        let token = self.token.as_deref().context(no_token)?;
+        crate::client::connect_identity(&self.api, &self.ca()?).await
+    }
+
+    fn ca(&self) -> anyhow::Result<String> {
         let ca_file = self
             .ca_file
             .as_ref()
             .context("no CA certificate: set GATEHOUSE_CA_FILE or pass --ca-file")?;
-        let ca = std::fs::read_to_string(ca_file)
-            .with_context(|| format!("reading {}", ca_file.display()))?;
-        Ok((token, ca))
+        std::fs::read_to_string(ca_file).with_context(|| format!("reading {}", ca_file.display()))
+    }
+
+    /// --token / GATEHOUSE_TOKEN, else the token `gatehouse login` saved.
+    async fn credentials(&self) -> anyhow::Result<(String, String)> {
+        crate::client::check_transport(&self.api, self.insecure_loopback_http)?;
+        let token = match &self.token {
+            Some(t) => t.clone(),
+            None => {
+                let path = login::token_path(self.token_file.as_deref())?;
+                if !path.exists() {
+                    anyhow::bail!(
+                        "no credential: run `gatehouse login`, or set GATEHOUSE_TOKEN (an API key or access token)"
+                    );
+                }
+                login::current(self, &path).await?.access_token
+            }
+        };
+        Ok((token, self.ca()?))
     }
 }
 
@@ -139,11 +175,18 @@ pub async fn exec(cli: Cli) -> anyhow::Result<()> {
         api: cli.api,
         insecure_loopback_http: cli.insecure_loopback_http,
         token: cli.token,
+        token_file: cli.token_file,
         ca_file: cli.ca_file,
         json: cli.output == Output::Json,
     };
     match cli.cmd {
         Cmd::Dev(args) => crate::dev::run(args).await,
+        Cmd::Login(args) => {
+            login::login(&args, &ctx, &login::token_path(ctx.token_file.as_deref())?).await
+        }
+        Cmd::Token => login::token(&ctx, &login::token_path(ctx.token_file.as_deref())?).await,
+        Cmd::Logout => login::logout(&login::token_path(ctx.token_file.as_deref())?),
+        Cmd::Issuers(c) => issuers::exec(&c, &ctx).await,
         Cmd::Targets(c) => targets::exec(&c, &ctx).await,
         Cmd::ServiceAccounts(c) => service_accounts::exec(&c, &ctx).await,
         Cmd::Rules(c) => rules::exec(&c, &ctx).await,

@@ -1,7 +1,9 @@
 //! `gatehouse service-accounts`.
 
 use clap::Subcommand;
-use gatehouse_proto::v1::{CreateServiceAccountRequest, ListRequest};
+use gatehouse_proto::v1::{
+    AddWorkloadBindingRequest, CreateServiceAccountRequest, ListRequest, WorkloadBinding,
+};
 use serde_json::json;
 
 use super::Ctx;
@@ -19,6 +21,28 @@ pub enum SaCmd {
         #[arg(long = "group")]
         groups: Vec<String>,
     },
+    /// Let tokens of a trusted issuer act as the account (token exchange).
+    Bind {
+        name: String,
+        /// The trusted issuer's name.
+        #[arg(long)]
+        issuer: String,
+        /// Pattern on the token's `sub`; `*` matches any run of characters.
+        #[arg(long)]
+        subject: String,
+        /// The audience the token must carry.
+        #[arg(long)]
+        audience: String,
+        /// A claim the token must carry, as name=value (repeatable).
+        #[arg(long = "claim", value_parser = parse_claim)]
+        claims: Vec<(String, String)>,
+    },
+}
+
+fn parse_claim(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?} is not name=value"))
 }
 
 pub async fn exec(cmd: &SaCmd, ctx: &Ctx) -> anyhow::Result<()> {
@@ -64,6 +88,27 @@ pub async fn exec(cmd: &SaCmd, ctx: &Ctx) -> anyhow::Result<()> {
                     r.api_key
                 )?;
             }
+        }
+        SaCmd::Bind {
+            name,
+            issuer,
+            subject,
+            audience,
+            claims,
+        } => {
+            c.add_workload_binding(AddWorkloadBindingRequest {
+                service_account: name.clone(),
+                binding: Some(WorkloadBinding {
+                    issuer: issuer.clone(),
+                    subject: subject.clone(),
+                    audience: audience.clone(),
+                    claims: claims.iter().cloned().collect(),
+                }),
+            })
+            .await?;
+            outln!(
+                "tokens of {issuer} with subject {subject:?} and audience {audience:?} now act as sa:{name}"
+            )?;
         }
     }
     Ok(())

@@ -1,0 +1,337 @@
+//! `gatehouse login`, `gatehouse token`, `gatehouse logout`: a Gatehouse
+//! access token from the company's OpenID Provider (authorization code
+//! with PKCE on a loopback redirect, or the device flow), or from a
+//! workload's own token (token exchange), kept in an owner-only file.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use gatehouse_proto::v1::{
+    BeginDeviceLoginRequest, BeginLoginRequest, CompleteLoginRequest, ExchangeTokenRequest,
+    LoginResponse, PollDeviceLoginRequest,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::Ctx;
+use crate::outln;
+use crate::output;
+
+/// How long the loopback listener waits for the provider's redirect.
+const REDIRECT_WAIT: Duration = Duration::from_secs(300);
+
+#[derive(Args)]
+pub struct LoginArgs {
+    /// The trusted issuer to log in with (needed when there are several).
+    #[arg(long)]
+    pub issuer: Option<String>,
+    /// Use the device authorization flow (for machines without a browser).
+    #[arg(long)]
+    pub device: bool,
+    /// Do not try to open a browser; only print the address.
+    #[arg(long)]
+    pub no_browser: bool,
+    /// A workload token file (a CI job's or Kubernetes service account's
+    /// JWT) to exchange instead of logging in as a person; read again on
+    /// every refresh.
+    #[arg(long, requires = "service_account")]
+    pub workload_token_file: Option<PathBuf>,
+    /// The service account whose workload binding the token matches.
+    #[arg(long)]
+    pub service_account: Option<String>,
+}
+
+/// What the token file holds.
+#[derive(Serialize, Deserialize)]
+pub struct Saved {
+    pub api: String,
+    pub access_token: String,
+    pub expires_ms: i64,
+    pub identity: String,
+    pub issuer: String,
+    pub groups: Vec<String>,
+    /// How to get a new token without the person: a workload token file
+    /// and the service account.
+    #[serde(default)]
+    pub workload_token_file: Option<PathBuf>,
+    #[serde(default)]
+    pub service_account: Option<String>,
+}
+
+/// The token file: --token-file, GATEHOUSE_TOKEN_FILE, or
+/// $XDG_CONFIG_HOME/gatehouse/token.json (~/.config/...).
+pub fn token_path(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = explicit {
+        return Ok(p.to_path_buf());
+    }
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
+        .context("no token file: set GATEHOUSE_TOKEN_FILE or HOME")?;
+    Ok(base.join("gatehouse").join("token.json"))
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn save(path: &Path, s: &Saved) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let data = serde_json::to_vec_pretty(s)?;
+    gatehouse_secure_fs::write_private(path, &data)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// The saved token, if it is still valid for at least a minute; a workload
+/// login is refreshed by exchanging its token file again.
+pub async fn current(ctx: &Ctx, path: &Path) -> anyhow::Result<Saved> {
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "not logged in (no {}): run `gatehouse login`",
+            path.display()
+        )
+    })?;
+    let saved: Saved = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a Gatehouse token file", path.display()))?;
+    if saved.expires_ms > now_ms() + 60_000 {
+        return Ok(saved);
+    }
+    match (&saved.workload_token_file, &saved.service_account) {
+        (Some(f), Some(sa)) => {
+            let r = exchange(ctx, f, sa).await?;
+            let s = to_saved(ctx, r, Some(f.clone()), Some(sa.clone()));
+            save(path, &s)?;
+            Ok(s)
+        }
+        _ => anyhow::bail!(
+            "the access token of {} has expired; run `gatehouse login` again",
+            saved.identity
+        ),
+    }
+}
+
+fn to_saved(ctx: &Ctx, r: LoginResponse, file: Option<PathBuf>, sa: Option<String>) -> Saved {
+    Saved {
+        api: ctx.api.clone(),
+        access_token: r.access_token,
+        expires_ms: r.expires_ms,
+        identity: r.identity,
+        issuer: r.issuer,
+        groups: r.groups,
+        workload_token_file: file,
+        service_account: sa,
+    }
+}
+
+async fn exchange(ctx: &Ctx, file: &Path, sa: &str) -> anyhow::Result<LoginResponse> {
+    let jwt = std::fs::read_to_string(file)
+        .with_context(|| format!("reading the workload token {}", file.display()))?;
+    let mut c = ctx.identity().await?;
+    Ok(c.exchange_token(ExchangeTokenRequest {
+        subject_token: jwt.trim().to_string(),
+        subject_token_type: "urn:ietf:params:oauth:token-type:jwt".into(),
+        service_account: sa.to_string(),
+    })
+    .await
+    .map_err(|s| anyhow::anyhow!("token exchange refused: {}", s.message()))?
+    .into_inner())
+}
+
+pub async fn login(args: &LoginArgs, ctx: &Ctx, path: &Path) -> anyhow::Result<()> {
+    let saved = if let (Some(f), Some(sa)) = (&args.workload_token_file, &args.service_account) {
+        let r = exchange(ctx, f, sa).await?;
+        to_saved(ctx, r, Some(f.clone()), Some(sa.clone()))
+    } else if args.device {
+        to_saved(ctx, device(args, ctx).await?, None, None)
+    } else {
+        to_saved(ctx, browser(args, ctx).await?, None, None)
+    };
+    save(path, &saved)?;
+    if ctx.json {
+        output::json(&json!({"identity": saved.identity, "issuer": saved.issuer,
+            "groups": saved.groups, "expires_ms": saved.expires_ms}))?;
+    } else {
+        outln!(
+            "logged in as {} ({}), groups [{}]; token valid for {} min, saved in {}",
+            saved.identity,
+            saved.issuer,
+            saved.groups.join(", "),
+            (saved.expires_ms - now_ms()) / 60_000,
+            path.display()
+        )?;
+    }
+    Ok(())
+}
+
+async fn browser(args: &LoginArgs, ctx: &Ctx) -> anyhow::Result<LoginResponse> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("opening the loopback listener for the provider's redirect")?;
+    let redirect_uri = format!("http://{}/callback", listener.local_addr()?);
+    let mut c = ctx.identity().await?;
+    let begin = c
+        .begin_login(BeginLoginRequest {
+            issuer: args.issuer.clone().unwrap_or_default(),
+            redirect_uri,
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("login refused: {}", s.message()))?
+        .into_inner();
+    eprintln!(
+        "To log in with {}, open this address in your browser:\n{}",
+        begin.issuer, begin.authorization_url
+    );
+    if !args.no_browser
+        && (std::env::var_os("DISPLAY").is_some() || std::env::var_os("WAYLAND_DISPLAY").is_some())
+    {
+        let _ = std::process::Command::new("xdg-open")
+            .arg(&begin.authorization_url)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+    }
+    let (code, returned_state) = tokio::time::timeout(REDIRECT_WAIT, redirect(&listener))
+        .await
+        .context("no redirect from the provider within 5 minutes")??;
+    c.complete_login(CompleteLoginRequest {
+        state: begin.state,
+        code,
+        returned_state,
+    })
+    .await
+    .map(|r| r.into_inner())
+    .map_err(|s| anyhow::anyhow!("login refused: {}", s.message()))
+}
+
+/// Waits for the provider's redirect to the loopback listener; answers the
+/// browser and returns the code and state.
+async fn redirect(listener: &tokio::net::TcpListener) -> anyhow::Result<(String, String)> {
+    loop {
+        let (mut s, _) = listener.accept().await?;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 2048];
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16 << 10 {
+            let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk))
+                .await
+                .unwrap_or(Ok(0))
+                .unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        let head = String::from_utf8_lossy(&buf);
+        let target = head
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("GET "))
+            .and_then(|l| l.split(' ').next())
+            .unwrap_or("");
+        let Some(query) = target.strip_prefix("/callback?") else {
+            let _ = s
+                .write_all(
+                    b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                )
+                .await;
+            continue;
+        };
+        let params: std::collections::HashMap<String, String> =
+            url::form_urlencoded::parse(query.as_bytes())
+                .into_owned()
+                .collect();
+        let (status, body) = match (params.get("code"), params.get("error")) {
+            (Some(_), _) => ("200 OK", "Logged in to Gatehouse. You can close this tab."),
+            (_, Some(_)) => (
+                "400 Bad Request",
+                "The login was refused; see the terminal.",
+            ),
+            _ => ("400 Bad Request", "No code in the redirect."),
+        };
+        let reply = format!(
+            "HTTP/1.1 {status}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = s.write_all(reply.as_bytes()).await;
+        let _ = s.shutdown().await;
+        if let Some(e) = params.get("error") {
+            anyhow::bail!(
+                "the provider refused the login: {e}{}",
+                params
+                    .get("error_description")
+                    .map(|d| format!(" ({d})"))
+                    .unwrap_or_default()
+            );
+        }
+        let code = params
+            .get("code")
+            .cloned()
+            .context("no code in the redirect")?;
+        return Ok((code, params.get("state").cloned().unwrap_or_default()));
+    }
+}
+
+async fn device(args: &LoginArgs, ctx: &Ctx) -> anyhow::Result<LoginResponse> {
+    let mut c = ctx.identity().await?;
+    let begin = c
+        .begin_device_login(BeginDeviceLoginRequest {
+            issuer: args.issuer.clone().unwrap_or_default(),
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("login refused: {}", s.message()))?
+        .into_inner();
+    eprintln!(
+        "To log in, open {} and enter the code {}\n(or open {})",
+        begin.verification_uri, begin.user_code, begin.verification_uri_complete
+    );
+    loop {
+        let r = c
+            .poll_device_login(PollDeviceLoginRequest {
+                device_state: begin.device_state.clone(),
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("login refused: {}", s.message()))?
+            .into_inner();
+        if let Some(l) = r.login {
+            return Ok(l);
+        }
+        anyhow::ensure!(
+            now_ms() < begin.expires_ms,
+            "the device code expired before it was approved"
+        );
+        tokio::time::sleep(Duration::from_secs(u64::from(
+            r.interval_seconds.clamp(1, 10),
+        )))
+        .await;
+    }
+}
+
+/// `gatehouse token`: prints a valid access token.
+pub async fn token(ctx: &Ctx, path: &Path) -> anyhow::Result<()> {
+    let s = current(ctx, path).await?;
+    if ctx.json {
+        output::json(
+            &json!({"access_token": s.access_token, "expires_ms": s.expires_ms,
+            "identity": s.identity}),
+        )?;
+    } else {
+        outln!("{}", s.access_token)?;
+    }
+    Ok(())
+}
+
+/// `gatehouse logout`: forgets the token.
+pub fn logout(path: &Path) -> anyhow::Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(outln!("logged out; removed {}", path.display())?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(outln!("not logged in")?),
+        Err(e) => Err(anyhow::Error::new(e).context(format!("removing {}", path.display()))),
+    }
+}
