@@ -54,6 +54,18 @@ if ! compgen -G '/usr/lib/llvm-*/lib/libclang.so' >/dev/null; then
 fi
 
 if [ "$mode" = test ]; then
+  # A real OpenID Provider for the identity tests (npm oidc-provider, run
+  # with Node.js on loopback), at the version package-lock.json pins.
+  root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+  if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    echo "deps.sh (test): installing nodejs npm"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends nodejs npm
+  fi
+  if [ ! -d "$root/tests/oidc/node_modules/oidc-provider" ]; then
+    echo "deps.sh (test): installing the test OpenID Provider with npm"
+    npm ci --prefix "$root/tests/oidc" --no-audit --no-fund --loglevel=error
+  fi
   # A real S3-compatible server for the recording tests (keeps each bucket
   # as a directory; this version builds with the pinned Rust).
   if ! command -v s3s-fs >/dev/null; then

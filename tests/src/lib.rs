@@ -7,6 +7,7 @@
 pub mod capture;
 pub mod cluster;
 pub mod netns;
+pub mod oidc;
 pub mod proxy;
 pub mod rawpg;
 pub mod tpg;

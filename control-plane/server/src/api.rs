@@ -111,17 +111,28 @@ pub struct AdminService {
     pub(crate) ids: Arc<crate::identity::Identities>,
 }
 
+/// The services of the API port.
+pub struct Services {
+    pub admin: AdminService,
+    pub join: crate::peer::JoinService,
+    pub reviews: crate::approvals::ReviewsService,
+    pub identity: crate::identity::service::IdentityService,
+}
+
 /// Serves the API with TLS until the process exits.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    svc: AdminService,
-    join: crate::peer::JoinService,
-    reviews: crate::approvals::ReviewsService,
+    services: Services,
     admin_token: String,
-    identity: crate::identity::service::IdentityService,
     chain: TlsChain,
     limits: std::sync::Arc<crate::limits::ConnLimits>,
 ) {
+    let Services {
+        admin: svc,
+        join,
+        reviews,
+        identity,
+    } = services;
     let expected = format!("Bearer {admin_token}");
     let review_auth = {
         let cluster = reviews.cluster.clone();
@@ -439,18 +450,7 @@ impl Admin for AdminService {
     async fn create_rule(&self, req: Request<CreateRuleRequest>) -> ApiResult<Rule> {
         let actor = caller(&req);
         let req = req.into_inner();
-        let subject_ok = req
-            .subject
-            .strip_prefix("sa:")
-            .or_else(|| req.subject.strip_prefix("group:"))
-            .is_some_and(|n| valid_name("subject", n).is_ok());
-        if !subject_ok {
-            return Err(ApiError::InvalidArgument(format!(
-                "subject {:?} must be sa:<service account> or group:<group>",
-                req.subject
-            ))
-            .into());
-        }
+        crate::identity::admin::valid_principal(&req.subject, true)?;
         let rule = state::Rule {
             id: self.cluster.new_secret(8),
             subject: req.subject,

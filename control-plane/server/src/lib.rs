@@ -347,13 +347,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     tokio::spawn(api::serve(
         api_listener,
-        api,
-        join_svc,
-        approvals::ReviewsService {
-            cluster: cluster.clone(),
+        api::Services {
+            admin: api,
+            join: join_svc,
+            reviews: approvals::ReviewsService {
+                cluster: cluster.clone(),
+            },
+            identity: identity::service::IdentityService { ids: ids.clone() },
         },
         admin_token,
-        identity::service::IdentityService { ids: ids.clone() },
         chain.clone(),
         limits::ConnLimits::new("api", listener_limits),
     ));

@@ -42,6 +42,10 @@ pub struct LoginArgs {
     /// The service account whose workload binding the token matches.
     #[arg(long)]
     pub service_account: Option<String>,
+    /// Log in with an ID token a trusted OpenID Provider already issued
+    /// for Gatehouse's client id (a file holding the JWT).
+    #[arg(long, conflicts_with_all = ["device", "workload_token_file"])]
+    pub id_token_file: Option<PathBuf>,
 }
 
 /// What the token file holds.
@@ -146,7 +150,21 @@ async fn exchange(ctx: &Ctx, file: &Path, sa: &str) -> anyhow::Result<LoginRespo
 }
 
 pub async fn login(args: &LoginArgs, ctx: &Ctx, path: &Path) -> anyhow::Result<()> {
-    let saved = if let (Some(f), Some(sa)) = (&args.workload_token_file, &args.service_account) {
+    let saved = if let Some(f) = &args.id_token_file {
+        let jwt = std::fs::read_to_string(f)
+            .with_context(|| format!("reading the ID token {}", f.display()))?;
+        let mut c = ctx.identity().await?;
+        let r = c
+            .exchange_token(ExchangeTokenRequest {
+                subject_token: jwt.trim().to_string(),
+                subject_token_type: "urn:ietf:params:oauth:token-type:id_token".into(),
+                service_account: String::new(),
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("login refused: {}", s.message()))?
+            .into_inner();
+        to_saved(ctx, r, None, None)
+    } else if let (Some(f), Some(sa)) = (&args.workload_token_file, &args.service_account) {
         let r = exchange(ctx, f, sa).await?;
         to_saved(ctx, r, Some(f.clone()), Some(sa.clone()))
     } else if args.device {

@@ -20,6 +20,7 @@ pub mod service_accounts;
 pub mod sessions;
 pub mod status;
 pub mod targets;
+pub mod users;
 
 #[derive(Parser)]
 #[command(
@@ -79,6 +80,12 @@ pub enum Cmd {
     /// Trusted identity providers.
     #[command(subcommand)]
     Issuers(issuers::IssuersCmd),
+    /// People seen at login, and static groups.
+    #[command(subcommand)]
+    Users(users::UsersCmd),
+    /// Roles on the API and who holds them.
+    #[command(subcommand)]
+    Roles(users::RolesCmd),
     /// Targets: the databases and hosts agents serve.
     #[command(subcommand)]
     Targets(targets::TargetsCmd),
@@ -187,6 +194,8 @@ pub async fn exec(cli: Cli) -> anyhow::Result<()> {
         Cmd::Token => login::token(&ctx, &login::token_path(ctx.token_file.as_deref())?).await,
         Cmd::Logout => login::logout(&login::token_path(ctx.token_file.as_deref())?),
         Cmd::Issuers(c) => issuers::exec(&c, &ctx).await,
+        Cmd::Users(c) => users::users(&c, &ctx).await,
+        Cmd::Roles(c) => users::roles(&c, &ctx).await,
         Cmd::Targets(c) => targets::exec(&c, &ctx).await,
         Cmd::ServiceAccounts(c) => service_accounts::exec(&c, &ctx).await,
         Cmd::Rules(c) => rules::exec(&c, &ctx).await,

@@ -223,7 +223,9 @@ pub fn jwks_of(reader: &gatehouse_cp_raft::StateReader) -> String {
 
 /// The public point's coordinates, base64url, from the key's SPKI PEM.
 fn coordinates(k: &SigningKey) -> Option<(String, String)> {
-    let der = gatehouse_pki::first_der(&k.public_pem)?;
+    use rustls::pki_types::SubjectPublicKeyInfoDer;
+    use rustls::pki_types::pem::PemObject;
+    let der = SubjectPublicKeyInfoDer::from_pem_slice(k.public_pem.as_bytes()).ok()?;
     // A P-256 SPKI ends with the 65-byte uncompressed point.
     let point = der.get(der.len().checked_sub(65)?..)?;
     if point.first() != Some(&4) {

@@ -1,0 +1,517 @@
+//! Identity: people log in at a real OpenID Provider (authorization code
+//! with PKCE, and the device flow), workloads exchange their own tokens,
+//! and every token the provider signs is validated completely.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Command, Stdio};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use gatehouse_e2e::oidc::{self, OidcProvider};
+use gatehouse_e2e::{Stack, secret_file};
+
+/// The stack, and the provider trusted as issuer `corp`.
+fn setup(accounts: &[(&str, &str, &[&str])]) -> (Stack, OidcProvider) {
+    let (s, _) = Stack::start();
+    let p = OidcProvider::start(&s.tmp.path().join("idp"), accounts);
+    let secret = secret_file(s.tmp.path(), "client.secret", oidc::CLIENT_SECRET);
+    s.cli_ok(&[
+        "issuers",
+        "add-oidc",
+        "corp",
+        "--issuer-url",
+        &p.issuer(),
+        "--client-id",
+        oidc::CLIENT_ID,
+        "--client-secret-file",
+        secret.to_str().unwrap(),
+    ]);
+    (s, p)
+}
+
+/// `gatehouse` as a person: no credential but the token file.
+fn person(s: &Stack, token_file: &std::path::Path, args: &[&str]) -> Command {
+    let mut c = s.cli_cmd("", args);
+    c.env_remove("GATEHOUSE_TOKEN")
+        .env("GATEHOUSE_TOKEN_FILE", token_file);
+    c
+}
+
+/// Runs `gatehouse login …`, hands the address it prints to `browser`,
+/// and returns the command's output once it ends.
+async fn login_via<F, Fut>(mut cmd: Command, pick: &str, browser: F) -> std::process::Output
+where
+    F: FnOnce(String) -> Fut,
+    Fut: std::future::Future<Output = String>,
+{
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut printed = String::new();
+    let url = loop {
+        let mut line = String::new();
+        assert!(
+            err.read_line(&mut line).unwrap() > 0,
+            "login printed no address: {printed}"
+        );
+        printed.push_str(&line);
+        if let Some(i) = line.find(pick) {
+            let rest = &line[i..];
+            break rest.split([' ', ')', '\n']).next().unwrap().to_string();
+        }
+    };
+    browser(url).await;
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut err, &mut rest);
+    assert!(
+        out.status.success(),
+        "login failed: {printed}{rest}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn redirect_uri_of(auth_url: &str) -> String {
+    url::Url::parse(auth_url)
+        .unwrap()
+        .query_pairs()
+        .find(|(k, _)| k == "redirect_uri")
+        .map(|(_, v)| v.into_owned())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn people_log_in_at_the_provider_and_its_groups_decide_access() {
+    let (s, p) = setup(&[("carol", "carol@example.com", &["dba", "eng"])]);
+    s.cli_ok(&[
+        "rules",
+        "create",
+        "--subject",
+        "group:dba",
+        "--target",
+        "db",
+    ]);
+    let token_file = s.tmp.path().join("carol").join("token.json");
+
+    // Authorization code + PKCE, the redirect to the CLI's loopback port.
+    let out = login_via(
+        person(&s, &token_file, &["login", "--no-browser"]),
+        "http://127.0.0.1",
+        |url| async move {
+            let stop = redirect_uri_of(&url);
+            oidc::browse(&url, "carol", Some(&stop)).await
+        },
+    )
+    .await;
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("logged in as user:corp/carol"), "{said}");
+    assert!(said.contains("dba"), "{said}");
+    let mode = std::fs::metadata(&token_file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the token file is owner-only");
+
+    let tok = person(&s, &token_file, &["token"]).output().unwrap();
+    assert!(
+        tok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&tok.stderr)
+    );
+    let token = String::from_utf8(tok.stdout).unwrap().trim().to_string();
+    assert_eq!(token.split('.').count(), 3, "a JWT: {token}");
+    let (out, err, ok) = s.psql_user(&token, "select current_user");
+    assert!(ok, "the group rule admits carol: {err}");
+    assert!(out.contains("gatehouse_agent"), "{out}");
+
+    let events = s.audit_events(&["--identity", "user:corp/carol"]);
+    let start = events
+        .iter()
+        .find(|e| e["kind"] == "session_start" && e["decision"] == "allow")
+        .unwrap_or_else(|| panic!("no session start for carol: {events:?}"));
+    assert_eq!(start["issuer"], p.issuer());
+    let groups: Vec<&str> = start["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g.as_str().unwrap())
+        .collect();
+    assert_eq!(groups, ["dba", "eng"]);
+    assert!(
+        events
+            .iter()
+            .any(|e| e["kind"] == "login" && e["decision"] == "allow"),
+        "the login is an audit event: {events:?}"
+    );
+    let users = s.cli_ok(&["users", "list", "-o", "json"]);
+    assert!(users.contains("carol@example.com"), "{users}");
+
+    // Carol leaves the group at the provider and logs in again, this time
+    // with the device flow: the rule no longer admits her.
+    p.set_accounts(&[("carol", "carol@example.com", &["eng"])]);
+    let mut child = person(&s, &token_file, &["login", "--device"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let complete = loop {
+        let mut line = String::new();
+        assert!(err.read_line(&mut line).unwrap() > 0);
+        if let Some(i) = line.find("(or open ") {
+            break line[i + 9..].trim().trim_end_matches(')').to_string();
+        }
+    };
+    let pages = oidc::browse(&complete, "carol", None).await;
+    assert!(!pages.is_empty());
+    let done = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(done.status.success(), "device login failed");
+    let said = String::from_utf8_lossy(&done.stdout);
+    assert!(said.contains("user:corp/carol"), "{said}");
+    assert!(
+        !said.contains("dba"),
+        "groups come from the new login: {said}"
+    );
+    let token = String::from_utf8(person(&s, &token_file, &["token"]).output().unwrap().stdout)
+        .unwrap()
+        .trim()
+        .to_string();
+    let (_, err, ok) = s.psql_user(&token, "select 1");
+    assert!(!ok, "carol is no longer in dba");
+    assert!(
+        err.contains("user:corp/carol may not use a target named \"db\""),
+        "{err}"
+    );
+
+    let out = person(&s, &token_file, &["logout"]).output().unwrap();
+    assert!(out.status.success());
+    assert!(!token_file.exists());
+    let out = person(&s, &token_file, &["token"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("gatehouse login"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_ci_job_exchanges_its_provider_token_through_a_binding() {
+    let (s, p) = setup(&[]);
+    s.create_account("deployer", &["ci"]);
+    s.create_account("other", &[]);
+    s.cli_ok(&[
+        "rules",
+        "create",
+        "--subject",
+        "sa:deployer",
+        "--target",
+        "db",
+    ]);
+    s.cli_ok(&["rules", "create", "--subject", "sa:other", "--target", "db"]);
+    for (sa, subject) in [("deployer", "ci-*"), ("other", "release-bot")] {
+        s.cli_ok(&[
+            "service-accounts",
+            "bind",
+            sa,
+            "--issuer",
+            "corp",
+            "--subject",
+            subject,
+            "--audience",
+            oidc::RESOURCE,
+            "--claim",
+            "scope=gatehouse",
+        ]);
+    }
+    let jwt = p.client_credentials().await;
+    let jwt_file = secret_file(s.tmp.path(), "ci.jwt", &jwt);
+    let token_file = s.tmp.path().join("ci").join("token.json");
+    let out = person(
+        &s,
+        &token_file,
+        &[
+            "login",
+            "--workload-token-file",
+            jwt_file.to_str().unwrap(),
+            "--service-account",
+            "deployer",
+        ],
+    )
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("logged in as sa:deployer"), "{said}");
+    let token = String::from_utf8(person(&s, &token_file, &["token"]).output().unwrap().stdout)
+        .unwrap()
+        .trim()
+        .to_string();
+    let (out, err, ok) = s.psql_user(&token, "select 'from ci'");
+    assert!(ok, "{err}");
+    assert!(out.contains("from ci"));
+    let events = s.audit_events(&["--identity", "sa:deployer"]);
+    let login = events
+        .iter()
+        .find(|e| e["kind"] == "login" && e["decision"] == "allow")
+        .unwrap_or_else(|| panic!("no login event: {events:?}"));
+    assert_eq!(login["issuer"], p.issuer(), "the workload's issuer vouched");
+    assert!(events.iter().any(|e| e["kind"] == "session_start"
+        && e["decision"] == "allow"
+        && e["issuer"] == p.issuer()));
+
+    // The same token does not match the other account's binding.
+    let out = person(
+        &s,
+        &token_file,
+        &[
+            "login",
+            "--workload-token-file",
+            jwt_file.to_str().unwrap(),
+            "--service-account",
+            "other",
+        ],
+    )
+    .output()
+    .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("subject \"ci-runner\" does not match the binding's \"release-bot\""),
+        "{err}"
+    );
+    let refused = s.audit_events(&["--identity", "sa:other"]);
+    assert!(
+        refused
+            .iter()
+            .any(|e| e["kind"] == "login" && e["decision"] == "deny"),
+        "the refusal is audited: {refused:?}"
+    );
+}
+
+/// A JWT signed by `sign` over `header` and `claims`.
+fn jwt(
+    header: serde_json::Value,
+    claims: &serde_json::Value,
+    sign: impl Fn(&[u8]) -> Vec<u8>,
+) -> String {
+    let input = format!(
+        "{}.{}",
+        B64.encode(header.to_string()),
+        B64.encode(claims.to_string())
+    );
+    let sig = sign(input.as_bytes());
+    format!("{input}.{}", B64.encode(sig))
+}
+
+fn rs256(pem: &str) -> impl Fn(&[u8]) -> Vec<u8> {
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap();
+    let key = aws_lc_rs::rsa::KeyPair::from_pkcs8(&der).unwrap();
+    move |msg| {
+        let mut sig = vec![0; key.public_modulus_len()];
+        key.sign(
+            &aws_lc_rs::signature::RSA_PKCS1_SHA256,
+            &aws_lc_rs::rand::SystemRandom::new(),
+            msg,
+            &mut sig,
+        )
+        .unwrap();
+        sig
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn provider_tokens_are_validated_completely() {
+    let (s, mut p) = setup(&[]);
+    s.cli_ok(&[
+        "rules",
+        "create",
+        "--subject",
+        "group:dba",
+        "--target",
+        "db",
+    ]);
+    let dir = s.tmp.path().join("negatives");
+    std::fs::create_dir_all(&dir).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let iss = p.issuer();
+    let claims = |f: &dyn Fn(&mut serde_json::Value)| {
+        let mut c = serde_json::json!({
+            "iss": iss, "sub": "dave", "aud": oidc::CLIENT_ID,
+            "iat": now, "exp": now + 300, "email": "dave@example.com", "groups": ["dba"],
+        });
+        f(&mut c);
+        c
+    };
+    let key = p.key();
+    let header = |kid: &str| serde_json::json!({"alg": "RS256", "typ": "JWT", "kid": kid});
+    // Failures from one address back off; like a real client, wait out
+    // the back-off the refusal names and try again (bounded).
+    let try_login = |name: &str, token: &str| {
+        let f = secret_file(&dir, name, token);
+        for _ in 0..10 {
+            let out = person(
+                &s,
+                &dir.join(format!("{name}.token")),
+                &["login", "--id-token-file", f.to_str().unwrap()],
+            )
+            .output()
+            .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr).into_owned();
+            if let Some(i) = err.find("retry in ") {
+                let secs: u64 = err[i + 9..]
+                    .split(' ')
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(1);
+                std::thread::sleep(std::time::Duration::from_secs(secs.min(30)));
+                continue;
+            }
+            return (out.status.success(), err);
+        }
+        panic!("{name}: still throttled after 10 tries");
+    };
+
+    // The control: a well-formed token signed by the provider's key.
+    let good = jwt(header(&key.kid), &claims(&|_| {}), rs256(&key.pem));
+    let (ok, err) = try_login("good", &good);
+    assert!(ok, "a valid ID token logs in: {err}");
+
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "expired",
+            jwt(
+                header(&key.kid),
+                &claims(&|c| {
+                    c["iat"] = (now - 7200).into();
+                    c["exp"] = (now - 3600).into();
+                }),
+                rs256(&key.pem),
+            ),
+            "expired",
+        ),
+        (
+            "wrong-issuer",
+            jwt(
+                header(&key.kid),
+                &claims(&|c| c["iss"] = "http://127.0.0.1:1".into()),
+                rs256(&key.pem),
+            ),
+            "wrong issuer",
+        ),
+        (
+            "wrong-audience",
+            jwt(
+                header(&key.kid),
+                &claims(&|c| c["aud"] = "someone-else".into()),
+                rs256(&key.pem),
+            ),
+            "wrong audience",
+        ),
+        (
+            "untrusted-extra-audience",
+            jwt(
+                header(&key.kid),
+                &claims(&|c| c["aud"] = serde_json::json!([oidc::CLIENT_ID, "evil"])),
+                rs256(&key.pem),
+            ),
+            "`evil` is not a trusted audience",
+        ),
+        (
+            "alg-none",
+            format!(
+                "{}.{}.",
+                B64.encode(serde_json::json!({"alg": "none", "kid": key.kid}).to_string()),
+                B64.encode(claims(&|_| {}).to_string())
+            ),
+            "No signature",
+        ),
+        (
+            "hs256-with-public-key",
+            jwt(
+                serde_json::json!({"alg": "HS256", "kid": key.kid}),
+                &claims(&|_| {}),
+                |m| {
+                    let k = aws_lc_rs::hmac::Key::new(
+                        aws_lc_rs::hmac::HMAC_SHA256,
+                        key.public_pem.as_bytes(),
+                    );
+                    aws_lc_rs::hmac::sign(&k, m).as_ref().to_vec()
+                },
+            ),
+            "algorithm not allowed",
+        ),
+        (
+            "unknown-kid",
+            jwt(header("no-such-key"), &claims(&|_| {}), rs256(&key.pem)),
+            "no key of the provider matches",
+        ),
+        (
+            "future-iat",
+            jwt(
+                header(&key.kid),
+                &claims(&|c| c["iat"] = (now + 3600).into()),
+                rs256(&key.pem),
+            ),
+            "issued in the future",
+        ),
+        (
+            "not-yet-valid",
+            jwt(
+                header(&key.kid),
+                &claims(&|c| c["nbf"] = (now + 3600).into()),
+                rs256(&key.pem),
+            ),
+            "not valid before",
+        ),
+    ];
+    for (name, token, why) in &cases {
+        let (ok, err) = try_login(name, token);
+        assert!(!ok, "{name} must be refused");
+        assert!(err.contains(why), "{name}: expected {why:?} in: {err}");
+    }
+
+    // Key rotation: the provider now signs with key-2 only. A token with
+    // the new key id makes the server fetch the keys again; afterwards a
+    // token from the rotated-out key is refused.
+    let old = key;
+    p.keygen("key-2");
+    p.launch();
+    let new = p.key();
+    let fresh = jwt(header(&new.kid), &claims(&|_| {}), rs256(&new.pem));
+    let (ok, err) = try_login("rotated-new", &fresh);
+    assert!(
+        ok,
+        "a token from the new key is accepted after the refresh: {err}"
+    );
+    let stale = jwt(header(&old.kid), &claims(&|_| {}), rs256(&old.pem));
+    let (ok, err) = try_login("rotated-old", &stale);
+    assert!(!ok, "a token from the rotated-out key is refused");
+    assert!(err.contains("no key of the provider matches"), "{err}");
+
+    // Each refusal is a login audit event naming the check.
+    let denied: Vec<String> = s
+        .audit_events(&[])
+        .into_iter()
+        .filter(|e| e["kind"] == "login" && e["decision"] == "deny")
+        .map(|e| e["detail"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert!(denied.len() > cases.len(), "{denied:#?}");
+    assert!(denied.iter().any(|d| d.contains("expired")), "{denied:#?}");
+}
