@@ -118,7 +118,11 @@ pub struct Stack {
     pub api: String,
     pub pg_addr: String,
     pub tunnel: String,
+    /// The API key of `sa:gatehouse-admin` (roles admin and auditor),
+    /// which the bootstrap token created.
     pub token: String,
+    /// The bootstrap admin token (break-glass only).
+    pub break_glass: String,
     pub ca_file: PathBuf,
     pub recordings: PathBuf,
     pub agent_config: PathBuf,
@@ -229,6 +233,40 @@ impl S3Server {
 }
 
 /// A TCP port free on loopback now.
+/// With the break-glass bootstrap token, creates `sa:gatehouse-admin`,
+/// grants it admin and auditor, and returns its API key: the harness's
+/// credential from then on.
+pub fn bootstrap_admin(api: &str, ca_file: &Path, break_glass: &str) -> String {
+    let run = |args: &[&str]| {
+        let out = Command::new(bin("gatehouse"))
+            .args(args)
+            .env("GATEHOUSE_API", api)
+            .env("GATEHOUSE_TOKEN", break_glass)
+            .env("GATEHOUSE_CA_FILE", ca_file)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "gatehouse {args:?} with the bootstrap token failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let out = run(&[
+        "service-accounts",
+        "create",
+        "gatehouse-admin",
+        "-o",
+        "json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    for role in ["admin", "auditor"] {
+        run(&["roles", "grant", role, "sa:gatehouse-admin"]);
+    }
+    v["api_key"].as_str().unwrap().to_string()
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -309,11 +347,14 @@ impl Stack {
                 .and_then(|b| serde_json::from_slice(&b).ok())
         });
         let s = |k: &str| ready[k].as_str().unwrap().to_string();
+        let break_glass = std::fs::read_to_string(data.join("admin.token"))
+            .unwrap()
+            .trim()
+            .to_string();
+        let token = bootstrap_admin(&s("api"), &data.join("ca.pem"), &break_glass);
         Self {
-            token: std::fs::read_to_string(data.join("admin.token"))
-                .unwrap()
-                .trim()
-                .to_string(),
+            token,
+            break_glass,
             ca_file: data.join("ca.pem"),
             api: s("api"),
             pg_addr: s("pg"),

@@ -154,6 +154,12 @@ fn held_statements_run_once_after_approval_and_not_otherwise() {
     let bob = stack.create_account("bob", &["reviewers"]);
     let carol = stack.create_account("carol", &["reviewers"]);
     let dave = stack.create_account("dave", &["ops"]);
+    // Reviewing needs the reviewer role; alice (the requester) and dave
+    // (outside the approver groups) hold it too, so the state machine's
+    // own checks are what refuses them.
+    for p in ["group:reviewers", "sa:alice", "sa:dave"] {
+        stack.cli_ok(&["roles", "grant", "reviewer", p]);
+    }
     stack
         .pg
         .psql_super("app", &format!("set role {AGENT_ROLE};\n{SCHEMA}"))
@@ -168,7 +174,7 @@ fn held_statements_run_once_after_approval_and_not_otherwise() {
     let id = pending_request(&stack);
     assert_eq!(orders(&stack), all);
     // The requester cannot approve, nor can someone outside the approver
-    // groups, nor the admin token (no reviewer identity).
+    // groups, nor an admin without the reviewer role.
     let own = cli_as(&stack, &alice, &["requests", "approve", &id]);
     assert!(!own.status.success());
     assert!(
@@ -178,7 +184,10 @@ fn held_statements_run_once_after_approval_and_not_otherwise() {
     let outsider = cli_as(&stack, &dave, &["requests", "approve", &id]);
     assert!(String::from_utf8_lossy(&outsider.stderr).contains("not in an approver group"));
     let admin = stack.cli(&["requests", "approve", &id]);
-    assert!(String::from_utf8_lossy(&admin.stderr).contains("own API key"));
+    assert!(
+        String::from_utf8_lossy(&admin.stderr).contains("ReviewAccessRequest needs reviewer"),
+        "{admin:?}"
+    );
     // Bob approves: it runs, once.
     let ok = cli_as(
         &stack,

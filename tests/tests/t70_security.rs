@@ -601,6 +601,8 @@ fn every_configuration_change_is_one_audit_event_naming_its_actor() {
     stack.cli_ok(&["sessions", "hold", &sid, "--reason", "case 42"]);
     stack.cli_ok(&["sessions", "release", &sid, "--reason", "closed"]);
 
+    // The harness's admin, which the break-glass token created.
+    const ADMIN: &str = "sa:gatehouse-admin";
     let events = stack.audit_events(&[]);
     let with = |kind: &str, needle: &str| -> Vec<&serde_json::Value> {
         events
@@ -609,16 +611,16 @@ fn every_configuration_change_is_one_audit_event_naming_its_actor() {
             .collect()
     };
     for (needle, actor) in [
-        ("created service account sa:alice", "admin"),
+        ("created service account sa:alice", ADMIN),
         (
             "created service account sa:ci-bot (groups [deployers]",
-            "admin",
+            ADMIN,
         ),
-        ("created target db ", "admin"),
-        ("created target orders ", "admin"),
-        ("may use orders", "admin"),
-        ("applied policy document", "admin"),
-        ("created enrollment token", "admin"),
+        ("created target db ", ADMIN),
+        ("created target orders ", ADMIN),
+        ("may use orders", ADMIN),
+        ("applied policy document", ADMIN),
+        ("created enrollment token", ADMIN),
         ("enrolled agent edge-1", "agent:edge-1"),
     ] {
         let found = with("config_change", needle);
@@ -645,8 +647,14 @@ fn every_configuration_change_is_one_audit_event_naming_its_actor() {
     let versions = d.rsplit("policy version ").next().unwrap();
     let (before, after) = versions.split_once(" -> ").unwrap();
     assert_ne!(before, after, "{d}");
-    assert_eq!(with("legal_hold", "placed by admin from").len(), 1);
-    assert_eq!(with("legal_hold", "released by admin from").len(), 1);
+    assert_eq!(
+        with("legal_hold", "placed by sa:gatehouse-admin from").len(),
+        1
+    );
+    assert_eq!(
+        with("legal_hold", "released by sa:gatehouse-admin from").len(),
+        1
+    );
 
     // A reader that leaves (`| head`) ends the CLI quietly.
     let mut child = stack
@@ -783,6 +791,12 @@ fn requests_are_listed_only_to_their_requester_and_those_who_may_review_them() {
     let outsider = stack.create_account("mallory", &[]);
     let dba = stack.create_account("dana", &["dba"]);
     let rules_only = stack.create_account("rob", &["dev"]);
+    // Everyone here may list requests: reviewers what they may review,
+    // users their own.
+    stack.cli_ok(&["roles", "grant", "reviewer", "sa:dana"]);
+    for p in ["sa:alice", "sa:mallory", "sa:rob"] {
+        stack.cli_ok(&["roles", "grant", "user", p]);
+    }
     let list = |key: &str| -> Vec<serde_json::Value> {
         let out = stack
             .cli_cmd(key, &["requests", "list", "-o", "json"])

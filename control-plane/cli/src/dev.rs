@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use gatehouse_proto::v1::{
     ApplyPolicyRequest, CreateEnrollmentTokenRequest, CreateRuleRequest,
-    CreateServiceAccountRequest, CreateTargetRequest, ListRequest,
+    CreateServiceAccountRequest, CreateTargetRequest, ListRequest, RoleGrant,
 };
 use tokio::process::{Child, Command};
 
@@ -219,10 +219,32 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     };
     let api = ready["api"].as_str().unwrap_or_default().to_string();
     let ca_file = server_dir.join("ca.pem");
-    let token = std::fs::read_to_string(server_dir.join("admin.token"))?
+    let break_glass = std::fs::read_to_string(server_dir.join("admin.token"))?
         .trim()
         .to_string();
     let ca_pem = std::fs::read_to_string(&ca_file)?;
+    // The bootstrap token is break-glass only: it creates the first admin
+    // (a service account holding admin and auditor), which does the rest.
+    let token = {
+        let mut glass = crate::client::connect(&api, &break_glass, &ca_pem).await?;
+        let admin = glass
+            .create_service_account(CreateServiceAccountRequest {
+                name: "dev-admin".into(),
+                groups: Vec::new(),
+            })
+            .await?
+            .into_inner();
+        for role in ["admin", "auditor"] {
+            glass
+                .grant_role(RoleGrant {
+                    role: role.into(),
+                    principal: "sa:dev-admin".into(),
+                    created_ms: 0,
+                })
+                .await?;
+        }
+        admin.api_key
+    };
     let mut client = crate::client::connect(&api, &token, &ca_pem).await?;
 
     let sa = client
@@ -239,6 +261,15 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         })
         .await?
         .into_inner();
+    for (role, principal) in [("reviewer", "sa:reviewer"), ("user", "group:developers")] {
+        client
+            .grant_role(RoleGrant {
+                role: role.into(),
+                principal: principal.into(),
+                created_ms: 0,
+            })
+            .await?;
+    }
     let policy_file = data.join("demo-policy.yaml");
     if pg.is_some() && !args.no_policy {
         std::fs::write(&policy_file, DEMO_POLICY)?;

@@ -8,7 +8,6 @@ use gatehouse_cp_raft::state::{self, SessionRecord};
 use gatehouse_cp_raft::{Command, Rejection};
 use gatehouse_proto::v1::admin_server::{Admin, AdminServer};
 use gatehouse_proto::v1::*;
-use subtle::ConstantTimeEq;
 use tonic::{Request, Response, Status};
 
 use crate::TlsChain;
@@ -134,23 +133,12 @@ pub async fn serve(
         identity,
     } = services;
     let expected = format!("Bearer {admin_token}");
-    let review_auth = {
-        let cluster = reviews.cluster.clone();
+    let auth = {
+        let ids = svc.ids.clone();
         let bearer = expected.clone();
-        move |req: Request<()>| crate::approvals::authenticate(&cluster, &bearer, req)
+        move |req: Request<()>| crate::identity::roles::authenticate(&ids, &bearer, req)
     };
-    let auth = move |req: Request<()>| -> Result<Request<()>, Status> {
-        let ok = req
-            .metadata()
-            .get("authorization")
-            .map(|v| bool::from(v.as_bytes().ct_eq(expected.as_bytes())))
-            .unwrap_or(false);
-        if ok {
-            Ok(req)
-        } else {
-            Err(Status::unauthenticated("missing or invalid admin token"))
-        }
-    };
+    let review_auth = auth.clone();
     let acceptor = match crate::tls_listener::acceptor(&chain.cert_pem, &chain.key_pem, None) {
         Ok(a) => a,
         Err(e) => {
@@ -178,23 +166,6 @@ pub async fn serve(
         .await
     {
         tracing::error!(error = %e, "API server failed");
-    }
-}
-
-/// Who called, for the audit, and where the call came from.
-pub(crate) fn caller<T>(req: &Request<T>) -> crate::identity::Actor {
-    let addr = req
-        .remote_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_else(|| "unknown".into());
-    crate::identity::Actor {
-        principal: crate::identity::Principal {
-            identity: "admin".into(),
-            issuer: crate::identity::LOCAL_ISSUER.into(),
-            groups: Vec::new(),
-            email: String::new(),
-        },
-        addr,
     }
 }
 
@@ -240,6 +211,14 @@ fn session_proto(s: SessionRecord) -> Session {
 // === impl AdminService ===
 
 impl AdminService {
+    async fn allow<T>(
+        &self,
+        req: &Request<T>,
+        rpc: &'static str,
+    ) -> Result<crate::identity::roles::Authz, Status> {
+        crate::identity::roles::authorize(&self.cluster, req, rpc).await
+    }
+
     pub(crate) fn sa_proto(&self, a: state::ServiceAccount) -> ServiceAccount {
         let bindings = self
             .cluster
@@ -286,25 +265,30 @@ impl AdminService {
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn put_issuer(&self, req: Request<PutIssuerRequest>) -> ApiResult<Issuer> {
-        self.do_put_issuer(req).await
+        let authz = self.allow(&req, "PutIssuer").await?;
+        self.do_put_issuer(req, authz).await
     }
 
-    async fn list_issuers(&self, _req: Request<ListRequest>) -> ApiResult<ListIssuersResponse> {
+    async fn list_issuers(&self, req: Request<ListRequest>) -> ApiResult<ListIssuersResponse> {
+        self.allow(&req, "ListIssuers").await?;
         self.do_list_issuers().await
     }
 
     async fn delete_issuer(&self, req: Request<DeleteIssuerRequest>) -> ApiResult<Issuer> {
-        self.do_delete_issuer(req).await
+        let authz = self.allow(&req, "DeleteIssuer").await?;
+        self.do_delete_issuer(req, authz).await
     }
 
     async fn add_workload_binding(
         &self,
         req: Request<AddWorkloadBindingRequest>,
     ) -> ApiResult<ServiceAccount> {
-        self.do_add_workload_binding(req).await
+        let authz = self.allow(&req, "AddWorkloadBinding").await?;
+        self.do_add_workload_binding(req, authz).await
     }
 
-    async fn list_users(&self, _req: Request<ListRequest>) -> ApiResult<ListUsersResponse> {
+    async fn list_users(&self, req: Request<ListRequest>) -> ApiResult<ListUsersResponse> {
+        self.allow(&req, "ListUsers").await?;
         self.do_list_users().await
     }
 
@@ -312,34 +296,38 @@ impl Admin for AdminService {
         &self,
         req: Request<SetStaticGroupsRequest>,
     ) -> ApiResult<StaticGroups> {
-        self.do_set_static_groups(req).await
+        let authz = self.allow(&req, "SetStaticGroups").await?;
+        self.do_set_static_groups(req, authz).await
     }
 
     async fn grant_role(&self, req: Request<RoleGrant>) -> ApiResult<RoleGrant> {
-        self.do_grant_role(req, true).await
+        let authz = self.allow(&req, "GrantRole").await?;
+        self.do_grant_role(req, true, authz).await
     }
 
     async fn revoke_role(&self, req: Request<RoleGrant>) -> ApiResult<RoleGrant> {
-        self.do_grant_role(req, false).await
+        let authz = self.allow(&req, "RevokeRole").await?;
+        self.do_grant_role(req, false, authz).await
     }
 
     async fn list_role_grants(
         &self,
-        _req: Request<ListRequest>,
+        req: Request<ListRequest>,
     ) -> ApiResult<ListRoleGrantsResponse> {
+        self.allow(&req, "ListRoleGrants").await?;
         self.do_list_role_grants().await
     }
 
     async fn who_am_i(&self, req: Request<ListRequest>) -> ApiResult<WhoAmIResponse> {
-        let actor = caller(&req);
-        let p = actor.principal;
+        let authz = self.allow(&req, "WhoAmI").await?;
+        let p = authz.actor.principal;
         let roles = self
             .cluster
             .reader
             .roles_of(&p.identity, &p.groups)
             .map_err(ApiError::from)?;
         Ok(Response::new(WhoAmIResponse {
-            break_glass: p.identity == "admin",
+            break_glass: p.identity == crate::identity::roles::BREAK_GLASS,
             identity: p.identity,
             issuer: p.issuer,
             groups: p.groups,
@@ -351,7 +339,8 @@ impl Admin for AdminService {
         &self,
         req: Request<CreateServiceAccountRequest>,
     ) -> ApiResult<CreateServiceAccountResponse> {
-        let actor = caller(&req);
+        let authz = self.allow(&req, "CreateServiceAccount").await?;
+        let actor = authz.actor.clone();
         let req = req.into_inner();
         valid_name("service account", &req.name)?;
         for g in &req.groups {
@@ -387,8 +376,9 @@ impl Admin for AdminService {
 
     async fn list_service_accounts(
         &self,
-        _req: Request<ListRequest>,
+        req: Request<ListRequest>,
     ) -> ApiResult<ListServiceAccountsResponse> {
+        self.allow(&req, "ListServiceAccounts").await?;
         let accounts = self
             .cluster
             .reader
@@ -401,7 +391,8 @@ impl Admin for AdminService {
     }
 
     async fn create_target(&self, req: Request<CreateTargetRequest>) -> ApiResult<Target> {
-        let actor = caller(&req);
+        let authz = self.allow(&req, "CreateTarget").await?;
+        let actor = authz.actor.clone();
         let req = req.into_inner();
         valid_name("target", &req.name)?;
         valid_name("agent", &req.agent)?;
@@ -435,7 +426,8 @@ impl Admin for AdminService {
         Ok(Response::new(self.target_proto(target)))
     }
 
-    async fn list_targets(&self, _req: Request<ListRequest>) -> ApiResult<ListTargetsResponse> {
+    async fn list_targets(&self, req: Request<ListRequest>) -> ApiResult<ListTargetsResponse> {
+        self.allow(&req, "ListTargets").await?;
         let targets = self
             .cluster
             .reader
@@ -448,7 +440,8 @@ impl Admin for AdminService {
     }
 
     async fn create_rule(&self, req: Request<CreateRuleRequest>) -> ApiResult<Rule> {
-        let actor = caller(&req);
+        let authz = self.allow(&req, "CreateRule").await?;
+        let actor = authz.actor.clone();
         let req = req.into_inner();
         crate::identity::admin::valid_principal(&req.subject, true)?;
         let rule = state::Rule {
@@ -469,7 +462,8 @@ impl Admin for AdminService {
         }))
     }
 
-    async fn list_rules(&self, _req: Request<ListRequest>) -> ApiResult<ListRulesResponse> {
+    async fn list_rules(&self, req: Request<ListRequest>) -> ApiResult<ListRulesResponse> {
+        self.allow(&req, "ListRules").await?;
         let reader = &self.cluster.reader;
         let rules = reader
             .rules()
@@ -489,7 +483,8 @@ impl Admin for AdminService {
     }
 
     async fn apply_policy(&self, req: Request<ApplyPolicyRequest>) -> ApiResult<PolicyDocument> {
-        let actor = caller(&req);
+        let authz = self.allow(&req, "ApplyPolicy").await?;
+        let actor = authz.actor.clone();
         let yaml = req.into_inner().yaml;
         if yaml.len() > MAX_POLICY_BYTES {
             return Err(ApiError::InvalidArgument(format!(
@@ -542,6 +537,7 @@ impl Admin for AdminService {
     }
 
     async fn get_policy(&self, req: Request<GetPolicyRequest>) -> ApiResult<PolicyDocument> {
+        self.allow(&req, "GetPolicy").await?;
         let req = req.into_inner();
         let reader = &self.cluster.reader;
         let found = if req.seq == 0 && req.doc_version.is_empty() {
@@ -570,7 +566,8 @@ impl Admin for AdminService {
         )))
     }
 
-    async fn list_policies(&self, _req: Request<ListRequest>) -> ApiResult<ListPoliciesResponse> {
+    async fn list_policies(&self, req: Request<ListRequest>) -> ApiResult<ListPoliciesResponse> {
+        self.allow(&req, "ListPolicies").await?;
         let reader = &self.cluster.reader;
         let version = reader.policy_version().map_err(ApiError::from)?;
         let policies = reader
@@ -586,7 +583,8 @@ impl Admin for AdminService {
         &self,
         req: Request<CreateEnrollmentTokenRequest>,
     ) -> ApiResult<CreateEnrollmentTokenResponse> {
-        let actor = caller(&req);
+        let authz = self.allow(&req, "CreateEnrollmentToken").await?;
+        let actor = authz.actor.clone();
         let req = req.into_inner();
         valid_name("agent", &req.agent)?;
         let ttl = match req.ttl_seconds {
@@ -620,7 +618,8 @@ impl Admin for AdminService {
         }))
     }
 
-    async fn list_agents(&self, _req: Request<ListRequest>) -> ApiResult<ListAgentsResponse> {
+    async fn list_agents(&self, req: Request<ListRequest>) -> ApiResult<ListAgentsResponse> {
+        self.allow(&req, "ListAgents").await?;
         let agents = self
             .cluster
             .reader
@@ -650,6 +649,7 @@ impl Admin for AdminService {
         &self,
         req: Request<ListSessionsRequest>,
     ) -> ApiResult<ListSessionsResponse> {
+        let authz = self.allow(&req, "ListSessions").await?;
         let req = req.into_inner();
         let limit = if req.limit == 0 {
             usize::MAX
@@ -663,6 +663,7 @@ impl Admin for AdminService {
             .map_err(ApiError::from)?
             .into_iter()
             .filter(|s| req.identity.is_empty() || s.identity == req.identity)
+            .filter(|s| !authz.own_only() || s.identity == authz.actor.principal.identity)
             .filter(|s| req.target.is_empty() || s.target == req.target)
             .take(limit)
             .map(session_proto)
@@ -678,8 +679,15 @@ impl Admin for AdminService {
         &self,
         req: Request<GetRecordingRequest>,
     ) -> ApiResult<Self::GetRecordingStream> {
+        let authz = self.allow(&req, "GetRecording").await?;
         let id = req.into_inner().session_id;
         let session = self.session(&id)?;
+        if authz.own_only() && session.identity != authz.actor.principal.identity {
+            return Err(Status::permission_denied(format!(
+                "{} may read only the recordings of its own sessions",
+                authz.actor.principal.identity
+            )));
+        }
         if session.recording_key.is_none() {
             return Err(ApiError::NotFound(format!(
                 "session {id} has no recording yet (still open, or its upload is pending)"
@@ -730,6 +738,7 @@ impl Admin for AdminService {
         &self,
         req: Request<VerifyRecordingsRequest>,
     ) -> ApiResult<VerifyRecordingsResponse> {
+        self.allow(&req, "VerifyRecordings").await?;
         let req = req.into_inner();
         let sessions = if req.all {
             self.cluster
@@ -757,7 +766,8 @@ impl Admin for AdminService {
     }
 
     async fn set_legal_hold(&self, req: Request<SetLegalHoldRequest>) -> ApiResult<Session> {
-        let actor = caller(&req);
+        let authz = self.allow(&req, "SetLegalHold").await?;
+        let actor = authz.actor.clone();
         let req = req.into_inner();
         let s = self.session(&req.session_id)?;
         if req.hold && req.reason.trim().is_empty() {
@@ -800,6 +810,7 @@ impl Admin for AdminService {
         &self,
         req: Request<ListAuditEventsRequest>,
     ) -> ApiResult<ListAuditEventsResponse> {
+        self.allow(&req, "ListAuditEvents").await?;
         let req = req.into_inner();
         let nonempty = |s: String| if s.is_empty() { None } else { Some(s) };
         let filter = AuditFilter {
@@ -825,7 +836,8 @@ impl Admin for AdminService {
         &self,
         req: Request<CreateJoinTokenRequest>,
     ) -> ApiResult<CreateJoinTokenResponse> {
-        let actor = caller(&req);
+        let authz = self.allow(&req, "CreateJoinToken").await?;
+        let actor = authz.actor.clone();
         let req = req.into_inner();
         if req.node_id == 0 {
             return Err(ApiError::InvalidArgument("node id 0 is reserved".into()).into());
@@ -856,7 +868,8 @@ impl Admin for AdminService {
         }))
     }
 
-    async fn cluster_status(&self, _req: Request<ListRequest>) -> ApiResult<ClusterStatusResponse> {
+    async fn cluster_status(&self, req: Request<ListRequest>) -> ApiResult<ClusterStatusResponse> {
+        self.allow(&req, "ClusterStatus").await?;
         Ok(Response::new(self.cluster_status()))
     }
 
@@ -864,7 +877,8 @@ impl Admin for AdminService {
         &self,
         req: Request<RemoveNodeRequest>,
     ) -> ApiResult<ClusterStatusResponse> {
-        let actor = caller(&req);
+        let authz = self.allow(&req, "RemoveNode").await?;
+        let actor = authz.actor.clone();
         let id = req.into_inner().node_id;
         let m = self.cluster.raft.metrics().borrow().clone();
         if m.current_leader != Some(self.cluster.node_id) {
@@ -915,7 +929,8 @@ impl Admin for AdminService {
         Ok(Response::new(self.cluster_status()))
     }
 
-    async fn state_digest(&self, _req: Request<ListRequest>) -> ApiResult<StateDigestResponse> {
+    async fn state_digest(&self, req: Request<ListRequest>) -> ApiResult<StateDigestResponse> {
+        self.allow(&req, "StateDigest").await?;
         let m = self.cluster.raft.metrics().borrow().clone();
         Ok(Response::new(StateDigestResponse {
             digest: self.cluster.reader.digest().map_err(ApiError::from)?,
@@ -924,7 +939,8 @@ impl Admin for AdminService {
         }))
     }
 
-    async fn status(&self, _req: Request<ListRequest>) -> ApiResult<StatusResponse> {
+    async fn status(&self, req: Request<ListRequest>) -> ApiResult<StatusResponse> {
+        self.allow(&req, "Status").await?;
         let m = self.cluster.raft.metrics().borrow().clone();
         Ok(Response::new(StatusResponse {
             node_id: self.cluster.node_id,

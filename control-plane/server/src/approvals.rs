@@ -287,26 +287,9 @@ async fn use_grant(cluster: &Cluster, r: &AccessRequest) -> Result<ApprovalAnswe
     })
 }
 
-/// Who is calling the Reviews service.
-#[derive(Clone, Debug)]
-pub enum Caller {
-    Admin,
-    Account {
-        identity: String,
-        groups: Vec<String>,
-    },
-}
-
 /// The Reviews service.
 pub struct ReviewsService {
     pub cluster: Arc<Cluster>,
-}
-
-fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
-    req.extensions()
-        .get::<Caller>()
-        .cloned()
-        .ok_or_else(|| Status::unauthenticated("no caller"))
 }
 
 fn to_api(r: AccessRequest, now: i64) -> ApiRequest {
@@ -340,18 +323,19 @@ impl Reviews for ReviewsService {
         &self,
         req: Request<ListAccessRequestsRequest>,
     ) -> Result<Response<ListAccessRequestsResponse>, Status> {
-        let who = caller(&req)?;
+        let authz =
+            crate::identity::roles::authorize(&self.cluster, &req, "ListAccessRequests").await?;
         let want = req.into_inner().state;
         let now = now_ms();
-        // An account sees its own requests and those it may review (as
-        // apply decides a review); the admin token sees all.
-        let visible = |r: &AccessRequest| match &who {
-            Caller::Admin => true,
-            Caller::Account { identity, groups } => {
-                r.requester == *identity
-                    || r.approver_groups.is_empty()
-                    || r.approver_groups.iter().any(|g| groups.contains(g))
-            }
+        // Admins and auditors see all; a reviewer its own requests and those
+        // it may review (as apply decides a review); a user its own.
+        let me = &authz.actor.principal;
+        let visible = |r: &AccessRequest| {
+            !authz.own_only()
+                || r.requester == me.identity
+                || (authz.has("reviewer")
+                    && (r.approver_groups.is_empty()
+                        || r.approver_groups.iter().any(|g| me.groups.contains(g))))
         };
         let mut requests: Vec<ApiRequest> = self
             .cluster
@@ -371,11 +355,10 @@ impl Reviews for ReviewsService {
         &self,
         req: Request<ReviewAccessRequestRequest>,
     ) -> Result<Response<ApiRequest>, Status> {
-        let Caller::Account { identity, groups } = caller(&req)? else {
-            return Err(Status::permission_denied(
-                "a review needs a reviewer's identity: call with your own API key, not the admin token",
-            ));
-        };
+        let authz =
+            crate::identity::roles::authorize(&self.cluster, &req, "ReviewAccessRequest").await?;
+        let identity = authz.actor.principal.identity.clone();
+        let groups = authz.actor.principal.groups.clone();
         let r = req.into_inner();
         if !r.approve && r.reason.trim().is_empty() {
             return Err(Status::invalid_argument("a denial needs a reason"));
@@ -436,39 +419,4 @@ impl Reviews for ReviewsService {
         );
         Ok(Response::new(to_api(stored, now_ms())))
     }
-}
-
-/// Authenticates a Reviews call: the admin token, or a service account's
-/// API key (the reviewer's identity and groups).
-pub fn authenticate(
-    cluster: &Cluster,
-    admin_bearer: &str,
-    mut req: Request<()>,
-) -> Result<Request<()>, Status> {
-    use subtle::ConstantTimeEq;
-    let Some(v) = req
-        .metadata()
-        .get("authorization")
-        .map(|v| v.as_bytes().to_vec())
-    else {
-        return Err(Status::unauthenticated("missing bearer token"));
-    };
-    let caller = if bool::from(v.ct_eq(admin_bearer.as_bytes())) {
-        Caller::Admin
-    } else {
-        let key = std::str::from_utf8(&v)
-            .ok()
-            .and_then(|s| s.strip_prefix("Bearer "))
-            .unwrap_or_default();
-        match cluster.reader.verify_api_key(key) {
-            Ok(Some(sa)) => Caller::Account {
-                identity: format!("sa:{}", sa.name),
-                groups: sa.groups,
-            },
-            Ok(None) => return Err(Status::unauthenticated("invalid API key or admin token")),
-            Err(e) => return Err(Status::unavailable(e.to_string())),
-        }
-    };
-    req.extensions_mut().insert(caller);
-    Ok(req)
 }

@@ -46,6 +46,9 @@ pub enum EventKind {
     /// credential on the API (allow: a token was issued; deny: refused,
     /// with the check that failed).
     Login,
+    /// An API call that was refused for the caller's roles (deny), made
+    /// with the break-glass admin token, or an auditor's read (allow).
+    ApiCall,
     /// Logins refused because their source or subject failed too often;
     /// one event per source and interval, with the count.
     LoginThrottled,

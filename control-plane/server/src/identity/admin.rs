@@ -6,8 +6,9 @@ use gatehouse_cp_raft::identity as id;
 use gatehouse_proto::v1::*;
 use tonic::{Request, Response, Status};
 
-use crate::api::{AdminService, ApiError, caller, valid_name};
+use crate::api::{AdminService, ApiError, valid_name};
 use crate::cluster::now_ms;
+use crate::identity::roles::Authz;
 
 /// Roles of the API.
 pub const ROLES: [&str; 4] = ["admin", "auditor", "reviewer", "user"];
@@ -67,8 +68,9 @@ impl AdminService {
     pub(crate) async fn do_put_issuer(
         &self,
         req: Request<PutIssuerRequest>,
+        authz: Authz,
     ) -> Result<Response<Issuer>, Status> {
-        let actor = caller(&req);
+        let actor = authz.actor;
         let Some(i) = req.into_inner().issuer else {
             return Err(ApiError::InvalidArgument("issuer is required".into()).into());
         };
@@ -151,8 +153,9 @@ impl AdminService {
     pub(crate) async fn do_delete_issuer(
         &self,
         req: Request<DeleteIssuerRequest>,
+        authz: Authz,
     ) -> Result<Response<Issuer>, Status> {
-        let actor = caller(&req);
+        let actor = authz.actor;
         let name = req.into_inner().name;
         let Some(old) = self.cluster.reader.issuer(&name).map_err(ApiError::from)? else {
             return Err(ApiError::NotFound(format!("issuer {name} not found")).into());
@@ -167,8 +170,9 @@ impl AdminService {
     pub(crate) async fn do_add_workload_binding(
         &self,
         req: Request<AddWorkloadBindingRequest>,
+        authz: Authz,
     ) -> Result<Response<ServiceAccount>, Status> {
-        let actor = caller(&req);
+        let actor = authz.actor;
         let req = req.into_inner();
         let Some(b) = req.binding else {
             return Err(ApiError::InvalidArgument("binding is required".into()).into());
@@ -230,8 +234,9 @@ impl AdminService {
     pub(crate) async fn do_set_static_groups(
         &self,
         req: Request<SetStaticGroupsRequest>,
+        authz: Authz,
     ) -> Result<Response<StaticGroups>, Status> {
-        let actor = caller(&req);
+        let actor = authz.actor;
         let req = req.into_inner();
         valid_principal(&req.identity, false)?;
         for g in &req.groups {
@@ -257,8 +262,9 @@ impl AdminService {
         &self,
         req: Request<RoleGrant>,
         grant: bool,
+        authz: Authz,
     ) -> Result<Response<RoleGrant>, Status> {
-        let actor = caller(&req);
+        let actor = authz.actor;
         let g = req.into_inner();
         if !ROLES.contains(&g.role.as_str()) {
             return Err(ApiError::InvalidArgument(format!(

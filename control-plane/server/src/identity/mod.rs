@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod oidc;
+pub mod roles;
 pub mod service;
 pub mod tokens;
 
