@@ -515,3 +515,117 @@ async fn provider_tokens_are_validated_completely() {
     assert!(denied.len() > cases.len(), "{denied:#?}");
     assert!(denied.iter().any(|d| d.contains("expired")), "{denied:#?}");
 }
+
+/// The login service from source address `ip`.
+async fn identity_from(
+    s: &Stack,
+    ip: [u8; 4],
+) -> gatehouse_proto::v1::identity_client::IdentityClient<tonic::transport::Channel> {
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+    let ca = std::fs::read_to_string(&s.ca_file).unwrap();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .domain_name("127.0.0.1");
+    let ch = Channel::from_shared(s.api.clone())
+        .unwrap()
+        .local_address(Some(std::net::IpAddr::from(ip)))
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    gatehouse_proto::v1::identity_client::IdentityClient::new(ch)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_logins_from_one_address_are_throttled_and_do_not_lock_out_another() {
+    use futures::StreamExt;
+    use gatehouse_proto::v1::ExchangeTokenRequest;
+    let (s, p) = setup(&[]);
+    s.create_account("deployer", &[]);
+    s.cli_ok(&[
+        "service-accounts",
+        "bind",
+        "deployer",
+        "--issuer",
+        "corp",
+        "--subject",
+        "ci-*",
+        "--audience",
+        oidc::RESOURCE,
+    ]);
+    let good = p.client_credentials().await;
+    // The same token with its signature broken: it names the trusted
+    // issuer and the account, so every attempt counts against both.
+    let (head, _) = good.rsplit_once('.').unwrap();
+    let forged = format!("{head}.{}", B64.encode([7u8; 256]));
+    let exchange = |token: String| ExchangeTokenRequest {
+        subject_token: token,
+        subject_token_type: "urn:ietf:params:oauth:token-type:jwt".into(),
+        service_account: "deployer".into(),
+    };
+
+    let attacker = identity_from(&s, [127, 0, 0, 1]).await;
+    let started = std::time::Instant::now();
+    let codes: Vec<tonic::Code> = futures::stream::iter(0..2000)
+        .map(|_| {
+            let mut c = attacker.clone();
+            let req = exchange(forged.clone());
+            async move { c.exchange_token(req).await.unwrap_err().code() }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    let spent = started.elapsed();
+    let checked = codes
+        .iter()
+        .filter(|c| **c == tonic::Code::Unauthenticated)
+        .count();
+    let throttled = codes
+        .iter()
+        .filter(|c| **c == tonic::Code::ResourceExhausted)
+        .count();
+    assert_eq!(
+        checked + throttled,
+        2000,
+        "every forged login failed: {codes:?}"
+    );
+    assert!(
+        throttled > 1500,
+        "most attempts are refused unchecked once the source backs off ({checked} checked)"
+    );
+    assert!(
+        spent < std::time::Duration::from_secs(120),
+        "bounded: {spent:?}"
+    );
+
+    // A valid login from another address succeeds at once.
+    let mut legit = identity_from(&s, [127, 0, 0, 2]).await;
+    let t = std::time::Instant::now();
+    let r = legit.exchange_token(exchange(good)).await;
+    let took = t.elapsed();
+    assert!(r.is_ok(), "{r:?}");
+    assert!(
+        took < std::time::Duration::from_secs(1),
+        "not slowed: {took:?}"
+    );
+
+    // Both the refusals and the throttling are evidence.
+    let events = s.audit_events(&[]);
+    let refused = events
+        .iter()
+        .filter(|e| e["kind"] == "login" && e["decision"] == "deny")
+        .count();
+    assert!(
+        refused >= checked,
+        "every checked refusal is audited ({refused} of {checked})"
+    );
+    let throttle = events
+        .iter()
+        .find(|e| e["kind"] == "login_throttled")
+        .unwrap_or_else(|| panic!("no login_throttled event"));
+    assert!(
+        throttle["detail"].as_str().unwrap().contains("127.0.0.1"),
+        "{throttle}"
+    );
+}
