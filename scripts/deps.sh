@@ -15,13 +15,15 @@ if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
 
 # pg_query (PostgreSQL's own parser, for guardrails) generates its bindings
 # with bindgen, which loads libclang.so.
-build_pkgs=(libclang-dev pkg-config)
+# samael (SAML) checks XML signatures with xmlsec, on libxml2 and OpenSSL.
+build_pkgs=(libclang-dev pkg-config libxmlsec1-dev libxml2-dev libssl-dev)
 # `gatehouse dev` starts a throwaway PostgreSQL server and prints psql lines.
 dev_pkgs=(postgresql postgresql-contrib postgresql-client)
 # The tests: pgbench (in the client package), runuser for initdb as a
 # non-root user, network namespaces and a MASQUERADE NAT for the
 # agent-behind-NAT test.
-test_pkgs=(util-linux coreutils iproute2 iptables conntrack)
+# xmlsec1 signs the SAML responses of the tests' identity provider.
+test_pkgs=(util-linux coreutils iproute2 iptables conntrack xmlsec1)
 
 case "$mode" in
   build) want=("${build_pkgs[@]}") ;;

@@ -20,6 +20,10 @@ pub struct Issuer {
     pub audiences: Vec<String>,
     pub scopes: Vec<String>,
     pub created_ms: i64,
+    /// SAML: the IdP's metadata (entity id, SSO location, signing
+    /// certificates).
+    #[serde(default)]
+    pub metadata_xml: String,
 }
 
 /// A key that signs Gatehouse access tokens (ECDSA P-256).
@@ -82,6 +86,9 @@ pub(crate) mod key {
     }
     pub fn binding(sa: &str, n: usize) -> String {
         format!("binding/{sa}/{n:06}")
+    }
+    pub fn assertion(issuer: &str, id: &str) -> String {
+        format!("assertion/{issuer}/{id}")
     }
     pub fn grant(role: &str, principal: &str) -> String {
         format!("grant/{role}/{principal}")

@@ -660,6 +660,20 @@ pub(crate) fn apply(txn: &WriteTransaction, cmd: &Command) -> ApplyResult<Comman
             put(&mut kv, &ikey::binding(service_account, n), binding)?;
             CommandResult::Ok
         }
+        Command::UseAssertion {
+            issuer,
+            assertion_id,
+            expires_ms,
+            ..
+        } => {
+            let id: String = assertion_id.chars().take(256).collect();
+            let k = ikey::assertion(issuer, &id);
+            if kv.get(k.as_str())?.is_some() {
+                return Ok(reject(Rejection::AlreadyExists(format!("assertion {id}"))));
+            }
+            put(&mut kv, &k, expires_ms)?;
+            CommandResult::Ok
+        }
         Command::GrantRole { grant } => {
             put(&mut kv, &ikey::grant(&grant.role, &grant.principal), grant)?;
             CommandResult::Ok

@@ -172,6 +172,14 @@ pub enum Command {
     GrantRole {
         grant: RoleGrant,
     },
+    /// A SAML assertion id is used: refused if it was used before (the
+    /// replay cache; entries past `expires_ms` could be pruned).
+    UseAssertion {
+        issuer: String,
+        assertion_id: String,
+        expires_ms: i64,
+        now_ms: i64,
+    },
     RevokeRole {
         role: String,
         principal: String,

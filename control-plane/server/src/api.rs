@@ -116,6 +116,7 @@ pub struct Services {
     pub join: crate::peer::JoinService,
     pub reviews: crate::approvals::ReviewsService,
     pub identity: crate::identity::service::IdentityService,
+    pub saml: std::sync::Arc<crate::identity::saml::Saml>,
 }
 
 /// Serves the API with TLS until the process exits.
@@ -131,6 +132,7 @@ pub async fn serve(
         join,
         reviews,
         identity,
+        saml,
     } = services;
     let expected = format!("Bearer {admin_token}");
     let auth = {
@@ -149,8 +151,12 @@ pub async fn serve(
     let incoming = crate::tls_listener::incoming("api", listener, acceptor, limits);
     let mut server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)));
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+        // Browsers reach the SAML routes over HTTP/1.1 as well.
+        .accept_http1(true);
+    let web = tonic::service::Routes::from(crate::identity::saml::router(saml));
     if let Err(e) = server
+        .add_routes(web)
         .add_service(AdminServer::with_interceptor(svc, auth))
         .add_service(
             gatehouse_proto::v1::reviews_server::ReviewsServer::with_interceptor(

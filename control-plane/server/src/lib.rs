@@ -75,6 +75,10 @@ pub struct Config {
     /// negotiation, TLS handshake, startup, password), in seconds.
     #[arg(long, default_value_t = 10)]
     pub handshake_timeout_secs: u64,
+    /// The API's address as browsers and identity providers reach it (the
+    /// SAML entity id and ACS derive from it); default https://<API address>.
+    #[arg(long, env = "GATEHOUSE_PUBLIC_URL")]
+    pub public_url: Option<String>,
     /// Lifetime of the Gatehouse access tokens logins issue, in seconds.
     #[arg(long, default_value_t = 3600)]
     pub token_ttl_secs: i64,
@@ -354,6 +358,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 cluster: cluster.clone(),
             },
             identity: identity::service::IdentityService { ids: ids.clone() },
+            saml: Arc::new(identity::saml::Saml {
+                ids: ids.clone(),
+                public_url: config
+                    .public_url
+                    .clone()
+                    .unwrap_or_else(|| format!("https://{api_addr}"))
+                    .trim_end_matches('/')
+                    .to_string(),
+            }),
         },
         admin_token,
         chain.clone(),

@@ -36,6 +36,18 @@ pub enum IssuersCmd {
         #[arg(long = "scope")]
         scopes: Vec<String>,
     },
+    /// Trust a SAML 2.0 identity provider by its metadata; people log in
+    /// in the browser at <API>/saml/<name>/login.
+    AddSaml {
+        name: String,
+        /// The IdP's metadata XML (entity id, SSO location, signing
+        /// certificate).
+        #[arg(long)]
+        metadata_file: std::path::PathBuf,
+        /// The attribute holding the person's groups.
+        #[arg(long, default_value = "groups")]
+        groups_attribute: String,
+    },
     /// Stop trusting an issuer.
     Delete { name: String },
 }
@@ -115,6 +127,33 @@ pub async fn exec(cmd: &IssuersCmd, ctx: &Ctx) -> anyhow::Result<()> {
                 .await?
                 .into_inner();
             outln!("trusted issuer {} ({}) saved", i.name, i.issuer_url)?;
+        }
+        IssuersCmd::AddSaml {
+            name,
+            metadata_file,
+            groups_attribute,
+        } => {
+            let metadata_xml = std::fs::read_to_string(metadata_file)
+                .map_err(|e| anyhow::anyhow!("reading {}: {e}", metadata_file.display()))?;
+            let i = c
+                .put_issuer(PutIssuerRequest {
+                    issuer: Some(Issuer {
+                        name: name.clone(),
+                        kind: "saml".into(),
+                        metadata_xml,
+                        groups_claim: groups_attribute.clone(),
+                        ..Default::default()
+                    }),
+                })
+                .await?
+                .into_inner();
+            outln!(
+                "trusted SAML issuer {} ({}) saved; its service provider metadata: {}/saml/{}/metadata",
+                i.name,
+                i.issuer_url,
+                ctx.api.trim_end_matches('/'),
+                i.name
+            )?;
         }
         IssuersCmd::Delete { name } => {
             c.delete_issuer(DeleteIssuerRequest { name: name.clone() })

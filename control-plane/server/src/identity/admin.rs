@@ -26,6 +26,7 @@ fn issuer_proto(i: id::Issuer) -> Issuer {
         audiences: i.audiences,
         scopes: i.scopes,
         created_ms: i.created_ms,
+        metadata_xml: i.metadata_xml,
     }
 }
 
@@ -80,16 +81,29 @@ impl AdminService {
         } else {
             i.kind.clone()
         };
-        if kind != "oidc" {
-            return Err(ApiError::InvalidArgument(format!(
-                "issuer kind {kind:?} is not supported yet (supported: oidc)"
-            ))
-            .into());
-        }
-        let url = url_ok(&i.issuer_url)?;
-        if i.client_id.is_empty() {
-            return Err(ApiError::InvalidArgument("client_id is required".into()).into());
-        }
+        let url = match kind.as_str() {
+            "oidc" => {
+                if i.client_id.is_empty() {
+                    return Err(ApiError::InvalidArgument("client_id is required".into()).into());
+                }
+                url_ok(&i.issuer_url)?
+            }
+            "saml" => {
+                let md: samael::metadata::EntityDescriptor =
+                    i.metadata_xml.parse().map_err(|e| {
+                        ApiError::InvalidArgument(format!("the SAML metadata does not parse: {e}"))
+                    })?;
+                md.entity_id.ok_or_else(|| {
+                    ApiError::InvalidArgument("the SAML metadata names no entityID".into())
+                })?
+            }
+            other => {
+                return Err(ApiError::InvalidArgument(format!(
+                    "issuer kind {other:?} is not supported (supported: oidc, saml)"
+                ))
+                .into());
+            }
+        };
         crate::identity::oidc::algorithms(&i.algorithms).map_err(ApiError::InvalidArgument)?;
         let sealed = if i.client_secret.is_empty() {
             // Keep the secret already stored when none is given.
@@ -125,6 +139,7 @@ impl AdminService {
             audiences: i.audiences,
             scopes: i.scopes,
             created_ms: now_ms(),
+            metadata_xml: i.metadata_xml,
         };
         self.cluster
             .propose_audited(

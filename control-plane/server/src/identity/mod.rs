@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod oidc;
 pub mod roles;
+pub mod saml;
 pub mod service;
 pub mod tokens;
 
