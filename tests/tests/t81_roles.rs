@@ -496,3 +496,27 @@ async fn a_user_sees_only_its_own_sessions_and_the_auditor_sees_all() {
         err.message()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bad_api_credential_is_refused_and_audited() {
+    let (s, _) = Stack::start();
+    let ca = std::fs::read_to_string(&s.ca_file).unwrap();
+    for bad in ["ghk_0000_notakey", "eyJhbGciOiJFUzI1NiJ9.e30.c2ln"] {
+        let mut c = connect(&s.api, bad, &ca).await.unwrap();
+        let err = c.list_targets(ListRequest {}).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    }
+    let events = s.audit_events(&[]);
+    let refused: Vec<_> = events
+        .iter()
+        .filter(|e| {
+            e["kind"] == "login"
+                && e["decision"] == "deny"
+                && e["detail"]
+                    .as_str()
+                    .unwrap()
+                    .contains("API credential for ListTargets")
+        })
+        .collect();
+    assert_eq!(refused.len(), 2, "{refused:?}");
+}

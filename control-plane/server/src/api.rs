@@ -222,7 +222,7 @@ impl AdminService {
         req: &Request<T>,
         rpc: &'static str,
     ) -> Result<crate::identity::roles::Authz, Status> {
-        crate::identity::roles::authorize(&self.cluster, req, rpc).await
+        crate::identity::roles::authorize(&self.ids, req, rpc).await
     }
 
     pub(crate) fn sa_proto(&self, a: state::ServiceAccount) -> ServiceAccount {

@@ -290,6 +290,7 @@ async fn use_grant(cluster: &Cluster, r: &AccessRequest) -> Result<ApprovalAnswe
 /// The Reviews service.
 pub struct ReviewsService {
     pub cluster: Arc<Cluster>,
+    pub ids: Arc<crate::identity::Identities>,
 }
 
 fn to_api(r: AccessRequest, now: i64) -> ApiRequest {
@@ -324,7 +325,7 @@ impl Reviews for ReviewsService {
         req: Request<ListAccessRequestsRequest>,
     ) -> Result<Response<ListAccessRequestsResponse>, Status> {
         let authz =
-            crate::identity::roles::authorize(&self.cluster, &req, "ListAccessRequests").await?;
+            crate::identity::roles::authorize(&self.ids, &req, "ListAccessRequests").await?;
         let want = req.into_inner().state;
         let now = now_ms();
         // Admins and auditors see all; a reviewer its own requests and those
@@ -356,7 +357,7 @@ impl Reviews for ReviewsService {
         req: Request<ReviewAccessRequestRequest>,
     ) -> Result<Response<ApiRequest>, Status> {
         let authz =
-            crate::identity::roles::authorize(&self.cluster, &req, "ReviewAccessRequest").await?;
+            crate::identity::roles::authorize(&self.ids, &req, "ReviewAccessRequest").await?;
         let identity = authz.actor.principal.identity.clone();
         let groups = authz.actor.principal.groups.clone();
         let r = req.into_inner();

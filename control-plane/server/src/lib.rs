@@ -356,6 +356,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             join: join_svc,
             reviews: approvals::ReviewsService {
                 cluster: cluster.clone(),
+                ids: ids.clone(),
             },
             identity: identity::service::IdentityService { ids: ids.clone() },
             saml: Arc::new(identity::saml::Saml {

@@ -102,9 +102,14 @@ pub fn policy(rpc: &str) -> Option<(&'static [&'static str], Access, bool)> {
     })
 }
 
+/// A credential the interceptor refused; [`authorize`] audits and
+/// throttles it (the interceptor cannot wait for a Raft write).
+#[derive(Clone, Debug)]
+pub struct Refused(pub String);
+
 /// The interceptor of the Admin and Reviews services: authenticates the
 /// bearer (the bootstrap token, an API key or an access token) and keeps
-/// the caller for [`authorize`].
+/// the caller, or why it was refused, for [`authorize`].
 pub fn authenticate(
     ids: &Identities,
     bootstrap_bearer: &str,
@@ -115,7 +120,9 @@ pub fn authenticate(
         .get("authorization")
         .map(|v| v.as_bytes().to_vec())
     else {
-        return Err(Status::unauthenticated("missing bearer token"));
+        req.extensions_mut()
+            .insert(Refused("missing bearer token".into()));
+        return Ok(req);
     };
     let caller = if bool::from(v.ct_eq(bootstrap_bearer.as_bytes())) {
         Caller {
@@ -137,7 +144,10 @@ pub fn authenticate(
                 break_glass: false,
             },
             Err(super::AuthError::Unavailable(m)) => return Err(Status::unavailable(m)),
-            Err(e) => return Err(Status::unauthenticated(e.to_string())),
+            Err(e) => {
+                req.extensions_mut().insert(Refused(e.to_string()));
+                return Ok(req);
+            }
         }
     };
     req.extensions_mut().insert(caller);
@@ -148,17 +158,56 @@ pub fn authenticate(
 /// answered PERMISSION_DENIED naming the caller's roles and the ones the
 /// call needs; a break-glass use and an auditor's read are audited too.
 pub async fn authorize<T>(
-    cluster: &Cluster,
+    ids: &Identities,
     req: &Request<T>,
     rpc: &'static str,
 ) -> Result<Authz, Status> {
-    let Some(caller) = req.extensions().get::<Caller>().cloned() else {
-        return Err(Status::unauthenticated("missing bearer token"));
-    };
-    let addr = req
-        .remote_addr()
+    let cluster: &Cluster = &ids.cluster;
+    let peer = req.remote_addr();
+    let addr = peer
         .map(|a| a.to_string())
         .unwrap_or_else(|| "unknown".into());
+    let ip = peer.map_or(std::net::IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+    let now = std::time::Instant::now();
+    let Some(caller) = req.extensions().get::<Caller>().cloned() else {
+        // A refused credential: audited, throttled, then answered. A source
+        // backing off is refused unchecked (a valid credential from it is
+        // still served: it is not a guess).
+        if let Err(wait) = ids.throttle.check(ip, now) {
+            if let Some(count) = ids.throttle.note_throttled(ip, now) {
+                let mut ev = cluster.event(
+                    EventKind::LoginThrottled,
+                    Decision::Deny,
+                    "anonymous",
+                    "",
+                    "",
+                );
+                ev.detail = Some(format!(
+                    "{count} API calls from {ip} refused unchecked while it backs off after failed logins"
+                ));
+                let _ = cluster.audit(ev).await;
+            }
+            return Err(Status::resource_exhausted(format!(
+                "too many failed logins from {ip}; retry in {} s",
+                wait.as_secs().max(1)
+            )));
+        }
+        let why = req
+            .extensions()
+            .get::<Refused>()
+            .map(|r| r.0.clone())
+            .unwrap_or_else(|| "missing bearer token".into());
+        let mut ev = cluster.event(EventKind::Login, Decision::Deny, "anonymous", "", "");
+        ev.detail = Some(format!(
+            "API credential for {rpc} from {addr} refused: {why}"
+        ));
+        if cluster.audit(ev).await.is_err() {
+            return Err(Status::unavailable("the refusal could not be audited"));
+        }
+        let delay = ids.throttle.failed(ip, "api", now);
+        tokio::time::sleep(delay).await;
+        return Err(Status::unauthenticated(why));
+    };
     let actor = super::Actor {
         principal: caller.principal.clone(),
         addr: addr.clone(),
