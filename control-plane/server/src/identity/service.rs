@@ -13,8 +13,8 @@ use gatehouse_proto::v1::identity_server::Identity;
 use gatehouse_proto::v1::*;
 use openidconnect::core::{CoreAuthenticationFlow, CoreClient, CoreDeviceAuthorizationResponse};
 use openidconnect::{
-    AuthorizationCode, ClientId, ClientSecret, CsrfToken, Nonce, OAuth2TokenResponse,
-    PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, Scope, TokenResponse,
+    AuthorizationCode, ClientId, ClientSecret, CsrfToken, Nonce, PkceCodeChallenge,
+    PkceCodeVerifier, RedirectUrl, Scope, TokenResponse,
 };
 use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
@@ -70,6 +70,16 @@ fn refused(subject: &str, detail: impl Into<String>) -> Refused {
         status: Status::unauthenticated(detail.clone()),
         subject: subject.to_string(),
         detail,
+    }
+}
+
+impl From<Status> for Refused {
+    fn from(status: Status) -> Self {
+        Refused {
+            detail: status.message().to_string(),
+            status,
+            subject: String::new(),
+        }
     }
 }
 
@@ -279,20 +289,12 @@ impl IdentityService {
         issuer: &Issuer,
     ) -> Result<(oidc::Metadata, Option<ClientSecret>), Refused> {
         let md = self.ids.providers.metadata(issuer).await?;
-        let secret = self.secret(issuer).map_err(|s| Refused {
-            detail: s.message().to_string(),
-            status: s,
-            subject: String::new(),
-        })?;
+        let secret = self.secret(issuer)?;
         Ok((md, secret))
     }
 
     async fn complete(&self, req: CompleteLoginRequest) -> Result<(Principal, User), Refused> {
-        let st: LoginState = self.open(LOGIN_PURPOSE, &req.state).map_err(|s| Refused {
-            detail: s.message().to_string(),
-            status: s,
-            subject: String::new(),
-        })?;
+        let st: LoginState = self.open(LOGIN_PURPOSE, &req.state)?;
         if now_ms() > st.expires_ms {
             return Err(refused("", "the login took too long; start again"));
         }
@@ -305,11 +307,7 @@ impl IdentityService {
                 "the provider's redirect carried another login's state (possible cross-site request)",
             ));
         }
-        let issuer = self.issuer(&st.issuer).map_err(|s| Refused {
-            detail: s.message().to_string(),
-            status: s,
-            subject: String::new(),
-        })?;
+        let issuer = self.issuer(&st.issuer)?;
         let (md, secret) = self.client(&issuer).await?;
         let redirect = RedirectUrl::new(st.redirect_uri.clone())
             .map_err(|e| refused("", format!("redirect URI: {e}")))?;
@@ -324,45 +322,45 @@ impl IdentityService {
             .request_async(http)
             .await
             .map_err(|e| refused("", format!("the provider refused the code: {}", chain(&e))))?;
-        let _ = resp.access_token();
-        let Some(id_token) = resp.id_token() else {
+        let nonce = Nonce::new(st.nonce);
+        self.id_token_person(&issuer, resp.id_token(), Some(&nonce))
+            .await
+    }
+
+    /// The person a token response's ID token names, once it verifies.
+    async fn id_token_person(
+        &self,
+        issuer: &Issuer,
+        id_token: Option<&openidconnect::core::CoreIdToken>,
+        nonce: Option<&Nonce>,
+    ) -> Result<(Principal, User), Refused> {
+        let Some(id_token) = id_token else {
             return Err(refused("", "the provider returned no ID token"));
         };
-        let nonce = Nonce::new(st.nonce);
         let claims = self
             .ids
             .providers
             .verify(
-                &issuer,
+                issuer,
                 &id_token.to_string(),
                 &issuer.client_id,
-                Some(&nonce),
+                nonce,
                 false,
             )
             .await?;
-        Ok(Self::person(&issuer, &claims))
+        Ok(Self::person(issuer, &claims))
     }
 
     async fn poll(
         &self,
         req: PollDeviceLoginRequest,
     ) -> Result<Option<(Principal, User)>, Refused> {
-        let st: DeviceState =
-            self.open(DEVICE_PURPOSE, &req.device_state)
-                .map_err(|s| Refused {
-                    detail: s.message().to_string(),
-                    status: s,
-                    subject: String::new(),
-                })?;
+        let st: DeviceState = self.open(DEVICE_PURPOSE, &req.device_state)?;
         let left = st.expires_ms - now_ms();
         if left <= 0 {
             return Err(refused("", "the device code has expired; start again"));
         }
-        let issuer = self.issuer(&st.issuer).map_err(|s| Refused {
-            detail: s.message().to_string(),
-            status: s,
-            subject: String::new(),
-        })?;
+        let issuer = self.issuer(&st.issuer)?;
         let (md, secret) = self.client(&issuer).await?;
         let client =
             CoreClient::from_provider_metadata(md, ClientId::new(issuer.client_id.clone()), secret);
@@ -397,21 +395,9 @@ impl IdentityService {
                 ));
             }
         };
-        let Some(id_token) = resp.id_token() else {
-            return Err(refused("", "the provider returned no ID token"));
-        };
-        let claims = self
-            .ids
-            .providers
-            .verify(
-                &issuer,
-                &id_token.to_string(),
-                &issuer.client_id,
-                None,
-                false,
-            )
-            .await?;
-        Ok(Some(Self::person(&issuer, &claims)))
+        self.id_token_person(&issuer, resp.id_token(), None)
+            .await
+            .map(Some)
     }
 
     async fn exchange(
