@@ -143,8 +143,12 @@ fn web(s: &Stack) -> reqwest::Client {
 /// SP-initiated: the login route's redirect to the IdP, and the request
 /// id and RelayState it carries.
 async fn start(c: &reqwest::Client, s: &Stack) -> (String, String) {
+    start_at(c, s, "corp-saml").await
+}
+
+async fn start_at(c: &reqwest::Client, s: &Stack, issuer: &str) -> (String, String) {
     let r = c
-        .get(format!("{}/saml/corp-saml/login", s.api))
+        .get(format!("{}/saml/{issuer}/login", s.api))
         .send()
         .await
         .unwrap();
@@ -357,4 +361,59 @@ async fn saml_logins_are_validated_and_each_bad_response_is_refused() {
         .filter(|e| e["detail"].as_str().unwrap_or("").contains("SAML login"))
         .count();
     assert_eq!(refusals, cases.len(), "each refusal is audited");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn saml_metadata_can_be_fetched_from_the_idp() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (s, _) = Stack::start();
+    let dir = s.tmp.path().join("saml");
+    std::fs::create_dir_all(&dir).unwrap();
+    let xml = metadata(&idp_key(&dir, "idp"));
+    // The IdP's metadata endpoint, on loopback.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/metadata", l.local_addr().unwrap());
+    let served = xml.clone();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = l.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = c.read(&mut buf).await;
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/samlmetadata+xml\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{served}",
+                served.len()
+            );
+            let _ = c.write_all(reply.as_bytes()).await;
+        }
+    });
+    s.cli_ok(&["issuers", "add-saml", "by-url", "--metadata-url", &url]);
+    let list: serde_json::Value =
+        serde_json::from_str(&s.cli_ok(&["issuers", "list", "-o", "json"])).unwrap();
+    let i = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == "by-url")
+        .unwrap();
+    assert_eq!(i["kind"], "saml");
+    assert_eq!(
+        i["issuer_url"], IDP,
+        "the entity id comes from the fetched metadata"
+    );
+    // The login route works from it.
+    let (id, _) = start_at(&web(&s), &s, "by-url").await;
+    assert!(!id.is_empty());
+    // A metadata address that does not answer is a clear error.
+    let out = s.cli(&[
+        "issuers",
+        "add-saml",
+        "gone",
+        "--metadata-url",
+        "http://127.0.0.1:1/md",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("fetching the SAML metadata from"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -24,6 +24,9 @@ pub struct Issuer {
     /// certificates).
     #[serde(default)]
     pub metadata_xml: String,
+    /// SAML: where the metadata came from, when it was fetched.
+    #[serde(default)]
+    pub metadata_url: String,
 }
 
 /// A key that signs Gatehouse access tokens (ECDSA P-256).

@@ -42,8 +42,11 @@ pub enum IssuersCmd {
         name: String,
         /// The IdP's metadata XML (entity id, SSO location, signing
         /// certificate).
-        #[arg(long)]
-        metadata_file: std::path::PathBuf,
+        #[arg(long, required_unless_present = "metadata_url")]
+        metadata_file: Option<std::path::PathBuf>,
+        /// Or where the server fetches it (https://).
+        #[arg(long, conflicts_with = "metadata_file")]
+        metadata_url: Option<String>,
         /// The attribute holding the person's groups.
         #[arg(long, default_value = "groups")]
         groups_attribute: String,
@@ -131,16 +134,21 @@ pub async fn exec(cmd: &IssuersCmd, ctx: &Ctx) -> anyhow::Result<()> {
         IssuersCmd::AddSaml {
             name,
             metadata_file,
+            metadata_url,
             groups_attribute,
         } => {
-            let metadata_xml = std::fs::read_to_string(metadata_file)
-                .map_err(|e| anyhow::anyhow!("reading {}: {e}", metadata_file.display()))?;
+            let metadata_xml = match metadata_file {
+                Some(f) => std::fs::read_to_string(f)
+                    .map_err(|e| anyhow::anyhow!("reading {}: {e}", f.display()))?,
+                None => String::new(),
+            };
             let i = c
                 .put_issuer(PutIssuerRequest {
                     issuer: Some(Issuer {
                         name: name.clone(),
                         kind: "saml".into(),
                         metadata_xml,
+                        metadata_url: metadata_url.clone().unwrap_or_default(),
                         groups_claim: groups_attribute.clone(),
                         ..Default::default()
                     }),

@@ -27,6 +27,7 @@ fn issuer_proto(i: id::Issuer) -> Issuer {
         scopes: i.scopes,
         created_ms: i.created_ms,
         metadata_xml: i.metadata_xml,
+        metadata_url: i.metadata_url,
     }
 }
 
@@ -72,7 +73,7 @@ impl AdminService {
         authz: Authz,
     ) -> Result<Response<Issuer>, Status> {
         let actor = authz.actor;
-        let Some(i) = req.into_inner().issuer else {
+        let Some(mut i) = req.into_inner().issuer else {
             return Err(ApiError::InvalidArgument("issuer is required".into()).into());
         };
         valid_name("issuer", &i.name)?;
@@ -89,6 +90,17 @@ impl AdminService {
                 url_ok(&i.issuer_url)?
             }
             "saml" => {
+                if i.metadata_xml.is_empty() && !i.metadata_url.is_empty() {
+                    let url = url_ok(&i.metadata_url)?;
+                    let body = self.ids.providers.get(&url).await.map_err(|e| {
+                        ApiError::Unavailable(format!("fetching the SAML metadata from {url}: {e}"))
+                    })?;
+                    i.metadata_xml = String::from_utf8(body).map_err(|_| {
+                        ApiError::InvalidArgument(format!(
+                            "the SAML metadata at {url} is not UTF-8"
+                        ))
+                    })?;
+                }
                 let md: samael::metadata::EntityDescriptor =
                     i.metadata_xml.parse().map_err(|e| {
                         ApiError::InvalidArgument(format!("the SAML metadata does not parse: {e}"))
@@ -140,6 +152,7 @@ impl AdminService {
             scopes: i.scopes,
             created_ms: now_ms(),
             metadata_xml: i.metadata_xml,
+            metadata_url: i.metadata_url,
         };
         self.cluster
             .propose_audited(

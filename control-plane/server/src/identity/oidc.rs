@@ -130,6 +130,18 @@ impl Providers {
         })
     }
 
+    /// A GET with the same timeout, size cap and no redirects.
+    pub async fn get(&self, url: &str) -> Result<Vec<u8>, HttpError> {
+        let req = http::Request::get(url)
+            .body(Vec::new())
+            .map_err(|e| HttpError(e.to_string()))?;
+        let resp = fetch(self.http.0.clone(), req).await?;
+        if !resp.status().is_success() {
+            return Err(HttpError(format!("{url} answered {}", resp.status())));
+        }
+        Ok(resp.into_body())
+    }
+
     async fn entry(&self, issuer: &Issuer, refetch_keys: bool) -> Result<Arc<Entry>, OidcError> {
         let cached = self
             .cache
