@@ -233,6 +233,10 @@ impl S3Server {
 }
 
 /// A TCP port free on loopback now.
+/// The service account the harness acts as (created with the bootstrap
+/// token); tests that list accounts leave it out.
+pub const HARNESS_ADMIN: &str = "gatehouse-admin";
+
 /// With the break-glass bootstrap token, creates `sa:gatehouse-admin`,
 /// grants it admin and auditor, and returns its API key: the harness's
 /// credential from then on.

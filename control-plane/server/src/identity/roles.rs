@@ -52,7 +52,11 @@ impl Authz {
 /// Whether a call changes state or only reads.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Access {
+    /// Reads data or configuration (an auditor's is an audit event).
     Read,
+    /// Reads only health: status, membership, the state digest (a hash).
+    /// Not audited, or comparing nodes' digests would change them.
+    Health,
     Write,
 }
 
@@ -82,14 +86,15 @@ pub fn policy(rpc: &str) -> Option<(&'static [&'static str], Access, bool)> {
         | "DeleteIssuer"
         | "AddWorkloadBinding"
         | "SetStaticGroups" => (ADMIN, Write, false),
-        "ListRoleGrants" | "ListIssuers" | "Status" | "ClusterStatus" => (CONFIG_READ, Read, true),
+        "ListRoleGrants" | "ListIssuers" => (CONFIG_READ, Read, true),
+        "Status" | "ClusterStatus" => (CONFIG_READ, Health, true),
+        "StateDigest" => (CONFIG_READ, Health, false),
         "ListServiceAccounts"
         | "ListTargets"
         | "ListRules"
         | "GetPolicy"
         | "ListPolicies"
         | "ListAgents"
-        | "StateDigest"
         | "ListUsers" => (CONFIG_READ, Read, false),
         "VerifyRecordings" => (CONFIG_READ, Read, false),
         "ListAuditEvents" => (EVIDENCE, Read, false),
@@ -97,7 +102,7 @@ pub fn policy(rpc: &str) -> Option<(&'static [&'static str], Access, bool)> {
         "GetRecording" => (OWN_EVIDENCE, Read, false),
         "ListAccessRequests" => (REVIEW_LIST, Read, false),
         "ReviewAccessRequest" => (REVIEW, Write, false),
-        "WhoAmI" => (ANYONE, Read, true),
+        "WhoAmI" => (ANYONE, Health, true),
         _ => return None,
     })
 }
