@@ -193,6 +193,33 @@ async fn people_log_in_at_the_provider_and_its_groups_decide_access() {
         "{err}"
     );
 
+    // An admin adds carol to dba as a static group: it counts at the next
+    // decision, with the same token; removed again, she is refused.
+    s.cli_ok(&["users", "set-groups", "user:corp/carol", "--group", "dba"]);
+    let (_, err, ok) = s.psql_user(&token, "select 1");
+    assert!(ok, "the static group admits carol: {err}");
+    s.cli_ok(&["users", "set-groups", "user:corp/carol"]);
+    let (_, _, ok) = s.psql_user(&token, "select 1");
+    assert!(!ok, "without the static group carol is refused again");
+
+    // The agent learned the cluster's token-signing key from its hello.
+    let agent_log = std::fs::read_to_string(s.tmp.path().join("agent.log")).unwrap();
+    // Without the terminal colours tracing may add around field names.
+    let mut plain = String::new();
+    let mut in_escape = false;
+    for ch in agent_log.chars() {
+        match (in_escape, ch) {
+            (false, '\u{1b}') => in_escape = true,
+            (true, 'm') => in_escape = false,
+            (true, _) => {}
+            (false, c) => plain.push(c),
+        }
+    }
+    assert!(
+        plain.contains("serving sessions high_water=0 token_keys=1"),
+        "{plain}"
+    );
+
     let out = person(&s, &token_file, &["logout"]).output().unwrap();
     assert!(out.status.success());
     assert!(!token_file.exists());

@@ -83,6 +83,33 @@ pub enum AuthError {
 }
 
 impl Identities {
+    /// Refuses, unchecked, a source backing off after failed logins; one
+    /// `login_throttled` event per source and interval. `what` names the
+    /// attempts in that event ("login attempts", "API calls").
+    pub async fn gate(&self, ip: std::net::IpAddr, what: &str) -> Result<(), tonic::Status> {
+        let now = std::time::Instant::now();
+        let Err(wait) = self.throttle.check(ip, now) else {
+            return Ok(());
+        };
+        if let Some(count) = self.throttle.note_throttled(ip, now) {
+            let mut ev = self.cluster.event(
+                gatehouse_audit::EventKind::LoginThrottled,
+                gatehouse_audit::Decision::Deny,
+                "anonymous",
+                "",
+                "",
+            );
+            ev.detail = Some(format!(
+                "{count} {what} from {ip} refused unchecked while it backs off after failed logins"
+            ));
+            let _ = self.cluster.audit(ev).await;
+        }
+        Err(tonic::Status::resource_exhausted(format!(
+            "too many failed logins from {ip}; retry in {} s",
+            wait.as_secs().max(1)
+        )))
+    }
+
     /// Authenticates an API key or a Gatehouse access token; groups include
     /// static ones.
     pub fn authenticate(&self, credential: &str) -> Result<Principal, AuthError> {

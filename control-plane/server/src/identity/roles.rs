@@ -178,25 +178,7 @@ pub async fn authorize<T>(
         // A refused credential: audited, throttled, then answered. A source
         // backing off is refused unchecked (a valid credential from it is
         // still served: it is not a guess).
-        if let Err(wait) = ids.throttle.check(ip, now) {
-            if let Some(count) = ids.throttle.note_throttled(ip, now) {
-                let mut ev = cluster.event(
-                    EventKind::LoginThrottled,
-                    Decision::Deny,
-                    "anonymous",
-                    "",
-                    "",
-                );
-                ev.detail = Some(format!(
-                    "{count} API calls from {ip} refused unchecked while it backs off after failed logins"
-                ));
-                let _ = cluster.audit(ev).await;
-            }
-            return Err(Status::resource_exhausted(format!(
-                "too many failed logins from {ip}; retry in {} s",
-                wait.as_secs().max(1)
-            )));
-        }
+        ids.gate(ip, "API calls").await?;
         let why = req
             .extensions()
             .get::<Refused>()

@@ -171,27 +171,7 @@ impl IdentityService {
 
     /// Checks the throttle before any work for a source.
     async fn gate(&self, ip: IpAddr) -> Result<(), Status> {
-        let now = Instant::now();
-        if let Err(wait) = self.ids.throttle.check(ip, now) {
-            if let Some(count) = self.ids.throttle.note_throttled(ip, now) {
-                let mut ev = self.ids.cluster.event(
-                    EventKind::LoginThrottled,
-                    Decision::Deny,
-                    "anonymous",
-                    "",
-                    "",
-                );
-                ev.detail = Some(format!(
-                    "{count} login attempts from {ip} refused unchecked while it backs off after failed logins"
-                ));
-                let _ = self.ids.cluster.audit(ev).await;
-            }
-            return Err(Status::resource_exhausted(format!(
-                "too many failed logins from {ip}; retry in {} s",
-                wait.as_secs().max(1)
-            )));
-        }
-        Ok(())
+        self.ids.gate(ip, "login attempts").await
     }
 
     /// Audits a refusal, slows its answer, and returns the status.
