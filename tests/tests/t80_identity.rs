@@ -15,7 +15,11 @@ use gatehouse_e2e::{Stack, secret_file};
 
 /// The stack, and the provider trusted as issuer `corp`.
 fn setup(accounts: &[(&str, &str, &[&str])]) -> (Stack, OidcProvider) {
-    let (s, _) = Stack::start();
+    setup_with(accounts, &[])
+}
+
+fn setup_with(accounts: &[(&str, &str, &[&str])], server_args: &[&str]) -> (Stack, OidcProvider) {
+    let (s, _) = Stack::start_opts(false, "", server_args);
     let p = OidcProvider::start(&s.tmp.path().join("idp"), accounts);
     let secret = secret_file(s.tmp.path(), "client.secret", oidc::CLIENT_SECRET);
     s.cli_ok(&[
@@ -655,4 +659,56 @@ async fn failed_logins_from_one_address_are_throttled_and_do_not_lock_out_anothe
         throttle["detail"].as_str().unwrap().contains("127.0.0.1"),
         "{throttle}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_expired_token_is_refreshed_by_logging_in_again_the_same_way() {
+    // Tokens live 60 s, and one that expires within a minute counts as
+    // expired: every `gatehouse token` refreshes.
+    let (s, _p) = setup_with(
+        &[("frank", "frank@example.com", &["dba"])],
+        &["--token-ttl-secs", "60"],
+    );
+    s.cli_ok(&[
+        "rules",
+        "create",
+        "--subject",
+        "group:dba",
+        "--target",
+        "db",
+    ]);
+    let token_file = s.tmp.path().join("frank").join("token.json");
+    let browse_at = |url: String| async move {
+        let stop = redirect_uri_of(&url);
+        oidc::browse(&url, "frank", Some(&stop)).await
+    };
+    login_via(
+        person(&s, &token_file, &["login", "--no-browser"]),
+        "http://127.0.0.1",
+        browse_at,
+    )
+    .await;
+    let first: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&token_file).unwrap()).unwrap();
+    // `gatehouse token` logs in again at the same issuer (instructions on
+    // stderr), then prints only the new token.
+    let out = login_via(
+        person(&s, &token_file, &["token"]),
+        "http://127.0.0.1",
+        browse_at,
+    )
+    .await;
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert_ne!(
+        token,
+        first["access_token"].as_str().unwrap(),
+        "a new token"
+    );
+    assert_eq!(
+        token.split('.').count(),
+        3,
+        "only the token on stdout: {token}"
+    );
+    let (_, err, ok) = s.psql_user(&token, "select 1");
+    assert!(ok, "{err}");
 }

@@ -63,6 +63,16 @@ pub struct Saved {
     pub workload_token_file: Option<PathBuf>,
     #[serde(default)]
     pub service_account: Option<String>,
+    /// How the person logged in (issuer name, device flow), to log in the
+    /// same way again when the token has expired.
+    #[serde(default)]
+    pub person_login: Option<PersonLogin>,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+pub struct PersonLogin {
+    pub issuer: String,
+    pub device: bool,
 }
 
 /// The token file: --token-file, GATEHOUSE_TOKEN_FILE, or
@@ -115,10 +125,37 @@ pub async fn current(ctx: &Ctx, path: &Path) -> anyhow::Result<Saved> {
             save(path, &s)?;
             Ok(s)
         }
-        _ => anyhow::bail!(
-            "the access token of {} has expired; run `gatehouse login` again",
-            saved.identity
-        ),
+        _ => match &saved.person_login {
+            // The provider vouches again: the same flow as the first login
+            // (its instructions on stderr; the token alone on stdout).
+            Some(how) => {
+                eprintln!(
+                    "the access token of {} has expired; logging in again",
+                    saved.identity
+                );
+                let args = LoginArgs {
+                    issuer: Some(how.issuer.clone()),
+                    device: how.device,
+                    no_browser: false,
+                    workload_token_file: None,
+                    service_account: None,
+                    id_token_file: None,
+                };
+                let r = if how.device {
+                    device(&args, ctx).await?
+                } else {
+                    browser(&args, ctx).await?
+                };
+                let mut s = to_saved(ctx, r, None, None);
+                s.person_login = Some(how.clone());
+                save(path, &s)?;
+                Ok(s)
+            }
+            None => anyhow::bail!(
+                "the access token of {} has expired; run `gatehouse login` again",
+                saved.identity
+            ),
+        },
     }
 }
 
@@ -132,6 +169,7 @@ fn to_saved(ctx: &Ctx, r: LoginResponse, file: Option<PathBuf>, sa: Option<Strin
         groups: r.groups,
         workload_token_file: file,
         service_account: sa,
+        person_login: None,
     }
 }
 
@@ -167,10 +205,23 @@ pub async fn login(args: &LoginArgs, ctx: &Ctx, path: &Path) -> anyhow::Result<(
     } else if let (Some(f), Some(sa)) = (&args.workload_token_file, &args.service_account) {
         let r = exchange(ctx, f, sa).await?;
         to_saved(ctx, r, Some(f.clone()), Some(sa.clone()))
-    } else if args.device {
-        to_saved(ctx, device(args, ctx).await?, None, None)
     } else {
-        to_saved(ctx, browser(args, ctx).await?, None, None)
+        let r = if args.device {
+            device(args, ctx).await?
+        } else {
+            browser(args, ctx).await?
+        };
+        let mut s = to_saved(ctx, r, None, None);
+        // user:<issuer name>/<subject>: log in at the same issuer again.
+        s.person_login = s
+            .identity
+            .strip_prefix("user:")
+            .and_then(|rest| rest.split_once('/'))
+            .map(|(issuer, _)| PersonLogin {
+                issuer: issuer.to_string(),
+                device: args.device,
+            });
+        s
     };
     save(path, &saved)?;
     if ctx.json {
