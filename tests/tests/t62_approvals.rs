@@ -343,6 +343,14 @@ fn held_statements_run_once_after_approval_and_not_otherwise() {
     ] {
         assert!(kinds.contains(&k), "no {k} event in {kinds:?}");
     }
+    // They carry the requester, its issuer and its groups at the time.
+    let requested = events
+        .iter()
+        .find(|e| e["kind"] == "approval_requested")
+        .unwrap();
+    assert_eq!(requested["identity"], "sa:alice");
+    assert_eq!(requested["issuer"], "gatehouse");
+    assert_eq!(requested["groups"], serde_json::json!(["dev"]));
     let denied = events
         .iter()
         .find(|e| e["kind"] == "approval_reviewed" && e["decision"] == "deny")

@@ -122,6 +122,11 @@ pub struct SessionRecord {
 pub struct AccessRequest {
     pub id: String,
     pub requester: String,
+    /// The requester's issuer and groups when it asked.
+    #[serde(default)]
+    pub requester_issuer: String,
+    #[serde(default)]
+    pub requester_groups: Vec<String>,
     pub target: String,
     pub session_id: String,
     pub statement: String,

@@ -78,6 +78,10 @@ fn sha256_hex(s: &str) -> String {
 
 fn event(cluster: &Cluster, kind: EventKind, r: &AccessRequest, decision: Decision) -> AuditEvent {
     let mut ev = cluster.event(kind, decision, &r.requester, &r.target, &r.session_id);
+    if !r.requester_issuer.is_empty() {
+        ev.issuer = Some(r.requester_issuer.clone());
+        ev.groups = Some(r.requester_groups.clone());
+    }
     ev.statement = Some(r.statement.clone());
     ev.policy_version = r.policy_version.clone();
     ev
@@ -146,6 +150,8 @@ async fn decide(
     let request = AccessRequest {
         id: cluster.new_secret(8),
         requester: a.identity.clone(),
+        requester_issuer: a.issuer.clone(),
+        requester_groups: a.groups.clone(),
         target: a.target.clone(),
         session_id: a.session_id.clone(),
         statement: a.statement.clone(),

@@ -295,6 +295,7 @@ pub async fn approve(
     let ask = ApprovalAsk {
         session_id: open.session_id.clone(),
         identity: open.identity.clone(),
+        issuer: open.issuer.clone(),
         groups: open.groups.clone(),
         target: open.target.clone(),
         statement: text.to_string(),
