@@ -85,7 +85,10 @@ def main():
     procs = []
     try:
         dev = subprocess.Popen(
-            [os.path.abspath(f"{BIN}/gatehouse"), "dev", "--data-dir", f"{work}/dev"],
+            # No demo policy: the baseline is the path with audit and
+            # recording only (GATEHOUSE_BENCH_POLICY applies one below).
+            [os.path.abspath(f"{BIN}/gatehouse"), "dev", "--no-policy", "--data-dir",
+             f"{work}/dev"],
             stdout=open(f"{work}/dev.out", "w"),
             stderr=subprocess.STDOUT,
             cwd=work,
@@ -102,7 +105,8 @@ def main():
         with open(f"{work}/dev/dev.env") as f:
             for line in f:
                 k, v = line.removeprefix("export ").strip().split("=", 1)
-                gw_env[k] = v
+                # As a shell would: quotes removed, $PATH expanded.
+                gw_env[k] = os.path.expandvars(v.strip('"'))
         # GATEHOUSE_BENCH_POLICY=policy.yaml: the gateway runs under that
         # policy document (guardrails on every statement, masking of results).
         policy = os.environ.get("GATEHOUSE_BENCH_POLICY")
