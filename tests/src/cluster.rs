@@ -119,13 +119,16 @@ impl TestCluster {
             tunnel_host: tunnel_host.to_string(),
         };
         c.add_node(1, None);
-        // From here on the harness acts as an admin the bootstrap token
-        // created (the token itself is break-glass only).
-        c.token = crate::bootstrap_admin(&c.node(1).api, &c.ca_file, &c.token);
+        // Joining needs only what the break-glass token may do (join
+        // tokens, membership), so the nodes start as soon as their reserved
+        // ports were released.
         for id in 2..=n {
             c.join_node(id);
         }
         c.wait_voters(n as usize);
+        // From here on the harness acts as an admin the bootstrap token
+        // created (the token itself is break-glass only).
+        c.token = crate::bootstrap_admin(&c.node(1).api, &c.ca_file, &c.token);
         c
     }
 
