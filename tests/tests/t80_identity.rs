@@ -108,11 +108,15 @@ async fn people_log_in_at_the_provider_and_its_groups_decide_access() {
     let token_file = s.tmp.path().join("carol").join("token.json");
 
     // Authorization code + PKCE, the redirect to the CLI's loopback port.
+    // A local connection that never sends a request is open on that port
+    // the whole time: it does not hold up the provider's redirect.
     let out = login_via(
         person(&s, &token_file, &["login", "--no-browser"]),
         "http://127.0.0.1",
         |url| async move {
             let stop = redirect_uri_of(&url);
+            let port = url::Url::parse(&stop).unwrap().port().unwrap();
+            let _stalled = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
             oidc::browse(&url, "carol", Some(&stop)).await
         },
     )

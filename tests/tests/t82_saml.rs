@@ -417,3 +417,56 @@ async fn saml_metadata_can_be_fetched_from_the_idp() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A TLS connection to the API port offering only `alpn`.
+async fn api_tls(s: &Stack, alpn: &[u8]) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(&s.ca_file).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    let tcp = tokio::net::TcpStream::connect(s.api.trim_start_matches("https://"))
+        .await
+        .unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_api_port_serves_http1_and_closes_a_connection_that_sends_no_request() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (s, _) = Stack::start_opts(false, "", &["--handshake-timeout-secs", "2"]);
+    // A browser speaking HTTP/1.1 (the SAML routes) is answered.
+    let mut c = api_tls(&s, b"http/1.1").await;
+    c.write_all(
+        b"GET /saml/nobody/metadata HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut reply = String::new();
+    c.read_to_string(&mut reply).await.unwrap();
+    assert!(reply.starts_with("HTTP/1.1 404"), "{reply}");
+    assert!(reply.contains("no SAML issuer named \"nobody\""), "{reply}");
+    // A client that finishes TLS and then sends nothing is closed at the
+    // stage deadline.
+    let mut idle = api_tls(&s, b"http/1.1").await;
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let r = tokio::time::timeout(std::time::Duration::from_secs(10), idle.read(&mut buf)).await;
+    let waited = started.elapsed();
+    assert!(
+        matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+        "the idle connection is closed, not answered: {r:?}"
+    );
+    assert!(
+        waited >= std::time::Duration::from_millis(1500)
+            && waited < std::time::Duration::from_secs(5),
+        "closed at the 2 s deadline, after {waited:?}"
+    );
+}

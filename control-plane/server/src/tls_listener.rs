@@ -1,8 +1,9 @@
 //! TLS listeners for the gRPC ports (API and Raft): connections are counted
 //! per source address and in total from accept to close, and the TLS
-//! handshake has a deadline, so stalled or flooding clients cannot hold the
-//! node's descriptors. tonic serves the finished TLS streams.
+//! handshake and the first request each have a deadline, so stalled or
+//! flooding clients cannot hold the node's descriptors. tonic serves the finished TLS streams.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -16,10 +17,13 @@ use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
 
 use crate::limits::{ConnLimits, ConnSlot, LogEvery};
 
-/// A TLS connection holding its slot until it closes.
+/// A TLS connection holding its slot until it closes. Its first request
+/// (the HTTP/2 preface, or an HTTP/1.1 request line) must arrive within the
+/// stage deadline after the handshake, or the connection is closed.
 pub struct Counted {
     inner: TlsStream<TcpStream>,
     _slot: ConnSlot,
+    first_request_by: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Connected for Counted {
@@ -32,11 +36,25 @@ impl Connected for Counted {
 
 impl AsyncRead for Counted {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let this = self.get_mut();
+        if let Some(deadline) = this.first_request_by.as_mut()
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no request within the stage deadline",
+            )));
+        }
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.first_request_by = None;
+        }
+        r
     }
 }
 
@@ -104,7 +122,13 @@ pub fn incoming(
             tokio::spawn(async move {
                 match tokio::time::timeout(stage, acceptor.accept(sock)).await {
                     Ok(Ok(inner)) => {
-                        let _ = tx.send(Ok(Counted { inner, _slot: slot })).await;
+                        let _ = tx
+                            .send(Ok(Counted {
+                                inner,
+                                _slot: slot,
+                                first_request_by: Some(Box::pin(tokio::time::sleep(stage))),
+                            }))
+                            .await;
                     }
                     Ok(Err(e)) => {
                         if let Some(n) = handshake_errors.tick() {
@@ -135,6 +159,13 @@ pub fn acceptor(
         CertificateDer::pem_slice_iter(chain_pem.as_bytes()).collect::<Result<_, _>>()?;
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())?;
     let builder = rustls::ServerConfig::builder();
+    // The API port also serves browsers (the SAML routes) over HTTP/1.1;
+    // the node-to-node port speaks gRPC only.
+    let alpn: Vec<Vec<u8>> = if client_ca_pem.is_some() {
+        vec![b"h2".to_vec()]
+    } else {
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    };
     let mut cfg = match client_ca_pem {
         Some(ca) => {
             let mut roots = rustls::RootCertStore::empty();
@@ -149,6 +180,6 @@ pub fn acceptor(
         }
         None => builder.with_no_client_auth().with_single_cert(certs, key)?,
     };
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    cfg.alpn_protocols = alpn;
     Ok(TlsAcceptor::from(Arc::new(cfg)))
 }

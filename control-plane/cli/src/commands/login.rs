@@ -280,71 +280,95 @@ async fn browser(args: &LoginArgs, ctx: &Ctx) -> anyhow::Result<LoginResponse> {
     .map_err(|s| anyhow::anyhow!("login refused: {}", s.message()))
 }
 
+/// Connections the loopback listener serves at once; more are closed.
+const REDIRECT_CONNS: usize = 8;
+/// Each connection's deadline to send its request head and be answered.
+const REDIRECT_STAGE: Duration = Duration::from_secs(10);
+/// Largest request head read.
+const REDIRECT_HEAD: usize = 16 << 10;
+
 /// Waits for the provider's redirect to the loopback listener; answers the
-/// browser and returns the code and state.
+/// browser and returns the code and state. Every connection is served on
+/// its own, within a deadline, and only a few at once, so a stray or stalled
+/// local connection cannot hold up the real redirect.
 async fn redirect(listener: &tokio::net::TcpListener) -> anyhow::Result<(String, String)> {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(REDIRECT_CONNS));
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
     loop {
-        let (mut s, _) = listener.accept().await?;
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 2048];
-        while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16 << 10 {
-            let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk))
-                .await
-                .unwrap_or(Ok(0))
-                .unwrap_or(0);
-            if n == 0 {
-                break;
+        tokio::select! {
+            got = rx.recv() => {
+                return got.unwrap_or_else(|| Err(anyhow::anyhow!("the redirect listener stopped")));
             }
-            buf.extend_from_slice(&chunk[..n]);
+            accepted = listener.accept() => {
+                let (conn, _) = accepted?;
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    continue;
+                };
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    if let Ok(Some(outcome)) = tokio::time::timeout(REDIRECT_STAGE, callback(conn)).await {
+                        let _ = tx.send(outcome).await;
+                    }
+                });
+            }
         }
-        let head = String::from_utf8_lossy(&buf);
-        let target = head
-            .lines()
-            .next()
-            .and_then(|l| l.strip_prefix("GET "))
-            .and_then(|l| l.split(' ').next())
-            .unwrap_or("");
-        let Some(query) = target.strip_prefix("/callback?") else {
-            let _ = s
-                .write_all(
-                    b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
-                )
-                .await;
-            continue;
-        };
-        let params: std::collections::HashMap<String, String> =
-            url::form_urlencoded::parse(query.as_bytes())
-                .into_owned()
-                .collect();
-        let (status, body) = match (params.get("code"), params.get("error")) {
-            (Some(_), _) => ("200 OK", "Logged in to Gatehouse. You can close this tab."),
-            (_, Some(_)) => (
-                "400 Bad Request",
-                "The login was refused; see the terminal.",
-            ),
-            _ => ("400 Bad Request", "No code in the redirect."),
-        };
-        let reply = format!(
-            "HTTP/1.1 {status}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        let _ = s.write_all(reply.as_bytes()).await;
-        let _ = s.shutdown().await;
-        if let Some(e) = params.get("error") {
-            anyhow::bail!(
-                "the provider refused the login: {e}{}",
-                params
-                    .get("error_description")
-                    .map(|d| format!(" ({d})"))
-                    .unwrap_or_default()
-            );
-        }
-        let code = params
-            .get("code")
-            .cloned()
-            .context("no code in the redirect")?;
-        return Ok((code, params.get("state").cloned().unwrap_or_default()));
     }
+}
+
+/// One connection to the loopback listener: `None` when it was not the
+/// provider's redirect (answered 404), else what the redirect carried.
+async fn callback(mut s: tokio::net::TcpStream) -> Option<anyhow::Result<(String, String)>> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 2048];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < REDIRECT_HEAD {
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let head = String::from_utf8_lossy(&buf);
+    let target = head
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("GET "))
+        .and_then(|l| l.split(' ').next())
+        .unwrap_or("");
+    let Some(query) = target.strip_prefix("/callback?") else {
+        let _ = s
+            .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+            .await;
+        return None;
+    };
+    let params: std::collections::HashMap<String, String> =
+        url::form_urlencoded::parse(query.as_bytes())
+            .into_owned()
+            .collect();
+    let (status, body) = match (params.get("code"), params.get("error")) {
+        (Some(_), _) => ("200 OK", "Logged in to Gatehouse. You can close this tab."),
+        (_, Some(_)) => (
+            "400 Bad Request",
+            "The login was refused; see the terminal.",
+        ),
+        _ => ("400 Bad Request", "No code in the redirect."),
+    };
+    let reply = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = s.write_all(reply.as_bytes()).await;
+    let _ = s.shutdown().await;
+    if let Some(e) = params.get("error") {
+        return Some(Err(anyhow::anyhow!(
+            "the provider refused the login: {e}{}",
+            params
+                .get("error_description")
+                .map(|d| format!(" ({d})"))
+                .unwrap_or_default()
+        )));
+    }
+    let code = params.get("code").cloned()?;
+    Some(Ok((code, params.get("state").cloned().unwrap_or_default())))
 }
 
 async fn device(args: &LoginArgs, ctx: &Ctx) -> anyhow::Result<LoginResponse> {

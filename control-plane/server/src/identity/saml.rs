@@ -60,6 +60,8 @@ pub fn router(saml: Arc<Saml>) -> axum::Router {
         .route("/saml/{issuer}/login", get(login))
         .route("/saml/{issuer}/acs", post(acs))
         .route("/saml/{issuer}/slo", get(logout).post(logout))
+        // A larger form is refused before it is read in full.
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_FORM))
         .with_state(saml)
 }
 
