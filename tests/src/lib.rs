@@ -241,21 +241,35 @@ pub const HARNESS_ADMIN: &str = "gatehouse-admin";
 /// grants it admin and auditor, and returns its API key: the harness's
 /// credential from then on.
 pub fn bootstrap_admin(api: &str, ca_file: &Path, break_glass: &str) -> String {
+    // A cluster that just changed membership may refuse a write for a
+    // moment (its leader confirming the new majority); a refusal before
+    // the call ran is retried, bounded.
+    let transient = [
+        "could not be audited",
+        "cannot reach a majority",
+        "not the leader",
+    ];
     let run = |args: &[&str]| {
-        let out = Command::new(bin("gatehouse"))
-            .args(args)
-            .env("GATEHOUSE_API", api)
-            .env("GATEHOUSE_TOKEN", break_glass)
-            .env("GATEHOUSE_CA_FILE", ca_file)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "gatehouse {args:?} with the bootstrap token failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        for _ in 0..40 {
+            let out = Command::new(bin("gatehouse"))
+                .args(args)
+                .env("GATEHOUSE_API", api)
+                .env("GATEHOUSE_TOKEN", break_glass)
+                .env("GATEHOUSE_CA_FILE", ca_file)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            if out.status.success() {
+                return String::from_utf8(out.stdout).unwrap();
+            }
+            let err = String::from_utf8_lossy(&out.stderr).into_owned();
+            assert!(
+                transient.iter().any(|t| err.contains(t)),
+                "gatehouse {args:?} with the bootstrap token failed: {err}"
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        panic!("gatehouse {args:?} with the bootstrap token kept failing");
     };
     let out = run(&[
         "service-accounts",
@@ -269,6 +283,14 @@ pub fn bootstrap_admin(api: &str, ca_file: &Path, break_glass: &str) -> String {
         run(&["roles", "grant", role, "sa:gatehouse-admin"]);
     }
     v["api_key"].as_str().unwrap().to_string()
+}
+
+/// The back-off a refusal names ("… retry in N s"), capped at 30 s;
+/// `None` when it names none.
+pub fn retry_after(refusal: &str) -> Option<Duration> {
+    let (_, rest) = refusal.split_once("retry in ")?;
+    let secs: u64 = rest.split(' ').next()?.parse().ok()?;
+    Some(Duration::from_secs(secs.clamp(1, 30)))
 }
 
 pub fn free_port() -> u16 {
