@@ -409,13 +409,8 @@ async fn provider_tokens_are_validated_completely() {
             .output()
             .unwrap();
             let err = String::from_utf8_lossy(&out.stderr).into_owned();
-            if let Some(i) = err.find("retry in ") {
-                let secs: u64 = err[i + 9..]
-                    .split(' ')
-                    .next()
-                    .and_then(|n| n.parse().ok())
-                    .unwrap_or(1);
-                std::thread::sleep(std::time::Duration::from_secs(secs.min(30)));
+            if let Some(wait) = gatehouse_e2e::retry_after(&err) {
+                std::thread::sleep(wait);
                 continue;
             }
             return (out.status.success(), err);

@@ -191,13 +191,9 @@ async fn post(
             .map(|v| v.to_str().unwrap().to_string());
         let body = r.text().await.unwrap();
         if status == 429 {
-            let secs: u64 = body
-                .split("retry in ")
-                .nth(1)
-                .and_then(|t| t.split(' ').next())
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(1);
-            tokio::time::sleep(std::time::Duration::from_secs(secs.min(30))).await;
+            let wait =
+                gatehouse_e2e::retry_after(&body).unwrap_or(std::time::Duration::from_secs(1));
+            tokio::time::sleep(wait).await;
             continue;
         }
         return (status, body, cookie);

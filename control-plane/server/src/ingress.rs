@@ -367,8 +367,7 @@ async fn admit(
     let identity = who.identity.clone();
     let deny = |detail: String| {
         let mut ev = cluster.denial(&identity, &target_name, &session_id, detail);
-        ev.issuer = Some(who.issuer.clone());
-        ev.groups = Some(who.groups.clone());
+        who.stamp(&mut ev);
         ev
     };
     let Some(target) = cluster

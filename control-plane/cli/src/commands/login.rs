@@ -120,7 +120,7 @@ pub async fn current(ctx: &Ctx, path: &Path) -> anyhow::Result<Saved> {
     }
     match (&saved.workload_token_file, &saved.service_account) {
         (Some(f), Some(sa)) => {
-            let r = exchange(ctx, f, sa).await?;
+            let r = exchange(ctx, f, Some(sa)).await?;
             let s = to_saved(ctx, r, Some(f.clone()), Some(sa.clone()));
             save(path, &s)?;
             Ok(s)
@@ -173,37 +173,39 @@ fn to_saved(ctx: &Ctx, r: LoginResponse, file: Option<PathBuf>, sa: Option<Strin
     }
 }
 
-async fn exchange(ctx: &Ctx, file: &Path, sa: &str) -> anyhow::Result<LoginResponse> {
+/// A token read from `file`, exchanged for an access token: a workload's
+/// JWT acting as service account `sa`, or (no account) a person's ID token.
+async fn exchange(ctx: &Ctx, file: &Path, sa: Option<&str>) -> anyhow::Result<LoginResponse> {
+    let (what, token_type, refusal) = match sa {
+        Some(_) => (
+            "workload token",
+            "urn:ietf:params:oauth:token-type:jwt",
+            "token exchange refused",
+        ),
+        None => (
+            "ID token",
+            "urn:ietf:params:oauth:token-type:id_token",
+            "login refused",
+        ),
+    };
     let jwt = std::fs::read_to_string(file)
-        .with_context(|| format!("reading the workload token {}", file.display()))?;
+        .with_context(|| format!("reading the {what} {}", file.display()))?;
     let mut c = ctx.identity().await?;
     Ok(c.exchange_token(ExchangeTokenRequest {
         subject_token: jwt.trim().to_string(),
-        subject_token_type: "urn:ietf:params:oauth:token-type:jwt".into(),
-        service_account: sa.to_string(),
+        subject_token_type: token_type.into(),
+        service_account: sa.unwrap_or_default().to_string(),
     })
     .await
-    .map_err(|s| anyhow::anyhow!("token exchange refused: {}", s.message()))?
+    .map_err(|s| anyhow::anyhow!("{refusal}: {}", s.message()))?
     .into_inner())
 }
 
 pub async fn login(args: &LoginArgs, ctx: &Ctx, path: &Path) -> anyhow::Result<()> {
     let saved = if let Some(f) = &args.id_token_file {
-        let jwt = std::fs::read_to_string(f)
-            .with_context(|| format!("reading the ID token {}", f.display()))?;
-        let mut c = ctx.identity().await?;
-        let r = c
-            .exchange_token(ExchangeTokenRequest {
-                subject_token: jwt.trim().to_string(),
-                subject_token_type: "urn:ietf:params:oauth:token-type:id_token".into(),
-                service_account: String::new(),
-            })
-            .await
-            .map_err(|s| anyhow::anyhow!("login refused: {}", s.message()))?
-            .into_inner();
-        to_saved(ctx, r, None, None)
+        to_saved(ctx, exchange(ctx, f, None).await?, None, None)
     } else if let (Some(f), Some(sa)) = (&args.workload_token_file, &args.service_account) {
-        let r = exchange(ctx, f, sa).await?;
+        let r = exchange(ctx, f, Some(sa)).await?;
         to_saved(ctx, r, Some(f.clone()), Some(sa.clone()))
     } else {
         let r = if args.device {

@@ -42,6 +42,12 @@ impl Principal {
         }
     }
 
+    /// Puts the identity's issuer and groups on an audit event.
+    pub fn stamp(&self, ev: &mut gatehouse_audit::AuditEvent) {
+        ev.issuer = Some(self.issuer.clone());
+        ev.groups = Some(self.groups.clone());
+    }
+
     /// Adds the identity's static groups (kept in Raft) to its own.
     pub fn with_static_groups(mut self, cluster: &Cluster) -> Self {
         if let Ok(extra) = cluster.reader.static_groups(&self.identity) {
@@ -82,7 +88,114 @@ pub enum AuthError {
     Unavailable(String),
 }
 
+/// Where a call came from: its address, and the address as text.
+pub fn source<T>(req: &tonic::Request<T>) -> (std::net::IpAddr, String) {
+    match req.remote_addr() {
+        Some(a) => (a.ip(), a.to_string()),
+        None => (std::net::IpAddr::from([0, 0, 0, 0]), "unknown".into()),
+    }
+}
+
+/// A login that succeeded: who, and the access token issued.
+pub struct LoggedIn {
+    pub who: Principal,
+    pub token: String,
+    pub expires_ms: i64,
+}
+
 impl Identities {
+    /// Seals a value (login state, relay state) so only this cluster can
+    /// read it back.
+    pub fn seal_json<T: serde::Serialize>(
+        &self,
+        purpose: &str,
+        v: &T,
+    ) -> Result<String, serde_json::Error> {
+        let json = serde_json::to_vec(v)?;
+        Ok(self.kek.seal(purpose, self.cluster.random_nonce(), &json))
+    }
+
+    /// What [`Self::seal_json`] sealed; `None` for anything else.
+    pub fn open_json<T: serde::de::DeserializeOwned>(
+        &self,
+        purpose: &str,
+        sealed: &str,
+    ) -> Option<T> {
+        let plain = self.kek.open(purpose, sealed).ok()?;
+        serde_json::from_slice(&plain).ok()
+    }
+
+    /// A refused login: audited (`identity` or "anonymous", with `detail`),
+    /// counted against the source and `throttle_key`, and answered only
+    /// after the delay the throttle asks. `Err` when the refusal could not
+    /// be made durable.
+    pub async fn refused(
+        &self,
+        ip: std::net::IpAddr,
+        identity: &str,
+        throttle_key: &str,
+        detail: String,
+    ) -> Result<(), ()> {
+        let mut ev = self.cluster.event(
+            gatehouse_audit::EventKind::Login,
+            gatehouse_audit::Decision::Deny,
+            if identity.is_empty() {
+                "anonymous"
+            } else {
+                identity
+            },
+            "",
+            "",
+        );
+        ev.detail = Some(detail);
+        self.cluster.audit(ev).await.map_err(|_| ())?;
+        let delay = self
+            .throttle
+            .failed(ip, throttle_key, std::time::Instant::now());
+        tokio::time::sleep(delay).await;
+        Ok(())
+    }
+
+    /// A login that held: records the person (when one logged in), adds
+    /// static groups, issues the access token, and audits the login (`how`
+    /// says which flow and from where). Fails closed: no token without its
+    /// audit event.
+    pub async fn logged_in(
+        &self,
+        ip: std::net::IpAddr,
+        how: &str,
+        who: Principal,
+        user: Option<gatehouse_cp_raft::identity::User>,
+    ) -> Result<LoggedIn, String> {
+        if let Some(u) = user {
+            self.cluster
+                .propose(gatehouse_cp_raft::Command::UserLoggedIn { user: Box::new(u) })
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        let who = who.with_static_groups(&self.cluster);
+        let (token, expires_ms) = self.tokens.issue(&who).map_err(|e| e.to_string())?;
+        let mut ev = self.cluster.event(
+            gatehouse_audit::EventKind::Login,
+            gatehouse_audit::Decision::Allow,
+            &who.identity,
+            "",
+            "",
+        );
+        who.stamp(&mut ev);
+        ev.detail = Some(format!("{how}; token valid until {expires_ms} ms"));
+        self.cluster
+            .audit(ev)
+            .await
+            .map_err(|_| "the login could not be audited; try again".to_string())?;
+        self.throttle.succeeded(ip);
+        Ok(LoggedIn {
+            who,
+            token,
+            expires_ms,
+        })
+    }
+
     /// Refuses, unchecked, a source backing off after failed logins; one
     /// `login_throttled` event per source and interval. `what` names the
     /// attempts in that event ("login attempts", "API calls").

@@ -369,7 +369,9 @@ pub fn groups_of(c: &Claims, claim: &str) -> Vec<String> {
 }
 
 /// The issuer a token claims, before it is verified (to pick the issuer's
-/// configuration; verification then checks it exactly).
+/// configuration; verification then checks it exactly). The header is not
+/// looked at here (jsonwebtoken's insecure decode would refuse `alg: none`
+/// before the verifier can name why).
 pub fn unverified_issuer(token: &str) -> Option<String> {
     use base64::Engine as _;
     let payload = token.split('.').nth(1)?;

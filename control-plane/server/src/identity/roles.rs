@@ -168,12 +168,7 @@ pub async fn authorize<T>(
     rpc: &'static str,
 ) -> Result<Authz, Status> {
     let cluster: &Cluster = &ids.cluster;
-    let peer = req.remote_addr();
-    let addr = peer
-        .map(|a| a.to_string())
-        .unwrap_or_else(|| "unknown".into());
-    let ip = peer.map_or(std::net::IpAddr::from([0, 0, 0, 0]), |a| a.ip());
-    let now = std::time::Instant::now();
+    let (ip, addr) = super::source(req);
     let Some(caller) = req.extensions().get::<Caller>().cloned() else {
         // A refused credential: audited, throttled, then answered. A source
         // backing off is refused unchecked (a valid credential from it is
@@ -184,15 +179,10 @@ pub async fn authorize<T>(
             .get::<Refused>()
             .map(|r| r.0.clone())
             .unwrap_or_else(|| "missing bearer token".into());
-        let mut ev = cluster.event(EventKind::Login, Decision::Deny, "anonymous", "", "");
-        ev.detail = Some(format!(
-            "API credential for {rpc} from {addr} refused: {why}"
-        ));
-        if cluster.audit(ev).await.is_err() {
+        let detail = format!("API credential for {rpc} from {addr} refused: {why}");
+        if ids.refused(ip, "", "api", detail).await.is_err() {
             return Err(Status::unavailable("the refusal could not be audited"));
         }
-        let delay = ids.throttle.failed(ip, "api", now);
-        tokio::time::sleep(delay).await;
         return Err(Status::unauthenticated(why));
     };
     let actor = super::Actor {
@@ -215,8 +205,7 @@ pub async fn authorize<T>(
     };
     let event = |kind: EventKind, decision: Decision, detail: String| {
         let mut ev = cluster.event(kind, decision, &p.identity, "", "");
-        ev.issuer = Some(p.issuer.clone());
-        ev.groups = Some(p.groups.clone());
+        p.stamp(&mut ev);
         ev.detail = Some(detail);
         ev
     };

@@ -19,7 +19,6 @@ use std::sync::Arc;
 use axum::extract::{Extension, Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use gatehouse_audit::{Decision, EventKind};
 use gatehouse_cp_raft::Command;
 use gatehouse_cp_raft::identity::{Issuer, User};
 use samael::metadata::{EntityDescriptor, HTTP_REDIRECT_BINDING};
@@ -162,16 +161,17 @@ async fn login(State(s): State<Arc<Saml>>, Path(name): Path<String>) -> Response
         let req = sp
             .make_authentication_request(&sso)
             .map_err(|e| e.to_string())?;
-        let relay = serde_json::to_vec(&Relay {
-            issuer: issuer.name.clone(),
-            request_id: req.id.clone(),
-            expires_ms: now_ms() + LOGIN_TTL_MS,
-        })
-        .map_err(|e| e.to_string())?;
         let relay = s
             .ids
-            .kek
-            .seal(RELAY_PURPOSE, s.ids.cluster.random_nonce(), &relay);
+            .seal_json(
+                RELAY_PURPOSE,
+                &Relay {
+                    issuer: issuer.name.clone(),
+                    request_id: req.id.clone(),
+                    expires_ms: now_ms() + LOGIN_TTL_MS,
+                },
+            )
+            .map_err(|e| e.to_string())?;
         req.redirect(&relay)
             .map_err(|e| e.to_string())?
             .ok_or_else(|| "no redirect URL".to_string())
@@ -193,18 +193,20 @@ async fn acs(
     };
     let ip = peer.ip();
     let addr = peer.to_string();
-    if let Err(wait) = s.ids.throttle.check(ip, std::time::Instant::now()) {
-        return text(
-            StatusCode::TOO_MANY_REQUESTS,
-            format!(
-                "too many failed logins from {ip}; retry in {} s\n",
-                wait.as_secs().max(1)
-            ),
-        );
+    if let Err(st) = s.ids.gate(ip, "SAML logins").await {
+        return text(StatusCode::TOO_MANY_REQUESTS, format!("{}\n", st.message()));
     }
     match consume(&s, &name, &body).await {
-        Ok((who, user)) => match finish(&s, &addr, ip, who, user).await {
-            Ok((token, exp)) => {
+        Ok((who, user)) => match s
+            .ids
+            .logged_in(ip, &format!("SAML login from {addr}"), who, Some(user))
+            .await
+        {
+            Ok(super::LoggedIn {
+                token,
+                expires_ms: exp,
+                ..
+            }) => {
                 let cookie = format!(
                     "{COOKIE}={token}; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age={}",
                     (exp - now_ms()) / 1000
@@ -224,29 +226,13 @@ async fn acs(
             Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
         },
         Err((subject, why)) => {
-            let mut ev = s.ids.cluster.event(
-                EventKind::Login,
-                Decision::Deny,
-                if subject.is_empty() {
-                    "anonymous"
-                } else {
-                    &subject
-                },
-                "",
-                "",
-            );
-            ev.detail = Some(format!("SAML login at {name} from {addr} refused: {why}"));
-            if s.ids.cluster.audit(ev).await.is_err() {
+            let detail = format!("SAML login at {name} from {addr} refused: {why}");
+            if s.ids.refused(ip, &subject, &subject, detail).await.is_err() {
                 return text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "the refusal could not be audited\n".into(),
                 );
             }
-            let delay = s
-                .ids
-                .throttle
-                .failed(ip, &subject, std::time::Instant::now());
-            tokio::time::sleep(delay).await;
             text(
                 StatusCode::FORBIDDEN,
                 format!("SAML login refused: {why}\n"),
@@ -268,15 +254,9 @@ async fn consume(s: &Saml, name: &str, body: &[u8]) -> Result<(Principal, User),
     let (Some(response), Some(relay)) = (form.get("SAMLResponse"), form.get("RelayState")) else {
         return Err(fail("the form needs SAMLResponse and RelayState".into()));
     };
-    let relay: Relay = s
-        .ids
-        .kek
-        .open(RELAY_PURPOSE, relay)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .ok_or_else(|| {
-            fail("RelayState is not one this cluster issued (unsolicited response)".into())
-        })?;
+    let relay: Relay = s.ids.open_json(RELAY_PURPOSE, relay).ok_or_else(|| {
+        fail("RelayState is not one this cluster issued (unsolicited response)".into())
+    })?;
     if relay.issuer != name {
         return Err(fail("RelayState belongs to another issuer".into()));
     }
@@ -375,36 +355,6 @@ async fn consume(s: &Saml, name: &str, body: &[u8]) -> Result<(Principal, User),
         last_login_ms: now_ms(),
     };
     Ok((who, user))
-}
-
-async fn finish(
-    s: &Saml,
-    addr: &str,
-    ip: std::net::IpAddr,
-    who: Principal,
-    user: User,
-) -> Result<(String, i64), String> {
-    let cluster = &s.ids.cluster;
-    cluster
-        .propose(Command::UserLoggedIn {
-            user: Box::new(user),
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-    let who = who.with_static_groups(cluster);
-    let (token, exp) = s.ids.tokens.issue(&who).map_err(|e| e.to_string())?;
-    let mut ev = cluster.event(EventKind::Login, Decision::Allow, &who.identity, "", "");
-    ev.issuer = Some(who.issuer.clone());
-    ev.groups = Some(who.groups.clone());
-    ev.detail = Some(format!(
-        "SAML login from {addr}; token valid until {exp} ms"
-    ));
-    cluster
-        .audit(ev)
-        .await
-        .map_err(|_| "the login could not be audited; try again".to_string())?;
-    s.ids.throttle.succeeded(ip);
-    Ok((token, exp))
 }
 
 fn describe(e: &(dyn std::error::Error + 'static)) -> String {

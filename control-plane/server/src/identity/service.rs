@@ -4,23 +4,22 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use gatehouse_audit::{Decision, EventKind};
-use gatehouse_cp_raft::Command;
 use gatehouse_cp_raft::identity::{Issuer, User, glob_match};
 use gatehouse_proto::v1::identity_server::Identity;
 use gatehouse_proto::v1::*;
 use openidconnect::core::{CoreAuthenticationFlow, CoreClient, CoreDeviceAuthorizationResponse};
 use openidconnect::{
-    AuthorizationCode, ClientId, ClientSecret, CsrfToken, Nonce, PkceCodeChallenge,
-    PkceCodeVerifier, RedirectUrl, Scope, TokenResponse,
+    AuthorizationCode, ClientId, ClientSecret, CsrfToken, DeviceAuthorizationUrl, EndpointMaybeSet,
+    EndpointNotSet, EndpointSet, Nonce, PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, Scope,
+    TokenResponse,
 };
 use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
 
 use super::oidc::{self, Claims, OidcError, chain, groups_of};
-use super::{Identities, Principal};
+use super::{Identities, Principal, source};
 use crate::cluster::now_ms;
 
 const TOKEN_TYPE_JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
@@ -34,6 +33,17 @@ const LOGIN_TTL_MS: i64 = 600_000;
 const DEVICE_POLL_WAIT: Duration = Duration::from_secs(20);
 /// Largest token accepted for exchange.
 const MAX_TOKEN: usize = 16 << 10;
+
+/// An issuer's client as discovery configures it: authorization and token
+/// endpoints (and userinfo) known, the device endpoint set when used.
+type OidcClient = CoreClient<
+    EndpointSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointMaybeSet,
+    EndpointMaybeSet,
+>;
 
 pub struct IdentityService {
     pub ids: Arc<Identities>,
@@ -96,13 +106,6 @@ impl From<OidcError> for Refused {
     }
 }
 
-fn source<T>(req: &Request<T>) -> (IpAddr, String) {
-    match req.remote_addr() {
-        Some(a) => (a.ip(), a.to_string()),
-        None => (IpAddr::from([0, 0, 0, 0]), "unknown".into()),
-    }
-}
-
 fn bad(m: impl Into<String>) -> Status {
     Status::invalid_argument(m.into())
 }
@@ -154,19 +157,15 @@ impl IdentityService {
     }
 
     fn seal<T: Serialize>(&self, purpose: &str, v: &T) -> Result<String, Status> {
-        let json = serde_json::to_vec(v).map_err(|e| Status::internal(e.to_string()))?;
-        Ok(self
-            .ids
-            .kek
-            .seal(purpose, self.ids.cluster.random_nonce(), &json))
+        self.ids
+            .seal_json(purpose, v)
+            .map_err(|e| Status::internal(e.to_string()))
     }
 
     fn open<T: for<'de> Deserialize<'de>>(&self, purpose: &str, s: &str) -> Result<T, Status> {
-        let plain = self.ids.kek.open(purpose, s).map_err(|_| {
+        self.ids.open_json(purpose, s).ok_or_else(|| {
             Status::invalid_argument("the login state is not one this cluster issued")
-        })?;
-        serde_json::from_slice(&plain)
-            .map_err(|_| Status::invalid_argument("malformed login state"))
+        })
     }
 
     /// Checks the throttle before any work for a source.
@@ -176,24 +175,11 @@ impl IdentityService {
 
     /// Audits a refusal, slows its answer, and returns the status.
     async fn fail(&self, ip: IpAddr, addr: &str, how: &str, r: Refused) -> Status {
-        let mut ev = self.ids.cluster.event(
-            EventKind::Login,
-            Decision::Deny,
-            if r.subject.is_empty() {
-                "anonymous"
-            } else {
-                &r.subject
-            },
-            "",
-            "",
-        );
-        ev.detail = Some(format!("{how} from {addr} refused: {}", r.detail));
-        if self.ids.cluster.audit(ev).await.is_err() {
-            return Status::unavailable("the refusal could not be audited; try again");
+        let detail = format!("{how} from {addr} refused: {}", r.detail);
+        match self.ids.refused(ip, &r.subject, &r.subject, detail).await {
+            Ok(()) => r.status,
+            Err(()) => Status::unavailable("the refusal could not be audited; try again"),
         }
-        let delay = self.ids.throttle.failed(ip, &r.subject, Instant::now());
-        tokio::time::sleep(delay).await;
-        r.status
     }
 
     /// Records the login, audits it, and issues the token.
@@ -205,37 +191,18 @@ impl IdentityService {
         who: Principal,
         user: Option<User>,
     ) -> Result<LoginResponse, Status> {
-        let cluster = &self.ids.cluster;
-        if let Some(u) = user {
-            cluster
-                .propose(Command::UserLoggedIn { user: Box::new(u) })
-                .await
-                .map_err(|e| Status::unavailable(e.to_string()))?;
-        }
-        let who = who.with_static_groups(cluster);
-        let (token, expires_ms) = self
+        let done = self
             .ids
-            .tokens
-            .issue(&who)
-            .map_err(|e| Status::unavailable(e.to_string()))?;
-        let mut ev = cluster.event(EventKind::Login, Decision::Allow, &who.identity, "", "");
-        ev.issuer = Some(who.issuer.clone());
-        ev.groups = Some(who.groups.clone());
-        ev.detail = Some(format!(
-            "{how} from {addr}; token valid until {expires_ms} ms"
-        ));
-        cluster
-            .audit(ev)
+            .logged_in(ip, &format!("{how} from {addr}"), who, user)
             .await
-            .map_err(|_| Status::unavailable("the login could not be audited; try again"))?;
-        self.ids.throttle.succeeded(ip);
+            .map_err(Status::unavailable)?;
         Ok(LoginResponse {
-            access_token: token,
-            expires_ms,
-            identity: who.identity,
-            issuer: who.issuer,
-            groups: who.groups,
-            email: who.email,
+            access_token: done.token,
+            expires_ms: done.expires_ms,
+            identity: done.who.identity,
+            issuer: done.who.issuer,
+            groups: done.who.groups,
+            email: done.who.email,
         })
     }
 
@@ -264,13 +231,23 @@ impl IdentityService {
         )
     }
 
+    /// The issuer's OAuth client from its discovery document, and its
+    /// device authorization endpoint if it has one.
     async fn client(
         &self,
         issuer: &Issuer,
-    ) -> Result<(oidc::Metadata, Option<ClientSecret>), Refused> {
+    ) -> Result<(OidcClient, Option<DeviceAuthorizationUrl>), Refused> {
         let md = self.ids.providers.metadata(issuer).await?;
-        let secret = self.secret(issuer)?;
-        Ok((md, secret))
+        let device = md
+            .additional_metadata()
+            .device_authorization_endpoint
+            .clone();
+        let client = CoreClient::from_provider_metadata(
+            md,
+            ClientId::new(issuer.client_id.clone()),
+            self.secret(issuer)?,
+        );
+        Ok((client, device))
     }
 
     async fn complete(&self, req: CompleteLoginRequest) -> Result<(Principal, User), Refused> {
@@ -288,12 +265,9 @@ impl IdentityService {
             ));
         }
         let issuer = self.issuer(&st.issuer)?;
-        let (md, secret) = self.client(&issuer).await?;
         let redirect = RedirectUrl::new(st.redirect_uri.clone())
             .map_err(|e| refused("", format!("redirect URI: {e}")))?;
-        let client =
-            CoreClient::from_provider_metadata(md, ClientId::new(issuer.client_id.clone()), secret)
-                .set_redirect_uri(redirect);
+        let client = self.client(&issuer).await?.0.set_redirect_uri(redirect);
         let http = &self.ids.providers.http;
         let resp = client
             .exchange_code(AuthorizationCode::new(req.code))
@@ -341,9 +315,7 @@ impl IdentityService {
             return Err(refused("", "the device code has expired; start again"));
         }
         let issuer = self.issuer(&st.issuer)?;
-        let (md, secret) = self.client(&issuer).await?;
-        let client =
-            CoreClient::from_provider_metadata(md, ClientId::new(issuer.client_id.clone()), secret);
+        let (client, _) = self.client(&issuer).await?;
         let http = &self.ids.providers.http;
         let wait = DEVICE_POLL_WAIT.min(Duration::from_millis(left as u64));
         let res = client
@@ -521,10 +493,12 @@ impl Identity for IdentityService {
         let req = req.into_inner();
         let issuer = self.issuer(&req.issuer)?;
         let redirect = loopback_redirect(&req.redirect_uri)?;
-        let (md, secret) = self.client(&issuer).await.map_err(|r| r.status)?;
-        let client =
-            CoreClient::from_provider_metadata(md, ClientId::new(issuer.client_id.clone()), secret)
-                .set_redirect_uri(redirect);
+        let client = self
+            .client(&issuer)
+            .await
+            .map_err(|r| r.status)?
+            .0
+            .set_redirect_uri(redirect);
         let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
         let scopes = if issuer.scopes.is_empty() {
             vec!["email".to_string(), "profile".into(), "groups".into()]
@@ -584,20 +558,14 @@ impl Identity for IdentityService {
         let (ip, _) = source(&req);
         self.gate(ip).await?;
         let issuer = self.issuer(&req.into_inner().issuer)?;
-        let (md, secret) = self.client(&issuer).await.map_err(|r| r.status)?;
-        let Some(device_url) = md
-            .additional_metadata()
-            .device_authorization_endpoint
-            .clone()
-        else {
+        let (client, device_url) = self.client(&issuer).await.map_err(|r| r.status)?;
+        let Some(device_url) = device_url else {
             return Err(Status::failed_precondition(format!(
                 "issuer {} does not offer the device authorization flow",
                 issuer.name
             )));
         };
-        let client =
-            CoreClient::from_provider_metadata(md, ClientId::new(issuer.client_id.clone()), secret)
-                .set_device_authorization_url(device_url);
+        let client = client.set_device_authorization_url(device_url);
         let http = &self.ids.providers.http;
         let mut ask = client.exchange_device_code();
         for s in ["email", "profile", "groups"] {

@@ -84,7 +84,6 @@ impl Tokens {
         }
         let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
             .map_err(|e| TokenError::NoKey(e.to_string()))?;
-        let point = pair.public_key_raw();
         let kid = self.cluster.new_secret(8);
         let nonce = self.cluster.random_nonce();
         let key = SigningKey {
@@ -93,7 +92,6 @@ impl Tokens {
             private_sealed: self.kek.seal(KEY_PURPOSE, nonce, &pair.serialize_der()),
             created_ms: now_ms(),
         };
-        debug_assert_eq!(point.first(), Some(&4));
         match self
             .cluster
             .propose(Command::PutSigningKey { key: Box::new(key) })
@@ -204,21 +202,19 @@ impl Tokens {
 
 /// The cluster's token-signing public keys as a JWKS document.
 pub fn jwks_of(reader: &gatehouse_cp_raft::StateReader) -> String {
-    {
-        let keys: Vec<serde_json::Value> = reader
-            .signing_keys()
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|k| {
-                let (x, y) = coordinates(k)?;
-                Some(serde_json::json!({
-                    "kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig",
-                    "kid": k.kid, "x": x, "y": y,
-                }))
-            })
-            .collect();
-        serde_json::json!({ "keys": keys }).to_string()
-    }
+    let keys: Vec<serde_json::Value> = reader
+        .signing_keys()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|k| {
+            let (x, y) = coordinates(k)?;
+            Some(serde_json::json!({
+                "kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig",
+                "kid": k.kid, "x": x, "y": y,
+            }))
+        })
+        .collect();
+    serde_json::json!({ "keys": keys }).to_string()
 }
 
 /// The public point's coordinates, base64url, from the key's SPKI PEM.
