@@ -4,10 +4,13 @@
 server -> QUIC -> agent -> PostgreSQL, audit and recording on), interleaved
 in one run on one machine.
 
-Workloads: `-S` (select only) in simple and prepared mode, and the default
-TPC-B-like script (prepared), each at 1 and 8 clients. Prints TPS and the
-ratio to direct, added p50/p99 latency at 1 client (from pgbench's
-per-transaction log), and the CPU time per transaction of the gateway's
+Workloads: `-S` (select only) in simple and prepared mode, the default
+TPC-B-like script (prepared), and a pipeline of 50 `SELECT 1`
+(`\startpipeline`, one transaction = the whole pipeline), each at 1 and 8
+clients; new connections (`-S -C`, 4 clients: a session per transaction);
+asyncpg `executemany` of 10,000 rows. Prints TPS and the ratio to direct,
+added p50/p99 latency at 1 client (from pgbench's per-transaction log), the
+connection time with `-C`, and the CPU time per transaction of the gateway's
 processes (gatehouse server + agent; pgbouncer for (b)), read from /proc.
 
 Run with `bash benches/pg-path.sh [seconds=10] [rounds=1]`.
@@ -27,12 +30,38 @@ SECS = int(sys.argv[1]) if len(sys.argv) > 1 else 10
 ROUNDS = int(sys.argv[2]) if len(sys.argv) > 2 else 1
 BIN = sys.argv[3] if len(sys.argv) > 3 else "target/release"
 TICK = os.sysconf("SC_CLK_TCK")
+PIPELINE = "\\startpipeline\n" + "SELECT 1;\n" * 50 + "\\endpipeline\n"
+# (name, pgbench arguments, client counts); "{pipeline}" is the script file.
 WORKLOADS = [
-    ("select-only simple", ["-S", "-M", "simple"]),
-    ("select-only prepared", ["-S", "-M", "prepared"]),
-    ("tpc-b-like prepared", ["-M", "prepared"]),
+    ("select-only simple", ["-S", "-M", "simple"], [1, 8]),
+    ("select-only prepared", ["-S", "-M", "prepared"], [1, 8]),
+    ("tpc-b-like prepared", ["-M", "prepared"], [1, 8]),
+    ("pipeline 50 x select 1", ["-M", "extended", "-f", "{pipeline}"], [1, 8]),
+    ("new connections -S -C", ["-S", "-M", "simple", "-C"], [4]),
 ]
-CLIENTS = [1, 8]
+EXECUTEMANY_ROWS = 10_000
+EXECUTEMANY = """
+import asyncio, os, ssl, sys, time
+import asyncpg
+
+async def main():
+    env = os.environ
+    ctx = None
+    if env.get("PGSSLMODE", "disable") != "disable":
+        ctx = ssl.create_default_context(cafile=env.get("PGSSLROOTCERT"))
+    c = await asyncpg.connect(host=env["PGHOST"], port=int(env["PGPORT"]), user=env["PGUSER"],
+                              password=env["PGPASSWORD"], database=env["PGDATABASE"], ssl=ctx)
+    await c.execute("create table if not exists bench_executemany (a int, b text)")
+    rows = [(i, f"row {i}") for i in range(int(sys.argv[1]))]
+    t0 = time.perf_counter()
+    await c.executemany("insert into bench_executemany values ($1, $2)", rows)
+    took = time.perf_counter() - t0
+    await c.execute("truncate bench_executemany")
+    await c.close()
+    print(took)
+
+asyncio.run(main())
+"""
 
 
 def free_port():
@@ -69,6 +98,7 @@ def pgbench(env, args, log_dir=None):
         sys.exit(f"pgbench {' '.join(args)} failed: {out.stderr.strip()}")
     tps = float(re.search(r"tps = ([0-9.]+)", out.stdout).group(1))
     txs = int(re.search(r"number of transactions actually processed: (\d+)", out.stdout).group(1))
+    conn = re.search(r"average connection time = ([0-9.]+) ms", out.stdout)
     lat = []
     if log_dir:
         for name in os.listdir(log_dir):
@@ -76,7 +106,19 @@ def pgbench(env, args, log_dir=None):
                 with open(os.path.join(log_dir, name)) as f:
                     lat += [int(line.split()[2]) for line in f if line.strip()]
                 os.remove(os.path.join(log_dir, name))
-    return tps, txs, lat
+    return tps, txs, lat, float(conn.group(1)) if conn else None
+
+
+def executemany(env, pids):
+    """Seconds for asyncpg's executemany of EXECUTEMANY_ROWS rows, and the
+    gateway CPU seconds it took."""
+    before = cpu_ticks(pids) if pids else 0
+    out = subprocess.run([sys.executable, "-c", EXECUTEMANY, str(EXECUTEMANY_ROWS)], env=env,
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"asyncpg executemany failed: {out.stderr.strip()}")
+    cpu = (cpu_ticks(pids) - before) / TICK if pids else 0
+    return float(out.stdout.strip()), cpu
 
 
 def main():
@@ -132,6 +174,9 @@ def main():
         log_dir = f"{work}/logs"
         os.makedirs(log_dir)
         os.chmod(log_dir, 0o777)
+        pipeline = f"{work}/pipeline.sql"
+        with open(pipeline, "w") as f:
+            f.write(PIPELINE)
         # pgbouncer, session pooling, plain TCP like direct.
         bouncer_port = str(free_port())
         with open(f"{work}/userlist.txt", "w") as f:
@@ -162,32 +207,46 @@ def main():
         paths = [("direct", direct_env, []), ("pgbouncer", bouncer_env, [bouncer.pid]),
                  ("gatehouse", gw_env, gw_pids)]
         results = {}
-        for wl, args in WORKLOADS:
-            for c in CLIENTS:
+        only = os.environ.get("GATEHOUSE_BENCH_ONLY")
+        workloads = [w for w in WORKLOADS if not only or re.search(only, w[0])]
+        for wl, args, clients in workloads:
+            args = [pipeline if a == "{pipeline}" else a for a in args]
+            for c in clients:
                 for _ in range(ROUNDS):
                     for name, env, pids in paths:
                         before = cpu_ticks(pids) if pids else 0
-                        tps, txs, lat = pgbench(
+                        tps, txs, lat, conn = pgbench(
                             env, args + ["-c", str(c), "-j", str(min(c, 2))],
                             log_dir if c == 1 else None)
                         cpu = (cpu_ticks(pids) - before) / TICK if pids else 0
-                        r = results.setdefault((wl, c, name), [0.0, 0, 0.0, []])
+                        r = results.setdefault((wl, c, name), [0.0, 0, 0.0, [], []])
                         r[0] += tps / ROUNDS
                         r[1] += txs
                         r[2] += cpu
                         r[3] += lat
+                        if conn is not None:
+                            r[4].append(conn)
+        em = {}
+        if not only or re.search(only, "executemany"):
+            for _ in range(ROUNDS):
+                for name, env, pids in paths:
+                    took, cpu = executemany(env, pids)
+                    r = em.setdefault(name, [0.0, 0.0])
+                    r[0] += took / ROUNDS
+                    r[1] += cpu
         print(f"\n{SECS} s per run, {ROUNDS} round(s), interleaved; "
               f"{os.cpu_count()} cores; pgbench scale 10")
-        print(f"{'workload':22} {'clients':>7} {'path':10} {'tps':>9} {'x direct':>9} "
-              f"{'p50 us':>8} {'p99 us':>8} {'+p50 us':>8} {'+p99 us':>8} {'cpu us/tx':>10}")
-        for wl, _ in WORKLOADS:
-            for c in CLIENTS:
+        print(f"{'workload':24} {'clients':>7} {'path':10} {'tps':>9} {'x direct':>9} "
+              f"{'p50 us':>8} {'p99 us':>8} {'+p50 us':>8} {'+p99 us':>8} {'cpu us/tx':>10} "
+              f"{'conn ms':>8}")
+        for wl, _, clients in workloads:
+            for c in clients:
                 base = results[(wl, c, "direct")]
                 for name, _, pids in paths:
-                    tps, txs, cpu, lat = results[(wl, c, name)]
+                    tps, txs, cpu, lat, conn = results[(wl, c, name)]
                     p50, p99 = percentile(lat, 50), percentile(lat, 99)
                     b50, b99 = percentile(base[3], 50), percentile(base[3], 99)
-                    cells = [f"{wl:22}", f"{c:>7}", f"{name:10}", f"{tps:9.0f}",
+                    cells = [f"{wl:24}", f"{c:>7}", f"{name:10}", f"{tps:9.0f}",
                              f"{tps / base[0]:9.2f}"]
                     if lat:
                         cells += [f"{p50:8.0f}", f"{p99:8.0f}", f"{p50 - b50:8.0f}",
@@ -195,7 +254,18 @@ def main():
                     else:
                         cells += [f"{'':>8}"] * 4
                     cells.append(f"{cpu / txs * 1e6:10.1f}" if pids else f"{'':>10}")
+                    cells.append(f"{sum(conn) / len(conn):8.2f}" if conn else f"{'':>8}")
                     print(" ".join(cells))
+        if em:
+            base = em["direct"][0]
+            for name, _, pids in paths:
+                took, cpu = em[name]
+                rate = EXECUTEMANY_ROWS / took
+                cells = [f"{'asyncpg executemany':24}", f"{1:>7}", f"{name:10}",
+                         f"{rate:9.0f}", f"{base / took:9.2f}"] + [f"{'':>8}"] * 4
+                cells.append(f"{cpu / (EXECUTEMANY_ROWS * ROUNDS) * 1e6:10.1f}"
+                             if pids else f"{'':>10}")
+                print(" ".join(cells) + "  (rows/s; cpu per row)")
     finally:
         for p in procs:
             try:

@@ -7,6 +7,8 @@
 # PROFILE=debug uses the debug build instead of building release binaries.
 # GATEHOUSE_BENCH_POLICY=benches/policy-mask.yaml runs the gateway under a
 # policy document (guardrails decided on every statement, masking on).
+# GATEHOUSE_BENCH_ONLY=<regex> runs only the workloads whose name matches
+# ("executemany" names the asyncpg one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 profile=${PROFILE:-release}
@@ -16,4 +18,8 @@ if ! command -v pgbouncer >/dev/null; then
   # The package starts a system instance; the benchmark runs its own.
   systemctl stop pgbouncer 2>/dev/null || service pgbouncer stop 2>/dev/null || true
 fi
+# asyncpg (a third-party driver) for the executemany workload, where the
+# tests' set-up puts it.
+bash scripts/deps.sh test >/dev/null
+export PYTHONPATH="$PWD/tests/drivers/pylib${PYTHONPATH:+:$PYTHONPATH}"
 exec python3 benches/pg-path.py "${1:-10}" "${2:-1}" "target/$profile"

@@ -68,6 +68,19 @@ if [ "$mode" = test ]; then
     echo "deps.sh (test): installing the test OpenID Provider with npm"
     npm ci --prefix "$root/tests/oidc" --no-audit --no-fund --loglevel=error
   fi
+  # asyncpg, a third-party driver (not libpq) the fidelity tests and the
+  # benchmark's executemany drive through the gateway: from PyPI at a pinned
+  # version, into tests/drivers/pylib for the python3 on PATH.
+  pylib="$root/tests/drivers/pylib"
+  if ! PYTHONPATH="$pylib" python3 -c 'import asyncpg' 2>/dev/null; then
+    echo "deps.sh (test): installing asyncpg 0.30.0 with pip"
+    if ! python3 -m pip --version >/dev/null 2>&1; then
+      $sudo apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends python3-pip
+    fi
+    PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
+      --target "$pylib" asyncpg==0.30.0
+  fi
   # A real S3-compatible server for the recording tests (keeps each bucket
   # as a directory; this version builds with the pinned Rust).
   if ! command -v s3s-fs >/dev/null; then

@@ -128,6 +128,8 @@ pub struct Stack {
     pub agent_config: PathBuf,
     /// The S3-compatible server recordings go to, when the stack uses one.
     pub s3: Option<S3Server>,
+    /// Extra environment of the agent processes started from now on.
+    pub agent_env: Vec<(String, String)>,
 }
 
 /// A real S3-compatible server (s3s-fs) on a loopback port, storing its
@@ -393,6 +395,7 @@ impl Stack {
             server,
             agent: None,
             agent_serving_before: 0,
+            agent_env: Vec::new(),
         }
     }
 
@@ -496,6 +499,7 @@ impl Stack {
             .unwrap();
         let child = Command::new(bin("gatehouse-agent"))
             .args(&args)
+            .envs(self.agent_env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(f.try_clone().unwrap())

@@ -352,6 +352,13 @@ async fn listen_notify_round_trip_through_the_gateway() {
         .unwrap();
     assert_eq!(n.channel(), "orders_changed");
     assert_eq!(n.payload(), "order 42 shipped");
+    // The sender named in the notification is the notifier's own backend.
+    let notifier_pid: i32 = notifier
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n.process_id(), notifier_pid);
     // pg_notify from a transaction is delivered at commit, once.
     notifier
         .batch_execute("begin; select pg_notify('orders_changed', 'a'); select pg_notify('orders_changed', 'b'); commit")
@@ -367,6 +374,41 @@ async fn listen_notify_round_trip_through_the_gateway() {
     }
     assert_eq!(got, ["a", "b"]);
     listener.batch_execute("unlisten *").await.unwrap();
+}
+
+/// asyncpg, a driver of its own (not libpq): the process id it got in
+/// BackendKeyData is the target's, so `pg_backend_pid()` agrees with it and
+/// a notification the connection sent itself is recognised as its own.
+#[test]
+fn asyncpg_sees_the_targets_process_id_and_its_own_notifications() {
+    let (stack, key) = Stack::start();
+    let (host, port) = stack.pg_addr.rsplit_once(':').unwrap();
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("drivers/asyncpg_backend_pid.py");
+    // deps.sh installs asyncpg under tests/drivers/pylib.
+    let o = Command::new("python3")
+        .arg(&script)
+        .env("PYTHONPATH", script.with_file_name("pylib"))
+        .env("PGHOST", host)
+        .env("PGPORT", port)
+        .env("PGUSER", "db")
+        .env("PGPASSWORD", &key)
+        .env("PGDATABASE", "app")
+        .env("PGSSLROOTCERT", &stack.ca_file)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let field = |k: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .unwrap_or_else(|| panic!("no {k} in {out}"))
+            .to_string()
+    };
+    let driver_pid = field("driver_pid");
+    assert_eq!(driver_pid, field("backend_pid"), "{out}");
+    assert_eq!(driver_pid, field("notify_pid"), "{out}");
+    assert_eq!(field("payload"), "from myself");
 }
 
 /// Waits until PostgreSQL runs `pg_sleep` for the agent's role.

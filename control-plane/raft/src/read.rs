@@ -265,18 +265,19 @@ impl StateReader {
         self.get(&key::session(id))
     }
 
-    /// The live session a client's cancel key names, if the secret matches.
-    pub fn session_by_cancel_key(
-        &self,
-        pid: i32,
-        secret: i32,
-    ) -> Result<Option<SessionRecord>, ReadError> {
-        let Some(id) = self.get::<String>(&key::cancel(pid))? else {
-            return Ok(None);
-        };
-        Ok(self
-            .session(&id)?
-            .filter(|s| s.ended_ms.is_none() && s.cancel_secret == Some(secret)))
+    /// The live sessions whose client cancel key has this secret (the
+    /// agent running each checks the process id against its target's).
+    pub fn sessions_by_cancel_secret(&self, secret: i32) -> Result<Vec<SessionRecord>, ReadError> {
+        let mut out = Vec::new();
+        for id in self.list::<String>(&key::cancel_prefix(secret))? {
+            if let Some(s) = self.session(&id)?
+                && s.ended_ms.is_none()
+                && s.cancel_secret == Some(secret)
+            {
+                out.push(s);
+            }
+        }
+        Ok(out)
     }
 
     /// Sessions, newest first.

@@ -97,9 +97,13 @@ pub struct SessionRecord {
     pub recording_key: Option<String>,
     pub recording_sha256: Option<String>,
     pub recording_size: Option<u64>,
-    /// The BackendKeyData the client was given (its CancelRequest names them).
+    /// Unused since the client is given the target's process id (kept so
+    /// older records decode).
     #[serde(default)]
     pub cancel_pid: Option<i32>,
+    /// The secret of the BackendKeyData the client was given, chosen by the
+    /// gateway; the process id next to it is the target's own. A client's
+    /// CancelRequest is routed by it.
     #[serde(default)]
     pub cancel_secret: Option<i32>,
     /// Object keys of the recording's chunks.
@@ -274,9 +278,13 @@ pub(crate) mod key {
     pub fn session(id: &str) -> String {
         format!("session/{id}")
     }
-    /// Live sessions by the cancel key's process id.
-    pub fn cancel(pid: i32) -> String {
-        format!("cancel/{pid}")
+    /// Live sessions by the secret of the client's cancel key (several
+    /// sessions may share a secret; the agent checks the process id).
+    pub fn cancel(secret: i32, session: &str) -> String {
+        format!("{}{session}", cancel_prefix(secret))
+    }
+    pub fn cancel_prefix(secret: i32) -> String {
+        format!("cancel/{secret}/")
     }
 }
 
@@ -543,8 +551,8 @@ pub(crate) fn apply(txn: &WriteTransaction, cmd: &Command) -> ApplyResult<Comman
         }
         Command::SessionOpened { session } => {
             put(&mut kv, &key::session(&session.id), session)?;
-            if let Some(pid) = session.cancel_pid {
-                put(&mut kv, &key::cancel(pid), &session.id)?;
+            if let Some(secret) = session.cancel_secret {
+                put(&mut kv, &key::cancel(secret, &session.id), &session.id)?;
             }
             CommandResult::Ok
         }
@@ -560,6 +568,9 @@ pub(crate) fn apply(txn: &WriteTransaction, cmd: &Command) -> ApplyResult<Comman
         } => {
             let mut cancel = None;
             let r = update_session(&mut kv, session_id, |s| {
+                // An ended session, with or without a recording, can no
+                // longer be cancelled.
+                cancel = s.cancel_secret;
                 if recording_key.is_empty() {
                     // Ended without a recording (refused before it started);
                     // a recording already committed is never replaced.
@@ -576,11 +587,10 @@ pub(crate) fn apply(txn: &WriteTransaction, cmd: &Command) -> ApplyResult<Comman
                 s.recording_size = Some(*recording_size);
                 s.chunk_keys = chunk_keys.clone();
                 s.recording_events = *events;
-                cancel = s.cancel_pid;
                 Ok(())
             })?;
-            if let Some(pid) = cancel {
-                kv.remove(key::cancel(pid).as_str())?;
+            if let Some(secret) = cancel {
+                kv.remove(key::cancel(secret, session_id).as_str())?;
             }
             r
         }

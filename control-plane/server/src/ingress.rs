@@ -423,10 +423,11 @@ async fn admit(
         .policy_in_force()
         .map_err(|_| Refusal::NotDurable)?;
     let started_ms = now_ms();
-    // The client's cancel key: PostgreSQL's shape (positive process id,
-    // 32-bit secret), unrelated to the upstream's, which stays in the agent.
-    let key = cluster.random_u64();
-    let (cancel_pid, cancel_secret) = (((key >> 32) as i32).max(1), key as i32);
+    // The secret of the client's cancel key, unrelated to the upstream's,
+    // which stays in the agent; the process id the client sees is the
+    // target's own (drivers compare it with pg_backend_pid() and with the
+    // sender of a notification).
+    let cancel_secret = cluster.random_u64() as i32;
     let record = SessionRecord {
         id: session_id.clone(),
         identity: identity.clone(),
@@ -437,7 +438,6 @@ async fn admit(
         client_addr: peer.to_string(),
         policy_version: policy_version.clone(),
         started_ms,
-        cancel_pid: Some(cancel_pid),
         cancel_secret: Some(cancel_secret),
         ..Default::default()
     };
@@ -466,7 +466,7 @@ async fn admit(
             policy_version,
             client_addr: peer.to_string(),
             started_ms,
-            cancel_pid,
+            cancel_pid: 0,
             cancel_secret,
             cancel: false,
             policy_document: policy.map(|p| p.canonical).unwrap_or_default(),
@@ -491,17 +491,32 @@ async fn cancel(c: CancelRequest, peer: SocketAddr, cluster: &Cluster, agents: &
             }
         },
     };
-    let session = match cluster.reader.session_by_cancel_key(c.pid, secret) {
-        Ok(Some(s)) => s,
+    let sessions = match cluster.reader.sessions_by_cancel_secret(secret) {
+        Ok(s) if !s.is_empty() => s,
         _ => {
             tracing::info!(%peer, "cancel request for no live session ignored");
             return;
         }
     };
+    // Secrets may collide across sessions: each candidate's agent cancels
+    // only if the process id is its target's.
+    for session in sessions {
+        forward_cancel(&session, c.pid, peer, cluster, agents).await;
+    }
+}
+
+async fn forward_cancel(
+    session: &SessionRecord,
+    pid: i32,
+    peer: SocketAddr,
+    cluster: &Cluster,
+    agents: &AgentRegistry,
+) {
     let open = SessionOpen {
         session_id: session.id.clone(),
         target: session.target.clone(),
         cancel: true,
+        cancel_pid: pid,
         ..Default::default()
     };
     let sent = match locate(cluster, agents, &session.agent).await {

@@ -172,7 +172,15 @@ impl AgentCtx {
     /// Stamps the event with this agent's name and next sequence number,
     /// queues it (waiting while the queue is full: back-pressure, never
     /// drop), and returns once it is fsync'd in the agent's spool.
-    pub async fn audit(&self, mut ev: AuditEvent) -> Result<(), AuditClosed> {
+    pub async fn audit(&self, ev: AuditEvent) -> Result<(), AuditClosed> {
+        self.queue_audit(ev).await?.wait().await
+    }
+
+    /// Stamps and queues the event like [`Self::audit`] without waiting for
+    /// its fsync: the caller waits on the returned [`Durable`] before it
+    /// lets anything out that depends on the event. Events queued together
+    /// share one fsync group.
+    pub async fn queue_audit(&self, mut ev: AuditEvent) -> Result<Durable, AuditClosed> {
         ev.agent = self.config.name.clone();
         ev.seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
         let (durable, done) = tokio::sync::oneshot::channel();
@@ -180,7 +188,18 @@ impl AgentCtx {
             .send(PendingAudit { event: ev, durable })
             .await
             .map_err(|_| AuditClosed)?;
-        match done.await {
+        Ok(Durable(done))
+    }
+}
+
+/// A queued audit event's fsync, still to come.
+pub struct Durable(tokio::sync::oneshot::Receiver<bool>);
+
+impl Durable {
+    /// Returns once the event is fsync'd in the spool; an error when the
+    /// spool failed (the action must not proceed).
+    pub async fn wait(self) -> Result<(), AuditClosed> {
+        match self.0.await {
             Ok(true) => Ok(()),
             _ => Err(AuditClosed),
         }

@@ -72,6 +72,11 @@ async fn cancel(ctx: &AgentCtx, open: &SessionOpen) {
         tracing::info!(session_id = %open.session_id, "cancel for a session not running here");
         return;
     };
+    // The secret matched; the process id must be the target's too.
+    if t.key.pid != open.cancel_pid {
+        tracing::info!(session_id = %open.session_id, "cancel with another process id ignored");
+        return;
+    }
     match upstream::cancel(&t.target, &t.key).await {
         Ok(()) => tracing::info!(session_id = %open.session_id, "cancel request sent to target"),
         Err(e) => {
@@ -523,7 +528,40 @@ fn value_text(v: Vec<u8>) -> String {
     String::from_utf8(v).unwrap_or_else(|e| format!("\\x{}", hex::encode(e.as_bytes())))
 }
 
+/// A test hook, in debug builds only: with `GATEHOUSE_AGENT_TEST_PAUSE` set
+/// to a step (`inspected`, `queued`, `durable`, `forwarded`) a session's
+/// relay stops for good at that step of a read that ends a query cycle, so a
+/// test can kill the agent exactly there. Release builds have no hook.
+#[cfg(debug_assertions)]
+async fn test_pause(step: &str) {
+    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let at = AT.get_or_init(|| std::env::var("GATEHOUSE_AGENT_TEST_PAUSE").ok());
+    if at.as_deref() == Some(step) {
+        tracing::warn!(step, "test hook: relay paused");
+        std::future::pending::<()>().await;
+    }
+}
+
+#[cfg(not(debug_assertions))]
+async fn test_pause(_step: &str) {}
+
+/// Joins the pieces to forward into one buffer (no copy for one piece).
+fn coalesce(mut pieces: Vec<bytes::Bytes>) -> bytes::Bytes {
+    match pieces.len() {
+        0 => bytes::Bytes::new(),
+        1 => pieces.pop().unwrap_or_default(),
+        _ => {
+            let mut all = BytesMut::with_capacity(pieces.iter().map(bytes::Bytes::len).sum());
+            for p in pieces {
+                all.extend_from_slice(&p);
+            }
+            all.freeze()
+        }
+    }
+}
+
 /// End reasons of a relay direction.
+const AUDIT_CLOSED: &str = "audit pipeline closed";
 const CLIENT_GONE: &str = "client disconnected";
 const TARGET_GONE: &str = "target closed the connection";
 
@@ -603,6 +641,14 @@ impl Pump<'_> {
                 if let Some(f) = failed {
                     return f;
                 }
+                // Durability per cycle: every statement of the cycles this
+                // read ended is queued at once, and one fsync group covers
+                // them all before any byte of the read goes out.
+                let mut durable = Vec::new();
+                let ends_cycle = !done.is_empty();
+                if ends_cycle {
+                    test_pause("inspected").await;
+                }
                 for (statements, started) in done {
                     for st in statements {
                         let decision = match st.refused_by {
@@ -624,15 +670,31 @@ impl Pump<'_> {
                         ev.statement = Some(st.text);
                         ev.parameters = st.parameters;
                         ev.outcome = Some(st.outcome);
-                        if self.ctx.audit(ev).await.is_err() {
-                            return "audit pipeline closed".into();
+                        match self.ctx.queue_audit(ev).await {
+                            Ok(d) => durable.push(d),
+                            Err(_) => return AUDIT_CLOSED.into(),
                         }
                     }
                 }
-                for b in fwd {
-                    if to.write_all(&b).await.is_err() {
-                        return write_failed.into();
+                if ends_cycle {
+                    test_pause("queued").await;
+                }
+                for d in durable {
+                    if d.wait().await.is_err() {
+                        return AUDIT_CLOSED.into();
                     }
+                }
+                if ends_cycle {
+                    test_pause("durable").await;
+                }
+                // Everything one read produced goes out in one write (one
+                // QUIC stream write or one TCP send).
+                let out_bytes = coalesce(fwd);
+                if !out_bytes.is_empty() && to.write_all(&out_bytes).await.is_err() {
+                    return write_failed.into();
+                }
+                if ends_cycle {
+                    test_pause("forwarded").await;
                 }
                 // A held statement: what came before it is on its way; it
                 // and what follows wait for the decision, then go round again.

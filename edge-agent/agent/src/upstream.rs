@@ -63,8 +63,8 @@ pub struct UpstreamKey {
 pub struct Connected {
     pub stream: Stream,
     /// What the target sent after AuthenticationOk up to its first
-    /// ReadyForQuery (or its error), with the client's cancel key in place of
-    /// the target's; it goes to the client as is.
+    /// ReadyForQuery (or its error), with the gateway's cancel secret in
+    /// place of the target's; it goes to the client as is.
     pub greeting: BytesMut,
     pub key: Option<UpstreamKey>,
 }
@@ -189,7 +189,8 @@ pub async fn connect(
 }
 
 /// Reads the target's messages after AuthenticationOk up to ReadyForQuery
-/// or an error, replacing its BackendKeyData with the client's key.
+/// or an error, replacing the secret of its BackendKeyData with the
+/// client's.
 async fn greeting(
     sock: &mut Stream,
     mut buf: BytesMut,
@@ -207,13 +208,15 @@ async fn greeting(
                         secret: Bytes::copy_from_slice(secret),
                     });
                 }
-                if open.cancel_pid == 0 {
-                    out.extend_from_slice(&msg);
-                } else {
-                    out.extend_from_slice(&build::backend_key_data(
-                        open.cancel_pid,
-                        open.cancel_secret,
-                    ));
+                // The target's process id, the gateway's secret: the
+                // target's secret never leaves the agent.
+                match &key {
+                    Some(k) if open.cancel_secret != 0 => {
+                        out.extend_from_slice(&build::backend_key_data(k.pid, open.cancel_secret))
+                    }
+                    // A key of another shape (protocol 3.2) is not passed
+                    // on: the client gets none rather than the target's.
+                    _ => {}
                 }
             }
             b'Z' | b'E' => {
