@@ -31,8 +31,10 @@ const MAX_INFLIGHT_BATCHES: usize = 8;
 /// steady trickle of statements costs the control plane one Raft entry per
 /// tick instead of one per statement. Sessions never wait for shipping
 /// (only for their spool fsync), so this delays evidence reaching the
-/// control plane by at most this much, not the clients.
-const LINGER: Duration = Duration::from_millis(10);
+/// control plane by at most this much, not the clients. Each Raft entry
+/// costs the control plane two fsync'd redb commits (log and state
+/// machine), so fewer, larger entries are what keep its CPU down.
+const LINGER: Duration = Duration::from_millis(50);
 
 /// Audit events and session reports not yet acknowledged by the control
 /// plane. Survives reconnects; everything in it is re-sent on a new connection.
@@ -66,14 +68,17 @@ pub async fn run(ctx: Arc<AgentCtx>, mut queues: AgentQueues) -> anyhow::Result<
         spool: std::sync::Mutex::new(spool),
         acks: std::sync::atomic::AtomicU64::new(0),
     });
-    let (durable_tx, mut durable_rx) = mpsc::unbounded_channel();
+    let shipping = Arc::new(Shipping::default());
     let (dead_tx, mut spool_dead) = tokio::sync::oneshot::channel::<SpoolError>();
     let audit_rx = std::mem::replace(&mut queues.audit_rx, mpsc::channel(1).1);
     {
         let spool = spool.clone();
         std::thread::Builder::new()
             .name("audit-spool".into())
-            .spawn(move || spool_writer(spool, audit_rx, durable_tx, dead_tx))?;
+            .spawn({
+                let shipping = shipping.clone();
+                move || spool_writer(spool, audit_rx, &shipping, dead_tx)
+            })?;
     }
     let mut backoff = Duration::from_millis(200);
     loop {
@@ -82,7 +87,7 @@ pub async fn run(ctx: Arc<AgentCtx>, mut queues: AgentQueues) -> anyhow::Result<
                 backoff = Duration::from_millis(200);
                 tracing::info!(%server, "connected to control plane");
                 let (result, fatal) = tokio::select! {
-                    r = serve_connection(&ctx, &conn, &mut durable_rx, &mut queues, &mut outbox, &spool) => {
+                    r = serve_connection(&ctx, &conn, &shipping, &mut queues, &mut outbox, &spool) => {
                         let fatal = r.as_ref().err().is_some_and(|e| e.downcast_ref::<SpoolError>().is_some());
                         (r, fatal)
                     }
@@ -185,7 +190,7 @@ fn held_sessions(ctx: &AgentCtx) -> Vec<String> {
 async fn serve_connection(
     ctx: &Arc<AgentCtx>,
     conn: &quinn::Connection,
-    durable_rx: &mut mpsc::UnboundedReceiver<AuditEvent>,
+    shipping: &Shipping,
     queues: &mut AgentQueues,
     outbox: &mut Outbox,
     spool: &SharedSpool,
@@ -245,6 +250,9 @@ async fn serve_connection(
     let mut linger = tokio::time::interval(LINGER);
     linger.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut partial = true;
+    // Events durable in the spool, not yet taken into the outbox, from
+    // before this connection.
+    let mut waiting = shipping.len() > 0;
     let result = loop {
         flush(&mut send, outbox, partial).await?;
         partial = false;
@@ -261,14 +269,12 @@ async fn serve_connection(
                     spool.ack(acked as u64)?;
                 }
             }
-            ev = durable_rx.recv() => {
-                let Some(ev) = ev else { break Ok(()) };
-                outbox.events.push_back(ev);
-                while outbox.events.len() < outbox.sent + MAX_BATCH {
-                    match durable_rx.try_recv() {
-                        Ok(ev) => outbox.events.push_back(ev),
-                        Err(_) => break,
-                    }
+            () = shipping.ready.notified() => {
+                // A full batch is shipped at once; a partial one waits for
+                // the linger tick (armed now that something waits).
+                waiting = true;
+                if shipping.len() >= MAX_BATCH {
+                    shipping.drain_into(&mut outbox.events);
                 }
             }
             report = queues.report_rx.recv() => {
@@ -276,7 +282,11 @@ async fn serve_connection(
                 send.write_all(&frame(&AgentMessage { msg: Some(agent_message::Msg::Recorded(report.clone())) })).await?;
                 outbox.reports.push_back(report);
             }
-            _ = linger.tick(), if outbox.sent < outbox.events.len() => partial = true,
+            _ = linger.tick(), if waiting || outbox.sent < outbox.events.len() => {
+                shipping.drain_into(&mut outbox.events);
+                waiting = false;
+                partial = true;
+            }
             _ = heartbeat.tick() => {
                 send.write_all(&frame(&AgentMessage {
                     msg: Some(agent_message::Msg::Heartbeat(Heartbeat { sent_ms: now_ms() })),
@@ -312,6 +322,43 @@ impl SharedSpool {
     }
 }
 
+/// Events durable in the spool on their way to the shipper. The connection
+/// task is woken only when the queue stops being empty or fills a batch,
+/// not for every group: it takes partial batches on its linger tick.
+#[derive(Default)]
+struct Shipping {
+    events: std::sync::Mutex<Vec<AuditEvent>>,
+    ready: tokio::sync::Notify,
+}
+
+impl Shipping {
+    fn push(&self, group: &mut Vec<AuditEvent>) {
+        let mut q = match self.events.lock() {
+            Ok(q) => q,
+            Err(p) => p.into_inner(),
+        };
+        let was_empty = q.is_empty();
+        q.append(group);
+        let full = q.len() >= MAX_BATCH;
+        drop(q);
+        if was_empty || full {
+            self.ready.notify_one();
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.events.lock().map(|q| q.len()).unwrap_or(0)
+    }
+
+    fn drain_into(&self, out: &mut VecDeque<AuditEvent>) {
+        let mut q = match self.events.lock() {
+            Ok(q) => q,
+            Err(p) => p.into_inner(),
+        };
+        out.extend(q.drain(..));
+    }
+}
+
 /// Appends queued events to the spool and fsyncs them, a group at a time,
 /// whether or not the control plane is reachable; then releases the sessions
 /// waiting for them and hands the events, in spool order, to the shipper.
@@ -320,7 +367,7 @@ impl SharedSpool {
 fn spool_writer(
     spool: Arc<SharedSpool>,
     mut rx: mpsc::Receiver<PendingAudit>,
-    out: mpsc::UnboundedSender<AuditEvent>,
+    out: &Shipping,
     dead: tokio::sync::oneshot::Sender<SpoolError>,
 ) {
     let mut events = Vec::new();
@@ -348,8 +395,8 @@ fn spool_writer(
         };
         match written {
             Ok(()) => {
-                for (e, durable) in events.drain(..).zip(waiting.drain(..)) {
-                    let _ = out.send(e);
+                out.push(&mut events);
+                for durable in waiting.drain(..) {
                     let _ = durable.send(true);
                 }
             }
