@@ -97,10 +97,6 @@ pub struct SessionRecord {
     pub recording_key: Option<String>,
     pub recording_sha256: Option<String>,
     pub recording_size: Option<u64>,
-    /// Unused since the client is given the target's process id (kept so
-    /// older records decode).
-    #[serde(default)]
-    pub cancel_pid: Option<i32>,
     /// The secret of the BackendKeyData the client was given, chosen by the
     /// gateway; the process id next to it is the target's own. A client's
     /// CancelRequest is routed by it.

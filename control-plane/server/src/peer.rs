@@ -261,7 +261,6 @@ impl PeerService {
             && s.client_addr == open.client_addr
             && s.policy_version == open.policy_version
             && s.started_ms == open.started_ms
-            && s.cancel_pid.unwrap_or(0) == open.cancel_pid
             && s.cancel_secret == Some(open.cancel_secret);
         if !same {
             return refuse("it does not match the sessions index");

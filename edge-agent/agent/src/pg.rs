@@ -530,20 +530,21 @@ fn value_text(v: Vec<u8>) -> String {
 
 /// A test hook, in debug builds only: with `GATEHOUSE_AGENT_TEST_PAUSE` set
 /// to a step (`inspected`, `queued`, `durable`, `forwarded`) a session's
-/// relay stops for good at that step of a read that ends a query cycle, so a
-/// test can kill the agent exactly there. Release builds have no hook.
+/// relay stops for good at that step of a read that ends a query cycle
+/// (`ends_cycle`), so a test can kill the agent exactly there. Release
+/// builds have no hook.
 #[cfg(debug_assertions)]
-async fn test_pause(step: &str) {
+async fn test_pause(ends_cycle: bool, step: &str) {
     static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     let at = AT.get_or_init(|| std::env::var("GATEHOUSE_AGENT_TEST_PAUSE").ok());
-    if at.as_deref() == Some(step) {
+    if ends_cycle && at.as_deref() == Some(step) {
         tracing::warn!(step, "test hook: relay paused");
         std::future::pending::<()>().await;
     }
 }
 
 #[cfg(not(debug_assertions))]
-async fn test_pause(_step: &str) {}
+async fn test_pause(_ends_cycle: bool, _step: &str) {}
 
 /// Joins the pieces to forward into one buffer (no copy for one piece).
 fn coalesce(mut pieces: Vec<bytes::Bytes>) -> bytes::Bytes {
@@ -646,9 +647,7 @@ impl Pump<'_> {
                 // them all before any byte of the read goes out.
                 let mut durable = Vec::new();
                 let ends_cycle = !done.is_empty();
-                if ends_cycle {
-                    test_pause("inspected").await;
-                }
+                test_pause(ends_cycle, "inspected").await;
                 for (statements, started) in done {
                     for st in statements {
                         let decision = match st.refused_by {
@@ -676,26 +675,20 @@ impl Pump<'_> {
                         }
                     }
                 }
-                if ends_cycle {
-                    test_pause("queued").await;
-                }
+                test_pause(ends_cycle, "queued").await;
                 for d in durable {
                     if d.wait().await.is_err() {
                         return AUDIT_CLOSED.into();
                     }
                 }
-                if ends_cycle {
-                    test_pause("durable").await;
-                }
+                test_pause(ends_cycle, "durable").await;
                 // Everything one read produced goes out in one write (one
                 // QUIC stream write or one TCP send).
                 let out_bytes = coalesce(fwd);
                 if !out_bytes.is_empty() && to.write_all(&out_bytes).await.is_err() {
                     return write_failed.into();
                 }
-                if ends_cycle {
-                    test_pause("forwarded").await;
-                }
+                test_pause(ends_cycle, "forwarded").await;
                 // A held statement: what came before it is on its way; it
                 // and what follows wait for the decision, then go round again.
                 if let Some((text, refusal)) = held {

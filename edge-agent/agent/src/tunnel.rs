@@ -332,11 +332,16 @@ struct Shipping {
 }
 
 impl Shipping {
-    fn push(&self, group: &mut Vec<AuditEvent>) {
-        let mut q = match self.events.lock() {
+    /// The queue (a panic while it was held loses no event: take it anyway).
+    fn queue(&self) -> std::sync::MutexGuard<'_, Vec<AuditEvent>> {
+        match self.events.lock() {
             Ok(q) => q,
             Err(p) => p.into_inner(),
-        };
+        }
+    }
+
+    fn push(&self, group: &mut Vec<AuditEvent>) {
+        let mut q = self.queue();
         let was_empty = q.is_empty();
         q.append(group);
         let full = q.len() >= MAX_BATCH;
@@ -347,15 +352,11 @@ impl Shipping {
     }
 
     fn len(&self) -> usize {
-        self.events.lock().map(|q| q.len()).unwrap_or(0)
+        self.queue().len()
     }
 
     fn drain_into(&self, out: &mut VecDeque<AuditEvent>) {
-        let mut q = match self.events.lock() {
-            Ok(q) => q,
-            Err(p) => p.into_inner(),
-        };
-        out.extend(q.drain(..));
+        out.extend(self.queue().drain(..));
     }
 }
 
