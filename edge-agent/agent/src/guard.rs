@@ -24,14 +24,32 @@ pub fn policy_of(open: &SessionOpen) -> Result<Option<Arc<PolicyDoc>>, String> {
 
 /// The session's guard.
 pub fn guard(doc: &Arc<PolicyDoc>, open: &SessionOpen) -> Guard {
-    Guard::new(
+    let g = Guard::new(
         doc.clone(),
         Subject {
             identity: open.identity.clone(),
             groups: open.groups.clone(),
             target: open.target.clone(),
         },
-    )
+    );
+    without_function_classes_in_tests(g)
+}
+
+/// Debug builds only: `GATEHOUSE_AGENT_TEST_NO_FUNCTION_CLASSES` stops
+/// judging built-in functions by class, so a test can show what the
+/// read-only session refuses by itself. Release builds have no hook.
+#[cfg(debug_assertions)]
+fn without_function_classes_in_tests(g: Guard) -> Guard {
+    if std::env::var_os("GATEHOUSE_AGENT_TEST_NO_FUNCTION_CLASSES").is_some() {
+        tracing::warn!("test hook: built-in functions are not judged by class");
+        return g.without_function_classes();
+    }
+    g
+}
+
+#[cfg(not(debug_assertions))]
+fn without_function_classes_in_tests(g: Guard) -> Guard {
+    g
 }
 
 /// Startup parameters that change who the session acts as or how names
@@ -39,13 +57,38 @@ pub fn guard(doc: &Arc<PolicyDoc>, open: &SessionOpen) -> Guard {
 /// judged as a `session` statement. Returns the refusing verdict.
 pub fn judge_startup(guard: &Guard, open: &SessionOpen) -> Option<Verdict> {
     const SENSITIVE: [&str; 3] = ["role", "search_path", "session_authorization"];
+    // A read-only session is opened with default_transaction_read_only on;
+    // the client may not set it (or transaction_read_only) itself.
+    if guard.read_only() {
+        let names: Vec<String> = open
+            .startup_params
+            .iter()
+            .filter(|(k, v)| {
+                // `-c name=…` and `--name=…` (dashes for underscores) alike.
+                let norm = |t: &str| t.to_lowercase().replace('-', "_");
+                norm(k).contains("read_only")
+                    || (k.eq_ignore_ascii_case("options") && norm(v).contains("read_only"))
+            })
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        if !names.is_empty() {
+            return Some(Verdict {
+                action: Action::Deny,
+                rule: gatehouse_policy::RULE_READ_ONLY.into(),
+                message: format!(
+                    "startup parameters {} are refused: this session is read-only, because the policy admits no write for it",
+                    names.join(" ")
+                ),
+            });
+        }
+    }
     let mut found = Vec::new();
     for (k, v) in &open.startup_params {
         let k = k.to_lowercase();
         if SENSITIVE.contains(&k.as_str()) {
             found.push(format!("{k}={v}"));
         } else if k == "options" {
-            let lower = v.to_lowercase();
+            let lower = v.to_lowercase().replace('-', "_");
             if SENSITIVE.iter().any(|s| lower.contains(s)) {
                 found.push(format!("options={v}"));
             }

@@ -235,7 +235,10 @@ async fn run(
         mut masking,
         mut recorder,
     } = admitted;
-    let mut upstream = match upstream::connect(target, open, &db_user).await {
+    let read_only = guard
+        .as_ref()
+        .is_some_and(gatehouse_policy::Guard::read_only);
+    let mut upstream = match upstream::connect(target, open, &db_user, read_only).await {
         Ok(x) => x,
         Err(e) => {
             let mut ev = base_event(ctx, open, EventKind::SessionStart, Decision::Deny);
@@ -280,9 +283,14 @@ async fn run(
     }
     let mut ev = base_event(ctx, open, EventKind::SessionStart, Decision::Allow);
     ev.detail = Some(format!(
-        "client {} as {db_user} to database {}{}",
+        "client {} as {db_user} to database {}{}{}",
         open.client_addr,
         open.database,
+        if read_only {
+            "; read-only on the target (the policy admits no write)"
+        } else {
+            ""
+        },
         match &masking {
             crate::guard::SessionMasking::Off => "",
             crate::guard::SessionMasking::Exempt =>

@@ -69,11 +69,13 @@ pub struct Connected {
     pub key: Option<UpstreamKey>,
 }
 
-/// Connects and authenticates to the target as `db_user`.
+/// Connects and authenticates to the target as `db_user`; a `read_only`
+/// session has `default_transaction_read_only` on from its start.
 pub async fn connect(
     target: &TargetConfig,
     open: &SessionOpen,
     db_user: &str,
+    read_only: bool,
 ) -> Result<Connected, UpstreamError> {
     let mut sock = dial(target).await?;
     let mut params: BTreeMap<String, String> = open
@@ -83,6 +85,9 @@ pub async fn connect(
         .collect();
     params.insert("user".into(), db_user.to_string());
     params.insert("database".into(), open.database.clone());
+    if read_only {
+        params.insert("default_transaction_read_only".into(), "on".into());
+    }
     sock.write_all(&build::startup(&params)).await?;
 
     let mut ctx = DecodeContext::default();

@@ -6,11 +6,12 @@
 //! creates a table, an EXPLAIN ANALYZE runs its statement while a plain
 //! EXPLAIN does not, and a function call anywhere is seen.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use serde_json::{Map, Value};
 
 use crate::doc::Kind;
+use crate::functions::{self, Class};
 
 /// What one statement of a query string does.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -22,6 +23,16 @@ pub struct StatementEffects {
     pub kinds: BTreeSet<(Kind, Option<String>)>,
     /// Functions called anywhere in the statement (lower case, no schema).
     pub functions: BTreeSet<String>,
+    /// Kinds the statement has because of the built-in functions it calls,
+    /// each with what does it (`pg_terminate_backend() (server
+    /// administration)`).
+    pub function_kinds: BTreeMap<Kind, String>,
+    /// Calls of functions that are not built-in (or are qualified with a
+    /// schema other than pg_catalog), as written in lower case
+    /// (`schema.name` or `name`): their volatility is the target's to say.
+    pub user_functions: BTreeSet<String>,
+    /// An attempt to turn read-only transactions off, as written.
+    pub read_only_change: Option<String>,
     /// Tables an UPDATE or DELETE without WHERE, or a TRUNCATE, touches.
     pub without_where: BTreeSet<String>,
     /// `PREPARE name AS …`: the name.
@@ -169,6 +180,80 @@ impl Walker {
         }
     }
 
+    /// A function call (not under a plain EXPLAIN): its name for rules that
+    /// name functions, the kind its class gives, and whether the target
+    /// must say what it does.
+    fn call(&mut self, body: &Value) {
+        let parts: Vec<String> = body
+            .get("funcname")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|n| n.pointer("/node/String/sval").and_then(Value::as_str))
+            .map(str::to_lowercase)
+            .collect();
+        let Some((name, qualifiers)) = parts.split_last() else {
+            return;
+        };
+        self.fx.functions.insert(name.clone());
+        let schema = qualifiers.last();
+        let builtin = functions::builtin(name);
+        if builtin.is_none() || schema.is_some_and(|s| s != "pg_catalog") {
+            self.fx.user_functions.insert(parts.join("."));
+        }
+        let Some(Some(class)) = builtin else { return };
+        let mut kind = class.kind();
+        if class == Class::Config {
+            let first = body.pointer("/args/0");
+            let setting = first.and_then(literal_text).map(|t| t.to_lowercase());
+            let value = body.pointer("/args/1");
+            match setting.as_deref() {
+                Some("role" | "session_authorization" | "search_path") => kind = Kind::Session,
+                Some("default_transaction_read_only" | "transaction_read_only") => {
+                    if !value.is_some_and(turns_on) {
+                        self.read_only_changed(&format!("{name}() of read-only"));
+                    }
+                }
+                Some(_) => {}
+                // A name computed at run time could be any of them.
+                None => {
+                    kind = Kind::Session;
+                    self.read_only_changed(&format!("{name}() of a computed setting"));
+                }
+            }
+        }
+        self.fx
+            .function_kinds
+            .entry(kind)
+            .or_insert_with(|| format!("{name}() ({})", class.as_str()));
+    }
+
+    fn read_only_changed(&mut self, what: &str) {
+        if self.fx.read_only_change.is_none() {
+            self.fx.read_only_change = Some(what.to_string());
+        }
+    }
+
+    /// SET/RESET of the read-only settings (anything but turning them on),
+    /// and SET TRANSACTION / SESSION CHARACTERISTICS … READ WRITE.
+    fn read_only_setting(&mut self, name: &str, body: &Value) {
+        let lower = name.to_lowercase();
+        match lower.as_str() {
+            "default_transaction_read_only" | "transaction_read_only" => {
+                // VAR_SET_VALUE is 1 in pg_query's enum.
+                let sets_on = body.get("kind").and_then(Value::as_i64) == Some(1)
+                    && body.pointer("/args/0").is_some_and(turns_on);
+                if !sets_on {
+                    self.read_only_changed(&format!("a change of {lower}"));
+                }
+            }
+            "transaction" | "session characteristics" if read_write_option(body) => {
+                self.read_only_changed(&format!("SET {name} READ WRITE"));
+            }
+            _ => {}
+        }
+    }
+
     fn node(&mut self, ty: &str, body: &Value, m: Mode) {
         let field = |k: &str| body.get(k);
         let is_null = |k: &str| field(k).is_none_or(Value::is_null);
@@ -179,14 +264,8 @@ impl Walker {
                 }
             }
             "FuncCall" => {
-                if !m.plan_only
-                    && let Some(name) = field("funcname")
-                        .and_then(Value::as_array)
-                        .and_then(|a| a.last())
-                        .and_then(|n| n.pointer("/node/String/sval"))
-                        .and_then(Value::as_str)
-                {
-                    self.fx.functions.insert(name.to_lowercase());
+                if !m.plan_only {
+                    self.call(body);
                 }
                 self.value(body, m);
             }
@@ -205,6 +284,16 @@ impl Walker {
                 self.statement(Kind::Read);
                 if let Some(rel) = field("into_clause").and_then(|i| i.get("rel")) {
                     self.value(rel, m.with(Kind::Ddl));
+                }
+                // FOR UPDATE/SHARE: the rows read are locked as well.
+                if field("locking_clause")
+                    .and_then(Value::as_array)
+                    .is_some_and(|l| !l.is_empty())
+                {
+                    self.kind(Kind::Lock, None, m);
+                    if let Some(from) = field("from_clause") {
+                        self.value(from, m.with(Kind::Lock));
+                    }
                 }
                 self.fields_except(body, &["into_clause"], m.with(Kind::Read));
             }
@@ -322,6 +411,7 @@ impl Walker {
             }
             "VariableSetStmt" => {
                 let name = field("name").and_then(Value::as_str).unwrap_or("");
+                self.read_only_setting(name, body);
                 // VAR_RESET_ALL is 6 in pg_query's enum.
                 let reset_all = field("kind").and_then(Value::as_i64) == Some(6);
                 let k = match name.to_lowercase().as_str() {
@@ -348,6 +438,9 @@ impl Walker {
                 self.kind(Kind::Config, None, m);
             }
             "TransactionStmt" | "ConstraintsSetStmt" => {
+                if read_write_option(body) {
+                    self.read_only_changed("a READ WRITE transaction");
+                }
                 self.statement(Kind::Transaction);
                 self.kind(Kind::Transaction, None, m);
             }
@@ -360,6 +453,45 @@ impl Walker {
             _ => self.value(body, m),
         }
     }
+}
+
+/// The text of a string constant node.
+fn literal_text(v: &Value) -> Option<&str> {
+    v.pointer("/node/AConst/val/Sval/sval")
+        .and_then(Value::as_str)
+}
+
+/// Whether a constant node turns a boolean setting on.
+fn turns_on(v: &Value) -> bool {
+    if let Some(t) = literal_text(v) {
+        return matches!(
+            t.to_lowercase().as_str(),
+            "on" | "true" | "yes" | "1" | "t" | "y"
+        );
+    }
+    if let Some(i) = v
+        .pointer("/node/AConst/val/Ival/ival")
+        .and_then(Value::as_i64)
+    {
+        return i != 0;
+    }
+    v.pointer("/node/AConst/val/Boolval/boolval")
+        .and_then(Value::as_bool)
+        .unwrap_or(false)
+}
+
+/// Whether transaction options (`BEGIN …`, `SET TRANSACTION …`) say READ
+/// WRITE.
+fn read_write_option(body: &Value) -> bool {
+    ["options", "args"]
+        .iter()
+        .filter_map(|k| body.get(*k).and_then(Value::as_array))
+        .flatten()
+        .filter_map(|o| o.pointer("/node/DefElem"))
+        .any(|d| {
+            d.get("defname").and_then(Value::as_str) == Some("transaction_read_only")
+                && d.get("arg").is_some_and(|a| !turns_on(a))
+        })
 }
 
 /// A RangeVar as written: `schema.table`, or `table` when unqualified.

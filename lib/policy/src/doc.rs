@@ -54,8 +54,13 @@ pub enum Kind {
     /// Runs code the gateway cannot see into: DO blocks and CALL.
     Procedural,
     /// Reaches outside the database: COPY to or from a server file or
-    /// PROGRAM, LOAD, ALTER SYSTEM.
+    /// PROGRAM, LOAD, ALTER SYSTEM, and built-in functions that signal
+    /// backends, administer the server, read server files, manage
+    /// replication or connect elsewhere (dblink).
     Server,
+    /// Takes locks beyond a read's: SELECT … FOR UPDATE/SHARE and advisory
+    /// locks.
+    Lock,
 }
 
 impl Kind {
@@ -71,6 +76,7 @@ impl Kind {
             Kind::Utility => "utility",
             Kind::Procedural => "procedural",
             Kind::Server => "server",
+            Kind::Lock => "lock",
         }
     }
 }

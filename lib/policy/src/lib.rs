@@ -8,6 +8,7 @@
 mod classify;
 pub mod corpus;
 mod doc;
+mod functions;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,6 +18,7 @@ pub use doc::{
     Action, Approvals, ColumnRule, CustomDetector, DocError, Guardrails, Hours, Kind, Masking,
     PolicyDoc, Recordings, Rule, Weekday, parse_duration,
 };
+pub use functions::{Class, builtin};
 
 /// Who is asking, and where.
 #[derive(Clone, Debug, Default)]
@@ -51,6 +53,20 @@ impl Verdict {
 pub const RULE_DEFAULT: &str = "default";
 pub const RULE_UNPARSEABLE: &str = "unparseable";
 pub const RULE_MASKING: &str = "masking";
+pub const RULE_READ_ONLY: &str = "read-only";
+
+/// Kinds PostgreSQL refuses in a read-only transaction (or that could run
+/// something it refuses): a session whose policy admits none of them is
+/// opened read-only on the target.
+pub const WRITING_KINDS: [Kind; 7] = [
+    Kind::Write,
+    Kind::Ddl,
+    Kind::Privilege,
+    Kind::Procedural,
+    Kind::Utility,
+    Kind::Server,
+    Kind::Lock,
+];
 
 /// The guardrails of one session: the policy version it started with, and
 /// the statements it has prepared by name (so `EXECUTE name` is judged for
@@ -63,6 +79,12 @@ pub struct Guard {
     subject: Subject,
     prepared: HashMap<String, StatementEffects>,
     cache: HashMap<String, Result<Vec<StatementEffects>, ParseError>>,
+    /// The policy admits no writing kind: the session is read-only on the
+    /// target, and statements that would turn that off are refused.
+    read_only: bool,
+    /// Built-in functions are judged by class (off only in tests of the
+    /// second wall).
+    function_classes: bool,
 }
 
 /// Query strings whose classification a session keeps.
@@ -74,13 +96,29 @@ impl Guard {
             .masking
             .as_ref()
             .is_some_and(|m| m.applies(&subject.identity, &subject.groups, &subject.target));
+        let read_only = !admits_any(&doc, &subject, &WRITING_KINDS);
         Self {
             masking,
             doc,
             subject,
             prepared: HashMap::new(),
             cache: HashMap::new(),
+            read_only,
+            function_classes: true,
         }
+    }
+
+    /// Whether the session is opened read-only on the target: the policy
+    /// admits no statement of a [`WRITING_KINDS`] kind for this subject.
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Stops judging built-in functions by class, so that what PostgreSQL
+    /// refuses by itself in a read-only session can be tested.
+    pub fn without_function_classes(mut self) -> Self {
+        self.function_classes = false;
+        self
     }
 
     /// Decides a query string (every statement in it); the strictest
@@ -121,7 +159,19 @@ impl Guard {
                 },
                 None => s.clone(),
             };
-            let v = if self.masking && effective.copy_binary_out {
+            let mut effective = effective;
+            if !self.function_classes {
+                effective.function_kinds.clear();
+            }
+            let v = if let (true, Some(what)) = (self.read_only, &effective.read_only_change) {
+                Verdict {
+                    action: Action::Deny,
+                    rule: RULE_READ_ONLY.into(),
+                    message: format!(
+                        "{what} is refused: this session is read-only, because the policy admits no write for it"
+                    ),
+                }
+            } else if self.masking && effective.copy_binary_out {
                 Verdict {
                     action: Action::Deny,
                     rule: RULE_MASKING.into(),
@@ -189,6 +239,25 @@ pub fn evaluate(doc: &PolicyDoc, who: &Subject, now_ms: i64, fx: &StatementEffec
             },
         });
     }
+    for (kind, what) in &fx.function_kinds {
+        let rule = applies.iter().find(|r| {
+            r.functions.is_empty()
+                && !r.without_where
+                && r.tables.is_empty()
+                && (r.kinds.is_empty() || r.kinds.contains(kind))
+        });
+        consider(match rule {
+            Some(r) => verdict(r, &format!("{} by {what}", kind.as_str())),
+            None => Verdict {
+                action: g.default,
+                rule: RULE_DEFAULT.into(),
+                message: format!(
+                    "{what} is a {} statement, which no rule allows",
+                    kind.as_str()
+                ),
+            },
+        });
+    }
     for f in &fx.functions {
         if let Some(r) = applies
             .iter()
@@ -205,6 +274,22 @@ pub fn evaluate(doc: &PolicyDoc, who: &Subject, now_ms: i64, fx: &StatementEffec
         }
     }
     worst.unwrap_or_else(Verdict::allow)
+}
+
+/// Whether some rule (at any hour), or the default, could admit a statement
+/// of one of `kinds` for `who`.
+pub fn admits_any(doc: &PolicyDoc, who: &Subject, kinds: &[Kind]) -> bool {
+    let g = &doc.guardrails;
+    if g.default != Action::Deny {
+        return true;
+    }
+    g.rules.iter().any(|r| {
+        r.action != Action::Deny
+            && subject_matches(r, who)
+            && r.functions.is_empty()
+            && !r.without_where
+            && (r.kinds.is_empty() || r.kinds.iter().any(|k| kinds.contains(k)))
+    })
 }
 
 fn on(table: &Option<String>) -> String {

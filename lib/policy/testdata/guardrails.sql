@@ -30,7 +30,7 @@ SELECT now(), current_user, version()
 WITH big AS (SELECT * FROM orders WHERE amount > 10) SELECT count(*) FROM big
 --@ select-recursive-cte readonly=allow writes=allow
 WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 5) SELECT sum(i) FROM n
---@ select-for-update readonly=allow writes=allow
+--@ select-for-update readonly=deny writes=approve
 SELECT * FROM orders WHERE id = 1 FOR UPDATE
 --@ select-schema-qualified readonly=allow writes=allow
 SELECT * FROM public.customers
@@ -332,9 +332,9 @@ SELECT dblink_exec('dbname=postgres', 'DROP TABLE orders')
 SELECT pg_reload_conf()
 --@ advisory-lock readonly=deny writes=deny
 SELECT pg_advisory_lock(1)
---@ nextval readonly=deny writes=allow
+--@ nextval readonly=deny writes=approve
 SELECT nextval('orders_id_seq')
---@ setval readonly=deny writes=allow
+--@ setval readonly=deny writes=approve
 SELECT setval('orders_id_seq', 1000)
 --@ function-in-where readonly=deny writes=deny
 SELECT 1 WHERE pg_reload_conf()
