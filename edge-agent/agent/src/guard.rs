@@ -113,7 +113,9 @@ pub fn refusal(v: Verdict) -> Refusal {
 /// The inspector's judge for one session. It also keeps the reason the
 /// caller gave with `SET gatehouse.reason = '…'` for approval requests.
 pub struct PolicyJudge {
-    pub guard: Guard,
+    /// Shared with the relay, which asks the target about user functions
+    /// and decides again.
+    pub guard: Arc<Mutex<Guard>>,
     pub reason: Arc<Mutex<String>>,
 }
 
@@ -124,7 +126,13 @@ impl Judge for PolicyJudge {
         {
             *cur = r;
         }
-        let v = self.guard.judge(text, at_ms);
+        let Ok(mut guard) = self.guard.lock() else {
+            return Ruling::Refuse(Refusal {
+                rule: gatehouse_policy::RULE_DEFAULT.into(),
+                message: "internal error: the session's guard is unavailable".into(),
+            });
+        };
+        let v = guard.judge(text, at_ms);
         match v.action {
             Action::Allow => Ruling::Allow,
             Action::Deny => Ruling::Refuse(refusal(v)),
@@ -150,6 +158,102 @@ fn reason_of(text: &str) -> Option<String> {
     let start = text.find('\'')? + 1;
     let end = text.rfind('\'')?;
     (end > start).then(|| text.get(start..end).unwrap_or_default().replace("''", "'"))
+}
+
+/// The target's own connection for catalog questions about user functions,
+/// opened on first need and kept for the session.
+pub struct Catalog<'a> {
+    pub target: &'a crate::config::TargetConfig,
+    pub db_user: &'a str,
+    pub read_only: bool,
+    pub conn: tokio::sync::Mutex<Option<crate::upstream::Stream>>,
+}
+
+/// Asks the target for the volatility of the user functions `text` calls
+/// (one catalog query, each time: a `CREATE OR REPLACE` elsewhere counts at
+/// once), then decides `text` again. Fail closed: no answer, no run.
+pub async fn consult(
+    ctx: &crate::AgentCtx,
+    open: &SessionOpen,
+    catalog: &Catalog<'_>,
+    guard: &Mutex<Guard>,
+    text: &str,
+    held: &Refusal,
+    settings: &Approvals,
+    reason: String,
+) -> Resolution {
+    let refuse = |message: String| {
+        Resolution::Refused(Refusal {
+            rule: held.rule.clone(),
+            message,
+        })
+    };
+    let Some(names) = guard.lock().ok().map(|g| g.user_functions(text)) else {
+        return refuse("internal error: the session's guard is unavailable".into());
+    };
+    let bare: Vec<String> = names
+        .iter()
+        .map(|n| n.rsplit('.').next().unwrap_or(n))
+        .map(|n| format!("'{}'", n.replace('\'', "''")))
+        .collect();
+    let sql = format!(
+        "select n.nspname, p.proname, p.provolatile from pg_catalog.pg_proc p \
+         join pg_catalog.pg_namespace n on n.oid = p.pronamespace \
+         where lower(p.proname) in ({})",
+        bare.join(", ")
+    );
+    let rows = {
+        let mut conn = catalog.conn.lock().await;
+        if conn.is_none() {
+            match crate::upstream::connect(catalog.target, open, catalog.db_user, catalog.read_only)
+                .await
+            {
+                Ok(c) => *conn = Some(c.stream),
+                Err(e) => {
+                    return refuse(format!(
+                        "the volatility of {} could not be asked of the target: {e}",
+                        names.join(", ")
+                    ));
+                }
+            }
+        }
+        let Some(stream) = conn.as_mut() else {
+            return refuse("internal error: no catalog connection".into());
+        };
+        match crate::upstream::agent_query(stream, &sql).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                *conn = None;
+                return refuse(format!(
+                    "the volatility of {} could not be asked of the target: {e}",
+                    names.join(", ")
+                ));
+            }
+        }
+    };
+    let functions = rows
+        .into_iter()
+        .filter_map(|r| match r.as_slice() {
+            [Some(schema), Some(name), Some(v)] => Some(gatehouse_policy::UserFunction {
+                schema: schema.clone(),
+                name: name.clone(),
+                volatility: v.chars().next().unwrap_or('v'),
+            }),
+            _ => None,
+        })
+        .collect();
+    let v = {
+        let Ok(mut g) = guard.lock() else {
+            return refuse("internal error: the session's guard is unavailable".into());
+        };
+        g.learn_volatility(text, functions);
+        g.judge(text, now_ms())
+    };
+    match v.action {
+        Action::Allow => Resolution::Approved,
+        Action::Deny => Resolution::Refused(refusal(v)),
+        Action::Approve => approve(ctx, open, settings, text, &refusal(v), reason).await,
+    }
 }
 
 /// Compiled maskers by policy document version.

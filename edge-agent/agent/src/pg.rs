@@ -313,10 +313,11 @@ async fn run(
         .map_err(|e| ClientError("08006".into(), e.to_string()))?;
 
     let reason = Arc::new(Mutex::new(String::new()));
-    let mut insp = match guard {
+    let guard = guard.map(|g| Arc::new(Mutex::new(g)));
+    let mut insp = match &guard {
         Some(g) => PgInspector::with_judge(
             Box::new(crate::guard::PolicyJudge {
-                guard: g,
+                guard: g.clone(),
                 reason: reason.clone(),
             }),
             &open.session_id,
@@ -340,10 +341,18 @@ async fn run(
         reason,
         approvals: policy.and_then(|d| d.approvals.clone()).unwrap_or_default(),
         terminated: false,
+        guard,
     }));
+    let catalog = crate::guard::Catalog {
+        target,
+        db_user: &db_user,
+        read_only,
+        conn: tokio::sync::Mutex::new(None),
+    };
     let reason = relay(
         ctx,
         open,
+        &catalog,
         state.clone(),
         upstream.stream,
         upstream.greeting,
@@ -416,6 +425,8 @@ struct Session {
     /// The client sent Terminate: whichever side closes next, the client
     /// ended the session.
     terminated: bool,
+    /// The session's guard, when a policy is in force.
+    guard: Option<Arc<Mutex<gatehouse_policy::Guard>>>,
 }
 
 /// A statement the inspector holds for approval: its text and the rule.
@@ -577,6 +588,7 @@ const TARGET_GONE: &str = "target closed the connection";
 async fn relay(
     ctx: &AgentCtx,
     open: &SessionOpen,
+    catalog: &crate::guard::Catalog<'_>,
     state: Arc<Mutex<Session>>,
     upstream: upstream::Stream,
     leftover: BytesMut,
@@ -587,6 +599,7 @@ async fn relay(
     let pump = Pump {
         ctx,
         open,
+        catalog,
         state: &state,
     };
     tokio::select! {
@@ -599,6 +612,7 @@ async fn relay(
 struct Pump<'a> {
     ctx: &'a AgentCtx,
     open: &'a SessionOpen,
+    catalog: &'a crate::guard::Catalog<'a>,
     state: &'a Mutex<Session>,
 }
 
@@ -700,16 +714,35 @@ impl Pump<'_> {
                 // A held statement: what came before it is on its way; it
                 // and what follows wait for the decision, then go round again.
                 if let Some((text, refusal)) = held {
-                    let Some((settings, reason)) = self.state.lock().ok().map(|s| {
+                    let Some((settings, reason, guard)) = self.state.lock().ok().map(|s| {
                         let reason = s.reason.lock().map(|r| r.clone()).unwrap_or_default();
-                        (s.approvals.clone(), reason)
+                        (s.approvals.clone(), reason, s.guard.clone())
                     }) else {
                         return "internal error".into();
                     };
-                    let r = crate::guard::approve(
-                        self.ctx, self.open, &settings, &text, &refusal, reason,
-                    )
-                    .await;
+                    let r = match guard {
+                        // User functions: the target tells what they are,
+                        // then the statement is decided again.
+                        Some(g) if refusal.rule == gatehouse_policy::RULE_CONSULT => {
+                            crate::guard::consult(
+                                self.ctx,
+                                self.open,
+                                self.catalog,
+                                &g,
+                                &text,
+                                &refusal,
+                                &settings,
+                                reason,
+                            )
+                            .await
+                        }
+                        _ => {
+                            crate::guard::approve(
+                                self.ctx, self.open, &settings, &text, &refusal, reason,
+                            )
+                            .await
+                        }
+                    };
                     let Ok(mut s) = self.state.lock() else {
                         return "internal error".into();
                     };

@@ -55,3 +55,54 @@ pub fn parse(text: &str) -> Result<Vec<Case>, String> {
     }
     Ok(cases)
 }
+
+/// One case of the side-effect corpus (`testdata/side-effects.sql`): each
+/// starts with `--@ name read` or `--@ name <kind> [pg]`.
+#[derive(Clone, Debug)]
+pub struct EffectCase {
+    pub name: String,
+    /// The kind the statement must be judged as; `None` for a read.
+    pub effect: Option<crate::Kind>,
+    /// PostgreSQL itself refuses it in a read-only session.
+    pub refused_by_postgres: bool,
+    pub sql: String,
+}
+
+/// Reads the side-effect corpus; an unreadable header is an error naming it.
+pub fn parse_effects(text: &str) -> Result<Vec<EffectCase>, String> {
+    let mut cases: Vec<EffectCase> = Vec::new();
+    for line in text.lines() {
+        if let Some(head) = line.strip_prefix("--@ ") {
+            let mut parts = head.split_whitespace();
+            let name = parts.next().unwrap_or_default().to_string();
+            let effect = match parts.next() {
+                Some("read") => None,
+                Some(k) => Some(
+                    serde_yaml_ng::from_str::<crate::Kind>(k)
+                        .map_err(|_| format!("case {name}: unknown kind {k}"))?,
+                ),
+                None => return Err(format!("case {name} lacks its kind")),
+            };
+            let refused_by_postgres = match parts.next() {
+                None => false,
+                Some("pg") => true,
+                Some(other) => return Err(format!("case {name}: bad header field {other}")),
+            };
+            cases.push(EffectCase {
+                name,
+                effect,
+                refused_by_postgres,
+                sql: String::new(),
+            });
+        } else if let Some(c) = cases.last_mut()
+            && !(c.sql.is_empty() && line.trim().is_empty())
+        {
+            c.sql.push_str(line);
+            c.sql.push('\n');
+        }
+    }
+    for c in &mut cases {
+        c.sql = c.sql.trim_end().to_string();
+    }
+    Ok(cases)
+}

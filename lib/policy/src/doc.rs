@@ -313,6 +313,10 @@ pub struct Guardrails {
     pub default: Action,
     #[serde(default)]
     pub rules: Vec<Rule>,
+    /// User functions that count as reads although the target says they are
+    /// VOLATILE (`name`, or `schema.name` for that schema only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub safe_functions: Vec<String>,
 }
 
 impl Default for Guardrails {
@@ -320,6 +324,7 @@ impl Default for Guardrails {
         Self {
             default: Action::Allow,
             rules: Vec::new(),
+            safe_functions: Vec::new(),
         }
     }
 }

@@ -54,6 +54,18 @@ pub const RULE_DEFAULT: &str = "default";
 pub const RULE_UNPARSEABLE: &str = "unparseable";
 pub const RULE_MASKING: &str = "masking";
 pub const RULE_READ_ONLY: &str = "read-only";
+/// Not a rule: the statement calls user functions whose volatility the
+/// target must tell (see [`Guard::learn_volatility`]) before it is decided.
+pub const RULE_CONSULT: &str = "function-volatility";
+
+/// A user function's volatility, from the target's `pg_proc`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserFunction {
+    pub schema: String,
+    pub name: String,
+    /// `provolatile`: `v`, `s` or `i`.
+    pub volatility: char,
+}
 
 /// Kinds PostgreSQL refuses in a read-only transaction (or that could run
 /// something it refuses): a session whose policy admits none of them is
@@ -82,9 +94,12 @@ pub struct Guard {
     /// The policy admits no writing kind: the session is read-only on the
     /// target, and statements that would turn that off are refused.
     read_only: bool,
-    /// Built-in functions are judged by class (off only in tests of the
-    /// second wall).
+    /// Built-in functions are judged by class and row locks count (off
+    /// only in tests of the second wall).
     function_classes: bool,
+    /// What the target said of the user functions of the statement text
+    /// it was asked for; used once, by the next judgement of that text.
+    learned: Option<(String, Vec<UserFunction>)>,
 }
 
 /// Query strings whose classification a session keeps.
@@ -105,7 +120,65 @@ impl Guard {
             cache: HashMap::new(),
             read_only,
             function_classes: true,
+            learned: None,
         }
+    }
+
+    /// The user functions a query string calls (`schema.name` or `name`,
+    /// lower case), whose volatility the target must tell.
+    pub fn user_functions(&self, sql: &str) -> Vec<String> {
+        let stmts = match self.cache.get(sql) {
+            Some(r) => r.clone().unwrap_or_default(),
+            None => classify(sql).unwrap_or_default(),
+        };
+        let mut out: Vec<String> = stmts
+            .iter()
+            .flat_map(|x| {
+                // `EXECUTE name` calls what the session prepared.
+                let prepared = x.executes.as_ref().and_then(|n| self.prepared.get(n));
+                x.user_functions
+                    .iter()
+                    .chain(prepared.into_iter().flat_map(|p| p.user_functions.iter()))
+                    .cloned()
+            })
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Takes what the target says of the functions [`Self::user_functions`]
+    /// named for `sql`; the next judgement of `sql` decides with it.
+    pub fn learn_volatility(&mut self, sql: &str, functions: Vec<UserFunction>) {
+        self.learned = Some((sql.to_string(), functions));
+    }
+
+    /// Whether a user function call (as written) is VOLATILE by what the
+    /// target said: unqualified, any function of that name counts.
+    fn volatile(&self, learned: &[UserFunction], call: &str) -> bool {
+        let (schema, name) = match call.rsplit_once('.') {
+            Some((s, n)) => (Some(s.rsplit('.').next().unwrap_or(s)), n),
+            None => (None, call),
+        };
+        // Safe by name (any schema) or by `schema.name`.
+        let safe = |f: &UserFunction| {
+            self.doc
+                .guardrails
+                .safe_functions
+                .iter()
+                .any(|s| match s.rsplit_once('.') {
+                    Some((sc, n)) => {
+                        n.eq_ignore_ascii_case(&f.name) && sc.eq_ignore_ascii_case(&f.schema)
+                    }
+                    None => s.eq_ignore_ascii_case(&f.name),
+                })
+        };
+        learned.iter().any(|f| {
+            f.volatility == 'v'
+                && f.name.eq_ignore_ascii_case(name)
+                && schema.is_none_or(|s| f.schema.eq_ignore_ascii_case(s))
+                && !safe(f)
+        })
     }
 
     /// Whether the session is opened read-only on the target: the policy
@@ -145,7 +218,12 @@ impl Guard {
                 };
             }
         };
+        let learned = match self.learned.take() {
+            Some((text, fns)) if text == sql => Some(fns),
+            _ => None,
+        };
         let mut worst: Option<Verdict> = None;
+        let mut consult = false;
         for s in &stmts {
             let effective = match &s.executes {
                 Some(name) => match self.prepared.get(name) {
@@ -162,6 +240,21 @@ impl Guard {
             let mut effective = effective;
             if !self.function_classes {
                 effective.function_kinds.clear();
+                effective.kinds.retain(|(k, _)| *k != Kind::Lock);
+                effective.user_functions.clear();
+            }
+            match &learned {
+                Some(fns) => {
+                    for call in &effective.user_functions {
+                        if self.volatile(fns, call) {
+                            effective
+                                .function_kinds
+                                .entry(Kind::Write)
+                                .or_insert_with(|| format!("{call}() (a VOLATILE user function)"));
+                        }
+                    }
+                }
+                None => consult |= !effective.user_functions.is_empty(),
             }
             let v = if let (true, Some(what)) = (self.read_only, &effective.read_only_change) {
                 Verdict {
@@ -189,7 +282,16 @@ impl Guard {
                 worst = Some(v);
             }
         }
-        worst.unwrap_or_else(Verdict::allow)
+        let worst = worst.unwrap_or_else(Verdict::allow);
+        // What is refused anyway is not worth a question to the target.
+        if consult && worst.action != Action::Deny {
+            return Verdict {
+                action: Action::Approve,
+                rule: RULE_CONSULT.into(),
+                message: "calls user functions whose volatility the target must tell".into(),
+            };
+        }
+        worst
     }
 
     /// Decides a statement kind that is not SQL text (startup options that

@@ -315,3 +315,199 @@ fn masking_section_is_validated_and_refuses_binary_copy_out() {
         Action::Allow
     );
 }
+
+fn effects_corpus() -> Vec<crate::corpus::EffectCase> {
+    match crate::corpus::parse_effects(include_str!("../testdata/side-effects.sql")) {
+        Ok(c) => c,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// What the test schema's target says of the corpus's user functions.
+fn target_says() -> Vec<UserFunction> {
+    [("purge_orders", 'v'), ("order_count", 's')]
+        .into_iter()
+        .map(|(n, v)| UserFunction {
+            schema: "public".into(),
+            name: n.into(),
+            volatility: v,
+        })
+        .collect()
+}
+
+/// Judges like the agent does: a question about user functions is answered
+/// from `target_says` and the text decided again.
+fn judge_as_agent(g: &mut Guard, sql: &str) -> Verdict {
+    let v = g.judge(sql, 0);
+    if v.rule != RULE_CONSULT {
+        return v;
+    }
+    g.learn_volatility(sql, target_says());
+    g.judge(sql, 0)
+}
+
+#[test]
+fn side_effects_are_refused_under_a_read_only_policy_written_the_natural_way() {
+    let d = doc(include_str!("../testdata/read-transaction.yaml"));
+    let cases = effects_corpus();
+    let effects: Vec<_> = cases.iter().filter(|c| c.effect.is_some()).collect();
+    let reads: Vec<_> = cases.iter().filter(|c| c.effect.is_none()).collect();
+    assert!(effects.len() >= 60, "{} side-effect cases", effects.len());
+    assert!(reads.len() >= 40, "{} reads", reads.len());
+    let mut names = std::collections::HashSet::new();
+    let mut wrong = Vec::new();
+    for c in &cases {
+        assert!(names.insert(c.name.clone()), "duplicate case {}", c.name);
+        // psql's own meta-commands run through the end-to-end test only.
+        if c.sql.starts_with('\\') {
+            continue;
+        }
+        let mut g = guard(&d);
+        assert!(g.read_only(), "read-transaction.yaml admits no write");
+        let v = judge_as_agent(&mut g, &c.sql);
+        match c.effect {
+            None if v.action != Action::Allow => {
+                wrong.push(format!(
+                    "{}: a read, got {:?} ({})",
+                    c.name, v.action, v.message
+                ));
+            }
+            Some(kind) => {
+                let fx = classify(&c.sql).unwrap_or_default();
+                let judged_as = fx.iter().any(|s| {
+                    s.kinds.iter().any(|(k, _)| *k == kind)
+                        || s.function_kinds.contains_key(&kind)
+                        || !s.user_functions.is_empty()
+                });
+                if v.action != Action::Deny || !judged_as {
+                    wrong.push(format!(
+                        "{}: want deny as {}, got {:?} by {} ({})\n  {fx:?}",
+                        c.name,
+                        kind.as_str(),
+                        v.action,
+                        v.rule,
+                        v.message
+                    ));
+                }
+            }
+            None => {}
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+#[test]
+fn volatile_user_functions_count_as_writes_unless_marked_safe() {
+    let d = doc(include_str!("../testdata/read-transaction.yaml"));
+    let mut g = guard(&d);
+    // First the question, then the decision on what the target said.
+    let asked = g.judge("SELECT purge_orders()", 0);
+    assert_eq!(asked.rule, RULE_CONSULT);
+    assert_eq!(
+        g.user_functions("SELECT purge_orders()"),
+        vec!["purge_orders"]
+    );
+    let v = judge_as_agent(&mut g, "SELECT purge_orders()");
+    assert_eq!(v.action, Action::Deny);
+    assert!(
+        v.message
+            .contains("purge_orders() (a VOLATILE user function)"),
+        "{}",
+        v.message
+    );
+    // What was learned is used once: the next call asks again.
+    assert_eq!(g.judge("SELECT purge_orders()", 0).rule, RULE_CONSULT);
+    // Another schema's function of the same name says nothing of it.
+    g.learn_volatility("SELECT audit.purge_orders()", target_says());
+    assert_eq!(
+        g.judge("SELECT audit.purge_orders()", 0).action,
+        Action::Allow
+    );
+    // STABLE runs; marked safe by name runs.
+    assert_eq!(
+        judge_as_agent(&mut g, "SELECT order_count()").action,
+        Action::Allow
+    );
+    let safe = doc(
+        "guardrails:\n  default: deny\n  safe_functions: [public.purge_orders]\n  rules:\n    - name: reads\n      action: allow\n      kinds: [read, transaction]\n",
+    );
+    let mut g = guard(&safe);
+    assert_eq!(
+        judge_as_agent(&mut g, "SELECT purge_orders()").action,
+        Action::Allow
+    );
+    // A refusal needs no question.
+    let mut g = guard(&d);
+    assert_eq!(
+        g.judge("DELETE FROM orders WHERE purge_orders() > 0", 0)
+            .action,
+        Action::Deny
+    );
+}
+
+#[test]
+fn turning_read_only_off_is_refused_in_a_read_only_session() {
+    let d = doc(include_str!("../testdata/read-transaction.yaml"));
+    for sql in [
+        "SET default_transaction_read_only = off",
+        "SET SESSION default_transaction_read_only TO false",
+        "RESET default_transaction_read_only",
+        "SET default_transaction_read_only TO DEFAULT",
+        "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE",
+        "BEGIN READ WRITE",
+        "START TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ WRITE",
+        "BEGIN; SET TRANSACTION READ WRITE",
+        "SET transaction_read_only = off",
+        "SET LOCAL transaction_read_only = 0",
+        "SELECT set_config('default_transaction_read_only', 'off', false)",
+        "SELECT pg_catalog.set_config('transaction_read_only', 'false', true)",
+        "SELECT set_config(name, 'off', false) FROM pg_settings WHERE name LIKE '%read_only'",
+    ] {
+        let v = guard(&d).judge(sql, 0);
+        assert_eq!(
+            (v.action, v.rule.as_str()),
+            (Action::Deny, RULE_READ_ONLY),
+            "{sql}: {}",
+            v.message
+        );
+    }
+    for sql in [
+        "BEGIN READ ONLY",
+        "SET TRANSACTION READ ONLY",
+        "SHOW default_transaction_read_only",
+    ] {
+        let v = guard(&d).judge(sql, 0);
+        assert_eq!(v.action, Action::Allow, "{sql}: {}", v.message);
+    }
+    // A policy that admits writes does not make sessions read-only.
+    let wr = doc(include_str!("../testdata/writes-need-approval.yaml"));
+    assert!(!guard(&wr).read_only());
+    assert_eq!(
+        guard(&wr).judge("BEGIN READ WRITE", 0).action,
+        Action::Allow
+    );
+    assert!(guard(&doc(include_str!("../testdata/readonly.yaml"))).read_only());
+}
+
+#[test]
+fn without_the_classifier_postgres_refusals_reach_postgres() {
+    let d = doc(include_str!("../testdata/read-transaction.yaml"));
+    for c in effects_corpus().iter().filter(|c| c.refused_by_postgres) {
+        let v = guard(&d).without_function_classes().judge(&c.sql, 0);
+        assert_eq!(v.action, Action::Allow, "{}: {}", c.name, v.message);
+    }
+}
+
+#[test]
+fn the_function_table_knows_every_class_and_plain_builtins() {
+    assert_eq!(builtin("pg_terminate_backend"), Some(Some(Class::Admin)));
+    assert_eq!(builtin("nextval"), Some(Some(Class::Sequence)));
+    assert_eq!(
+        builtin("pg_advisory_xact_lock"),
+        Some(Some(Class::AdvisoryLock))
+    );
+    assert_eq!(builtin("dblink_exec"), Some(Some(Class::Remote)));
+    assert_eq!(builtin("lower"), Some(None));
+    assert_eq!(builtin("random"), Some(None));
+    assert_eq!(builtin("purge_orders"), None);
+}
