@@ -613,6 +613,11 @@ impl Stack {
     /// user would (errors with their SQLSTATE); returns stdout, stderr and
     /// whether psql succeeded.
     pub fn psql_user(&self, key: &str, sql: &str) -> (String, String, bool) {
+        self.psql_user_options(key, "", sql)
+    }
+
+    /// Like [`Self::psql_user`], with `PGOPTIONS` set (startup options).
+    pub fn psql_user_options(&self, key: &str, options: &str, sql: &str) -> (String, String, bool) {
         let (host, port) = self.pg_addr.rsplit_once(':').unwrap();
         let out = Command::new("psql")
             .args(["-X", "-A", "-v", "VERBOSITY=verbose", "-c", sql])
@@ -621,6 +626,7 @@ impl Stack {
                 self.ca_file.display()
             ))
             .env("PGPASSWORD", key)
+            .env("PGOPTIONS", options)
             .stdin(Stdio::null())
             .output()
             .unwrap();
@@ -711,4 +717,41 @@ pub fn read_tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 
 pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Everything a refused statement could have changed, as one digest: table
+/// contents and files, the catalog (relations, columns, privileges, roles,
+/// memberships, functions, triggers, policies, comments, extensions),
+/// sequences, large objects, statistics of VACUUM/ANALYZE, server settings.
+pub const FINGERPRINT: &str = r#"
+select md5(string_agg(x, '|' order by x)) from (
+  select format('rel %s.%s %s %s %s', n.nspname, c.relname, c.relkind, c.relfilenode, coalesce(c.relacl::text, '')) as x
+    from pg_class c join pg_namespace n on n.oid = c.relnamespace
+    where n.nspname not in ('pg_catalog', 'information_schema', 'pg_toast')
+  union all select 'col ' || attrelid::regclass || '.' || attname || ' ' || atttypid
+    from pg_attribute where attrelid in (select oid from pg_class where relnamespace in
+      (select oid from pg_namespace where nspname in ('public', 'payroll'))) and attnum > 0 and not attisdropped
+  union all select 'customers ' || coalesce(md5(string_agg(t::text, ',' order by t::text)), '') from customers t
+  union all select 'orders ' || coalesce(md5(string_agg(t::text, ',' order by t::text)), '') from orders t
+  union all select 'salaries ' || coalesce(md5(string_agg(t::text, ',' order by t::text)), '') from payroll.salaries t
+  union all select 'seq ' || last_value || is_called from orders_id_seq
+  union all select 'role ' || rolname || rolsuper || rolcanlogin || coalesce(array_to_string(rolconfig, ','), '') from pg_roles
+  union all select 'member ' || roleid || ' ' || member from pg_auth_members
+  union all select 'dbrole ' || setdatabase || ' ' || setrole || ' ' || array_to_string(setconfig, ',') from pg_db_role_setting
+  union all select 'proc ' || proname from pg_proc where pronamespace in (select oid from pg_namespace where nspname in ('public', 'payroll'))
+  union all select 'trigger ' || tgname from pg_trigger where not tgisinternal
+  union all select 'policy ' || polname from pg_policy
+  union all select 'defacl ' || defaclacl::text from pg_default_acl
+  union all select 'comment ' || objoid || ' ' || description from pg_description where objoid >= 16384
+  union all select 'ext ' || extname from pg_extension
+  union all select 'schema ' || nspname || ' ' || coalesce(nspacl::text, '') from pg_namespace
+  union all select 'lo ' || count(*) from pg_largeobject_metadata
+  union all select 'stat ' || relname || coalesce(last_vacuum::text, '') || coalesce(last_analyze::text, '') from pg_stat_user_tables
+  union all select 'file ' || coalesce(sourcefile, '') || ' ' || name || ' ' || coalesce(setting, '') from pg_file_settings
+) s
+"#;
+
+/// The database `app`'s [`FINGERPRINT`].
+pub fn fingerprint(stack: &Stack) -> String {
+    stack.pg.psql_super("app", FINGERPRINT).unwrap()
 }

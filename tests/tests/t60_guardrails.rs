@@ -19,42 +19,6 @@ fn corpus() -> Vec<Case> {
     gatehouse_policy::corpus::parse(CORPUS).unwrap()
 }
 
-/// Everything a refused statement could have changed, as one digest: table
-/// contents and files, the catalog (relations, columns, privileges, roles,
-/// memberships, functions, triggers, policies, comments, extensions),
-/// sequences, large objects, statistics of VACUUM/ANALYZE, server settings.
-const FINGERPRINT: &str = r#"
-select md5(string_agg(x, '|' order by x)) from (
-  select format('rel %s.%s %s %s %s', n.nspname, c.relname, c.relkind, c.relfilenode, coalesce(c.relacl::text, '')) as x
-    from pg_class c join pg_namespace n on n.oid = c.relnamespace
-    where n.nspname not in ('pg_catalog', 'information_schema', 'pg_toast')
-  union all select 'col ' || attrelid::regclass || '.' || attname || ' ' || atttypid
-    from pg_attribute where attrelid in (select oid from pg_class where relnamespace in
-      (select oid from pg_namespace where nspname in ('public', 'payroll'))) and attnum > 0 and not attisdropped
-  union all select 'customers ' || coalesce(md5(string_agg(t::text, ',' order by t::text)), '') from customers t
-  union all select 'orders ' || coalesce(md5(string_agg(t::text, ',' order by t::text)), '') from orders t
-  union all select 'salaries ' || coalesce(md5(string_agg(t::text, ',' order by t::text)), '') from payroll.salaries t
-  union all select 'seq ' || last_value || is_called from orders_id_seq
-  union all select 'role ' || rolname || rolsuper || rolcanlogin || coalesce(array_to_string(rolconfig, ','), '') from pg_roles
-  union all select 'member ' || roleid || ' ' || member from pg_auth_members
-  union all select 'dbrole ' || setdatabase || ' ' || setrole || ' ' || array_to_string(setconfig, ',') from pg_db_role_setting
-  union all select 'proc ' || proname from pg_proc where pronamespace in (select oid from pg_namespace where nspname in ('public', 'payroll'))
-  union all select 'trigger ' || tgname from pg_trigger where not tgisinternal
-  union all select 'policy ' || polname from pg_policy
-  union all select 'defacl ' || defaclacl::text from pg_default_acl
-  union all select 'comment ' || objoid || ' ' || description from pg_description where objoid >= 16384
-  union all select 'ext ' || extname from pg_extension
-  union all select 'schema ' || nspname || ' ' || coalesce(nspacl::text, '') from pg_namespace
-  union all select 'lo ' || count(*) from pg_largeobject_metadata
-  union all select 'stat ' || relname || coalesce(last_vacuum::text, '') || coalesce(last_analyze::text, '') from pg_stat_user_tables
-  union all select 'file ' || coalesce(sourcefile, '') || ' ' || name || ' ' || coalesce(setting, '') from pg_file_settings
-) s
-"#;
-
-fn fingerprint(stack: &Stack) -> String {
-    stack.pg.psql_super("app", FINGERPRINT).unwrap()
-}
-
 /// Runs the whole corpus under the policy in force, `expect` choosing the
 /// decision column. Returns the failures.
 fn run_corpus(stack: &Stack, key: &str, expect: fn(&Case) -> Action) -> Vec<String> {

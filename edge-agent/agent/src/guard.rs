@@ -179,8 +179,7 @@ pub async fn consult(
     guard: &Mutex<Guard>,
     text: &str,
     held: &Refusal,
-    settings: &Approvals,
-    reason: String,
+    (settings, reason): (&Approvals, String),
 ) -> Resolution {
     let refuse = |message: String| {
         Resolution::Refused(Refusal {

@@ -731,8 +731,7 @@ impl Pump<'_> {
                                 &g,
                                 &text,
                                 &refusal,
-                                &settings,
-                                reason,
+                                (&settings, reason),
                             )
                             .await
                         }
