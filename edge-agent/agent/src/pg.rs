@@ -349,17 +349,13 @@ async fn run(
         read_only,
         conn: tokio::sync::Mutex::new(None),
     };
-    let reason = relay(
+    let pump = Pump {
         ctx,
         open,
-        &catalog,
-        state.clone(),
-        upstream.stream,
-        upstream.greeting,
-        send,
-        recv,
-    )
-    .await;
+        catalog: &catalog,
+        state: &state,
+    };
+    let reason = relay(pump, upstream.stream, upstream.greeting, send, recv).await;
     let (recorder, terminated) = state
         .lock()
         .ok()
@@ -586,22 +582,13 @@ const CLIENT_GONE: &str = "client disconnected";
 const TARGET_GONE: &str = "target closed the connection";
 
 async fn relay(
-    ctx: &AgentCtx,
-    open: &SessionOpen,
-    catalog: &crate::guard::Catalog<'_>,
-    state: Arc<Mutex<Session>>,
+    pump: Pump<'_>,
     upstream: upstream::Stream,
     leftover: BytesMut,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
 ) -> String {
     let (mut ur, mut uw) = tokio::io::split(upstream);
-    let pump = Pump {
-        ctx,
-        open,
-        catalog,
-        state: &state,
-    };
     tokio::select! {
         r = pump.run(Side::Client, BytesMut::with_capacity(64 << 10), recv, &mut uw) => r,
         r = pump.run(Side::Upstream, leftover, &mut ur, send) => r,
