@@ -317,8 +317,13 @@ pub fn evaluate(doc: &PolicyDoc, who: &Subject, now_ms: i64, fx: &StatementEffec
         .filter(|r| subject_matches(r, who) && time_matches(r, now_ms))
         .collect();
     let mut worst: Option<Verdict> = None;
+    // The strictest decides; of equally strict ones, a named rule is cited
+    // before the default.
     let mut consider = |v: Verdict| {
-        if worst.as_ref().is_none_or(|w| v.action > w.action) {
+        if worst.as_ref().is_none_or(|w| {
+            v.action > w.action
+                || (v.action == w.action && w.rule == RULE_DEFAULT && v.rule != RULE_DEFAULT)
+        }) {
             worst = Some(v);
         }
     };
