@@ -148,6 +148,122 @@ fn kill_home_and_wait(c: &mut TestCluster, home: u64) -> u64 {
     new_home
 }
 
+/// Starts a sleeping psql through `client_node`, kills its session with the
+/// CLI through `api_node`, and checks what the client, the index and the
+/// audit log show.
+fn kill_a_running_session(
+    c: &TestCluster,
+    pg: &LocalPostgres,
+    key: &str,
+    client_node: u64,
+    api_node: u64,
+) {
+    let sleep = format!("select pg_sleep(31), {client_node}");
+    let (host, port) = c.node(client_node).pg.rsplit_once(':').unwrap();
+    let sleeper = std::process::Command::new("psql")
+        .args(["-X", "-v", "VERBOSITY=verbose", "-c", &sleep])
+        .arg(format!(
+            "host={host} port={port} user=db dbname=app sslmode=require"
+        ))
+        .env("PGPASSWORD", key)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let running_upstream = |want: &str| {
+        let q = format!("select count(*) from pg_stat_activity where query = '{sleep}'");
+        (pg.psql_super("postgres", &q).unwrap().trim() == want).then_some(())
+    };
+    wait_until("sleep running upstream", Duration::from_secs(10), || {
+        running_upstream("1")
+    });
+    let api = c.node(api_node).api.clone();
+    let running: serde_json::Value = serde_json::from_str(&ok(
+        c,
+        &api,
+        &["sessions", "list", "--running", "-o", "json"],
+    ))
+    .unwrap();
+    let session = running
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["node"] == client_node)
+        .expect("the running session is listed with its node")
+        .clone();
+    assert_eq!(session["agent"], "edge-1");
+    assert_eq!(session["ended_ms"], 0);
+    let id = session["id"].as_str().unwrap().to_string();
+    let table = ok(c, &api, &["sessions", "list", "--running"]);
+    assert!(table.contains("DURATION") && table.contains(&id), "{table}");
+
+    let t0 = std::time::Instant::now();
+    let killed = ok(
+        c,
+        &api,
+        &[
+            "sessions",
+            "kill",
+            &id,
+            "--reason",
+            "incident 7: runaway query",
+        ],
+    );
+    assert!(killed.contains("ended"), "{killed}");
+    let out = sleeper.wait_with_output().unwrap();
+    let took = t0.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("FATAL:  57P01: gatehouse: session ended: killed by")
+            && err.contains("incident 7: runaway query"),
+        "{err}"
+    );
+    assert!(took < Duration::from_secs(1), "the kill took {took:?}");
+    println!(
+        "kill (client on node {client_node}, API on node {api_node}) took {} ms",
+        took.as_millis()
+    );
+    // The target's backend is gone too.
+    wait_until("backend gone", Duration::from_secs(5), || {
+        running_upstream("0")
+    });
+    // The index and the evidence say why, and who.
+    wait_until("index closed", Duration::from_secs(10), || {
+        let v: serde_json::Value =
+            serde_json::from_str(&ok(c, &api, &["sessions", "list", "-o", "json"])).ok()?;
+        let s = v
+            .as_array()?
+            .iter()
+            .find(|s| s["id"] == id.as_str())?
+            .clone();
+        s["end_reason"]
+            .as_str()?
+            .contains("killed by")
+            .then_some(())
+    });
+    let again = c.cli(&api, &["sessions", "kill", &id, "--reason", "again"]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already ended"));
+    let events: serde_json::Value = serde_json::from_str(&ok(
+        c,
+        &api,
+        &["audit", "events", "--target", "db", "-o", "json"],
+    ))
+    .unwrap();
+    assert!(
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "session_killed"
+                && e["session_id"] == id.as_str()
+                && e["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.contains("incident 7") && d.contains("killed by"))),
+        "a session_killed event names who and why"
+    );
+}
+
 #[test]
 fn any_node_serves_sessions_and_the_agent_fails_over_to_a_surviving_node() {
     let mut c = TestCluster::start(3, 20_000);
@@ -225,6 +341,13 @@ fn any_node_serves_sessions_and_the_agent_fails_over_to_a_surviving_node() {
         took < Duration::from_secs(1),
         "relayed cancel took {took:?}"
     );
+
+    // The kill switch, from another node's API, for a client on the agent's
+    // node and for one on another node: each ends within a second, the
+    // client told why, the index and the audit log saying who did it.
+    for (client_node, api_node) in [(home, away), (away, home)] {
+        kill_a_running_session(&c, &pg, &key, client_node, api_node);
+    }
 
     let new_home = kill_home_and_wait(&mut c, home);
     let other = [1, 2, 3]

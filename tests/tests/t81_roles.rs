@@ -100,6 +100,14 @@ async fn call_all(
     );
     call!(
         out,
+        "KillSession",
+        a.kill_session(KillSessionRequest {
+            session_id: "no-such-session".into(),
+            reason: "r".into()
+        })
+    );
+    call!(
+        out,
         "SetLegalHold",
         a.set_legal_hold(SetLegalHoldRequest {
             session_id: "no-such-session".into(),
@@ -264,7 +272,7 @@ fn granted(role: &str, rpc: &str) -> bool {
         "admin" => {
             CONFIG.contains(&rpc)
                 || CONFIG_READ.contains(&rpc)
-                || ["ListSessions", "ListAccessRequests"].contains(&rpc)
+                || ["ListSessions", "ListAccessRequests", "KillSession"].contains(&rpc)
         }
         "auditor" => {
             CONFIG_READ.contains(&rpc)
@@ -276,7 +284,7 @@ fn granted(role: &str, rpc: &str) -> bool {
                 ]
                 .contains(&rpc)
         }
-        "reviewer" => ["ListAccessRequests", "ReviewAccessRequest"].contains(&rpc),
+        "reviewer" => ["ListAccessRequests", "ReviewAccessRequest", "KillSession"].contains(&rpc),
         "user" => ["ListSessions", "GetRecording", "ListAccessRequests"].contains(&rpc),
         "break-glass" => BREAK_GLASS.contains(&rpc),
         _ => false,
@@ -351,7 +359,7 @@ async fn every_call_is_authorized_by_role_and_the_rest_is_denied_and_audited() {
         let mut r = connect_reviews(&s.api, key, &ca).await.unwrap();
         let before = config(&mut root).await;
         let results = call_all(&mut a, &mut r, role).await;
-        assert_eq!(results.len(), 33, "every RPC of both services is called");
+        assert_eq!(results.len(), 34, "every RPC of both services is called");
         let mut denied = BTreeSet::new();
         for (rpc, res) in &results {
             let refused = matches!(res, Err(st) if st.code() == Code::PermissionDenied);

@@ -105,6 +105,13 @@ pub struct SessionRecord {
     /// Object keys of the recording's chunks.
     #[serde(default)]
     pub chunk_keys: Vec<String>,
+    /// The node whose ingress the client is connected to.
+    #[serde(default)]
+    pub node: u64,
+    /// The identity's groups when the session opened (for re-judging it
+    /// against changed rules).
+    #[serde(default)]
+    pub groups: Vec<String>,
     #[serde(default)]
     pub recording_events: u64,
     /// Legal hold: retention never deletes the recording.

@@ -211,6 +211,7 @@ fn session_proto(s: SessionRecord) -> Session {
         legal_hold: s.legal_hold.is_some(),
         legal_hold_reason: s.legal_hold.unwrap_or_default(),
         recording_deleted_ms: s.recording_deleted_ms.unwrap_or(0),
+        node: s.node,
     }
 }
 
@@ -671,6 +672,7 @@ impl Admin for AdminService {
             .filter(|s| req.identity.is_empty() || s.identity == req.identity)
             .filter(|s| !authz.own_only() || s.identity == authz.actor.principal.identity)
             .filter(|s| req.target.is_empty() || s.target == req.target)
+            .filter(|s| !req.running || s.ended_ms.is_none())
             .take(limit)
             .map(session_proto)
             .collect();
@@ -769,6 +771,42 @@ impl Admin for AdminService {
             });
         }
         Ok(Response::new(VerifyRecordingsResponse { results }))
+    }
+
+    async fn kill_session(&self, req: Request<KillSessionRequest>) -> ApiResult<Session> {
+        let authz = self.allow(&req, "KillSession").await?;
+        let actor = authz.actor.clone();
+        let req = req.into_inner();
+        if req.reason.trim().is_empty() {
+            return Err(
+                ApiError::InvalidArgument("a kill needs a reason (--reason)".into()).into(),
+            );
+        }
+        // Read after every committed write: a session opened on another
+        // node a moment ago is found.
+        let _ = self.cluster.linearizable().await;
+        let s = self.session(&req.session_id)?;
+        if let Some(ended) = s.ended_ms {
+            return Err(Status::failed_precondition(format!(
+                "session {} already ended at {ended} ms ({})",
+                s.id,
+                s.end_reason.clone().unwrap_or_default()
+            )));
+        }
+        let why = format!(
+            "killed by {}: {}",
+            actor.principal.identity,
+            req.reason.trim()
+        );
+        crate::sessions::end(
+            &self.cluster,
+            &self.agents,
+            &s,
+            &why,
+            &format!("from {}", actor.addr),
+        )
+        .await?;
+        Ok(Response::new(session_proto(self.session(&s.id)?)))
     }
 
     async fn set_legal_hold(&self, req: Request<SetLegalHoldRequest>) -> ApiResult<Session> {

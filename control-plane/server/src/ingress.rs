@@ -439,6 +439,8 @@ async fn admit(
         policy_version: policy_version.clone(),
         started_ms,
         cancel_secret: Some(cancel_secret),
+        node: cluster.node_id,
+        groups: who.groups.clone(),
         ..Default::default()
     };
     cluster
@@ -470,6 +472,7 @@ async fn admit(
             cancel_secret,
             cancel: false,
             policy_document: policy.map(|p| p.canonical).unwrap_or_default(),
+            end_reason: String::new(),
         },
         target.agent,
         route,
@@ -519,33 +522,48 @@ async fn forward_cancel(
         cancel_pid: pid,
         ..Default::default()
     };
-    let sent = match locate(cluster, agents, &session.agent).await {
-        Some(Route::Local) => match agents.open_session(&session.agent).await {
-            Ok((mut send, _recv)) => {
-                let r = send.write_all(&frame(&open)).await;
-                let _ = send.finish();
-                r.map_err(|e| e.to_string())
-            }
-            Err(e) => Err(e.to_string()),
-        },
-        Some(Route::Peer(addr)) => relay_cancel(cluster, &addr, &session.agent, &open).await,
-        None => Err(format!("agent {} is not connected", session.agent)),
-    };
-    match sent {
-        Ok(()) => tracing::info!(%peer, session_id = %session.id, "cancel request forwarded"),
+    match to_session_agent(cluster, agents, &session.agent, &open).await {
+        Ok(_) => tracing::info!(%peer, session_id = %session.id, "cancel request forwarded"),
         Err(e) => {
             tracing::warn!(%peer, session_id = %session.id, error = %e, "cancel request lost")
         }
     }
 }
 
-/// Sends a cancel through the node that holds the agent's connection.
-async fn relay_cancel(
+/// Sends a stream that carries no session (a cancel, an end) to `agent`,
+/// on this node or through the node that holds its connection, and returns
+/// what the agent answered before closing it.
+pub(crate) async fn to_session_agent(
+    cluster: &Cluster,
+    agents: &AgentRegistry,
+    agent: &str,
+    open: &SessionOpen,
+) -> Result<Vec<u8>, String> {
+    match locate(cluster, agents, agent).await {
+        Some(Route::Local) => {
+            let (mut send, mut recv) = agents
+                .open_session(agent)
+                .await
+                .map_err(|e| e.to_string())?;
+            send.write_all(&frame(open))
+                .await
+                .map_err(|e| e.to_string())?;
+            let _ = send.finish();
+            recv.read_to_end(1 << 16).await.map_err(|e| e.to_string())
+        }
+        Some(Route::Peer(addr)) => relay_control(cluster, &addr, agent, open).await,
+        None => Err(format!("agent {agent} is not connected")),
+    }
+}
+
+/// Sends a stream that carries no session through the node that holds the
+/// agent's connection; returns the agent's answer.
+async fn relay_control(
     cluster: &Cluster,
     peer: &str,
     agent: &str,
     open: &SessionOpen,
-) -> Result<(), String> {
+) -> Result<Vec<u8>, String> {
     use gatehouse_proto::cluster::RelayChunk;
     let chunks = futures::stream::iter([RelayChunk { data: frame(open) }]);
     let mut req = tonic::Request::new(chunks);
@@ -559,9 +577,36 @@ async fn relay_cancel(
         .await
         .map_err(|s| s.message().to_string())?
         .into_inner();
-    // The agent closes the stream once the upstream has the request.
-    while let Ok(Some(_)) = inbound.message().await {}
-    Ok(())
+    // The agent closes the stream once it has done what was asked.
+    let mut answer = Vec::new();
+    while let Ok(Some(chunk)) = inbound.message().await {
+        if answer.len() < 1 << 16 {
+            answer.extend_from_slice(&chunk.data);
+        }
+    }
+    Ok(answer)
+}
+
+/// Ends a running session wherever its agent is connected, telling its
+/// client `reason`. Ok(false) when the agent does not run it.
+pub(crate) async fn end_session(
+    cluster: &Cluster,
+    agents: &AgentRegistry,
+    session: &SessionRecord,
+    reason: &str,
+) -> Result<bool, String> {
+    let open = SessionOpen {
+        session_id: session.id.clone(),
+        target: session.target.clone(),
+        end_reason: reason.to_string(),
+        ..Default::default()
+    };
+    let answer = to_session_agent(cluster, agents, &session.agent, &open).await?;
+    let mut buf = answer.as_slice();
+    match gatehouse_proto::read_frame::<gatehouse_proto::tunnel::SessionEnded, _>(&mut buf).await {
+        Ok(Some(e)) => Ok(e.found),
+        _ => Err("the agent gave no answer".into()),
+    }
 }
 
 /// Where the agent serving a target is connected.

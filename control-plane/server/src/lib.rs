@@ -13,6 +13,7 @@ mod join;
 pub mod limits;
 pub mod peer;
 mod recordings;
+pub mod sessions;
 mod tls_listener;
 pub mod tunnel;
 mod webhook;

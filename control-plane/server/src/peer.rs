@@ -252,7 +252,8 @@ impl PeerService {
         if s.agent != agent || s.target != open.target {
             return refuse("the session is not served by this agent");
         }
-        if open.cancel {
+        // A cancel or an end carries no session.
+        if open.cancel || !open.end_reason.is_empty() {
             return Ok(());
         }
         let same = s.identity == open.identity

@@ -55,6 +55,8 @@ pub struct AgentCtx {
     rng: Mutex<StdRng>,
     /// The target's cancel key of every running session.
     pub cancel_keys: CancelKeys,
+    /// Every running session, to end one from outside.
+    pub running: Running,
     /// Compiled masking engines by policy document (compiling one takes
     /// milliseconds; sessions share it).
     pub maskers: guard::MaskerCache,
@@ -63,6 +65,64 @@ pub struct AgentCtx {
     /// The control plane's token-signing public keys (JWKS JSON), as its
     /// last hello acknowledgement gave them.
     pub token_keys: Mutex<String>,
+}
+
+/// Running sessions by id, each with the sender that ends it from outside
+/// (a kill, a revocation, a removed rule): the reason goes to its client.
+#[derive(Default)]
+pub struct Running(Mutex<HashMap<String, tokio::sync::watch::Sender<Option<String>>>>);
+
+/// Removes a session from [`Running`] when it ends.
+pub struct RunningGuard<'a> {
+    running: &'a Running,
+    session_id: String,
+}
+
+impl Running {
+    /// Registers a session; the receiver changes when it must end.
+    pub fn register(
+        &self,
+        session_id: &str,
+    ) -> (
+        RunningGuard<'_>,
+        tokio::sync::watch::Receiver<Option<String>>,
+    ) {
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        if let Ok(mut m) = self.0.lock() {
+            m.insert(session_id.to_string(), tx);
+        }
+        (
+            RunningGuard {
+                running: self,
+                session_id: session_id.to_string(),
+            },
+            rx,
+        )
+    }
+
+    /// Tells a running session to end; false when it is not running here.
+    pub fn end(&self, session_id: &str, reason: &str) -> bool {
+        self.0
+            .lock()
+            .ok()
+            .and_then(|m| {
+                m.get(session_id)
+                    .map(|tx| tx.send(Some(reason.to_string())))
+            })
+            .is_some()
+    }
+
+    pub fn is_running(&self, session_id: &str) -> bool {
+        self.0.lock().is_ok_and(|m| m.contains_key(session_id))
+    }
+}
+
+impl Drop for RunningGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.running.0.lock() {
+            m.remove(&self.session_id);
+        }
+    }
 }
 
 /// Where to send a cancel for one session.
@@ -142,6 +202,7 @@ impl AgentCtx {
                 seq: AtomicU64::new(0),
                 rng: Mutex::new(StdRng::from_os_rng()),
                 cancel_keys: CancelKeys::default(),
+                running: Running::default(),
                 maskers: guard::MaskerCache::default(),
                 server_conn: Mutex::new(None),
                 token_keys: Mutex::new(String::new()),

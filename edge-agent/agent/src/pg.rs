@@ -32,6 +32,13 @@ pub async fn session(ctx: Arc<AgentCtx>, mut send: quinn::SendStream, mut recv: 
         let _ = send.finish();
         return;
     }
+    if !open.end_reason.is_empty() {
+        let found = end_from_outside(&ctx, &open).await;
+        let reply = gatehouse_proto::frame(&gatehouse_proto::tunnel::SessionEnded { found });
+        let _ = send.write_all(&reply).await;
+        let _ = send.finish();
+        return;
+    }
     let result = match admit(&ctx, &open).await {
         Ok(admitted) => run(&ctx, &open, admitted, &mut send, &mut recv).await,
         Err(refused) => {
@@ -84,6 +91,25 @@ async fn cancel(ctx: &AgentCtx, open: &SessionOpen) {
         }
     }
 }
+
+/// Ends a running session for the control plane and waits (bounded) until
+/// it has: its client told, its recording sealed. False when it does not
+/// run here.
+async fn end_from_outside(ctx: &AgentCtx, open: &SessionOpen) -> bool {
+    if !ctx.running.end(&open.session_id, &open.end_reason) {
+        tracing::info!(session_id = %open.session_id, "end of a session not running here");
+        return false;
+    }
+    tracing::warn!(session_id = %open.session_id, reason = %open.end_reason, "session ended from outside");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+    while ctx.running.is_running(&open.session_id) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    true
+}
+
+/// The start of the end reason of a session ended from outside.
+const ENDED_FROM_OUTSIDE: &str = "session ended: ";
 
 /// How a session that could not be recorded ends.
 const RECORDING_FAILED: &str = "session recording failed";
@@ -299,6 +325,7 @@ async fn run(
         }
     ));
     ctx.audit(ev).await.map_err(|_| audit_down())?;
+    let (_running, mut ended) = ctx.running.register(&open.session_id);
     let _cancel_key = upstream.key.clone().map(|key| {
         ctx.cancel_keys.register(
             open.session_id.clone(),
@@ -355,7 +382,21 @@ async fn run(
         catalog: &catalog,
         state: &state,
     };
-    let reason = relay(pump, upstream.stream, upstream.greeting, send, recv).await;
+    let reason = tokio::select! {
+        r = relay(pump, upstream.stream, upstream.greeting, send, recv) => r,
+        Ok(()) = ended.changed() => {
+            // The relay is dropped, so the target's connection closes; a
+            // backend busy with a query would only notice at its next
+            // write, so the query is cancelled first.
+            if let Some(t) = ctx.cancel_keys.get(&open.session_id)
+                && let Err(e) = upstream::cancel(&t.target, &t.key).await
+            {
+                tracing::warn!(session_id = %open.session_id, error = %e, "cancelling the running query failed");
+            }
+            let why = ended.borrow().clone().unwrap_or_default();
+            format!("{ENDED_FROM_OUTSIDE}{why}")
+        }
+    };
     let (recorder, terminated) = state
         .lock()
         .ok()
@@ -383,6 +424,10 @@ async fn run(
             "58030".into(),
             format!("gatehouse: {reason}; the session is closed"),
         ));
+    }
+    // 57P01 (admin_shutdown), as PostgreSQL's own pg_terminate_backend.
+    if reason.starts_with(ENDED_FROM_OUTSIDE) {
+        return Err(ClientError("57P01".into(), format!("gatehouse: {reason}")));
     }
     Ok(reason)
 }

@@ -52,6 +52,10 @@ pub enum EventKind {
     /// Logins refused because their source or subject failed too often;
     /// one event per source and interval, with the count.
     LoginThrottled,
+    /// A running session was ended from outside: killed by an operator,
+    /// its identity revoked, or the rule that admitted it removed; the
+    /// detail names who and why.
+    SessionKilled,
 }
 
 /// The outcome of the policy decision for the action.

@@ -3,7 +3,8 @@
 use anyhow::Context;
 use clap::Subcommand;
 use gatehouse_proto::v1::{
-    GetRecordingRequest, ListSessionsRequest, Session, SetLegalHoldRequest, VerifyRecordingsRequest,
+    GetRecordingRequest, KillSessionRequest, ListSessionsRequest, Session, SetLegalHoldRequest,
+    VerifyRecordingsRequest,
 };
 use serde_json::json;
 
@@ -22,6 +23,17 @@ pub enum SessionsCmd {
         target: String,
         #[arg(long, default_value_t = 0)]
         limit: u32,
+        /// Only running sessions, with the node and agent holding them and
+        /// how long they have run.
+        #[arg(long)]
+        running: bool,
+    },
+    /// Ends a running session now, on whichever node and agent hold it; its
+    /// client gets a FATAL error naming the reason (roles admin, reviewer).
+    Kill {
+        id: String,
+        #[arg(long)]
+        reason: String,
     },
     /// The statements of a session, read from its recording.
     Show { id: String },
@@ -72,7 +84,7 @@ pub fn session_json(s: &Session) -> serde_json::Value {
         "recording_size": s.recording_size, "policy_version": s.policy_version,
         "chunk_keys": s.chunk_keys, "recording_events": s.recording_events,
         "legal_hold": s.legal_hold, "legal_hold_reason": s.legal_hold_reason,
-        "recording_deleted_ms": s.recording_deleted_ms,
+        "recording_deleted_ms": s.recording_deleted_ms, "node": s.node,
     })
 }
 
@@ -83,18 +95,44 @@ pub async fn exec(cmd: &SessionsCmd, ctx: &Ctx) -> anyhow::Result<()> {
             identity,
             target,
             limit,
+            running,
         } => {
             let s = c
                 .list_sessions(ListSessionsRequest {
                     identity: identity.clone(),
                     target: target.clone(),
                     limit: *limit,
+                    running: *running,
                 })
                 .await?
                 .into_inner()
                 .sessions;
             if ctx.json {
                 output::json(&json!(s.iter().map(session_json).collect::<Vec<_>>()))?;
+            } else if *running {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as i64)
+                    .unwrap_or_default();
+                output::table(
+                    &[
+                        "ID", "IDENTITY", "TARGET", "NODE", "AGENT", "STARTED", "DURATION",
+                    ],
+                    s.into_iter()
+                        .map(|x| {
+                            let secs = (now - x.started_ms).max(0) / 1000;
+                            vec![
+                                x.id,
+                                x.identity,
+                                x.target,
+                                x.node.to_string(),
+                                x.agent,
+                                fmt_ms(x.started_ms),
+                                format!("{}m{:02}s", secs / 60, secs % 60),
+                            ]
+                        })
+                        .collect(),
+                )?;
             } else {
                 output::table(
                     &["ID", "IDENTITY", "TARGET", "STARTED", "ENDED", "END REASON"],
@@ -111,6 +149,20 @@ pub async fn exec(cmd: &SessionsCmd, ctx: &Ctx) -> anyhow::Result<()> {
                         })
                         .collect(),
                 )?;
+            }
+        }
+        SessionsCmd::Kill { id, reason } => {
+            let s = c
+                .kill_session(KillSessionRequest {
+                    session_id: id.clone(),
+                    reason: reason.clone(),
+                })
+                .await?
+                .into_inner();
+            if ctx.json {
+                output::json(&session_json(&s))?;
+            } else {
+                outln!("session {} ended: {reason}", s.id)?;
             }
         }
         SessionsCmd::Show { id } => show_session(&mut c, id, ctx.json).await?,

@@ -71,6 +71,7 @@ pub fn policy(rpc: &str) -> Option<(&'static [&'static str], Access, bool)> {
     const OWN_EVIDENCE: &[&str] = &["auditor", "user"];
     const REVIEW_LIST: &[&str] = &["admin", "auditor", "reviewer", "user"];
     const REVIEW: &[&str] = &["reviewer"];
+    const KILL: &[&str] = &["admin", "reviewer"];
     // Any authenticated caller.
     const ANYONE: &[&str] = &[];
     Some(match rpc {
@@ -102,6 +103,7 @@ pub fn policy(rpc: &str) -> Option<(&'static [&'static str], Access, bool)> {
         "GetRecording" => (OWN_EVIDENCE, Read, false),
         "ListAccessRequests" => (REVIEW_LIST, Read, false),
         "ReviewAccessRequest" => (REVIEW, Write, false),
+        "KillSession" => (KILL, Write, false),
         "WhoAmI" => (ANYONE, Health, true),
         _ => return None,
     })
