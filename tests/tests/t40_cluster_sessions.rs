@@ -148,15 +148,17 @@ fn kill_home_and_wait(c: &mut TestCluster, home: u64) -> u64 {
     new_home
 }
 
-/// Starts a sleeping psql through `client_node`, kills its session with the
-/// CLI through `api_node`, and checks what the client, the index and the
-/// audit log show.
-fn kill_a_running_session(
+/// Starts a sleeping psql as `key` through `client_node`, ends its session
+/// with `end` (given the session id, run against `api_node`), and checks
+/// that the client was told `want` within a second, the target's backend
+/// went away, and the index and the audit log say why.
+fn end_a_running_session(
     c: &TestCluster,
     pg: &LocalPostgres,
     key: &str,
-    client_node: u64,
-    api_node: u64,
+    (client_node, api_node): (u64, u64),
+    end: &dyn Fn(&str, &str),
+    want: &[&str],
 ) {
     let sleep = format!("select pg_sleep(31), {client_node}");
     let (host, port) = c.node(client_node).pg.rsplit_once(':').unwrap();
@@ -198,29 +200,22 @@ fn kill_a_running_session(
     assert!(table.contains("DURATION") && table.contains(&id), "{table}");
 
     let t0 = std::time::Instant::now();
-    let killed = ok(
-        c,
-        &api,
-        &[
-            "sessions",
-            "kill",
-            &id,
-            "--reason",
-            "incident 7: runaway query",
-        ],
-    );
-    assert!(killed.contains("ended"), "{killed}");
+    end(&api, &id);
     let out = sleeper.wait_with_output().unwrap();
     let took = t0.elapsed();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("FATAL:  57P01: gatehouse: session ended: killed by")
-            && err.contains("incident 7: runaway query"),
+        err.contains("FATAL:  57P01: gatehouse: session ended: ")
+            && want.iter().all(|w| err.contains(w)),
         "{err}"
     );
-    assert!(took < Duration::from_secs(1), "the kill took {took:?}");
+    assert!(
+        took < Duration::from_secs(1),
+        "ending the session took {took:?}"
+    );
     println!(
-        "kill (client on node {client_node}, API on node {api_node}) took {} ms",
+        "{}: client on node {client_node}, API on node {api_node}: {} ms",
+        want[0],
         took.as_millis()
     );
     // The target's backend is gone too.
@@ -236,14 +231,9 @@ fn kill_a_running_session(
             .iter()
             .find(|s| s["id"] == id.as_str())?
             .clone();
-        s["end_reason"]
-            .as_str()?
-            .contains("killed by")
-            .then_some(())
+        let reason = s["end_reason"].as_str()?.to_string();
+        want.iter().all(|w| reason.contains(w)).then_some(())
     });
-    let again = c.cli(&api, &["sessions", "kill", &id, "--reason", "again"]);
-    assert!(!again.status.success());
-    assert!(String::from_utf8_lossy(&again.stderr).contains("already ended"));
     let events: serde_json::Value = serde_json::from_str(&ok(
         c,
         &api,
@@ -259,9 +249,34 @@ fn kill_a_running_session(
                 && e["session_id"] == id.as_str()
                 && e["detail"]
                     .as_str()
-                    .is_some_and(|d| d.contains("incident 7") && d.contains("killed by"))),
+                    .is_some_and(|d| want.iter().all(|w| d.contains(w)))),
         "a session_killed event names who and why"
     );
+}
+
+/// A service account allowed on `db`; returns its key and its rule's id.
+fn account_with_rule(c: &TestCluster, name: &str) -> (String, String) {
+    let api1 = c.node(1).api.clone();
+    let v: serde_json::Value = serde_json::from_str(&ok(
+        c,
+        &api1,
+        &["service-accounts", "create", name, "-o", "json"],
+    ))
+    .unwrap();
+    let created = ok(
+        c,
+        &api1,
+        &[
+            "rules",
+            "create",
+            "--subject",
+            &format!("sa:{name}"),
+            "--target",
+            "db",
+        ],
+    );
+    let rule = created.split_whitespace().nth(1).unwrap().to_string();
+    (v["api_key"].as_str().unwrap().to_string(), rule)
 }
 
 #[test]
@@ -345,9 +360,72 @@ fn any_node_serves_sessions_and_the_agent_fails_over_to_a_surviving_node() {
     // The kill switch, from another node's API, for a client on the agent's
     // node and for one on another node: each ends within a second, the
     // client told why, the index and the audit log saying who did it.
-    for (client_node, api_node) in [(home, away), (away, home)] {
-        kill_a_running_session(&c, &pg, &key, client_node, api_node);
+    let kill = |api: &str, id: &str| {
+        let out = ok(
+            &c,
+            api,
+            &[
+                "sessions",
+                "kill",
+                id,
+                "--reason",
+                "incident 7: runaway query",
+            ],
+        );
+        assert!(out.contains("ended"), "{out}");
+    };
+    let killed = ["killed by", "incident 7: runaway query"];
+    for nodes in [(home, away), (away, home)] {
+        end_a_running_session(&c, &pg, &key, nodes, &kill, &killed);
     }
+    // A session that has ended cannot be killed again.
+    let ended: serde_json::Value = serde_json::from_str(&ok(
+        &c,
+        &c.node(home).api,
+        &["sessions", "list", "-o", "json"],
+    ))
+    .unwrap();
+    let last = ended.as_array().unwrap().last().unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let again = c.cli(
+        &c.node(home).api,
+        &["sessions", "kill", &last, "--reason", "again"],
+    );
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already ended"));
+
+    // Removing the only rule that admits a session ends it; the identity
+    // cannot open a new one.
+    let (bob, bob_rule) = account_with_rule(&c, "bob");
+    let delete = |api: &str, _id: &str| {
+        let out = ok(&c, api, &["rules", "delete", &bob_rule]);
+        assert!(out.contains("1 running session(s) ended"), "{out}");
+    };
+    let removed = ["access rule", "removed by"];
+    end_a_running_session(&c, &pg, &bob, (away, home), &delete, &removed);
+    let refused = psql_at(&c.node(away).pg, &bob, "select 1");
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("may not use a target"));
+
+    // Revoking an identity ends its sessions everywhere and its key stops
+    // working.
+    let (carl, _) = account_with_rule(&c, "carl");
+    let revoke = |api: &str, _id: &str| {
+        let out = ok(
+            &c,
+            api,
+            &["identities", "revoke", "sa:carl", "--reason", "key leaked"],
+        );
+        assert!(out.contains("1 running session(s) ended"), "{out}");
+    };
+    let revoked = ["sa:carl revoked by", "key leaked"];
+    end_a_running_session(&c, &pg, &carl, (home, away), &revoke, &revoked);
+    let refused = psql_at(&c.node(home).pg, &carl, "select 1");
+    assert!(
+        !refused.status.success(),
+        "a revoked key still opens sessions"
+    );
 
     let new_home = kill_home_and_wait(&mut c, home);
     let other = [1, 2, 3]

@@ -100,6 +100,21 @@ async fn call_all(
     );
     call!(
         out,
+        "DeleteRule",
+        a.delete_rule(DeleteRuleRequest {
+            id: "no-such-rule".into()
+        })
+    );
+    call!(
+        out,
+        "RevokeIdentity",
+        a.revoke_identity(RevokeIdentityRequest {
+            identity: "sa:no-such-account".into(),
+            reason: "r".into()
+        })
+    );
+    call!(
+        out,
         "KillSession",
         a.kill_session(KillSessionRequest {
             session_id: "no-such-session".into(),
@@ -225,6 +240,8 @@ fn granted(role: &str, rpc: &str) -> bool {
         "CreateServiceAccount",
         "CreateTarget",
         "CreateRule",
+        "DeleteRule",
+        "RevokeIdentity",
         "ApplyPolicy",
         "CreateEnrollmentToken",
         "SetLegalHold",
@@ -359,7 +376,7 @@ async fn every_call_is_authorized_by_role_and_the_rest_is_denied_and_audited() {
         let mut r = connect_reviews(&s.api, key, &ca).await.unwrap();
         let before = config(&mut root).await;
         let results = call_all(&mut a, &mut r, role).await;
-        assert_eq!(results.len(), 34, "every RPC of both services is called");
+        assert_eq!(results.len(), 36, "every RPC of both services is called");
         let mut denied = BTreeSet::new();
         for (rpc, res) in &results {
             let refused = matches!(res, Err(st) if st.code() == Code::PermissionDenied);

@@ -221,6 +221,11 @@ impl StateReader {
     }
 
     /// Whether `identity` (or one of its `groups`) has a rule for `target`.
+    /// When an identity was revoked (tokens issued up to then are refused).
+    pub fn revoked_at(&self, identity: &str) -> Result<Option<i64>, ReadError> {
+        self.get(&crate::state::key::revoked(identity))
+    }
+
     pub fn is_allowed(
         &self,
         identity: &str,

@@ -266,6 +266,9 @@ pub(crate) mod key {
     pub fn target(name: &str) -> String {
         format!("target/{name}")
     }
+    pub fn revoked(identity: &str) -> String {
+        format!("revoked/{identity}")
+    }
     pub fn rule(id: &str) -> String {
         format!("rule/{id}")
     }
@@ -365,6 +368,30 @@ pub(crate) fn apply(txn: &WriteTransaction, cmd: &Command) -> ApplyResult<Comman
             put(&mut kv, &key::rule(&rule.id), rule)?;
             let version = policy_version(&kv)?;
             kv.insert(key::POLICY_VERSION, version.as_str())?;
+            CommandResult::Ok
+        }
+        Command::DeleteRule { id } => {
+            if kv.remove(key::rule(id).as_str())?.is_none() {
+                return Ok(reject(Rejection::NotFound(format!("access rule {id}"))));
+            }
+            let version = policy_version(&kv)?;
+            kv.insert(key::POLICY_VERSION, version.as_str())?;
+            CommandResult::Ok
+        }
+        Command::RevokeIdentity {
+            identity, at_ms, ..
+        } => {
+            if let Some(name) = identity.strip_prefix("sa:") {
+                let k = key::sa(name);
+                let Some(mut sa) = get::<ServiceAccount>(&kv, &k)? else {
+                    return Ok(reject(Rejection::NotFound(format!(
+                        "service account {name}"
+                    ))));
+                };
+                sa.keys.clear();
+                put(&mut kv, &k, &sa)?;
+            }
+            put(&mut kv, &key::revoked(identity), at_ms)?;
             CommandResult::Ok
         }
         Command::ApplyPolicy { policy } => {
@@ -848,6 +875,13 @@ fn describe_change(cmd: &Command) -> (String, String) {
             ),
         ),
         Command::DeleteIssuer { name } => (String::new(), format!("deleted issuer {name}")),
+        Command::DeleteRule { id } => (String::new(), format!("deleted access rule {id}")),
+        Command::RevokeIdentity {
+            identity, reason, ..
+        } => (
+            String::new(),
+            format!("revoked {identity} (its tokens and API keys): {reason}"),
+        ),
         Command::SetStaticGroups { identity, groups } => (
             String::new(),
             format!("set static groups of {identity} to [{}]", groups.join(", ")),

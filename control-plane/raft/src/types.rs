@@ -57,6 +57,18 @@ pub enum Command {
     CreateRule {
         rule: Rule,
     },
+    /// Removes an access rule; sessions it alone admitted are then ended by
+    /// the node that proposed it.
+    DeleteRule {
+        id: String,
+    },
+    /// Revokes an identity: tokens issued to it up to `at_ms` are refused,
+    /// and a service account's API keys are removed.
+    RevokeIdentity {
+        identity: String,
+        at_ms: i64,
+        reason: String,
+    },
     CreateAccessRequest {
         request: Box<AccessRequest>,
     },

@@ -469,6 +469,107 @@ impl Admin for AdminService {
         }))
     }
 
+    async fn delete_rule(&self, req: Request<DeleteRuleRequest>) -> ApiResult<DeleteRuleResponse> {
+        let authz = self.allow(&req, "DeleteRule").await?;
+        let actor = authz.actor.clone();
+        let id = req.into_inner().id;
+        let rule = self
+            .cluster
+            .reader
+            .rules()
+            .map_err(ApiError::from)?
+            .into_iter()
+            .find(|r| r.id == id)
+            .ok_or_else(|| ApiError::NotFound(format!("access rule {id} not found")))?;
+        self.cluster
+            .propose_audited(&actor, Command::DeleteRule { id: id.clone() })
+            .await
+            .map_err(ApiError::from)?;
+        // Judge the running sessions on the rules as they now are.
+        self.cluster.linearizable().await.map_err(ApiError::from)?;
+        let reader = &self.cluster.reader;
+        let unadmitted: Vec<_> = crate::sessions::running(&self.cluster)?
+            .into_iter()
+            .filter(|s| {
+                !reader
+                    .is_allowed(&s.identity, &s.groups, &s.target)
+                    .unwrap_or(false)
+            })
+            .collect();
+        let why = format!(
+            "access rule {id} ({} may use {}) removed by {}",
+            rule.subject, rule.target, actor.principal.identity
+        );
+        let ended = crate::sessions::end_all(
+            &self.cluster,
+            &self.agents,
+            &unadmitted,
+            &why,
+            &format!("from {}", actor.addr),
+        )
+        .await;
+        Ok(Response::new(DeleteRuleResponse {
+            rule: Some(Rule {
+                id: rule.id,
+                subject: rule.subject,
+                target: rule.target,
+                created_ms: rule.created_ms,
+            }),
+            sessions_ended: ended,
+        }))
+    }
+
+    async fn revoke_identity(
+        &self,
+        req: Request<RevokeIdentityRequest>,
+    ) -> ApiResult<RevokeIdentityResponse> {
+        let authz = self.allow(&req, "RevokeIdentity").await?;
+        let actor = authz.actor.clone();
+        let req = req.into_inner();
+        crate::identity::admin::valid_principal(&req.identity, false)?;
+        if req.reason.trim().is_empty() {
+            return Err(
+                ApiError::InvalidArgument("a revocation needs a reason (--reason)".into()).into(),
+            );
+        }
+        let at_ms = now_ms();
+        self.cluster
+            .propose_audited(
+                &actor,
+                Command::RevokeIdentity {
+                    identity: req.identity.clone(),
+                    at_ms,
+                    reason: req.reason.trim().to_string(),
+                },
+            )
+            .await
+            .map_err(ApiError::from)?;
+        self.cluster.linearizable().await.map_err(ApiError::from)?;
+        let theirs: Vec<_> = crate::sessions::running(&self.cluster)?
+            .into_iter()
+            .filter(|s| s.identity == req.identity)
+            .collect();
+        let why = format!(
+            "{} revoked by {}: {}",
+            req.identity,
+            actor.principal.identity,
+            req.reason.trim()
+        );
+        let ended = crate::sessions::end_all(
+            &self.cluster,
+            &self.agents,
+            &theirs,
+            &why,
+            &format!("from {}", actor.addr),
+        )
+        .await;
+        Ok(Response::new(RevokeIdentityResponse {
+            identity: req.identity,
+            revoked_ms: at_ms,
+            sessions_ended: ended,
+        }))
+    }
+
     async fn list_rules(&self, req: Request<ListRequest>) -> ApiResult<ListRulesResponse> {
         self.allow(&req, "ListRules").await?;
         let reader = &self.cluster.reader;

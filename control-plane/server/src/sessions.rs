@@ -10,6 +10,39 @@ use crate::api::ApiError;
 use crate::cluster::Cluster;
 use crate::tunnel::AgentRegistry;
 
+/// Sessions that have not ended, as this node's state has them.
+pub fn running(cluster: &Cluster) -> Result<Vec<SessionRecord>, ApiError> {
+    Ok(cluster
+        .reader
+        .sessions()
+        .map_err(ApiError::from)?
+        .into_iter()
+        .filter(|s| s.ended_ms.is_none())
+        .collect())
+}
+
+/// Ends `sessions` at once; returns how many ended. One that cannot be
+/// ended is logged (its agent ends it when it next reconnects and reports).
+pub async fn end_all(
+    cluster: &Cluster,
+    agents: &AgentRegistry,
+    sessions: &[SessionRecord],
+    why: &str,
+    whence: &str,
+) -> u32 {
+    let ends = sessions
+        .iter()
+        .map(|s| end(cluster, agents, s, why, whence));
+    let mut n = 0;
+    for (s, r) in sessions.iter().zip(futures::future::join_all(ends).await) {
+        match r {
+            Ok(()) => n += 1,
+            Err(e) => tracing::warn!(session_id = %s.id, error = %e, "session not ended"),
+        }
+    }
+    n
+}
+
 /// Ends one running session: `why` goes to its client, its recording and
 /// the audit event; `whence` (the actor's address) only to the event.
 pub async fn end(

@@ -86,6 +86,10 @@ pub enum Cmd {
     /// Roles on the API and who holds them.
     #[command(subcommand)]
     Roles(users::RolesCmd),
+    /// Identities: revoke one (its tokens, a service account's API keys),
+    /// ending its running sessions.
+    #[command(subcommand)]
+    Identities(users::IdentitiesCmd),
     /// Targets: the databases and hosts agents serve.
     #[command(subcommand)]
     Targets(targets::TargetsCmd),
@@ -196,6 +200,7 @@ pub async fn exec(cli: Cli) -> anyhow::Result<()> {
         Cmd::Issuers(c) => issuers::exec(&c, &ctx).await,
         Cmd::Users(c) => users::users(&c, &ctx).await,
         Cmd::Roles(c) => users::roles(&c, &ctx).await,
+        Cmd::Identities(c) => users::identities(&c, &ctx).await,
         Cmd::Targets(c) => targets::exec(&c, &ctx).await,
         Cmd::ServiceAccounts(c) => service_accounts::exec(&c, &ctx).await,
         Cmd::Rules(c) => rules::exec(&c, &ctx).await,

@@ -1,7 +1,7 @@
 //! `gatehouse rules`.
 
 use clap::Subcommand;
-use gatehouse_proto::v1::{CreateRuleRequest, ListRequest};
+use gatehouse_proto::v1::{CreateRuleRequest, DeleteRuleRequest, ListRequest};
 use serde_json::json;
 
 use super::Ctx;
@@ -19,6 +19,8 @@ pub enum RulesCmd {
         #[arg(long)]
         target: String,
     },
+    /// Remove an access rule; running sessions no remaining rule admits end.
+    Delete { id: String },
 }
 
 pub async fn exec(cmd: &RulesCmd, ctx: &Ctx) -> anyhow::Result<()> {
@@ -51,6 +53,20 @@ pub async fn exec(cmd: &RulesCmd, ctx: &Ctx) -> anyhow::Result<()> {
                 .await?
                 .into_inner();
             outln!("rule {} created: {} may use {}", r.id, r.subject, r.target)?;
+        }
+        RulesCmd::Delete { id } => {
+            let r = c
+                .delete_rule(DeleteRuleRequest { id: id.clone() })
+                .await?
+                .into_inner();
+            if ctx.json {
+                output::json(&json!({"id": id, "sessions_ended": r.sessions_ended}))?;
+            } else {
+                outln!(
+                    "rule {id} deleted; {} running session(s) ended",
+                    r.sessions_ended
+                )?;
+            }
         }
     }
     Ok(())

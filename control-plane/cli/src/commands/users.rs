@@ -2,7 +2,7 @@
 //! groups, and roles on the API.
 
 use clap::Subcommand;
-use gatehouse_proto::v1::{ListRequest, RoleGrant, SetStaticGroupsRequest};
+use gatehouse_proto::v1::{ListRequest, RevokeIdentityRequest, RoleGrant, SetStaticGroupsRequest};
 use serde_json::json;
 
 use super::Ctx;
@@ -20,6 +20,45 @@ pub enum UsersCmd {
         #[arg(long = "group")]
         groups: Vec<String>,
     },
+}
+
+#[derive(Subcommand)]
+pub enum IdentitiesCmd {
+    /// Revoke an identity: a person's tokens issued so far (a new login
+    /// gets a new one), or a service account for good (its API keys and
+    /// tokens); its running sessions end everywhere.
+    Revoke {
+        /// user:<issuer>/<subject> or sa:<name>
+        identity: String,
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+pub async fn identities(cmd: &IdentitiesCmd, ctx: &Ctx) -> anyhow::Result<()> {
+    let mut c = ctx.admin().await?;
+    match cmd {
+        IdentitiesCmd::Revoke { identity, reason } => {
+            let r = c
+                .revoke_identity(RevokeIdentityRequest {
+                    identity: identity.clone(),
+                    reason: reason.clone(),
+                })
+                .await?
+                .into_inner();
+            if ctx.json {
+                output::json(&json!({"identity": r.identity, "revoked_ms": r.revoked_ms,
+                    "sessions_ended": r.sessions_ended}))?;
+            } else {
+                outln!(
+                    "{} revoked; {} running session(s) ended",
+                    r.identity,
+                    r.sessions_ended
+                )?;
+            }
+        }
+    }
+    Ok(())
 }
 
 #[derive(Subcommand)]

@@ -104,6 +104,7 @@ pub fn policy(rpc: &str) -> Option<(&'static [&'static str], Access, bool)> {
         "ListAccessRequests" => (REVIEW_LIST, Read, false),
         "ReviewAccessRequest" => (REVIEW, Write, false),
         "KillSession" => (KILL, Write, false),
+        "DeleteRule" | "RevokeIdentity" => (ADMIN, Write, false),
         "WhoAmI" => (ANYONE, Health, true),
         _ => return None,
     })

@@ -48,6 +48,8 @@ pub enum TokenError {
     Invalid(String),
     #[error("no token-signing key is available: {0}")]
     NoKey(String),
+    #[error("the access token was revoked; run `gatehouse login` again")]
+    Revoked,
 }
 
 /// Signs and verifies Gatehouse tokens.
@@ -185,6 +187,15 @@ impl Tokens {
         let c = data.claims;
         if c.iat > now_ms() / 1000 + SKEW_SECS as i64 {
             return Err(TokenError::Invalid("issued in the future".into()));
+        }
+        // A revoked service account stays revoked; a person's tokens issued
+        // up to a revocation (second resolution, as iat) are refused, and a
+        // later login gets a new one.
+        match self.cluster.reader.revoked_at(&c.sub) {
+            Ok(Some(_)) if c.sub.starts_with("sa:") => return Err(TokenError::Revoked),
+            Ok(Some(at)) if c.iat <= at.div_euclid(1000) => return Err(TokenError::Revoked),
+            Ok(_) => {}
+            Err(e) => return Err(TokenError::NoKey(format!("revocations unreadable: {e}"))),
         }
         Ok(Principal {
             identity: c.sub,
