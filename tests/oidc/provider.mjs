@@ -12,21 +12,6 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import Provider from 'oidc-provider';
 
-// `node provider.mjs --keygen KID OUT.json`: one RSA signing key, as the
-// private JWK (for the provider) and PKCS#8 PEM (for a test that signs
-// tokens of its own with it).
-if (process.argv[2] === '--keygen') {
-  const { privateKey, publicKey } = crypto.generateKeyPairSync('rsa', { modulusLength: 2048 });
-  const key = {
-    kid: process.argv[3],
-    jwk: privateKey.export({ format: 'jwk' }),
-    pem: privateKey.export({ type: 'pkcs8', format: 'pem' }),
-    public_pem: publicKey.export({ type: 'spki', format: 'pem' }),
-  };
-  fs.writeFileSync(process.argv[4], JSON.stringify([key]));
-  process.exit(0);
-}
-
 const cfg = JSON.parse(fs.readFileSync(process.argv[2], 'utf8'));
 const keys = JSON.parse(fs.readFileSync(cfg.keys, 'utf8'));
 const issuer = `http://127.0.0.1:${cfg.port}`;

@@ -76,13 +76,27 @@ impl OidcProvider {
     /// A new signing key `kid` replaces the old ones (takes effect at the
     /// next launch).
     pub fn keygen(&self, kid: &str) {
-        let st = Command::new("node")
-            .arg(script_dir().join("provider.mjs"))
-            .args(["--keygen", kid])
-            .arg(&self.keys)
-            .status()
-            .unwrap();
-        assert!(st.success(), "key generation failed");
+        // Bounded: a node process that does not finish is killed and run
+        // again (once seen hanging at exit on a fresh machine).
+        for _ in 0..3 {
+            let mut child = Command::new("node")
+                .arg(script_dir().join("keygen.mjs"))
+                .arg(kid)
+                .arg(&self.keys)
+                .spawn()
+                .unwrap();
+            let t0 = std::time::Instant::now();
+            while t0.elapsed() < std::time::Duration::from_secs(30) {
+                if let Some(st) = child.try_wait().unwrap() {
+                    assert!(st.success(), "key generation failed");
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("key generation did not finish in three tries of 30 s");
     }
 
     pub fn key(&self) -> ProviderKey {

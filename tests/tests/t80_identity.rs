@@ -228,6 +228,37 @@ async fn people_log_in_at_the_provider_and_its_groups_decide_access() {
         "{plain}"
     );
 
+    // Revoking carol's tokens ends her running session at once and refuses
+    // the token for new ones.
+    s.cli_ok(&["users", "set-groups", "user:corp/carol", "--group", "dba"]);
+    let client = s.driver(&token).await;
+    client.simple_query("select 1").await.unwrap();
+    let out = s.cli_ok(&[
+        "identities",
+        "revoke",
+        "user:corp/carol",
+        "--reason",
+        "laptop stolen",
+    ]);
+    assert!(out.contains("1 running session(s) ended"), "{out}");
+    assert!(client.simple_query("select 1").await.is_err());
+    let (_, err, ok) = s.psql_user(&token, "select 1");
+    assert!(!ok, "a revoked token opens no session");
+    assert!(err.contains("revoked"), "{err}");
+    let sessions = s.cli_ok(&[
+        "sessions",
+        "list",
+        "--identity",
+        "user:corp/carol",
+        "-o",
+        "json",
+    ]);
+    assert!(
+        sessions.contains("user:corp/carol revoked by") && sessions.contains("laptop stolen"),
+        "{sessions}"
+    );
+    s.cli_ok(&["users", "set-groups", "user:corp/carol"]);
+
     let out = person(&s, &token_file, &["logout"]).output().unwrap();
     assert!(out.status.success());
     assert!(!token_file.exists());
