@@ -279,6 +279,174 @@ fn account_with_rule(c: &TestCluster, name: &str) -> (String, String) {
     (v["api_key"].as_str().unwrap().to_string(), rule)
 }
 
+/// Lines a child writes to stdout, each with when it was read.
+fn timed_lines(
+    out: impl std::io::Read + Send + 'static,
+) -> std::sync::mpsc::Receiver<(std::time::Instant, String)> {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send((std::time::Instant::now(), line)).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// The first line containing `needle`, with when it arrived.
+fn line_with(
+    rx: &std::sync::mpsc::Receiver<(std::time::Instant, String)>,
+    needle: &str,
+    seen: &mut Vec<String>,
+) -> std::time::Instant {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let (at, line) = rx
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("no line with {needle:?}; seen {seen:?}"));
+        seen.push(line.clone());
+        if line.contains(needle) {
+            return at;
+        }
+    }
+}
+
+/// `sessions watch` through a node that neither the client nor the agent
+/// uses shows each statement within 200 ms of the client seeing its result,
+/// with masked values exactly as the client (and the recording) got them.
+fn watch_a_running_session(c: &TestCluster, key: &str, client_node: u64, api_node: u64) {
+    let api = c.node(api_node).api.clone();
+    ok(
+        c,
+        &api,
+        &[
+            "policy",
+            "apply",
+            "-f",
+            c.tmp.path().join("mask.yaml").to_str().unwrap(),
+        ],
+    );
+    let (host, port) = c.node(client_node).pg.rsplit_once(':').unwrap();
+    let mut client = std::process::Command::new("psql")
+        .args(["-X", "-A", "-t", "-q"])
+        .arg(format!(
+            "host={host} port={port} user=db dbname=app sslmode=require"
+        ))
+        .env("PGPASSWORD", key)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = client.stdin.take().unwrap();
+    let client_out = timed_lines(client.stdout.take().unwrap());
+    let mut seen_client = Vec::new();
+    use std::io::Write;
+    writeln!(stdin, "select 'warm-up';").unwrap();
+    line_with(&client_out, "warm-up", &mut seen_client);
+    let running: serde_json::Value = serde_json::from_str(&ok(
+        c,
+        &api,
+        &["sessions", "list", "--running", "-o", "json"],
+    ))
+    .unwrap();
+    let id = running
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["node"] == client_node)
+        .expect("the running session")["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut watcher = std::process::Command::new(bin("gatehouse"))
+        .args(["sessions", "watch", &id])
+        .env("GATEHOUSE_API", &api)
+        .env("GATEHOUSE_TOKEN", &c.token)
+        .env("GATEHOUSE_CA_FILE", &c.ca_file)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let watch_out = timed_lines(watcher.stdout.take().unwrap());
+    // The watch is open once it shows a statement run after it started.
+    let mut seen_watch = Vec::new();
+    let mut n = 0;
+    wait_until("the watch is open", Duration::from_secs(10), || {
+        n += 1;
+        writeln!(stdin, "select 'ping-{n}';").unwrap();
+        line_with(&client_out, &format!("ping-{n}"), &mut seen_client);
+        let got = watch_out.recv_timeout(Duration::from_millis(300)).ok()?;
+        seen_watch.push(got.1.clone());
+        Some(())
+    });
+    let mut worst = Duration::ZERO;
+    for i in 0..5 {
+        writeln!(
+            stdin,
+            "select 'watch-{i}' as tag, 'ada{i}@example.com' as email;"
+        )
+        .unwrap();
+        let client_at = line_with(&client_out, &format!("watch-{i}"), &mut seen_client);
+        let watch_at = line_with(&watch_out, &format!("watch-{i}"), &mut seen_watch);
+        worst = worst.max(watch_at.saturating_duration_since(client_at));
+    }
+    println!(
+        "watch: a statement showed within {} ms of its result",
+        worst.as_millis()
+    );
+    assert!(
+        worst <= Duration::from_millis(200),
+        "the watch lagged {worst:?}"
+    );
+    // Masked values stay masked, as the client saw them.
+    let masked_line = seen_client
+        .iter()
+        .find(|l| l.contains("watch-0"))
+        .unwrap()
+        .clone();
+    assert!(!masked_line.contains("ada0@example.com"), "{masked_line}");
+    let masked = masked_line.split('|').nth(1).unwrap().to_string();
+    let watched = seen_watch.join("\n");
+    assert!(watched.contains(&format!("watch-0 | {masked}")), "{watched}");
+    // The statement text is shown as typed; result values never in clear.
+    assert!(
+        !seen_watch.iter().any(|l| l.contains(" row ") && l.contains("ada")),
+        "{watched}"
+    );
+    // The watch ends with the session.
+    drop(stdin);
+    client.wait().unwrap();
+    let t0 = std::time::Instant::now();
+    while watcher.try_wait().unwrap().is_none() && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let st = watcher
+        .try_wait()
+        .unwrap()
+        .expect("the watch ends with the session");
+    assert!(st.success());
+    // No policy again for what follows.
+    std::fs::write(
+        c.tmp.path().join("open.yaml"),
+        "guardrails:\n  default: allow\n",
+    )
+    .unwrap();
+    ok(
+        c,
+        &api,
+        &[
+            "policy",
+            "apply",
+            "-f",
+            c.tmp.path().join("open.yaml").to_str().unwrap(),
+        ],
+    );
+}
+
 #[test]
 fn any_node_serves_sessions_and_the_agent_fails_over_to_a_surviving_node() {
     let mut c = TestCluster::start(3, 20_000);
@@ -394,6 +562,18 @@ fn any_node_serves_sessions_and_the_agent_fails_over_to_a_surviving_node() {
         &["sessions", "kill", &last, "--reason", "again"],
     );
     assert!(String::from_utf8_lossy(&again.stderr).contains("already ended"));
+
+    // The live view, through the third node.
+    std::fs::write(
+        c.tmp.path().join("mask.yaml"),
+        "masking:\n  detectors: [email]\n",
+    )
+    .unwrap();
+    let third = [1u64, 2, 3]
+        .into_iter()
+        .find(|n| *n != home && *n != away)
+        .unwrap();
+    watch_a_running_session(&c, &key, away, third);
 
     // Removing the only rule that admits a session ends it; the identity
     // cannot open a new one.

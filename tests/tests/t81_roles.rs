@@ -115,6 +115,13 @@ async fn call_all(
     );
     call!(
         out,
+        "WatchSession",
+        a.watch_session(WatchSessionRequest {
+            session_id: "no-such-session".into()
+        })
+    );
+    call!(
+        out,
         "KillSession",
         a.kill_session(KillSessionRequest {
             session_id: "no-such-session".into(),
@@ -289,7 +296,13 @@ fn granted(role: &str, rpc: &str) -> bool {
         "admin" => {
             CONFIG.contains(&rpc)
                 || CONFIG_READ.contains(&rpc)
-                || ["ListSessions", "ListAccessRequests", "KillSession"].contains(&rpc)
+                || [
+                    "ListSessions",
+                    "ListAccessRequests",
+                    "KillSession",
+                    "WatchSession",
+                ]
+                .contains(&rpc)
         }
         "auditor" => {
             CONFIG_READ.contains(&rpc)
@@ -298,10 +311,17 @@ fn granted(role: &str, rpc: &str) -> bool {
                     "GetRecording",
                     "ListAuditEvents",
                     "ListAccessRequests",
+                    "WatchSession",
                 ]
                 .contains(&rpc)
         }
-        "reviewer" => ["ListAccessRequests", "ReviewAccessRequest", "KillSession"].contains(&rpc),
+        "reviewer" => [
+            "ListAccessRequests",
+            "ReviewAccessRequest",
+            "KillSession",
+            "WatchSession",
+        ]
+        .contains(&rpc),
         "user" => ["ListSessions", "GetRecording", "ListAccessRequests"].contains(&rpc),
         "break-glass" => BREAK_GLASS.contains(&rpc),
         _ => false,
@@ -376,7 +396,7 @@ async fn every_call_is_authorized_by_role_and_the_rest_is_denied_and_audited() {
         let mut r = connect_reviews(&s.api, key, &ca).await.unwrap();
         let before = config(&mut root).await;
         let results = call_all(&mut a, &mut r, role).await;
-        assert_eq!(results.len(), 36, "every RPC of both services is called");
+        assert_eq!(results.len(), 37, "every RPC of both services is called");
         let mut denied = BTreeSet::new();
         for (rpc, res) in &results {
             let refused = matches!(res, Err(st) if st.code() == Code::PermissionDenied);

@@ -634,6 +634,8 @@ impl Admin for AdminService {
             Ok(_) | Err(ProposeError::Rejected(Rejection::Unchanged(_))) => {}
             Err(e) => return Err(ApiError::from(e).into()),
         }
+        // Committed, but on a follower perhaps not applied here yet.
+        self.cluster.linearizable().await.map_err(ApiError::from)?;
         let cur = reader
             .current_policy()
             .map_err(ApiError::from)?
@@ -872,6 +874,52 @@ impl Admin for AdminService {
             });
         }
         Ok(Response::new(VerifyRecordingsResponse { results }))
+    }
+
+    type WatchSessionStream =
+        tonic::codegen::tokio_stream::wrappers::ReceiverStream<Result<WatchSessionEvent, Status>>;
+
+    async fn watch_session(
+        &self,
+        req: Request<WatchSessionRequest>,
+    ) -> ApiResult<Self::WatchSessionStream> {
+        self.allow(&req, "WatchSession").await?;
+        let id = req.into_inner().session_id;
+        let _ = self.cluster.linearizable().await;
+        let s = self.session(&id)?;
+        if s.ended_ms.is_some() {
+            return Err(Status::failed_precondition(format!(
+                "session {id} has ended; read it with `gatehouse sessions replay {id}`"
+            )));
+        }
+        let mut chunks = crate::ingress::watch_session(&self.cluster, &self.agents, &s)
+            .await
+            .map_err(ApiError::Unavailable)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            // Whole lines only: a chunk may end inside one.
+            let mut pending: Vec<u8> = Vec::new();
+            while let Some(chunk) = chunks.recv().await {
+                pending.extend_from_slice(&chunk);
+                while let Some(i) = pending.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=i).collect();
+                    let record =
+                        String::from_utf8_lossy(line.get(..i).unwrap_or_default()).into_owned();
+                    if tx.send(Ok(WatchSessionEvent { record })).await.is_err() {
+                        return;
+                    }
+                }
+                if pending.len() > 64 << 20 {
+                    let _ = tx
+                        .send(Err(Status::data_loss("a record over 64 MiB")))
+                        .await;
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(
+            tonic::codegen::tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
     }
 
     async fn kill_session(&self, req: Request<KillSessionRequest>) -> ApiResult<Session> {

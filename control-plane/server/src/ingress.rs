@@ -473,6 +473,7 @@ async fn admit(
             cancel: false,
             policy_document: policy.map(|p| p.canonical).unwrap_or_default(),
             end_reason: String::new(),
+            watch: false,
         },
         target.agent,
         route,
@@ -554,6 +555,73 @@ pub(crate) async fn to_session_agent(
         Some(Route::Peer(addr)) => relay_control(cluster, &addr, agent, open).await,
         None => Err(format!("agent {agent} is not connected")),
     }
+}
+
+/// Opens a watch of a running session at its agent, on this node or through
+/// the node that holds the agent's connection: what the agent sends (JSON
+/// lines) arrives in chunks until the session ends. Dropping the receiver
+/// ends the watch.
+pub(crate) async fn watch_session(
+    cluster: &Cluster,
+    agents: &AgentRegistry,
+    session: &SessionRecord,
+) -> Result<tokio::sync::mpsc::Receiver<Vec<u8>>, String> {
+    let open = SessionOpen {
+        session_id: session.id.clone(),
+        target: session.target.clone(),
+        watch: true,
+        ..Default::default()
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    match locate(cluster, agents, &session.agent).await {
+        Some(Route::Local) => {
+            let (mut send, mut recv) = agents
+                .open_session(&session.agent)
+                .await
+                .map_err(|e| e.to_string())?;
+            send.write_all(&frame(&open))
+                .await
+                .map_err(|e| e.to_string())?;
+            let _ = send.finish();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 << 10];
+                while let Ok(Some(n)) = recv.read(&mut buf).await {
+                    let chunk = buf.get(..n).unwrap_or_default().to_vec();
+                    if tx.send(chunk).await.is_err() {
+                        let _ = recv.stop(0u32.into());
+                        break;
+                    }
+                }
+            });
+        }
+        Some(Route::Peer(addr)) => {
+            use gatehouse_proto::cluster::RelayChunk;
+            let chunks = futures::stream::iter([RelayChunk { data: frame(&open) }]);
+            let mut req = tonic::Request::new(chunks);
+            req.metadata_mut().insert(
+                crate::peer::RELAY_AGENT,
+                session
+                    .agent
+                    .parse()
+                    .map_err(|_| "bad agent name".to_string())?,
+            );
+            let mut c = cluster.peers.client(&addr).map_err(|e| e.to_string())?;
+            let mut inbound = c
+                .relay_session(req)
+                .await
+                .map_err(|s| s.message().to_string())?
+                .into_inner();
+            tokio::spawn(async move {
+                while let Ok(Some(chunk)) = inbound.message().await {
+                    if tx.send(chunk.data).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        None => return Err(format!("agent {} is not connected", session.agent)),
+    }
+    Ok(rx)
 }
 
 /// Sends a stream that carries no session through the node that holds the

@@ -70,7 +70,14 @@ pub struct AgentCtx {
 /// Running sessions by id, each with the sender that ends it from outside
 /// (a kill, a revocation, a removed rule): the reason goes to its client.
 #[derive(Default)]
-pub struct Running(Mutex<HashMap<String, tokio::sync::watch::Sender<Option<String>>>>);
+pub struct Running(Mutex<HashMap<String, RunningSession>>);
+
+/// What the agent can do to a running session from outside.
+struct RunningSession {
+    end: tokio::sync::watch::Sender<Option<String>>,
+    /// Every recorded event, as its recording line, for live viewers.
+    live: tokio::sync::broadcast::Sender<bytes::Bytes>,
+}
 
 /// Removes a session from [`Running`] when it ends.
 pub struct RunningGuard<'a> {
@@ -79,17 +86,28 @@ pub struct RunningGuard<'a> {
 }
 
 impl Running {
-    /// Registers a session; the receiver changes when it must end.
+    /// Registers a session; the receiver changes when it must end, and
+    /// what is sent on the broadcast sender reaches live viewers.
     pub fn register(
         &self,
         session_id: &str,
     ) -> (
         RunningGuard<'_>,
         tokio::sync::watch::Receiver<Option<String>>,
+        tokio::sync::broadcast::Sender<bytes::Bytes>,
     ) {
-        let (tx, rx) = tokio::sync::watch::channel(None);
+        let (end, rx) = tokio::sync::watch::channel(None);
+        // A viewer more than this many events behind misses some (and is
+        // told so); the session never waits for a viewer.
+        let (live, _) = tokio::sync::broadcast::channel(1024);
         if let Ok(mut m) = self.0.lock() {
-            m.insert(session_id.to_string(), tx);
+            m.insert(
+                session_id.to_string(),
+                RunningSession {
+                    end,
+                    live: live.clone(),
+                },
+            );
         }
         (
             RunningGuard {
@@ -97,7 +115,20 @@ impl Running {
                 session_id: session_id.to_string(),
             },
             rx,
+            live,
         )
+    }
+
+    /// A live view of a running session's recorded events.
+    pub fn watch(
+        &self,
+        session_id: &str,
+    ) -> Option<tokio::sync::broadcast::Receiver<bytes::Bytes>> {
+        self.0
+            .lock()
+            .ok()?
+            .get(session_id)
+            .map(|s| s.live.subscribe())
     }
 
     /// Tells a running session to end; false when it is not running here.
@@ -107,7 +138,7 @@ impl Running {
             .ok()
             .and_then(|m| {
                 m.get(session_id)
-                    .map(|tx| tx.send(Some(reason.to_string())))
+                    .map(|s| s.end.send(Some(reason.to_string())))
             })
             .is_some()
     }

@@ -32,6 +32,11 @@ pub async fn session(ctx: Arc<AgentCtx>, mut send: quinn::SendStream, mut recv: 
         let _ = send.finish();
         return;
     }
+    if open.watch {
+        watch(&ctx, &open, &mut send).await;
+        let _ = send.finish();
+        return;
+    }
     if !open.end_reason.is_empty() {
         let found = end_from_outside(&ctx, &open).await;
         let reply = gatehouse_proto::frame(&gatehouse_proto::tunnel::SessionEnded { found });
@@ -106,6 +111,32 @@ async fn end_from_outside(ctx: &AgentCtx, open: &SessionOpen) -> bool {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     true
+}
+
+/// Streams a running session's recorded events, a JSON line each, until it
+/// ends or the viewer goes away. A viewer that falls behind is told how many
+/// events it missed.
+async fn watch(ctx: &AgentCtx, open: &SessionOpen, send: &mut quinn::SendStream) {
+    let Some(mut live) = ctx.running.watch(&open.session_id) else {
+        tracing::info!(session_id = %open.session_id, "watch of a session not running here");
+        return;
+    };
+    tracing::info!(session_id = %open.session_id, "session watched");
+    loop {
+        let line = match live.recv().await {
+            Ok(line) => line,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                bytes::Bytes::from(format!("{{\"missed\":{n}}}"))
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        };
+        let mut out = Vec::with_capacity(line.len() + 1);
+        out.extend_from_slice(&line);
+        out.push(b'\n');
+        if send.write_all(&out).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// The start of the end reason of a session ended from outside.
@@ -325,7 +356,8 @@ async fn run(
         }
     ));
     ctx.audit(ev).await.map_err(|_| audit_down())?;
-    let (_running, mut ended) = ctx.running.register(&open.session_id);
+    let (_running, mut ended, live) = ctx.running.register(&open.session_id);
+    recorder.set_live(live);
     let _cancel_key = upstream.key.clone().map(|key| {
         ctx.cancel_keys.register(
             open.session_id.clone(),

@@ -148,6 +148,8 @@ pub struct Recorder {
     refs_file: File,
     line: Vec<u8>,
     signing_key: Vec<u8>,
+    /// Live viewers of the session get every line as recorded.
+    live: Option<tokio::sync::broadcast::Sender<bytes::Bytes>>,
 }
 
 // === impl Recorder ===
@@ -179,6 +181,7 @@ impl Recorder {
             refs_file,
             line: Vec::with_capacity(256),
             signing_key: ctx.signing_key.clone(),
+            live: None,
         })
     }
 
@@ -195,6 +198,11 @@ impl Recorder {
             .write_all(&self.line)
             .and_then(|_| self.tail.write_all(b"\n"))
             .map_err(io(&self.dir))?;
+        if let Some(live) = &self.live
+            && live.receiver_count() > 0
+        {
+            let _ = live.send(bytes::Bytes::copy_from_slice(&self.line));
+        }
         if !self.writer.would_seal(self.line.len()) {
             self.writer.push_line(&self.line)?;
             return Ok(());
@@ -205,6 +213,11 @@ impl Recorder {
             Some(c) => self.seal(c),
             None => Ok(()),
         })
+    }
+
+    /// Sends every event recorded from now on to `live` as well.
+    pub fn set_live(&mut self, live: tokio::sync::broadcast::Sender<bytes::Bytes>) {
+        self.live = Some(live);
     }
 
     /// Hands what was recorded to the OS (survives the agent being killed).

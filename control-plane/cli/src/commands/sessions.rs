@@ -4,7 +4,7 @@ use anyhow::Context;
 use clap::Subcommand;
 use gatehouse_proto::v1::{
     GetRecordingRequest, KillSessionRequest, ListSessionsRequest, Session, SetLegalHoldRequest,
-    VerifyRecordingsRequest,
+    VerifyRecordingsRequest, WatchSessionRequest,
 };
 use serde_json::json;
 
@@ -28,6 +28,10 @@ pub enum SessionsCmd {
         #[arg(long)]
         running: bool,
     },
+    /// A running session's events as they happen (statements, decisions,
+    /// rows as delivered with masked values masked, errors), from any node,
+    /// until it ends or Ctrl-C.
+    Watch { id: String },
     /// Ends a running session now, on whichever node and agent hold it; its
     /// client gets a FATAL error naming the reason (roles admin, reviewer).
     Kill {
@@ -150,6 +154,31 @@ pub async fn exec(cmd: &SessionsCmd, ctx: &Ctx) -> anyhow::Result<()> {
                         .collect(),
                 )?;
             }
+        }
+        SessionsCmd::Watch { id } => {
+            use std::io::Write;
+            let mut stream = c
+                .watch_session(WatchSessionRequest {
+                    session_id: id.clone(),
+                })
+                .await?
+                .into_inner();
+            while let Some(ev) = stream.message().await? {
+                let mut out = std::io::stdout().lock();
+                if ctx.json {
+                    writeln!(out, "{}", ev.record)?;
+                } else {
+                    match serde_json::from_str::<gatehouse_recording::Record>(&ev.record) {
+                        Ok(rec) => {
+                            let (what, text) = timeline(&rec);
+                            writeln!(out, "{:>10}  {what:<9} {text}", format!("+{}ms", rec.t))?;
+                        }
+                        Err(_) => writeln!(out, "{}", ev.record)?,
+                    }
+                }
+                out.flush()?;
+            }
+            outln!("session {id} ended")?;
         }
         SessionsCmd::Kill { id, reason } => {
             let s = c

@@ -72,6 +72,7 @@ pub fn policy(rpc: &str) -> Option<(&'static [&'static str], Access, bool)> {
     const REVIEW_LIST: &[&str] = &["admin", "auditor", "reviewer", "user"];
     const REVIEW: &[&str] = &["reviewer"];
     const KILL: &[&str] = &["admin", "reviewer"];
+    const WATCH: &[&str] = &["admin", "auditor", "reviewer"];
     // Any authenticated caller.
     const ANYONE: &[&str] = &[];
     Some(match rpc {
@@ -104,6 +105,7 @@ pub fn policy(rpc: &str) -> Option<(&'static [&'static str], Access, bool)> {
         "ListAccessRequests" => (REVIEW_LIST, Read, false),
         "ReviewAccessRequest" => (REVIEW, Write, false),
         "KillSession" => (KILL, Write, false),
+        "WatchSession" => (WATCH, Read, false),
         "DeleteRule" | "RevokeIdentity" => (ADMIN, Write, false),
         "WhoAmI" => (ANYONE, Health, true),
         _ => return None,
