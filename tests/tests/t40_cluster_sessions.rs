@@ -411,10 +411,15 @@ fn watch_a_running_session(c: &TestCluster, key: &str, client_node: u64, api_nod
     assert!(!masked_line.contains("ada0@example.com"), "{masked_line}");
     let masked = masked_line.split('|').nth(1).unwrap().to_string();
     let watched = seen_watch.join("\n");
-    assert!(watched.contains(&format!("watch-0 | {masked}")), "{watched}");
+    assert!(
+        watched.contains(&format!("watch-0 | {masked}")),
+        "{watched}"
+    );
     // The statement text is shown as typed; result values never in clear.
     assert!(
-        !seen_watch.iter().any(|l| l.contains(" row ") && l.contains("ada")),
+        !seen_watch
+            .iter()
+            .any(|l| l.contains(" row ") && l.contains("ada")),
         "{watched}"
     );
     // The watch ends with the session.

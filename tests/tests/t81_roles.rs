@@ -55,7 +55,8 @@ async fn call_all(
         "CreateRule",
         a.create_rule(CreateRuleRequest {
             subject: format!("sa:{}", name("nobody")),
-            target: "db".into()
+            target: "db".into(),
+            ..Default::default()
         })
     );
     call!(out, "ListRules", a.list_rules(ListRequest {}));

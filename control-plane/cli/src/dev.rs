@@ -294,6 +294,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             .create_rule(CreateRuleRequest {
                 subject: "group:developers".into(),
                 target: "demo".into(),
+                ..Default::default()
             })
             .await?;
         let enroll = client

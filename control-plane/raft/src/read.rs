@@ -232,13 +232,27 @@ impl StateReader {
         groups: &[String],
         target: &str,
     ) -> Result<bool, ReadError> {
-        Ok(self.rules()?.iter().any(|r| {
-            r.target == target
-                && (r.subject == identity
-                    || r.subject
-                        .strip_prefix("group:")
-                        .is_some_and(|g| groups.iter().any(|x| x == g)))
-        }))
+        Ok(!self.admitting(identity, groups, target)?.is_empty())
+    }
+
+    /// The rules that admit `identity` (with `groups`) to `target`.
+    pub fn admitting(
+        &self,
+        identity: &str,
+        groups: &[String],
+        target: &str,
+    ) -> Result<Vec<Rule>, ReadError> {
+        Ok(self
+            .rules()?
+            .into_iter()
+            .filter(|r| {
+                r.target == target
+                    && (r.subject == identity
+                        || r.subject
+                            .strip_prefix("group:")
+                            .is_some_and(|g| groups.iter().any(|x| x == g)))
+            })
+            .collect())
     }
 
     /// An enrollment token by the SHA-256 of its secret (checked before

@@ -50,6 +50,12 @@ pub struct Rule {
     pub subject: String,
     pub target: String,
     pub created_ms: i64,
+    /// The longest a session it admits may last (none when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_session_secs: Option<u64>,
+    /// How long a session it admits may sit idle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_secs: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -215,6 +215,17 @@ fn session_proto(s: SessionRecord) -> Session {
     }
 }
 
+fn rule_proto(r: state::Rule) -> Rule {
+    Rule {
+        id: r.id,
+        subject: r.subject,
+        target: r.target,
+        created_ms: r.created_ms,
+        max_session_secs: r.max_session_secs.unwrap_or(0),
+        idle_timeout_secs: r.idle_timeout_secs.unwrap_or(0),
+    }
+}
+
 // === impl AdminService ===
 
 impl AdminService {
@@ -456,17 +467,14 @@ impl Admin for AdminService {
             subject: req.subject,
             target: req.target,
             created_ms: now_ms(),
+            max_session_secs: (req.max_session_secs > 0).then_some(req.max_session_secs),
+            idle_timeout_secs: (req.idle_timeout_secs > 0).then_some(req.idle_timeout_secs),
         };
         self.cluster
             .propose_audited(&actor, Command::CreateRule { rule: rule.clone() })
             .await
             .map_err(ApiError::from)?;
-        Ok(Response::new(Rule {
-            id: rule.id,
-            subject: rule.subject,
-            target: rule.target,
-            created_ms: rule.created_ms,
-        }))
+        Ok(Response::new(rule_proto(rule)))
     }
 
     async fn delete_rule(&self, req: Request<DeleteRuleRequest>) -> ApiResult<DeleteRuleResponse> {
@@ -509,12 +517,7 @@ impl Admin for AdminService {
         )
         .await;
         Ok(Response::new(DeleteRuleResponse {
-            rule: Some(Rule {
-                id: rule.id,
-                subject: rule.subject,
-                target: rule.target,
-                created_ms: rule.created_ms,
-            }),
+            rule: Some(rule_proto(rule)),
             sessions_ended: ended,
         }))
     }
@@ -577,12 +580,7 @@ impl Admin for AdminService {
             .rules()
             .map_err(ApiError::from)?
             .into_iter()
-            .map(|r| Rule {
-                id: r.id,
-                subject: r.subject,
-                target: r.target,
-                created_ms: r.created_ms,
-            })
+            .map(rule_proto)
             .collect();
         Ok(Response::new(ListRulesResponse {
             rules,

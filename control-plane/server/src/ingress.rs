@@ -384,11 +384,22 @@ async fn admit(
             target: target_name.clone(),
         });
     };
-    let allowed = cluster
+    let admitting = cluster
         .reader
-        .is_allowed(&identity, &who.groups, &target.name)
+        .admitting(&identity, &who.groups, &target.name)
         .map_err(|_| Refusal::NotDurable)?;
-    if !allowed {
+    // Any one admitting rule suffices, so the loosest limit holds (none, if
+    // one of them sets none).
+    let loosest = |f: fn(&gatehouse_cp_raft::state::Rule) -> Option<u64>| {
+        admitting
+            .iter()
+            .map(f)
+            .try_fold(0u64, |acc, l| l.map(|l| acc.max(l)))
+            .unwrap_or(0)
+    };
+    let max_session_ms = loosest(|r| r.max_session_secs).saturating_mul(1000);
+    let idle_timeout_ms = loosest(|r| r.idle_timeout_secs).saturating_mul(1000);
+    if admitting.is_empty() {
         let r = Refusal::NotAllowed {
             identity: identity.clone(),
             target: target.name.clone(),
@@ -474,6 +485,8 @@ async fn admit(
             policy_document: policy.map(|p| p.canonical).unwrap_or_default(),
             end_reason: String::new(),
             watch: false,
+            max_session_ms,
+            idle_timeout_ms,
         },
         target.agent,
         route,

@@ -113,6 +113,20 @@ async fn end_from_outside(ctx: &AgentCtx, open: &SessionOpen) -> bool {
     true
 }
 
+/// Resolves once no byte has moved either way for `limit` (`activity` is
+/// the time of the last read, in Unix milliseconds).
+async fn idle(activity: &std::sync::atomic::AtomicI64, limit: std::time::Duration) {
+    let limit_ms = i64::try_from(limit.as_millis()).unwrap_or(i64::MAX);
+    loop {
+        let quiet = now_ms() - activity.load(std::sync::atomic::Ordering::Relaxed);
+        if quiet >= limit_ms {
+            return;
+        }
+        let left = u64::try_from(limit_ms - quiet).unwrap_or(0);
+        tokio::time::sleep(std::time::Duration::from_millis(left.max(10))).await;
+    }
+}
+
 /// Streams a running session's recorded events, a JSON line each, until it
 /// ends or the viewer goes away. A viewer that falls behind is told how many
 /// events it missed.
@@ -408,27 +422,55 @@ async fn run(
         read_only,
         conn: tokio::sync::Mutex::new(None),
     };
+    let activity = std::sync::atomic::AtomicI64::new(now_ms());
     let pump = Pump {
         ctx,
         open,
         catalog: &catalog,
         state: &state,
+        activity: &activity,
     };
+    // Limits from the access rule that admitted the session.
+    let max_session =
+        (open.max_session_ms > 0).then(|| std::time::Duration::from_millis(open.max_session_ms));
+    let idle_timeout =
+        (open.idle_timeout_ms > 0).then(|| std::time::Duration::from_millis(open.idle_timeout_ms));
+    let opened = tokio::time::Instant::now();
+    // 57P01 (admin_shutdown) as PostgreSQL's pg_terminate_backend, 57P05 as
+    // its idle_session_timeout.
+    let mut fatal: Option<&'static str> = None;
     let reason = tokio::select! {
         r = relay(pump, upstream.stream, upstream.greeting, send, recv) => r,
         Ok(()) = ended.changed() => {
-            // The relay is dropped, so the target's connection closes; a
-            // backend busy with a query would only notice at its next
-            // write, so the query is cancelled first.
-            if let Some(t) = ctx.cancel_keys.get(&open.session_id)
-                && let Err(e) = upstream::cancel(&t.target, &t.key).await
-            {
-                tracing::warn!(session_id = %open.session_id, error = %e, "cancelling the running query failed");
-            }
+            fatal = Some("57P01");
             let why = ended.borrow().clone().unwrap_or_default();
             format!("{ENDED_FROM_OUTSIDE}{why}")
         }
+        () = tokio::time::sleep_until(opened + max_session.unwrap_or_default()), if max_session.is_some() => {
+            fatal = Some("57P01");
+            format!(
+                "{ENDED_FROM_OUTSIDE}it reached the access rule's maximum session length of {}s",
+                max_session.unwrap_or_default().as_secs()
+            )
+        }
+        () = idle(&activity, idle_timeout.unwrap_or_default()), if idle_timeout.is_some() => {
+            fatal = Some("57P05");
+            format!(
+                "{ENDED_FROM_OUTSIDE}idle for {}s, the access rule's idle timeout",
+                idle_timeout.unwrap_or_default().as_secs()
+            )
+        }
     };
+    if fatal.is_some() {
+        // The relay is dropped, so the target's connection closes; a backend
+        // busy with a query would only notice at its next write, so the
+        // query is cancelled first.
+        if let Some(t) = ctx.cancel_keys.get(&open.session_id)
+            && let Err(e) = upstream::cancel(&t.target, &t.key).await
+        {
+            tracing::warn!(session_id = %open.session_id, error = %e, "cancelling the running query failed");
+        }
+    }
     let (recorder, terminated) = state
         .lock()
         .ok()
@@ -458,8 +500,8 @@ async fn run(
         ));
     }
     // 57P01 (admin_shutdown), as PostgreSQL's own pg_terminate_backend.
-    if reason.starts_with(ENDED_FROM_OUTSIDE) {
-        return Err(ClientError("57P01".into(), format!("gatehouse: {reason}")));
+    if let Some(code) = fatal {
+        return Err(ClientError(code.into(), format!("gatehouse: {reason}")));
     }
     Ok(reason)
 }
@@ -678,6 +720,8 @@ struct Pump<'a> {
     open: &'a SessionOpen,
     catalog: &'a crate::guard::Catalog<'a>,
     state: &'a Mutex<Session>,
+    /// When a byte last arrived from either side (Unix ms).
+    activity: &'a std::sync::atomic::AtomicI64,
 }
 
 impl Pump<'_> {
@@ -815,7 +859,9 @@ impl Pump<'_> {
             }
             match from.read_buf(&mut buf).await {
                 Ok(0) | Err(_) => return closed.into(),
-                Ok(_) => {}
+                Ok(_) => self
+                    .activity
+                    .store(now_ms(), std::sync::atomic::Ordering::Relaxed),
             }
         }
     }

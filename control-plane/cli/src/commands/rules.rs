@@ -18,9 +18,36 @@ pub enum RulesCmd {
         subject: String,
         #[arg(long)]
         target: String,
+        /// The longest a session it admits may last (`90s`, `15m`, `8h`,
+        /// `1d`); the session then ends with a FATAL error.
+        #[arg(long, value_parser = duration_secs)]
+        max_session: Option<u64>,
+        /// How long a session it admits may sit idle (no bytes either way).
+        #[arg(long, value_parser = duration_secs)]
+        idle_timeout: Option<u64>,
     },
     /// Remove an access rule; running sessions no remaining rule admits end.
     Delete { id: String },
+}
+
+/// `90s`, `15m`, `8h`, `1d` or plain seconds, in seconds (at least 1).
+fn duration_secs(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (n, per) = match s.char_indices().last() {
+        Some((i, 's')) => (&s[..i], 1),
+        Some((i, 'm')) => (&s[..i], 60),
+        Some((i, 'h')) => (&s[..i], 3_600),
+        Some((i, 'd')) => (&s[..i], 86_400),
+        _ => (s, 1),
+    };
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 90s, 15m, 8h or 1d"))?;
+    match n.checked_mul(per) {
+        Some(0) => Err("a limit must be at least 1s".into()),
+        Some(v) => Ok(v),
+        None => Err(format!("{s:?} is too long")),
+    }
 }
 
 pub async fn exec(cmd: &RulesCmd, ctx: &Ctx) -> anyhow::Result<()> {
@@ -31,24 +58,48 @@ pub async fn exec(cmd: &RulesCmd, ctx: &Ctx) -> anyhow::Result<()> {
             if ctx.json {
                 output::json(&json!({"policy_version": r.policy_version,
                     "rules": r.rules.iter()
-                        .map(|x| json!({"id": x.id, "subject": x.subject, "target": x.target}))
+                        .map(|x| json!({"id": x.id, "subject": x.subject, "target": x.target,
+                            "max_session_secs": x.max_session_secs,
+                            "idle_timeout_secs": x.idle_timeout_secs}))
                         .collect::<Vec<_>>()}))?;
             } else {
                 outln!("policy version {}", r.policy_version)?;
                 output::table(
-                    &["ID", "SUBJECT", "TARGET"],
+                    &["ID", "SUBJECT", "TARGET", "MAX SESSION", "IDLE TIMEOUT"],
                     r.rules
                         .into_iter()
-                        .map(|x| vec![x.id, x.subject, x.target])
+                        .map(|x| {
+                            let limit = |s: u64| {
+                                if s == 0 {
+                                    "-".to_string()
+                                } else {
+                                    format!("{s}s")
+                                }
+                            };
+                            vec![
+                                x.id,
+                                x.subject,
+                                x.target,
+                                limit(x.max_session_secs),
+                                limit(x.idle_timeout_secs),
+                            ]
+                        })
                         .collect(),
                 )?;
             }
         }
-        RulesCmd::Create { subject, target } => {
+        RulesCmd::Create {
+            subject,
+            target,
+            max_session,
+            idle_timeout,
+        } => {
             let r = c
                 .create_rule(CreateRuleRequest {
                     subject: subject.clone(),
                     target: target.clone(),
+                    max_session_secs: max_session.unwrap_or(0),
+                    idle_timeout_secs: idle_timeout.unwrap_or(0),
                 })
                 .await?
                 .into_inner();

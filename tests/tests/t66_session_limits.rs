@@ -1,0 +1,134 @@
+//! Session limits from access rules: the longest a session may last and
+//! how long it may sit idle. Each ends the session with a FATAL naming the
+//! limit and an audit event; activity keeps an idle limit away.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Write;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use gatehouse_e2e::*;
+
+/// psql reading statements from a pipe, through the gateway as `key`.
+fn interactive(stack: &Stack, key: &str) -> Child {
+    let (host, port) = stack.pg_addr.rsplit_once(':').unwrap();
+    Command::new("psql")
+        .args(["-X", "-A", "-t", "-q", "-v", "VERBOSITY=verbose"])
+        .arg(format!(
+            "host={host} port={port} user=db dbname=app sslmode=verify-full sslrootcert={}",
+            stack.ca_file.display()
+        ))
+        .env("PGPASSWORD", key)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn account(stack: &Stack, name: &str, limit: &[&str]) -> String {
+    let key = stack.create_account(name, &[]);
+    let subject = format!("sa:{name}");
+    let mut args = vec!["rules", "create", "--subject", &subject, "--target", "db"];
+    args.extend_from_slice(limit);
+    stack.cli_ok(&args);
+    key
+}
+
+/// Waits for psql to end on its own (the gateway ended the session), then
+/// returns its stderr.
+fn ended(mut psql: Child, within: Duration) -> String {
+    let t0 = Instant::now();
+    // libpq reads the FATAL when it next talks to the server.
+    let mut stdin = psql.stdin.take().unwrap();
+    while t0.elapsed() < within {
+        if psql.try_wait().unwrap().is_some() {
+            break;
+        }
+        let _ = writeln!(stdin, "select 1;");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(stdin);
+    let out = psql.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rules_limits_end_sessions_with_a_fatal_error_and_an_audit_event() {
+    let (stack, _) = tokio::task::block_in_place(Stack::start);
+
+    // Idle timeout: a session that keeps talking stays; one that stops is
+    // ended once the limit has passed with nothing moving.
+    let idle_key = account(&stack, "idler", &["--idle-timeout", "2s"]);
+    let busy = stack.driver(&idle_key).await;
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(4) {
+        busy.simple_query("select 1")
+            .await
+            .expect("an active session stays");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    drop(busy);
+    let quiet = tokio::task::block_in_place(|| {
+        let mut psql = interactive(&stack, &idle_key);
+        writeln!(psql.stdin.as_mut().unwrap(), "select 'awake';").unwrap();
+        let t_last = Instant::now();
+        // Nothing more is sent until well past the limit.
+        std::thread::sleep(Duration::from_millis(3_000));
+        let err = ended(psql, Duration::from_secs(5));
+        (err, t_last.elapsed())
+    });
+    assert!(
+        quiet
+            .0
+            .contains("FATAL:  57P05: gatehouse: session ended: idle for 2s"),
+        "{}",
+        quiet.0
+    );
+
+    // Maximum session length: ended however busy it is.
+    let short_key = account(&stack, "brief", &["--max-session", "3s"]);
+    let err = tokio::task::block_in_place(|| {
+        let psql = interactive(&stack, &short_key);
+        let t0 = Instant::now();
+        let err = ended(psql, Duration::from_secs(8));
+        let took = t0.elapsed();
+        assert!(
+            took >= Duration::from_millis(2_900) && took < Duration::from_millis(5_000),
+            "the session lasted {took:?}"
+        );
+        err
+    });
+    assert!(
+        err.contains(
+            "FATAL:  57P01: gatehouse: session ended: it reached the access rule's maximum session length of 3s"
+        ),
+        "{err}"
+    );
+
+    // Both are evidence: the session's end event names the limit.
+    let events = stack.audit_events(&["--target", "db"]);
+    for (who, limit) in [
+        ("sa:idler", "idle for 2s"),
+        ("sa:brief", "maximum session length"),
+    ] {
+        assert!(
+            events.iter().any(|e| e["kind"] == "session_end"
+                && e["identity"] == who
+                && e["detail"].as_str().is_some_and(|d| d.contains(limit))),
+            "no session_end for {who} naming {limit}"
+        );
+    }
+    // The rule shows its limits.
+    let rules: serde_json::Value =
+        serde_json::from_str(&stack.cli_ok(&["rules", "list", "-o", "json"])).unwrap();
+    let brief = rules["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["subject"] == "sa:brief")
+        .unwrap();
+    assert_eq!(brief["max_session_secs"], 3);
+    assert_eq!(brief["idle_timeout_secs"], 0);
+}
