@@ -638,10 +638,21 @@ impl Admin for AdminService {
             .current_policy()
             .map_err(ApiError::from)?
             .ok_or_else(|| ApiError::Internal("applied policy not found".into()))?;
-        Ok(Response::new(policy_doc(
-            cur,
-            reader.policy_version().map_err(ApiError::from)?,
-        )))
+        let version = reader.policy_version().map_err(ApiError::from)?;
+        if doc.enforce == gatehouse_policy::Enforce::Immediate {
+            crate::sessions::enforce_immediately(
+                &self.cluster,
+                &self.agents,
+                &cur.canonical,
+                &version,
+                &format!(
+                    "applied by {} from {}",
+                    actor.principal.identity, actor.addr
+                ),
+            )
+            .await?;
+        }
+        Ok(Response::new(policy_doc(cur, version)))
     }
 
     async fn get_policy(&self, req: Request<GetPolicyRequest>) -> ApiResult<PolicyDocument> {

@@ -487,6 +487,7 @@ async fn admit(
             watch: false,
             max_session_ms,
             idle_timeout_ms,
+            adopt_policy: false,
         },
         target.agent,
         route,
@@ -666,6 +667,31 @@ async fn relay_control(
         }
     }
     Ok(answer)
+}
+
+/// Puts a policy version in force for a running session at its agent;
+/// returns the agent's answer (closed, and why, when it could not go on).
+pub(crate) async fn adopt_policy(
+    cluster: &Cluster,
+    agents: &AgentRegistry,
+    session: &SessionRecord,
+    document: &str,
+    version: &str,
+) -> Result<gatehouse_proto::tunnel::SessionEnded, String> {
+    let open = SessionOpen {
+        session_id: session.id.clone(),
+        target: session.target.clone(),
+        adopt_policy: true,
+        policy_document: document.to_string(),
+        policy_version: version.to_string(),
+        ..Default::default()
+    };
+    let answer = to_session_agent(cluster, agents, &session.agent, &open).await?;
+    let mut buf = answer.as_slice();
+    match gatehouse_proto::read_frame(&mut buf).await {
+        Ok(Some(e)) => Ok(e),
+        _ => Err("the agent gave no answer".into()),
+    }
 }
 
 /// Ends a running session wherever its agent is connected, telling its

@@ -253,7 +253,7 @@ impl PeerService {
             return refuse("the session is not served by this agent");
         }
         // A cancel or an end carries no session.
-        if open.cancel || open.watch || !open.end_reason.is_empty() {
+        if open.cancel || open.watch || open.adopt_policy || !open.end_reason.is_empty() {
             return Ok(());
         }
         let same = s.identity == open.identity

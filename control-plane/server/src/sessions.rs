@@ -43,6 +43,40 @@ pub async fn end_all(
     n
 }
 
+/// `enforce: immediate`: every running session is judged by the new
+/// version from its next statement; the ones it cannot govern as they are
+/// are closed by their agent, and each closing is an audit event.
+pub async fn enforce_immediately(
+    cluster: &Cluster,
+    agents: &AgentRegistry,
+    document: &str,
+    version: &str,
+    whence: &str,
+) -> Result<(), ApiError> {
+    let sessions = running(cluster)?;
+    let adopts = sessions
+        .iter()
+        .map(|s| crate::ingress::adopt_policy(cluster, agents, s, document, version));
+    for (s, r) in sessions.iter().zip(futures::future::join_all(adopts).await) {
+        match r {
+            Ok(a) if !a.closed_because.is_empty() => {
+                let mut ev = cluster.event(
+                    EventKind::SessionKilled,
+                    Decision::Deny,
+                    &s.identity,
+                    &s.target,
+                    &s.id,
+                );
+                ev.detail = Some(format!("{} ({whence})", a.closed_because));
+                cluster.audit(ev).await.map_err(ApiError::from)?;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(session_id = %s.id, error = %e, "policy not put in force"),
+        }
+    }
+    Ok(())
+}
+
 /// Ends one running session: `why` goes to its client, its recording and
 /// the audit event; `whence` (the actor's address) only to the event.
 pub async fn end(

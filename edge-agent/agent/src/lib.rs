@@ -77,6 +77,17 @@ struct RunningSession {
     end: tokio::sync::watch::Sender<Option<String>>,
     /// Every recorded event, as its recording line, for live viewers.
     live: tokio::sync::broadcast::Sender<bytes::Bytes>,
+    policy: Option<SessionPolicy>,
+}
+
+/// A running session's policy, for a new version to be put in force.
+#[derive(Clone)]
+pub struct SessionPolicy {
+    /// The session's guard (none when it opened without a document).
+    pub guard: Option<std::sync::Arc<Mutex<gatehouse_policy::Guard>>>,
+    /// The version its statements' events cite.
+    pub version: std::sync::Arc<Mutex<String>>,
+    pub open: gatehouse_proto::tunnel::SessionOpen,
 }
 
 /// Removes a session from [`Running`] when it ends.
@@ -106,6 +117,7 @@ impl Running {
                 RunningSession {
                     end,
                     live: live.clone(),
+                    policy: None,
                 },
             );
         }
@@ -117,6 +129,20 @@ impl Running {
             rx,
             live,
         )
+    }
+
+    /// Keeps what a new policy version needs to take over the session.
+    pub fn set_policy(&self, session_id: &str, p: SessionPolicy) {
+        if let Ok(mut m) = self.0.lock()
+            && let Some(s) = m.get_mut(session_id)
+        {
+            s.policy = Some(p);
+        }
+    }
+
+    /// A running session's policy handles.
+    pub fn policy(&self, session_id: &str) -> Option<SessionPolicy> {
+        self.0.lock().ok()?.get(session_id)?.policy.clone()
     }
 
     /// A live view of a running session's recorded events.

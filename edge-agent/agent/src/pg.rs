@@ -37,9 +37,18 @@ pub async fn session(ctx: Arc<AgentCtx>, mut send: quinn::SendStream, mut recv: 
         let _ = send.finish();
         return;
     }
+    if open.adopt_policy {
+        let reply = gatehouse_proto::frame(&adopt_policy(&ctx, &open).await);
+        let _ = send.write_all(&reply).await;
+        let _ = send.finish();
+        return;
+    }
     if !open.end_reason.is_empty() {
-        let found = end_from_outside(&ctx, &open).await;
-        let reply = gatehouse_proto::frame(&gatehouse_proto::tunnel::SessionEnded { found });
+        let found = end_from_outside(&ctx, &open.session_id, &open.end_reason).await;
+        let reply = gatehouse_proto::frame(&gatehouse_proto::tunnel::SessionEnded {
+            found,
+            ..Default::default()
+        });
         let _ = send.write_all(&reply).await;
         let _ = send.finish();
         return;
@@ -100,14 +109,14 @@ async fn cancel(ctx: &AgentCtx, open: &SessionOpen) {
 /// Ends a running session for the control plane and waits (bounded) until
 /// it has: its client told, its recording sealed. False when it does not
 /// run here.
-async fn end_from_outside(ctx: &AgentCtx, open: &SessionOpen) -> bool {
-    if !ctx.running.end(&open.session_id, &open.end_reason) {
-        tracing::info!(session_id = %open.session_id, "end of a session not running here");
+async fn end_from_outside(ctx: &AgentCtx, session_id: &str, reason: &str) -> bool {
+    if !ctx.running.end(session_id, reason) {
+        tracing::info!(session_id, "end of a session not running here");
         return false;
     }
-    tracing::warn!(session_id = %open.session_id, reason = %open.end_reason, "session ended from outside");
+    tracing::warn!(session_id, reason, "session ended from outside");
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
-    while ctx.running.is_running(&open.session_id) && tokio::time::Instant::now() < deadline {
+    while ctx.running.is_running(session_id) && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     true
@@ -150,6 +159,48 @@ async fn watch(ctx: &AgentCtx, open: &SessionOpen, send: &mut quinn::SendStream)
         if send.write_all(&out).await.is_err() {
             return;
         }
+    }
+}
+
+/// Puts a new policy version in force for a running session (`enforce:
+/// immediate`): its next statement is judged by it, or, when it cannot go
+/// on as it is under it, the session is closed saying why.
+async fn adopt_policy(ctx: &AgentCtx, open: &SessionOpen) -> gatehouse_proto::tunnel::SessionEnded {
+    use gatehouse_proto::tunnel::SessionEnded;
+    let Some(p) = ctx.running.policy(&open.session_id) else {
+        return SessionEnded::default();
+    };
+    let why = match (crate::guard::policy_of(open), &p.guard) {
+        (Err(e), _) => Some(e),
+        (Ok(None), _) => None,
+        (Ok(Some(_)), None) => Some("the session opened without a policy document".into()),
+        (Ok(Some(doc)), Some(g)) => match g.lock() {
+            Err(_) => Some("internal error: the session's guard is unavailable".into()),
+            Ok(mut g) => match g.adopt(doc) {
+                Err(why) => Some(why),
+                Ok(()) => crate::guard::judge_startup(&g, &p.open)
+                    .map(|v| format!("its startup parameters: {}", v.message)),
+            },
+        },
+    };
+    if let Some(why) = why {
+        let reason = format!(
+            "policy {} is in force immediately, and the session cannot go on under it: {why}",
+            open.policy_version
+        );
+        let found = end_from_outside(ctx, &open.session_id, &reason).await;
+        return SessionEnded {
+            found,
+            closed_because: reason,
+        };
+    }
+    if let Ok(mut v) = p.version.lock() {
+        v.clone_from(&open.policy_version);
+    }
+    tracing::info!(session_id = %open.session_id, policy_version = %open.policy_version, "policy in force immediately");
+    SessionEnded {
+        found: true,
+        ..Default::default()
     }
 }
 
@@ -387,6 +438,15 @@ async fn run(
 
     let reason = Arc::new(Mutex::new(String::new()));
     let guard = guard.map(|g| Arc::new(Mutex::new(g)));
+    let version = Arc::new(Mutex::new(open.policy_version.clone()));
+    ctx.running.set_policy(
+        &open.session_id,
+        crate::SessionPolicy {
+            guard: guard.clone(),
+            version: version.clone(),
+            open: open.clone(),
+        },
+    );
     let mut insp = match &guard {
         Some(g) => PgInspector::with_judge(
             Box::new(crate::guard::PolicyJudge {
@@ -429,6 +489,7 @@ async fn run(
         catalog: &catalog,
         state: &state,
         activity: &activity,
+        version: &version,
     };
     // Limits from the access rule that admitted the session.
     let max_session =
@@ -722,6 +783,8 @@ struct Pump<'a> {
     state: &'a Mutex<Session>,
     /// When a byte last arrived from either side (Unix ms).
     activity: &'a std::sync::atomic::AtomicI64,
+    /// The policy version the session's statements are judged under.
+    version: &'a Mutex<String>,
 }
 
 impl Pump<'_> {
@@ -786,6 +849,9 @@ impl Pump<'_> {
                         };
                         let mut ev =
                             base_event(self.ctx, self.open, EventKind::Statement, decision);
+                        if let Ok(v) = self.version.lock() {
+                            ev.policy_version.clone_from(&v);
+                        }
                         ev.detail = st.refused_by.map(|r| format!("refused by rule \"{r}\""));
                         if !st.masked.is_empty() {
                             ev.masked = Some(

@@ -96,6 +96,28 @@ pub struct PolicyDoc {
     /// How long session recordings are kept; forever when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recordings: Option<Recordings>,
+    /// Which sessions a new version governs: those opened from now on (the
+    /// default), or running ones too.
+    #[serde(default, skip_serializing_if = "Enforce::is_new_sessions")]
+    pub enforce: Enforce,
+}
+
+/// When a new policy version takes effect.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Enforce {
+    /// Running sessions keep the version they opened under.
+    #[default]
+    NewSessions,
+    /// Running sessions are judged by the new version from their next
+    /// statement; those it no longer admits as they are are closed.
+    Immediate,
+}
+
+impl Enforce {
+    fn is_new_sessions(&self) -> bool {
+        *self == Enforce::NewSessions
+    }
 }
 
 /// Recording retention: a duration (`90d`, `12h`, `30m`, `45s`) for every

@@ -15,8 +15,8 @@ use std::sync::Arc;
 
 pub use classify::{ParseError, StatementEffects, classify};
 pub use doc::{
-    Action, Approvals, ColumnRule, CustomDetector, DocError, Guardrails, Hours, Kind, Masking,
-    PolicyDoc, Recordings, Rule, Weekday, parse_duration,
+    Action, Approvals, ColumnRule, CustomDetector, DocError, Enforce, Guardrails, Hours, Kind,
+    Masking, PolicyDoc, Recordings, Rule, Weekday, parse_duration,
 };
 pub use functions::{Class, builtin};
 
@@ -185,6 +185,29 @@ impl Guard {
     /// admits no statement of a [`WRITING_KINDS`] kind for this subject.
     pub fn read_only(&self) -> bool {
         self.read_only
+    }
+
+    /// Takes a new policy version for the rest of the session. Returns why
+    /// the session cannot go on as it is under it, if so: the new version
+    /// would open it read-only and it is not, or it changes masking (the
+    /// session's masking is fixed when it opens).
+    pub fn adopt(&mut self, doc: Arc<PolicyDoc>) -> Result<(), String> {
+        let read_only = !admits_any(&doc, &self.subject, &WRITING_KINDS);
+        if read_only && !self.read_only {
+            return Err("it admits no write, and the session was opened read-write".into());
+        }
+        if doc.masking != self.doc.masking {
+            return Err("it changes masking".into());
+        }
+        // A session opened read-only stays so on the target.
+        self.doc = doc;
+        self.cache.clear();
+        Ok(())
+    }
+
+    /// The policy document in force for the session.
+    pub fn doc(&self) -> &Arc<PolicyDoc> {
+        &self.doc
     }
 
     /// Stops judging built-in functions by class, so that what PostgreSQL

@@ -132,3 +132,69 @@ async fn the_rules_limits_end_sessions_with_a_fatal_error_and_an_audit_event() {
     assert_eq!(brief["max_session_secs"], 3);
     assert_eq!(brief["idle_timeout_secs"], 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enforce_immediate_closes_what_the_new_version_no_longer_admits() {
+    let (stack, key) = tokio::task::block_in_place(Stack::start);
+    let dir = stack.tmp.path();
+    let apply = |name: &str, yaml: &str| -> String {
+        let f = dir.join(name);
+        std::fs::write(&f, yaml).unwrap();
+        let out = stack.cli_ok(&["policy", "apply", "-f", f.to_str().unwrap(), "-o", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["policy_version"].as_str().unwrap().to_string()
+    };
+    const READS: &str = "guardrails:\n  default: deny\n  rules:\n    - name: reads\n      action: allow\n      kinds: [read, transaction]\n";
+
+    // A read-write session, and a new read-only version for new sessions
+    // only: the running one keeps its version.
+    apply("open.yaml", "guardrails:\n  default: allow\n");
+    let writer = stack.driver(&key).await;
+    apply("reads.yaml", READS);
+    writer
+        .simple_query("create temp table scratch (x int)")
+        .await
+        .expect("the running session keeps the version it opened under");
+    let reader = stack.driver(&key).await;
+    reader
+        .simple_query("select pg_backend_pid()")
+        .await
+        .unwrap();
+
+    // The same reads, now refusing pg_backend_pid, in force immediately.
+    let strict = "enforce: immediate\nguardrails:\n  default: deny\n  rules:\n    - name: no-pid-first\n      action: deny\n      functions: [pg_backend_pid]\n    - name: reads\n      action: allow\n      kinds: [read, transaction]\n";
+    let version = apply("strict.yaml", strict);
+    // The read-write session cannot go on under a read-only version.
+    let err = writer.simple_query("select 1").await.unwrap_err();
+    assert!(err.is_closed() || err.as_db_error().is_some(), "{err}");
+    // The read-only one goes on, judged by the new version.
+    let refused = reader
+        .simple_query("select pg_backend_pid()")
+        .await
+        .unwrap_err();
+    let db = refused.as_db_error().expect("a refusal");
+    assert_eq!(db.code().code(), "42501");
+    assert!(db.message().contains("no-pid-first"), "{}", db.message());
+    reader
+        .simple_query("select 1")
+        .await
+        .expect("still running");
+
+    let events = stack.audit_events(&["--target", "db"]);
+    assert!(
+        events.iter().any(|e| e["kind"] == "session_killed"
+            && e["detail"].as_str().is_some_and(
+                |d| d.contains("in force immediately") && d.contains("admits no write")
+            )),
+        "the closing is evidence"
+    );
+    assert!(
+        events.iter().any(|e| e["kind"] == "statement"
+            && e["statement"] == "select pg_backend_pid()"
+            && e["decision"] == "deny"
+            && e["policy_version"] == version.as_str()),
+        "the refusal cites the version in force"
+    );
+    let sessions = stack.cli_ok(&["sessions", "list", "-o", "json"]);
+    assert!(sessions.contains("cannot go on under it"), "{sessions}");
+}
