@@ -580,36 +580,67 @@ fn any_node_serves_sessions_and_the_agent_fails_over_to_a_surviving_node() {
         .unwrap();
     watch_a_running_session(&c, &key, away, third);
 
-    // Removing the only rule that admits a session ends it; the identity
-    // cannot open a new one.
-    let (bob, bob_rule) = account_with_rule(&c, "bob");
-    let delete = |api: &str, _id: &str| {
-        let out = ok(&c, api, &["rules", "delete", &bob_rule]);
-        assert!(out.contains("1 running session(s) ended"), "{out}");
-    };
-    let removed = ["access rule", "removed by"];
-    end_a_running_session(&c, &pg, &bob, (away, home), &delete, &removed);
-    let refused = psql_at(&c.node(away).pg, &bob, "select 1");
-    assert!(!refused.status.success());
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("may not use a target"));
+    // Removing the only rule that admits a session ends it, and revoking
+    // an identity (or one of its keys) ends its sessions everywhere; the
+    // identity then opens no new one. Each with the client on the agent's
+    // node and on another.
+    for (i, nodes) in [(away, home), (home, away)].into_iter().enumerate() {
+        let (bob, bob_rule) = account_with_rule(&c, &format!("bob{i}"));
+        let delete = |api: &str, _id: &str| {
+            let out = ok(&c, api, &["rules", "delete", &bob_rule]);
+            assert!(out.contains("1 running session(s) ended"), "{out}");
+        };
+        let removed = ["access rule", "removed by"];
+        end_a_running_session(&c, &pg, &bob, nodes, &delete, &removed);
+        let refused = psql_at(&c.node(nodes.0).pg, &bob, "select 1");
+        assert!(!refused.status.success());
+        assert!(String::from_utf8_lossy(&refused.stderr).contains("may not use a target"));
 
-    // Revoking an identity ends its sessions everywhere and its key stops
-    // working.
-    let (carl, _) = account_with_rule(&c, "carl");
-    let revoke = |api: &str, _id: &str| {
+        let carl = format!("carl{i}");
+        let (carl_key, _) = account_with_rule(&c, &carl);
+        let subject = format!("sa:{carl}");
+        let revoke = |api: &str, _id: &str| {
+            let out = ok(
+                &c,
+                api,
+                &["identities", "revoke", &subject, "--reason", "key leaked"],
+            );
+            assert!(out.contains("1 running session(s) ended"), "{out}");
+        };
+        let revoked = [format!("{subject} revoked by"), "key leaked".to_string()];
+        let revoked: Vec<&str> = revoked.iter().map(String::as_str).collect();
+        end_a_running_session(&c, &pg, &carl_key, nodes, &revoke, &revoked);
+        let refused = psql_at(&c.node(nodes.0).pg, &carl_key, "select 1");
+        assert!(
+            !refused.status.success(),
+            "a revoked key still opens sessions"
+        );
+    }
+    // One API key of an account.
+    let (dora, _) = account_with_rule(&c, "dora");
+    let key_id = dora.split('_').nth(1).unwrap().to_string();
+    let revoke_key = |api: &str, _id: &str| {
         let out = ok(
             &c,
             api,
-            &["identities", "revoke", "sa:carl", "--reason", "key leaked"],
+            &[
+                "identities",
+                "revoke",
+                "sa:dora",
+                "--key",
+                &key_id,
+                "--reason",
+                "rotated",
+            ],
         );
         assert!(out.contains("1 running session(s) ended"), "{out}");
     };
-    let revoked = ["sa:carl revoked by", "key leaked"];
-    end_a_running_session(&c, &pg, &carl, (home, away), &revoke, &revoked);
-    let refused = psql_at(&c.node(home).pg, &carl, "select 1");
+    let key_revoked = ["API key", "of sa:dora revoked by", "rotated"];
+    end_a_running_session(&c, &pg, &dora, (away, home), &revoke_key, &key_revoked);
     assert!(
-        !refused.status.success(),
-        "a revoked key still opens sessions"
+        !psql_at(&c.node(away).pg, &dora, "select 1")
+            .status
+            .success()
     );
 
     let new_home = kill_home_and_wait(&mut c, home);

@@ -131,6 +131,33 @@ async fn the_rules_limits_end_sessions_with_a_fatal_error_and_an_audit_event() {
         .unwrap();
     assert_eq!(brief["max_session_secs"], 3);
     assert_eq!(brief["idle_timeout_secs"], 0);
+
+    // The third wall: what the agent's role may do on the target beyond
+    // reading, from the target's own catalog.
+    let out = stack.psql_direct("app", "create table checked (x int)");
+    assert!(out.status.success());
+    let check = stack.cli(&["targets", "check", "db", "--database", "app", "-o", "json"]);
+    assert_eq!(check.status.code(), Some(3), "{check:?}");
+    let v: serde_json::Value = serde_json::from_slice(&check.stdout).unwrap();
+    assert_eq!(v["read_only"], false);
+    assert_eq!(v["role"], AGENT_ROLE);
+    let beyond: Vec<&str> = v["beyond_reads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_str().unwrap())
+        .collect();
+    assert!(
+        beyond.iter().any(|b| b.starts_with("write to tables")),
+        "{beyond:?}"
+    );
+    assert!(
+        beyond.iter().any(|b| b.starts_with("own relations")),
+        "{beyond:?}"
+    );
+    let text = stack.cli(&["targets", "check", "db", "--database", "app"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("may do more than read:"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -101,6 +101,14 @@ async fn call_all(
     );
     call!(
         out,
+        "CheckTarget",
+        a.check_target(CheckTargetRequest {
+            target: "no-such-target".into(),
+            database: String::new()
+        })
+    );
+    call!(
+        out,
         "DeleteRule",
         a.delete_rule(DeleteRuleRequest {
             id: "no-such-rule".into()
@@ -111,7 +119,8 @@ async fn call_all(
         "RevokeIdentity",
         a.revoke_identity(RevokeIdentityRequest {
             identity: "sa:no-such-account".into(),
-            reason: "r".into()
+            reason: "r".into(),
+            key_id: String::new()
         })
     );
     call!(
@@ -276,6 +285,7 @@ fn granted(role: &str, rpc: &str) -> bool {
         "ListUsers",
         "ListRoleGrants",
         "VerifyRecordings",
+        "CheckTarget",
     ];
     const BREAK_GLASS: &[&str] = &[
         "CreateServiceAccount",
@@ -397,7 +407,7 @@ async fn every_call_is_authorized_by_role_and_the_rest_is_denied_and_audited() {
         let mut r = connect_reviews(&s.api, key, &ca).await.unwrap();
         let before = config(&mut root).await;
         let results = call_all(&mut a, &mut r, role).await;
-        assert_eq!(results.len(), 37, "every RPC of both services is called");
+        assert_eq!(results.len(), 38, "every RPC of both services is called");
         let mut denied = BTreeSet::new();
         for (rpc, res) in &results {
             let refused = matches!(res, Err(st) if st.code() == Code::PermissionDenied);

@@ -385,7 +385,10 @@ pub(crate) fn apply(txn: &WriteTransaction, cmd: &Command) -> ApplyResult<Comman
             CommandResult::Ok
         }
         Command::RevokeIdentity {
-            identity, at_ms, ..
+            identity,
+            at_ms,
+            key_id,
+            ..
         } => {
             if let Some(name) = identity.strip_prefix("sa:") {
                 let k = key::sa(name);
@@ -394,10 +397,27 @@ pub(crate) fn apply(txn: &WriteTransaction, cmd: &Command) -> ApplyResult<Comman
                         "service account {name}"
                     ))));
                 };
-                sa.keys.clear();
+                match key_id {
+                    Some(id) => {
+                        let before = sa.keys.len();
+                        sa.keys.retain(|k| &k.key_id != id);
+                        if sa.keys.len() == before {
+                            return Ok(reject(Rejection::NotFound(format!(
+                                "API key {id} of service account {name}"
+                            ))));
+                        }
+                    }
+                    None => sa.keys.clear(),
+                }
                 put(&mut kv, &k, &sa)?;
+            } else if key_id.is_some() {
+                return Ok(reject(Rejection::NotFound(format!(
+                    "API keys of {identity} (only service accounts have them)"
+                ))));
             }
-            put(&mut kv, &key::revoked(identity), at_ms)?;
+            if key_id.is_none() {
+                put(&mut kv, &key::revoked(identity), at_ms)?;
+            }
             CommandResult::Ok
         }
         Command::ApplyPolicy { policy } => {
@@ -883,10 +903,16 @@ fn describe_change(cmd: &Command) -> (String, String) {
         Command::DeleteIssuer { name } => (String::new(), format!("deleted issuer {name}")),
         Command::DeleteRule { id } => (String::new(), format!("deleted access rule {id}")),
         Command::RevokeIdentity {
-            identity, reason, ..
+            identity,
+            reason,
+            key_id,
+            ..
         } => (
             String::new(),
-            format!("revoked {identity} (its tokens and API keys): {reason}"),
+            match key_id {
+                Some(id) => format!("revoked API key {id} of {identity}: {reason}"),
+                None => format!("revoked {identity} (its tokens and API keys): {reason}"),
+            },
         ),
         Command::SetStaticGroups { identity, groups } => (
             String::new(),

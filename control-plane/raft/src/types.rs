@@ -68,6 +68,9 @@ pub enum Command {
         identity: String,
         at_ms: i64,
         reason: String,
+        /// Only this API key of a service account.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        key_id: Option<String>,
     },
     CreateAccessRequest {
         request: Box<AccessRequest>,

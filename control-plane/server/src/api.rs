@@ -477,6 +477,37 @@ impl Admin for AdminService {
         Ok(Response::new(rule_proto(rule)))
     }
 
+    async fn check_target(
+        &self,
+        req: Request<CheckTargetRequest>,
+    ) -> ApiResult<CheckTargetResponse> {
+        self.allow(&req, "CheckTarget").await?;
+        let req = req.into_inner();
+        let t = self
+            .cluster
+            .reader
+            .target(&req.target)
+            .map_err(ApiError::from)?
+            .ok_or_else(|| ApiError::NotFound(format!("target {} not found", req.target)))?;
+        let database = if req.database.is_empty() {
+            "postgres".to_string()
+        } else {
+            req.database
+        };
+        let c =
+            crate::ingress::check_target(&self.cluster, &self.agents, &t.agent, &t.name, &database)
+                .await
+                .map_err(ApiError::Unavailable)?;
+        if !c.error.is_empty() {
+            return Err(ApiError::Unavailable(format!("target {}: {}", t.name, c.error)).into());
+        }
+        Ok(Response::new(CheckTargetResponse {
+            target: t.name,
+            role: c.role,
+            beyond_reads: c.beyond_reads,
+        }))
+    }
+
     async fn delete_rule(&self, req: Request<DeleteRuleRequest>) -> ApiResult<DeleteRuleResponse> {
         let authz = self.allow(&req, "DeleteRule").await?;
         let actor = authz.actor.clone();
@@ -543,6 +574,7 @@ impl Admin for AdminService {
                     identity: req.identity.clone(),
                     at_ms,
                     reason: req.reason.trim().to_string(),
+                    key_id: (!req.key_id.is_empty()).then(|| req.key_id.clone()),
                 },
             )
             .await
@@ -552,9 +584,15 @@ impl Admin for AdminService {
             .into_iter()
             .filter(|s| s.identity == req.identity)
             .collect();
+        // Sessions do not record which key opened them: revoking one key
+        // ends all of the account's sessions.
+        let what = if req.key_id.is_empty() {
+            req.identity.clone()
+        } else {
+            format!("API key {} of {}", req.key_id, req.identity)
+        };
         let why = format!(
-            "{} revoked by {}: {}",
-            req.identity,
+            "{what} revoked by {}: {}",
             actor.principal.identity,
             req.reason.trim()
         );

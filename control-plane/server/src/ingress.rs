@@ -488,6 +488,7 @@ async fn admit(
             max_session_ms,
             idle_timeout_ms,
             adopt_policy: false,
+            check: false,
         },
         target.agent,
         route,
@@ -669,6 +670,39 @@ async fn relay_control(
     Ok(answer)
 }
 
+/// Asks a target's agent what its role may do there beyond reading.
+pub(crate) async fn check_target(
+    cluster: &Cluster,
+    agents: &AgentRegistry,
+    agent: &str,
+    target: &str,
+    database: &str,
+) -> Result<gatehouse_proto::tunnel::TargetCheck, String> {
+    let open = SessionOpen {
+        target: target.to_string(),
+        database: database.to_string(),
+        check: true,
+        ..Default::default()
+    };
+    ask_agent(cluster, agents, agent, &open).await
+}
+
+/// Sends a stream that carries no session and decodes the agent's one
+/// framed answer.
+async fn ask_agent<M: prost::Message + Default>(
+    cluster: &Cluster,
+    agents: &AgentRegistry,
+    agent: &str,
+    open: &SessionOpen,
+) -> Result<M, String> {
+    let answer = to_session_agent(cluster, agents, agent, open).await?;
+    let mut buf = answer.as_slice();
+    match gatehouse_proto::read_frame(&mut buf).await {
+        Ok(Some(m)) => Ok(m),
+        _ => Err("the agent gave no answer".into()),
+    }
+}
+
 /// Puts a policy version in force for a running session at its agent;
 /// returns the agent's answer (closed, and why, when it could not go on).
 pub(crate) async fn adopt_policy(
@@ -686,12 +720,7 @@ pub(crate) async fn adopt_policy(
         policy_version: version.to_string(),
         ..Default::default()
     };
-    let answer = to_session_agent(cluster, agents, &session.agent, &open).await?;
-    let mut buf = answer.as_slice();
-    match gatehouse_proto::read_frame(&mut buf).await {
-        Ok(Some(e)) => Ok(e),
-        _ => Err("the agent gave no answer".into()),
-    }
+    ask_agent(cluster, agents, &session.agent, &open).await
 }
 
 /// Ends a running session wherever its agent is connected, telling its
@@ -708,12 +737,9 @@ pub(crate) async fn end_session(
         end_reason: reason.to_string(),
         ..Default::default()
     };
-    let answer = to_session_agent(cluster, agents, &session.agent, &open).await?;
-    let mut buf = answer.as_slice();
-    match gatehouse_proto::read_frame::<gatehouse_proto::tunnel::SessionEnded, _>(&mut buf).await {
-        Ok(Some(e)) => Ok(e.found),
-        _ => Err("the agent gave no answer".into()),
-    }
+    let ended: gatehouse_proto::tunnel::SessionEnded =
+        ask_agent(cluster, agents, &session.agent, &open).await?;
+    Ok(ended.found)
 }
 
 /// Where the agent serving a target is connected.

@@ -237,6 +237,13 @@ impl PeerService {
                 "relayed session refused: {why}"
             )))
         };
+        // A target check carries no session: the agent must serve the target.
+        if open.check {
+            return match self.cluster.reader.target(&open.target) {
+                Ok(Some(t)) if t.agent == agent => Ok(()),
+                _ => refuse("the target is not served by this agent"),
+            };
+        }
         let mut record = self.cluster.reader.session(&open.session_id).ok().flatten();
         if record.is_none() {
             // Committed on another node and not yet applied here.

@@ -60,15 +60,7 @@ pub async fn enforce_immediately(
     for (s, r) in sessions.iter().zip(futures::future::join_all(adopts).await) {
         match r {
             Ok(a) if !a.closed_because.is_empty() => {
-                let mut ev = cluster.event(
-                    EventKind::SessionKilled,
-                    Decision::Deny,
-                    &s.identity,
-                    &s.target,
-                    &s.id,
-                );
-                ev.detail = Some(format!("{} ({whence})", a.closed_because));
-                cluster.audit(ev).await.map_err(ApiError::from)?;
+                killed(cluster, s, &a.closed_because, whence).await?;
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(session_id = %s.id, error = %e, "policy not put in force"),
@@ -86,15 +78,7 @@ pub async fn end(
     why: &str,
     whence: &str,
 ) -> Result<(), ApiError> {
-    let mut ev = cluster.event(
-        EventKind::SessionKilled,
-        Decision::Deny,
-        &s.identity,
-        &s.target,
-        &s.id,
-    );
-    ev.detail = Some(format!("{why} ({whence})"));
-    cluster.audit(ev).await.map_err(ApiError::from)?;
+    killed(cluster, s, why, whence).await?;
     match crate::ingress::end_session(cluster, agents, s, why).await {
         Ok(true) => {
             tracing::warn!(session_id = %s.id, reason = why, "session ended from outside");
@@ -109,4 +93,22 @@ pub async fn end(
             s.id
         ))),
     }
+}
+
+/// The durable `session_killed` event of a session ended from outside.
+async fn killed(
+    cluster: &Cluster,
+    s: &SessionRecord,
+    why: &str,
+    whence: &str,
+) -> Result<(), ApiError> {
+    let mut ev = cluster.event(
+        EventKind::SessionKilled,
+        Decision::Deny,
+        &s.identity,
+        &s.target,
+        &s.id,
+    );
+    ev.detail = Some(format!("{why} ({whence})"));
+    cluster.audit(ev).await.map_err(ApiError::from)
 }

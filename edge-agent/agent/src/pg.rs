@@ -37,6 +37,12 @@ pub async fn session(ctx: Arc<AgentCtx>, mut send: quinn::SendStream, mut recv: 
         let _ = send.finish();
         return;
     }
+    if open.check {
+        let reply = gatehouse_proto::frame(&check_target(&ctx, &open).await);
+        let _ = send.write_all(&reply).await;
+        let _ = send.finish();
+        return;
+    }
     if open.adopt_policy {
         let reply = gatehouse_proto::frame(&adopt_policy(&ctx, &open).await);
         let _ = send.write_all(&reply).await;
@@ -120,6 +126,79 @@ async fn end_from_outside(ctx: &AgentCtx, session_id: &str, reason: &str) -> boo
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     true
+}
+
+/// What the agent's role may do on the target beyond reading, from the
+/// target's own catalog.
+const CHECK_SQL: &str = "\
+select 'superuser', '' from pg_catalog.pg_roles where rolname = current_user and rolsuper \
+union all select 'create roles', '' from pg_catalog.pg_roles where rolname = current_user and rolcreaterole \
+union all select 'create databases', '' from pg_catalog.pg_roles where rolname = current_user and rolcreatedb \
+union all select 'replication', '' from pg_catalog.pg_roles where rolname = current_user and rolreplication \
+union all select 'bypass row-level security', '' from pg_catalog.pg_roles where rolname = current_user and rolbypassrls \
+union all select 'member of ' || b.rolname, 'server files, programs or signals' from pg_catalog.pg_roles b \
+  where b.rolname in ('pg_read_server_files', 'pg_write_server_files', 'pg_execute_server_program', 'pg_signal_backend', 'pg_checkpoint') \
+  and pg_catalog.pg_has_role(current_user, b.oid, 'MEMBER') \
+union all select 'write to tables', count(*)::text || ' tables or views' from pg_catalog.pg_class c \
+  join pg_catalog.pg_namespace n on n.oid = c.relnamespace \
+  where c.relkind in ('r', 'p', 'v', 'f') and n.nspname not in ('pg_catalog', 'information_schema') \
+  and n.nspname not like 'pg_toast%' and (pg_catalog.has_table_privilege(c.oid, 'INSERT') \
+  or pg_catalog.has_table_privilege(c.oid, 'UPDATE') or pg_catalog.has_table_privilege(c.oid, 'DELETE') \
+  or pg_catalog.has_table_privilege(c.oid, 'TRUNCATE')) having count(*) > 0 \
+union all select 'own relations (may alter or drop them)', count(*)::text from pg_catalog.pg_class c \
+  join pg_catalog.pg_namespace n on n.oid = c.relnamespace \
+  where c.relowner = (select oid from pg_catalog.pg_roles where rolname = current_user) \
+  and n.nspname not in ('pg_catalog', 'information_schema') and n.nspname not like 'pg_toast%' having count(*) > 0 \
+union all select 'advance sequences', count(*)::text from pg_catalog.pg_class c \
+  where case when c.relkind = 'S' then pg_catalog.has_sequence_privilege(c.oid, 'UPDATE') else false end \
+  having count(*) > 0 \
+union all select 'create schemas in database ' || current_database(), '' \
+  where pg_catalog.has_database_privilege(current_database(), 'CREATE') \
+union all select 'create objects in schema ' || nspname, '' from pg_catalog.pg_namespace \
+  where nspname not like 'pg_%' and nspname <> 'information_schema' and pg_catalog.has_schema_privilege(oid, 'CREATE')";
+
+/// Connects as the agent's role (read-only) and reports what it may do
+/// beyond reading.
+async fn check_target(ctx: &AgentCtx, open: &SessionOpen) -> gatehouse_proto::tunnel::TargetCheck {
+    use gatehouse_proto::tunnel::TargetCheck;
+    let Some(target) = ctx.config.target(&open.target) else {
+        return TargetCheck {
+            error: format!(
+                "agent {} does not serve target \"{}\"",
+                ctx.config.name, open.target
+            ),
+            ..Default::default()
+        };
+    };
+    let mut conn = match upstream::connect(target, open, &target.user, true).await {
+        Ok(c) => c,
+        Err(e) => {
+            return TargetCheck {
+                role: target.user.clone(),
+                error: format!("connecting to the target: {e}"),
+                ..Default::default()
+            };
+        }
+    };
+    match upstream::agent_query(&mut conn.stream, CHECK_SQL).await {
+        Ok(rows) => TargetCheck {
+            role: target.user.clone(),
+            beyond_reads: rows
+                .into_iter()
+                .filter_map(|r| match r.as_slice() {
+                    [Some(what), Some(detail)] if detail.is_empty() => Some(what.clone()),
+                    [Some(what), Some(detail)] => Some(format!("{what}: {detail}")),
+                    _ => None,
+                })
+                .collect(),
+            error: String::new(),
+        },
+        Err(e) => TargetCheck {
+            role: target.user.clone(),
+            error: format!("the catalog query failed: {e}"),
+            ..Default::default()
+        },
+    }
 }
 
 /// Resolves once no byte has moved either way for `limit` (`activity` is

@@ -1,7 +1,7 @@
 //! `gatehouse targets`.
 
 use clap::Subcommand;
-use gatehouse_proto::v1::{CreateTargetRequest, ListRequest};
+use gatehouse_proto::v1::{CheckTargetRequest, CreateTargetRequest, ListRequest};
 use serde_json::json;
 
 use super::Ctx;
@@ -12,6 +12,15 @@ use crate::output;
 pub enum TargetsCmd {
     /// Every target, the agent serving it and whether that agent is online.
     List,
+    /// What the agent's role may do on the target beyond reading, from the
+    /// target's own catalog (a role with read privileges only is the third
+    /// wall of read-only access). Exits 3 when it may do more than read.
+    Check {
+        name: String,
+        /// The database to check in.
+        #[arg(long, default_value = "postgres")]
+        database: String,
+    },
     /// Register a target served by an agent (its credentials stay in the
     /// agent's configuration).
     Create {
@@ -31,6 +40,33 @@ pub enum TargetsCmd {
 pub async fn exec(cmd: &TargetsCmd, ctx: &Ctx) -> anyhow::Result<()> {
     let mut c = ctx.admin().await?;
     match cmd {
+        TargetsCmd::Check { name, database } => {
+            let r = c
+                .check_target(CheckTargetRequest {
+                    target: name.clone(),
+                    database: database.clone(),
+                })
+                .await?
+                .into_inner();
+            if ctx.json {
+                output::json(&json!({"target": r.target, "role": r.role,
+                    "read_only": r.beyond_reads.is_empty(), "beyond_reads": r.beyond_reads}))?;
+            } else if r.beyond_reads.is_empty() {
+                outln!("role {} on target {} may only read", r.role, r.target)?;
+            } else {
+                outln!(
+                    "role {} on target {} may do more than read:",
+                    r.role,
+                    r.target
+                )?;
+                for what in &r.beyond_reads {
+                    outln!("  - {what}")?;
+                }
+            }
+            if !r.beyond_reads.is_empty() {
+                std::process::exit(3);
+            }
+        }
         TargetsCmd::List => {
             let ts = c.list_targets(ListRequest {}).await?.into_inner().targets;
             if ctx.json {

@@ -32,17 +32,26 @@ pub enum IdentitiesCmd {
         identity: String,
         #[arg(long)]
         reason: String,
+        /// Only this API key of the service account (its running sessions
+        /// still end).
+        #[arg(long)]
+        key: Option<String>,
     },
 }
 
 pub async fn identities(cmd: &IdentitiesCmd, ctx: &Ctx) -> anyhow::Result<()> {
     let mut c = ctx.admin().await?;
     match cmd {
-        IdentitiesCmd::Revoke { identity, reason } => {
+        IdentitiesCmd::Revoke {
+            identity,
+            reason,
+            key,
+        } => {
             let r = c
                 .revoke_identity(RevokeIdentityRequest {
                     identity: identity.clone(),
                     reason: reason.clone(),
+                    key_id: key.clone().unwrap_or_default(),
                 })
                 .await?
                 .into_inner();

@@ -98,7 +98,7 @@ pub fn policy(rpc: &str) -> Option<(&'static [&'static str], Access, bool)> {
         | "ListPolicies"
         | "ListAgents"
         | "ListUsers" => (CONFIG_READ, Read, false),
-        "VerifyRecordings" => (CONFIG_READ, Read, false),
+        "VerifyRecordings" | "CheckTarget" => (CONFIG_READ, Read, false),
         "ListAuditEvents" => (EVIDENCE, Read, false),
         "ListSessions" => (OWN, Read, false),
         "GetRecording" => (OWN_EVIDENCE, Read, false),
