@@ -11,6 +11,14 @@ pub mod tunnel {
     tonic::include_proto!("gatehouse.tunnel.v1");
 }
 
+impl tunnel::SessionOpen {
+    /// A stream that carries no session: a cancel, an end, a watch, a
+    /// policy adoption or a target check.
+    pub fn carries_no_session(&self) -> bool {
+        self.cancel || self.watch || self.adopt_policy || self.check || !self.end_reason.is_empty()
+    }
+}
+
 pub mod cluster {
     tonic::include_proto!("gatehouse.cluster.v1");
 }

@@ -546,36 +546,28 @@ async fn forward_cancel(
     }
 }
 
-/// Sends a stream that carries no session (a cancel, an end) to `agent`,
-/// on this node or through the node that holds its connection, and returns
-/// what the agent answered before closing it.
+/// Sends a stream that carries no session (a cancel, an end, a check) to
+/// `agent` and returns what the agent answered before closing it (at most
+/// 64 KiB).
 pub(crate) async fn to_session_agent(
     cluster: &Cluster,
     agents: &AgentRegistry,
     agent: &str,
     open: &SessionOpen,
 ) -> Result<Vec<u8>, String> {
-    match locate(cluster, agents, agent).await {
-        Some(Route::Local) => {
-            let (mut send, mut recv) = agents
-                .open_session(agent)
-                .await
-                .map_err(|e| e.to_string())?;
-            send.write_all(&frame(open))
-                .await
-                .map_err(|e| e.to_string())?;
-            let _ = send.finish();
-            recv.read_to_end(1 << 16).await.map_err(|e| e.to_string())
+    let mut chunks = control_stream(cluster, agents, agent, open).await?;
+    let mut answer = Vec::new();
+    while let Some(chunk) = chunks.recv().await {
+        if answer.len() < 1 << 16 {
+            answer.extend_from_slice(&chunk);
         }
-        Some(Route::Peer(addr)) => relay_control(cluster, &addr, agent, open).await,
-        None => Err(format!("agent {agent} is not connected")),
     }
+    Ok(answer)
 }
 
-/// Opens a watch of a running session at its agent, on this node or through
-/// the node that holds the agent's connection: what the agent sends (JSON
-/// lines) arrives in chunks until the session ends. Dropping the receiver
-/// ends the watch.
+/// Opens a watch of a running session at its agent: what the agent sends
+/// (JSON lines) arrives in chunks until the session ends. Dropping the
+/// receiver ends the watch.
 pub(crate) async fn watch_session(
     cluster: &Cluster,
     agents: &AgentRegistry,
@@ -587,14 +579,27 @@ pub(crate) async fn watch_session(
         watch: true,
         ..Default::default()
     };
+    control_stream(cluster, agents, &session.agent, &open).await
+}
+
+/// Opens a stream that carries no session on `agent`'s connection, on this
+/// node or through the node that holds it, sends `open`, and hands on what
+/// the agent sends back, in chunks, until it closes the stream. Dropping
+/// the receiver stops the stream.
+async fn control_stream(
+    cluster: &Cluster,
+    agents: &AgentRegistry,
+    agent: &str,
+    open: &SessionOpen,
+) -> Result<tokio::sync::mpsc::Receiver<Vec<u8>>, String> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
-    match locate(cluster, agents, &session.agent).await {
+    match locate(cluster, agents, agent).await {
         Some(Route::Local) => {
             let (mut send, mut recv) = agents
-                .open_session(&session.agent)
+                .open_session(agent)
                 .await
                 .map_err(|e| e.to_string())?;
-            send.write_all(&frame(&open))
+            send.write_all(&frame(open))
                 .await
                 .map_err(|e| e.to_string())?;
             let _ = send.finish();
@@ -611,14 +616,11 @@ pub(crate) async fn watch_session(
         }
         Some(Route::Peer(addr)) => {
             use gatehouse_proto::cluster::RelayChunk;
-            let chunks = futures::stream::iter([RelayChunk { data: frame(&open) }]);
+            let chunks = futures::stream::iter([RelayChunk { data: frame(open) }]);
             let mut req = tonic::Request::new(chunks);
             req.metadata_mut().insert(
                 crate::peer::RELAY_AGENT,
-                session
-                    .agent
-                    .parse()
-                    .map_err(|_| "bad agent name".to_string())?,
+                agent.parse().map_err(|_| "bad agent name".to_string())?,
             );
             let mut c = cluster.peers.client(&addr).map_err(|e| e.to_string())?;
             let mut inbound = c
@@ -634,40 +636,9 @@ pub(crate) async fn watch_session(
                 }
             });
         }
-        None => return Err(format!("agent {} is not connected", session.agent)),
+        None => return Err(format!("agent {agent} is not connected")),
     }
     Ok(rx)
-}
-
-/// Sends a stream that carries no session through the node that holds the
-/// agent's connection; returns the agent's answer.
-async fn relay_control(
-    cluster: &Cluster,
-    peer: &str,
-    agent: &str,
-    open: &SessionOpen,
-) -> Result<Vec<u8>, String> {
-    use gatehouse_proto::cluster::RelayChunk;
-    let chunks = futures::stream::iter([RelayChunk { data: frame(open) }]);
-    let mut req = tonic::Request::new(chunks);
-    req.metadata_mut().insert(
-        crate::peer::RELAY_AGENT,
-        agent.parse().map_err(|_| "bad agent name".to_string())?,
-    );
-    let mut c = cluster.peers.client(peer).map_err(|e| e.to_string())?;
-    let mut inbound = c
-        .relay_session(req)
-        .await
-        .map_err(|s| s.message().to_string())?
-        .into_inner();
-    // The agent closes the stream once it has done what was asked.
-    let mut answer = Vec::new();
-    while let Ok(Some(chunk)) = inbound.message().await {
-        if answer.len() < 1 << 16 {
-            answer.extend_from_slice(&chunk.data);
-        }
-    }
-    Ok(answer)
 }
 
 /// Asks a target's agent what its role may do there beyond reading.

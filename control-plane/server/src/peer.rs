@@ -259,8 +259,8 @@ impl PeerService {
         if s.agent != agent || s.target != open.target {
             return refuse("the session is not served by this agent");
         }
-        // A cancel or an end carries no session.
-        if open.cancel || open.watch || open.adopt_policy || !open.end_reason.is_empty() {
+        // A cancel, end, watch or adoption acts on this live session.
+        if open.carries_no_session() {
             return Ok(());
         }
         let same = s.identity == open.identity

@@ -880,6 +880,9 @@ impl Pump<'_> {
             Side::Upstream => (TARGET_GONE, CLIENT_GONE),
         };
         let mut out = Vec::new();
+        // One clock read per read: it times the inspection and the idle
+        // limit alike.
+        let mut now = now_ms();
         loop {
             if !buf.is_empty() {
                 let inspected = {
@@ -887,8 +890,8 @@ impl Pump<'_> {
                         return "internal error".into();
                     };
                     let r = match side {
-                        Side::Client => s.insp.on_client(&mut buf, now_ms(), &mut out),
-                        Side::Upstream => s.insp.on_upstream(&mut buf, now_ms(), &mut out),
+                        Side::Client => s.insp.on_client(&mut buf, now, &mut out),
+                        Side::Upstream => s.insp.on_upstream(&mut buf, now, &mut out),
                     };
                     r.map(|()| {
                         let (f, d, h) = s.take(&mut out);
@@ -999,14 +1002,18 @@ impl Pump<'_> {
                         return "internal error".into();
                     };
                     s.insp.resolve(r);
+                    // The decision took its time: what follows runs now.
+                    now = now_ms();
                     continue;
                 }
             }
             match from.read_buf(&mut buf).await {
                 Ok(0) | Err(_) => return closed.into(),
-                Ok(_) => self
-                    .activity
-                    .store(now_ms(), std::sync::atomic::Ordering::Relaxed),
+                Ok(_) => {
+                    now = now_ms();
+                    self.activity
+                        .store(now, std::sync::atomic::Ordering::Relaxed);
+                }
             }
         }
     }
