@@ -28,6 +28,17 @@ pub struct AgentConfig {
     pub spool: SpoolConfig,
     #[serde(default)]
     pub targets: Vec<TargetConfig>,
+    /// Threads that run sessions and the tunnel (default 1). One thread
+    /// with every session, the QUIC connection and their timers on it costs
+    /// the least CPU per statement: nothing crosses threads but the audit
+    /// spool's fsync. More threads spread CPU-heavy sessions (masking large
+    /// results) over cores at the price of wake-ups between them.
+    #[serde(default = "default_threads")]
+    pub threads: usize,
+}
+
+fn default_threads() -> usize {
+    1
 }
 
 /// Limits of the local recording spool. Below them, new recorded sessions

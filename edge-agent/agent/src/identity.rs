@@ -114,14 +114,7 @@ pub fn client_endpoint(server: std::net::SocketAddr) -> anyhow::Result<quinn::En
     } else {
         "[::]:0".parse()?
     };
-    // On the tunnel's own thread: see [`crate::quic_runtime`].
-    let socket = std::net::UdpSocket::bind(bind)?;
-    Ok(quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        None,
-        socket,
-        crate::quic_runtime::Dedicated::get()?,
-    )?)
+    Ok(quinn::Endpoint::client(bind)?)
 }
 
 /// TLS for the agent's connections: trust only the cluster CA, present the

@@ -12,7 +12,6 @@ pub mod config;
 pub mod guard;
 pub mod identity;
 pub mod pg;
-pub mod quic_runtime;
 pub mod recorder;
 pub mod spool;
 pub mod tunnel;

@@ -19,26 +19,41 @@ struct Args {
     enroll_token_file: Option<PathBuf>,
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    if let Err(e) = run(Args::parse()).await {
+    let args = Args::parse();
+    let started = AgentConfig::load(&args.config).and_then(|cfg| {
+        runtime(cfg.threads)?.block_on(run(args, cfg))
+    });
+    if let Err(e) = started {
         eprintln!("gatehouse-agent: {e:#}");
         std::process::exit(1);
     }
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
+/// The runtime sessions and the tunnel share: one thread unless the
+/// configuration asks for more (`threads`).
+fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut b = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads);
+        b
+    };
+    Ok(b.enable_all().build()?)
+}
+
+async fn run(args: Args, cfg: AgentConfig) -> anyhow::Result<()> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     // Everything the agent creates (its key, spool, recordings on a local
     // store) is owner-only.
     gatehouse_secure_fs::owner_only_umask();
-    let cfg = AgentConfig::load(&args.config)?;
     gatehouse_secure_fs::private_dir(&cfg.data_dir)?;
     let files = IdentityFiles::new(&cfg.data_dir);
     if !files.exist() {

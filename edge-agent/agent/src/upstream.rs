@@ -145,12 +145,17 @@ pub async fn connect(
                 scram = Some(s);
             }
             PgWireBackendMessage::Authentication(Authentication::SASLContinue(data)) => {
-                let s = scram
-                    .as_mut()
+                let mut s = scram
+                    .take()
                     .ok_or_else(|| UpstreamError::Protocol("unexpected SASL continue".into()))?;
-                s.update(&data)
+                // The key derivation (4,096 rounds of HMAC by default) takes
+                // milliseconds of CPU: off the event loop the sessions share.
+                let s = tokio::task::spawn_blocking(move || s.update(&data).map(|()| s))
+                    .await
+                    .map_err(|e| UpstreamError::Protocol(e.to_string()))?
                     .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
                 sock.write_all(&build::sasl_response(s.message())).await?;
+                scram = Some(s);
             }
             PgWireBackendMessage::Authentication(Authentication::SASLFinal(data)) => {
                 let mut s = scram
