@@ -160,6 +160,11 @@ async fn connect(
     let mut transport = quinn::TransportConfig::default();
     transport.keep_alive_interval(Some(Duration::from_millis(500)));
     transport.max_idle_timeout(Some(quinn::IdleTimeout::try_from(Duration::from_secs(3))?));
+    // Otherwise quinn's defaults, measured for request/response traffic:
+    // about one packet each way per statement already carries the ACKs; the
+    // ACK-frequency extension (thresholds of 10 and 20 packets) cut packets
+    // per transaction from 1.23 to 0.98 at 8 clients without changing CPU
+    // per transaction or throughput, so it is not asked for.
     qcfg.transport_config(Arc::new(transport));
     let endpoint = client_endpoint(server)?;
     let conn = tokio::time::timeout(
