@@ -27,9 +27,8 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let started = AgentConfig::load(&args.config).and_then(|cfg| {
-        runtime(cfg.threads)?.block_on(run(args, cfg))
-    });
+    let started = AgentConfig::load(&args.config)
+        .and_then(|cfg| runtime(cfg.threads)?.block_on(run(args, cfg)));
     if let Err(e) = started {
         eprintln!("gatehouse-agent: {e:#}");
         std::process::exit(1);
