@@ -75,7 +75,10 @@ fn main() {
         database: "app".into(),
         db_user: "app".into(),
     };
-    let mut rec = gatehouse_agent::recorder::Recorder::start(&ctx, meta).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut rec = rt
+        .block_on(gatehouse_agent::recorder::Recorder::start(&ctx, meta))
+        .unwrap();
     let mut line_bytes = 0u64;
     let t0 = Instant::now();
     for i in 0..rows {
@@ -116,7 +119,6 @@ fn main() {
     );
 
     // To the S3-compatible server.
-    let rt = tokio::runtime::Runtime::new().unwrap();
     let t0 = Instant::now();
     rt.block_on(gatehouse_agent::recorder::upload_all(&ctx))
         .unwrap();

@@ -275,12 +275,20 @@ async fn handle(
     // Authenticated (or refused): no longer counted against the caps.
     drop(slot);
     match admitted {
-        Ok((open, agent, Route::Local)) => {
+        Ok((open, agent, Route::Local, record)) => {
+            // The index commit runs while the agent starts the recording and
+            // connects to the target; no client byte is sent before it.
             let id = open.session_id.clone();
-            let r = relay(stream, buf, open, &agent, &agents).await;
+            let indexed = index(&cluster, record);
+            let r = relay(stream, buf, open, &agent, &agents, indexed).await;
             close_unreached(&cluster, &id, r).await
         }
-        Ok((open, agent, Route::Peer(addr))) => {
+        Ok((open, agent, Route::Peer(addr), record)) => {
+            // The peer admits only a session its index holds.
+            if !index(&cluster, record).await {
+                refuse(&mut stream, &Refusal::NotDurable).await;
+                return Ok(());
+            }
             let id = open.session_id.clone();
             let r = relay_via_peer(stream, buf, open, &agent, &addr, &cluster).await;
             close_unreached(&cluster, &id, r).await
@@ -293,7 +301,18 @@ async fn handle(
     }
 }
 
-/// Verifies the caller and the rule, and commits the session to the index.
+/// Commits a session to the index; false when that is not durable.
+async fn index(cluster: &Cluster, record: SessionRecord) -> bool {
+    cluster
+        .propose(Command::SessionOpened {
+            session: Box::new(record),
+        })
+        .await
+        .is_ok()
+}
+
+/// Verifies the caller and the rule, and gives the session to open with the
+/// record the index must hold before its first byte reaches the target.
 async fn admit(
     startup: &Startup,
     password: &str,
@@ -301,7 +320,7 @@ async fn admit(
     cluster: &Cluster,
     agents: &AgentRegistry,
     gate: &Gate,
-) -> Result<(SessionOpen, String, Route), Refusal> {
+) -> Result<(SessionOpen, String, Route, SessionRecord), Refusal> {
     let throttle = &gate.throttle;
     let user = startup.params.get("user").cloned().unwrap_or_default();
     let (db_user, target_name) = match user.rsplit_once('@') {
@@ -454,12 +473,6 @@ async fn admit(
         groups: who.groups.clone(),
         ..Default::default()
     };
-    cluster
-        .propose(Command::SessionOpened {
-            session: Box::new(record),
-        })
-        .await
-        .map_err(|_| Refusal::NotDurable)?;
     let startup_params = startup
         .params
         .iter()
@@ -492,6 +505,7 @@ async fn admit(
         },
         target.agent,
         route,
+        record,
     ))
 }
 
@@ -749,18 +763,34 @@ async fn locate(cluster: &Cluster, agents: &AgentRegistry, agent: &str) -> Optio
     None
 }
 
-/// Opens the agent stream and pipes bytes both ways until either side ends.
+/// Opens the agent stream and, once `indexed` says the session is in the
+/// index, pipes bytes both ways until either side ends.
 async fn relay<S>(
     mut client: S,
     leftover: BytesMut,
     open: SessionOpen,
     agent: &str,
     agents: &AgentRegistry,
+    indexed: impl std::future::Future<Output = bool>,
 ) -> anyhow::Result<Relayed>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let (mut send, recv) = match agents.open_session(agent).await {
+    let opening = async {
+        let (mut send, recv) = agents.open_session(agent).await?;
+        send.write_all(&frame(&open)).await?;
+        anyhow::Ok((send, recv))
+    };
+    let (opened, indexed) = tokio::join!(opening, indexed);
+    if !indexed {
+        // The agent's side ends with the stream; nothing reached the target.
+        if let Ok((mut send, _)) = opened {
+            let _ = send.reset(0u8.into());
+        }
+        refuse(&mut client, &Refusal::NotDurable).await;
+        return Ok(Relayed::NotIndexed);
+    }
+    let (mut send, recv) = match opened {
         Ok(s) => s,
         Err(e) => {
             let r = Refusal::Unavailable {
@@ -771,14 +801,6 @@ where
             return Ok(Relayed::Unreached(r.to_string()));
         }
     };
-    if let Err(e) = send.write_all(&frame(&open)).await {
-        let r = Refusal::Unavailable {
-            target: open.target.clone(),
-            reason: e.to_string(),
-        };
-        refuse(&mut client, &r).await;
-        return Ok(Relayed::Unreached(r.to_string()));
-    }
     if !leftover.is_empty() {
         send.write_all(&leftover).await?;
     }
@@ -881,7 +903,7 @@ async fn close_unreached(
     r: Result<Relayed, anyhow::Error>,
 ) -> anyhow::Result<()> {
     let reason = match r {
-        Ok(Relayed::Reached) => return Ok(()),
+        Ok(Relayed::Reached | Relayed::NotIndexed) => return Ok(()),
         Ok(Relayed::Unreached(reason)) => reason,
         Err(e) => format!("the session never reached its agent: {e}"),
     };
@@ -895,6 +917,8 @@ async fn close_unreached(
 /// Whether a relay handed the session to its agent.
 enum Relayed {
     Reached,
+    /// The index never held the session.
+    NotIndexed,
     Unreached(String),
 }
 

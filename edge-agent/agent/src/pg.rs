@@ -61,19 +61,7 @@ pub async fn session(ctx: Arc<AgentCtx>, mut send: quinn::SendStream, mut recv: 
     }
     let result = match admit(&ctx, &open).await {
         Ok(admitted) => run(&ctx, &open, admitted, &mut send, &mut recv).await,
-        Err(refused) => {
-            // Refused before its recording started: the sessions index
-            // still learns that (and why) it ended.
-            let _ = ctx
-                .report_tx
-                .send(gatehouse_proto::tunnel::SessionRecorded {
-                    session_id: open.session_id.clone(),
-                    ended_ms: now_ms(),
-                    end_reason: format!("refused: {}", refused.1),
-                    ..Default::default()
-                });
-            Err(refused)
-        }
+        Err(refused) => Err(refused_unrecorded(&ctx, &open, refused)),
     };
     let reason = match result {
         Ok(reason) => reason,
@@ -326,7 +314,22 @@ struct Admitted<'c> {
     policy: Option<Arc<gatehouse_policy::PolicyDoc>>,
     guard: Option<gatehouse_policy::Guard>,
     masking: crate::guard::SessionMasking,
-    recorder: Recorder,
+    /// What the recording starts with.
+    meta: SessionMeta,
+}
+
+/// A session refused before its recording started: the sessions index still
+/// learns that (and why) it ended.
+fn refused_unrecorded(ctx: &AgentCtx, open: &SessionOpen, refused: ClientError) -> ClientError {
+    let _ = ctx
+        .report_tx
+        .send(gatehouse_proto::tunnel::SessionRecorded {
+            session_id: open.session_id.clone(),
+            ended_ms: now_ms(),
+            end_reason: format!("refused: {}", refused.1),
+            ..Default::default()
+        });
+    refused
 }
 
 fn audit_down() -> ClientError {
@@ -392,32 +395,23 @@ async fn admit<'c>(ctx: &'c AgentCtx, open: &SessionOpen) -> Result<Admitted<'c>
         ctx.audit(ev).await.map_err(|_| audit_down())?;
         return Err(ClientError("53100".into(), format!("gatehouse: {why}")));
     }
-    let recorder = Recorder::start(
-        ctx,
-        SessionMeta {
-            session_id: open.session_id.clone(),
-            identity: open.identity.clone(),
-            target: open.target.clone(),
-            agent: ctx.config.name.clone(),
-            policy_version: open.policy_version.clone(),
-            started_ms: open.started_ms,
-            database: open.database.clone(),
-            db_user: db_user.clone(),
-        },
-    )
-    .map_err(|e| {
-        ClientError(
-            "58030".into(),
-            format!("session recording unavailable: {e}"),
-        )
-    })?;
+    let meta = SessionMeta {
+        session_id: open.session_id.clone(),
+        identity: open.identity.clone(),
+        target: open.target.clone(),
+        agent: ctx.config.name.clone(),
+        policy_version: open.policy_version.clone(),
+        started_ms: open.started_ms,
+        database: open.database.clone(),
+        db_user: db_user.clone(),
+    };
     Ok(Admitted {
         target,
         db_user,
         policy,
         guard,
         masking,
-        recorder,
+        meta,
     })
 }
 
@@ -434,12 +428,27 @@ async fn run(
         policy,
         guard,
         mut masking,
-        mut recorder,
+        meta,
     } = admitted;
     let read_only = guard
         .as_ref()
         .is_some_and(gatehouse_policy::Guard::read_only);
-    let mut upstream = match upstream::connect(target, open, &db_user, read_only).await {
+    // The recording's durable start and the target's connection (a backend
+    // forked, SCRAM) overlap; the client is answered only after both.
+    let (started, connected) = tokio::join!(
+        Recorder::start(ctx, meta),
+        upstream::connect(target, open, &db_user, read_only)
+    );
+    // Fail closed: no durable recording, no session (the target's
+    // connection, if made, closes unused).
+    let mut recorder = started.map_err(|e| {
+        let refused = ClientError(
+            "58030".into(),
+            format!("session recording unavailable: {e}"),
+        );
+        refused_unrecorded(ctx, open, refused)
+    })?;
+    let mut upstream = match connected {
         Ok(x) => x,
         Err(e) => {
             let mut ev = base_event(ctx, open, EventKind::SessionStart, Decision::Deny);

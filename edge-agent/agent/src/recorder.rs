@@ -156,14 +156,22 @@ pub struct Recorder {
 
 impl Recorder {
     /// Creates the session's spool directory with its metadata, durable
-    /// before the session goes on.
-    pub fn start(ctx: &AgentCtx, meta: SessionMeta) -> Result<Self, RecordError> {
+    /// before the session goes on. Its fsyncs run on the blocking pool, not
+    /// on the thread the sessions share.
+    pub async fn start(ctx: &AgentCtx, meta: SessionMeta) -> Result<Self, RecordError> {
         let root = spool_dir(ctx);
+        let signing_key = ctx.signing_key.clone();
+        tokio::task::spawn_blocking(move || Self::start_in(&root, signing_key, meta))
+            .await
+            .map_err(|e| RecordError::Spool("starting a recording".into(), e.into()))?
+    }
+
+    fn start_in(root: &Path, signing_key: Vec<u8>, meta: SessionMeta) -> Result<Self, RecordError> {
         let dir = root.join(&meta.session_id);
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         let meta_bytes = serde_json::to_vec(&meta).unwrap_or_default();
         write_durable(&dir.join("meta.json"), &meta_bytes)?;
-        sync_dir(&root)?;
+        sync_dir(root)?;
         let refs_path = dir.join("chunks.jsonl");
         let refs_file = OpenOptions::new()
             .create(true)
@@ -180,7 +188,7 @@ impl Recorder {
             refs: Vec::new(),
             refs_file,
             line: Vec::with_capacity(256),
-            signing_key: ctx.signing_key.clone(),
+            signing_key,
             live: None,
         })
     }
@@ -642,7 +650,7 @@ mod tests {
     fn a_crash_loses_no_written_line_and_closes_the_session_as_agent_restarted() {
         let tmp = tempfile::tempdir().unwrap();
         let (ctx, _q) = ctx(tmp.path());
-        let mut r = Recorder::start(&ctx, meta()).unwrap();
+        let mut r = Recorder::start_in(&spool_dir(&ctx), ctx.signing_key.clone(), meta()).unwrap();
         // Past one chunk (4 MiB of lines), then more in the tail.
         let n = 25_000;
         for i in 0..n {
@@ -679,7 +687,7 @@ mod tests {
     fn a_chunk_sealed_but_not_yet_listed_is_kept_after_a_crash() {
         let tmp = tempfile::tempdir().unwrap();
         let (ctx, _q) = ctx(tmp.path());
-        let mut r = Recorder::start(&ctx, meta()).unwrap();
+        let mut r = Recorder::start_in(&spool_dir(&ctx), ctx.signing_key.clone(), meta()).unwrap();
         for i in 0..20_000 {
             r.record(1_000, row(i)).unwrap();
         }
@@ -707,7 +715,7 @@ mod tests {
         let (mut ctx, _q) = ctx(tmp.path());
         ctx.config.spool.max_bytes = 10_000;
         assert!(admit(&ctx).is_ok());
-        let mut r = Recorder::start(&ctx, meta()).unwrap();
+        let mut r = Recorder::start_in(&spool_dir(&ctx), ctx.signing_key.clone(), meta()).unwrap();
         for i in 0..100 {
             r.record(1_000, row(i)).unwrap();
         }
