@@ -100,6 +100,10 @@ pub struct PolicyDoc {
     /// default), or running ones too.
     #[serde(default, skip_serializing_if = "Enforce::is_new_sessions")]
     pub enforce: Enforce,
+    /// SSH command guardrails; every command that parses is allowed when
+    /// absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh: Option<crate::commands::Ssh>,
 }
 
 /// When a new policy version takes effect.
@@ -389,7 +393,7 @@ pub struct Rule {
     pub hours: Option<Hours>,
 }
 
-fn is_false(b: &bool) -> bool {
+pub(crate) fn is_false(b: &bool) -> bool {
     !*b
 }
 
@@ -431,6 +435,8 @@ pub enum DocError {
     Recordings(String),
     #[error("guardrail {index}: {message}")]
     Rule { index: usize, message: String },
+    #[error("ssh command guardrail {index}: {message}")]
+    CommandRule { index: usize, message: String },
 }
 
 impl PolicyDoc {
@@ -524,18 +530,23 @@ impl PolicyDoc {
                 }
             }
             if let Some(h) = &r.hours {
-                for v in [&h.from, &h.to] {
-                    if parse_hhmm(v).is_none() {
-                        return Err(err(format!(
-                            "rule \"{}\": hour \"{v}\" is not HH:MM",
-                            r.name
-                        )));
-                    }
-                }
+                check_hours(h).map_err(|m| err(format!("rule \"{}\": {m}", r.name)))?;
             }
+        }
+        if let Some(ssh) = &self.ssh {
+            crate::commands::validate(ssh)?;
         }
         Ok(())
     }
+}
+
+pub(crate) fn check_hours(h: &Hours) -> Result<(), String> {
+    for v in [&h.from, &h.to] {
+        if parse_hhmm(v).is_none() {
+            return Err(format!("hour \"{v}\" is not HH:MM"));
+        }
+    }
+    Ok(())
 }
 
 /// Minutes after midnight for "HH:MM".

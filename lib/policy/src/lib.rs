@@ -6,6 +6,7 @@
 //! parse tree.
 
 mod classify;
+mod commands;
 pub mod corpus;
 mod doc;
 mod functions;
@@ -14,6 +15,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 pub use classify::{ParseError, StatementEffects, classify};
+pub use commands::{CommandGuardrails, CommandRule, Ssh, judge_command};
 pub use doc::{
     Action, Approvals, ColumnRule, CustomDetector, DocError, Enforce, Guardrails, Hours, Kind,
     Masking, PolicyDoc, Recordings, Rule, Weekday, parse_duration,
@@ -337,19 +339,12 @@ pub fn evaluate(doc: &PolicyDoc, who: &Subject, now_ms: i64, fx: &StatementEffec
     let applies: Vec<&Rule> = g
         .rules
         .iter()
-        .filter(|r| subject_matches(r, who) && time_matches(r, now_ms))
+        .filter(|r| {
+            subject_in(&r.identities, &r.groups, &r.targets, who) && hours_match(&r.hours, now_ms)
+        })
         .collect();
     let mut worst: Option<Verdict> = None;
-    // The strictest decides; of equally strict ones, a named rule is cited
-    // before the default.
-    let mut consider = |v: Verdict| {
-        if worst.as_ref().is_none_or(|w| {
-            v.action > w.action
-                || (v.action == w.action && w.rule == RULE_DEFAULT && v.rule != RULE_DEFAULT)
-        }) {
-            worst = Some(v);
-        }
-    };
+    let mut consider = |v: Verdict| keep_strictest(&mut worst, v);
     for (kind, table) in &fx.kinds {
         let rule = applies.iter().find(|r| {
             r.functions.is_empty()
@@ -415,7 +410,7 @@ pub fn admits_any(doc: &PolicyDoc, who: &Subject, kinds: &[Kind]) -> bool {
     }
     g.rules.iter().any(|r| {
         r.action != Action::Deny
-            && subject_matches(r, who)
+            && subject_in(&r.identities, &r.groups, &r.targets, who)
             && r.functions.is_empty()
             && !r.without_where
             && (r.kinds.is_empty() || r.kinds.iter().any(|k| kinds.contains(k)))
@@ -440,14 +435,27 @@ fn verdict(r: &Rule, what: &str) -> Verdict {
     }
 }
 
-fn subject_matches(r: &Rule, who: &Subject) -> bool {
-    (r.identities.is_empty() || r.identities.contains(&who.identity))
-        && (r.groups.is_empty() || r.groups.iter().any(|g| who.groups.contains(g)))
-        && (r.targets.is_empty() || r.targets.contains(&who.target))
+/// The strictest decides; of equally strict ones, a named rule is cited
+/// before the default.
+fn keep_strictest(worst: &mut Option<Verdict>, v: Verdict) {
+    if worst.as_ref().is_none_or(|w| {
+        v.action > w.action
+            || (v.action == w.action && w.rule == RULE_DEFAULT && v.rule != RULE_DEFAULT)
+    }) {
+        *worst = Some(v);
+    }
 }
 
-fn time_matches(r: &Rule, now_ms: i64) -> bool {
-    let Some(h) = &r.hours else { return true };
+/// Whether a rule limited to these identities, groups and targets (each
+/// unlimited when empty) covers `who`.
+fn subject_in(identities: &[String], groups: &[String], targets: &[String], who: &Subject) -> bool {
+    (identities.is_empty() || identities.contains(&who.identity))
+        && (groups.is_empty() || groups.iter().any(|g| who.groups.contains(g)))
+        && (targets.is_empty() || targets.contains(&who.target))
+}
+
+fn hours_match(hours: &Option<Hours>, now_ms: i64) -> bool {
+    let Some(h) = hours else { return true };
     let (Some(from), Some(to)) = (doc::parse_hhmm(&h.from), doc::parse_hhmm(&h.to)) else {
         return false;
     };
