@@ -7,7 +7,8 @@ in one run on one machine.
 Workloads: `-S` (select only) in simple and prepared mode, the default
 TPC-B-like script (prepared), and a pipeline of 50 `SELECT 1`
 (`\startpipeline`, one transaction = the whole pipeline), each at 1 and 8
-clients; new connections (`-S -C`, 4 clients: a session per transaction);
+clients; new connections (`-S -C`, 1 and 4 clients: a session per
+transaction);
 asyncpg `executemany` of 10,000 rows. Prints TPS and the ratio to direct,
 added p50/p99 latency at 1 client (from pgbench's per-transaction log), the
 connection time with `-C`, and the CPU time per transaction of the gateway's
@@ -37,7 +38,7 @@ WORKLOADS = [
     ("select-only prepared", ["-S", "-M", "prepared"], [1, 8]),
     ("tpc-b-like prepared", ["-M", "prepared"], [1, 8]),
     ("pipeline 50 x select 1", ["-M", "extended", "-f", "{pipeline}"], [1, 8]),
-    ("new connections -S -C", ["-S", "-M", "simple", "-C"], [4]),
+    ("new connections -S -C", ["-S", "-M", "simple", "-C"], [1, 4]),
 ]
 EXECUTEMANY_ROWS = 10_000
 EXECUTEMANY = """
