@@ -23,7 +23,9 @@ dev_pkgs=(postgresql postgresql-contrib postgresql-client)
 # non-root user, network namespaces and a MASQUERADE NAT for the
 # agent-behind-NAT test.
 # xmlsec1 signs the SAML responses of the tests' identity provider.
-test_pkgs=(util-linux coreutils iproute2 iptables conntrack xmlsec1)
+# OpenSSH's server and client: the SSH tests' real target and real clients
+# (ssh, scp, sftp, ssh-keygen).
+test_pkgs=(util-linux coreutils iproute2 iptables conntrack xmlsec1 openssh-server openssh-client)
 
 case "$mode" in
   build) want=("${build_pkgs[@]}") ;;
@@ -49,6 +51,15 @@ if [ ${#need[@]} -gt 0 ]; then
   echo "deps.sh ($mode): installing ${need[*]}"
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+case " ${need[*]} " in
+  # The package starts a system sshd; the tests and the demo run their own.
+  *" openssh-server "*) $sudo service ssh stop >/dev/null 2>&1 || true ;;
+esac
+# An sshd that is not root logs in only its own user: a root-started demo or
+# test sshd runs as this unprivileged user, with a shell and a home.
+if [ "$mode" != build ] && [ "$(id -u)" = 0 ] && ! id gatehouse-demo >/dev/null 2>&1; then
+  useradd --system --create-home --home-dir /var/lib/gatehouse-demo --shell /bin/bash gatehouse-demo
 fi
 if ! compgen -G '/usr/lib/llvm-*/lib/libclang.so' >/dev/null; then
   echo "deps.sh: libclang-dev is installed but no /usr/lib/llvm-*/lib/libclang.so exists; reinstall libclang-dev and its libclang-NN-dev" >&2

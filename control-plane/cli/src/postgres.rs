@@ -42,7 +42,7 @@ pub fn find_bin() -> Option<PathBuf> {
     found.pop()
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
