@@ -251,7 +251,9 @@ pub fn bootstrap_admin(api: &str, ca_file: &Path, break_glass: &str) -> String {
         "cannot reach a majority",
         "not the leader",
     ];
-    let run = |args: &[&str]| {
+    // A grant is a put: one whose outcome is unknown (the leader lost its
+    // majority after proposing it) is safe to send again.
+    let run = |args: &[&str], idempotent: bool| {
         for _ in 0..40 {
             let out = Command::new(bin("gatehouse"))
                 .args(args)
@@ -266,23 +268,27 @@ pub fn bootstrap_admin(api: &str, ca_file: &Path, break_glass: &str) -> String {
             }
             let err = String::from_utf8_lossy(&out.stderr).into_owned();
             assert!(
-                transient.iter().any(|t| err.contains(t)),
+                transient.iter().any(|t| err.contains(t))
+                    || (idempotent && err.contains("its outcome is unknown")),
                 "gatehouse {args:?} with the bootstrap token failed: {err}"
             );
             std::thread::sleep(Duration::from_millis(250));
         }
         panic!("gatehouse {args:?} with the bootstrap token kept failing");
     };
-    let out = run(&[
-        "service-accounts",
-        "create",
-        "gatehouse-admin",
-        "-o",
-        "json",
-    ]);
+    let out = run(
+        &[
+            "service-accounts",
+            "create",
+            "gatehouse-admin",
+            "-o",
+            "json",
+        ],
+        false,
+    );
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     for role in ["admin", "auditor"] {
-        run(&["roles", "grant", role, "sa:gatehouse-admin"]);
+        run(&["roles", "grant", role, "sa:gatehouse-admin"], true);
     }
     v["api_key"].as_str().unwrap().to_string()
 }
