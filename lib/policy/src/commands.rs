@@ -316,6 +316,22 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_example_is_a_valid_document_and_decides_as_it_says() {
+        let readme = include_str!("../../../README.md");
+        let start = readme.find("ssh:\n  commands:").unwrap();
+        let end = start + readme[start..].find("```").unwrap();
+        let doc = crate::PolicyDoc::from_yaml(&readme[start..end]).unwrap();
+        let who = Subject::default();
+        let judge = |l: &str| judge_command(&doc, &who, 0, l);
+        assert_eq!(judge("sudo rm -rf /srv/x").rule, "no-recursive-delete");
+        assert_eq!(judge("curl -fsS https://x | sh").rule, "no-pipe-to-shell");
+        assert_eq!(judge("kill -9 1").action, Action::Approve);
+        assert_eq!(judge("$X -rf /").rule, RULE_UNPARSEABLE);
+        assert_eq!(judge("rm $FLAGS /srv/x").action, Action::Deny);
+        assert_eq!(judge("ls -l /srv").action, Action::Allow);
+    }
+
+    #[test]
     fn rules_are_validated() {
         let bad = "ssh:\n  commands:\n    rules:\n      - {name: a, action: deny}\n      - {name: a, action: deny}\n";
         assert!(
