@@ -24,8 +24,9 @@ dev_pkgs=(postgresql postgresql-contrib postgresql-client)
 # agent-behind-NAT test.
 # xmlsec1 signs the SAML responses of the tests' identity provider.
 # OpenSSH's server and client: the SSH tests' real target and real clients
-# (ssh, scp, sftp, ssh-keygen).
-test_pkgs=(util-linux coreutils iproute2 iptables conntrack xmlsec1 openssh-server openssh-client)
+# (ssh, scp, sftp, ssh-keygen); tmux drives an interactive ssh session in a
+# real terminal.
+test_pkgs=(util-linux coreutils iproute2 iptables conntrack xmlsec1 openssh-server openssh-client tmux)
 
 case "$mode" in
   build) want=("${build_pkgs[@]}") ;;
@@ -58,8 +59,15 @@ case " ${need[*]} " in
 esac
 # An sshd that is not root logs in only its own user: a root-started demo or
 # test sshd runs as this unprivileged user, with a shell and a home.
-if [ "$mode" != build ] && [ "$(id -u)" = 0 ] && ! id gatehouse-demo >/dev/null 2>&1; then
-  useradd --system --create-home --home-dir /var/lib/gatehouse-demo --shell /bin/bash gatehouse-demo
+if [ "$mode" != build ] && [ "$(id -u)" = 0 ]; then
+  if ! id gatehouse-demo >/dev/null 2>&1; then
+    useradd --system --create-home --home-dir /var/lib/gatehouse-demo --shell /bin/bash gatehouse-demo
+  fi
+  # No password, but not locked: sshd (without PAM) refuses a locked
+  # account even a key would log in.
+  if [ "$(passwd -S gatehouse-demo | awk '{print $2}')" = L ]; then
+    usermod -p '*' gatehouse-demo
+  fi
 fi
 if ! compgen -G '/usr/lib/llvm-*/lib/libclang.so' >/dev/null; then
   echo "deps.sh: libclang-dev is installed but no /usr/lib/llvm-*/lib/libclang.so exists; reinstall libclang-dev and its libclang-NN-dev" >&2

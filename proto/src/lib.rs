@@ -84,3 +84,6 @@ impl std::fmt::Display for FrameError {
 }
 
 impl std::error::Error for FrameError {}
+
+#[cfg(feature = "ssh")]
+pub mod ssh;

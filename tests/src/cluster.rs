@@ -74,7 +74,6 @@ pub struct Node {
 
 /// A cluster of server processes in one temp dir.
 pub struct TestCluster {
-    pub tmp: tempfile::TempDir,
     pub token: String,
     pub token_file: PathBuf,
     pub ca_file: PathBuf,
@@ -83,6 +82,8 @@ pub struct TestCluster {
     pub links: Option<Links>,
     /// Where nodes listen for agents (loopback unless a test says otherwise).
     pub tunnel_host: String,
+    /// Last, so it is removed after the nodes' processes (see `Stack`).
+    pub tmp: tempfile::TempDir,
 }
 
 impl TestCluster {
@@ -194,6 +195,7 @@ impl TestCluster {
             ),
             ("--raft-listen", port(&node.raft)),
             ("--pg-listen", port(&node.pg)),
+            ("--ssh-listen", "127.0.0.1:0".to_string()),
             (
                 "--tunnel-listen",
                 if node.tunnel.is_empty() {

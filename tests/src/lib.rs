@@ -10,6 +10,7 @@ pub mod netns;
 pub mod oidc;
 pub mod proxy;
 pub mod rawpg;
+pub mod ssh;
 pub mod tpg;
 
 use std::path::{Path, PathBuf};
@@ -104,12 +105,23 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         self.kill9();
+        // A failing test shows what each of its processes said last, so a
+        // failure seen once in CI can be read after its temp dir is gone.
+        if std::thread::panicking() {
+            let text = self.log_text();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(40)..];
+            let name = self.log.file_name().unwrap_or_default().to_string_lossy();
+            eprintln!("--- last {} lines of {name} ---", tail.len());
+            for l in tail {
+                eprintln!("{l}");
+            }
+        }
     }
 }
 
 /// A whole deployment: PostgreSQL, one server, one agent serving target `db`.
 pub struct Stack {
-    pub tmp: tempfile::TempDir,
     pub pg: LocalPostgres,
     pub server: Proc,
     pub agent: Option<Proc>,
@@ -117,6 +129,8 @@ pub struct Stack {
     pub agent_serving_before: usize,
     pub api: String,
     pub pg_addr: String,
+    /// The SSH ingress (`host:port`).
+    pub ssh_addr: String,
     pub tunnel: String,
     /// The API key of `sa:gatehouse-admin` (roles admin and auditor),
     /// which the bootstrap token created.
@@ -130,6 +144,9 @@ pub struct Stack {
     pub s3: Option<S3Server>,
     /// Extra environment of the agent processes started from now on.
     pub agent_env: Vec<(String, String)>,
+    /// Last, so it is removed after the processes: a failing test prints
+    /// their logs as they are dropped.
+    pub tmp: tempfile::TempDir,
 }
 
 /// A real S3-compatible server (s3s-fs) on a loopback port, storing its
@@ -363,6 +380,8 @@ impl Stack {
                     data.display().to_string(),
                     "--pg-listen".into(),
                     "127.0.0.1:0".into(),
+                    "--ssh-listen".into(),
+                    "127.0.0.1:0".into(),
                     "--api-listen".into(),
                     "127.0.0.1:0".into(),
                     "--tunnel-listen".into(),
@@ -392,6 +411,7 @@ impl Stack {
             ca_file: data.join("ca.pem"),
             api: s("api"),
             pg_addr: s("pg"),
+            ssh_addr: s("ssh"),
             tunnel: s("tunnel"),
             recordings,
             agent_config: tmp.path().join("agent").join("agent.toml"),

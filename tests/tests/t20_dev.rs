@@ -55,6 +55,34 @@ fn gatehouse_dev_tour_shows_masking_guardrails_approvals_and_evidence() {
     assert!(env.contains("export PGSSLMODE=verify-full"), "{env}");
     assert!(env.contains("export PGSSLROOTCERT="), "{env}");
 
+    // The printed ssh lines work as printed: a command runs on the demo
+    // SSH target, and the demo policy refuses a recursive delete.
+    let ssh_lines: Vec<&str> = printed
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("SSH_ASKPASS="))
+        .collect();
+    assert!(ssh_lines.len() >= 2, "{printed}");
+    let uname = ssh_lines.iter().find(|l| l.contains("'uname -a'")).unwrap();
+    let o = sh(dir, uname);
+    assert!(
+        o.status.success() && String::from_utf8_lossy(&o.stdout).contains("Linux"),
+        "{}",
+        text(&o)
+    );
+    let rm = ssh_lines
+        .iter()
+        .find(|l| l.contains("'rm -rf /tmp/x'"))
+        .unwrap();
+    let rm = rm.split('#').next().unwrap();
+    let o = sh(dir, rm);
+    assert_eq!(o.status.code(), Some(126), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("no-recursive-delete"),
+        "{}",
+        text(&o)
+    );
+
     // The printed psql command line works as printed.
     let line = printed
         .lines()
@@ -280,7 +308,18 @@ fn count(dir: &Path) -> i64 {
 fn gatehouse_dev_no_policy_starts_without_guardrails() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let mut dev = start_dev(dir, &["--no-policy", "--pg-port", "0", "--api-port", "0"]);
+    let mut dev = start_dev(
+        dir,
+        &[
+            "--no-policy",
+            "--pg-port",
+            "0",
+            "--api-port",
+            "0",
+            "--ssh-port",
+            "0",
+        ],
+    );
     let o = sh(
         dir,
         "psql -X -A -t -c 'select email from customers order by id limit 1'",

@@ -380,12 +380,21 @@ fn a_full_spool_refuses_new_sessions_with_an_audit_event_while_running_ones_keep
         Some("53100"),
         "{refused}"
     );
-    // The refusal is evidence.
-    let refused: Vec<Value> = stack
-        .audit_events(&[])
-        .into_iter()
-        .filter(|e| e["kind"] == "recording_refused")
-        .collect();
+    // The refusal is evidence, one event per refused session. The agent
+    // ships each in the background once it is durable in its spool: wait
+    // (bounded) for both, then check there are no more.
+    let refused: Vec<Value> = gatehouse_e2e::wait_until(
+        "both refusals' audit events",
+        std::time::Duration::from_secs(15),
+        || {
+            let r: Vec<Value> = stack
+                .audit_events(&[])
+                .into_iter()
+                .filter(|e| e["kind"] == "recording_refused")
+                .collect();
+            (r.len() >= 2).then_some(r)
+        },
+    );
     assert_eq!(refused.len(), 2, "{refused:?}");
     assert!(
         refused[0]["detail"]

@@ -207,7 +207,22 @@ async fn enforce_immediate_closes_what_the_new_version_no_longer_admits() {
         .await
         .expect("still running");
 
-    let events = stack.audit_events(&["--target", "db"]);
+    // The agent ships its events in the background (each is durable in its
+    // spool before the client hears the answer): wait for the refusal's.
+    let events = gatehouse_e2e::wait_until(
+        "the refusal's audit event",
+        std::time::Duration::from_secs(15),
+        || {
+            let ev = stack.audit_events(&["--target", "db"]);
+            ev.iter()
+                .any(|e| {
+                    e["kind"] == "statement"
+                        && e["statement"] == "select pg_backend_pid()"
+                        && e["decision"] == "deny"
+                })
+                .then_some(ev)
+        },
+    );
     assert!(
         events.iter().any(|e| e["kind"] == "session_killed"
             && e["detail"].as_str().is_some_and(

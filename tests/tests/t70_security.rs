@@ -327,6 +327,8 @@ fn a_server_refuses_to_start_on_an_exposed_data_dir_or_a_wrong_key_encryption_ke
                 stack.recordings.to_str().unwrap(),
                 "--pg-listen",
                 "127.0.0.1:0",
+                "--ssh-listen",
+                "127.0.0.1:0",
                 "--api-listen",
                 "127.0.0.1:0",
                 "--tunnel-listen",

@@ -236,6 +236,15 @@ async fn call_all(
     call!(out, "WhoAmI", a.who_am_i(ListRequest {}));
     call!(
         out,
+        "IssueSshCertificate",
+        a.issue_ssh_certificate(IssueSshCertificateRequest {
+            public_key: "not a key".into(),
+            ttl_secs: 60
+        })
+    );
+    call!(out, "GetSshSetup", a.get_ssh_setup(ListRequest {}));
+    call!(
+        out,
         "ListAccessRequests",
         r.list_access_requests(ListAccessRequestsRequest::default())
     );
@@ -302,6 +311,10 @@ fn granted(role: &str, rpc: &str) -> bool {
     ];
     if rpc == "WhoAmI" {
         return true;
+    }
+    // Any identity may hold an SSH certificate; break-glass may not.
+    if rpc == "IssueSshCertificate" || rpc == "GetSshSetup" {
+        return role != "break-glass";
     }
     match role {
         "admin" => {
@@ -407,7 +420,7 @@ async fn every_call_is_authorized_by_role_and_the_rest_is_denied_and_audited() {
         let mut r = connect_reviews(&s.api, key, &ca).await.unwrap();
         let before = config(&mut root).await;
         let results = call_all(&mut a, &mut r, role).await;
-        assert_eq!(results.len(), 38, "every RPC of both services is called");
+        assert_eq!(results.len(), 40, "every RPC of both services is called");
         let mut denied = BTreeSet::new();
         for (rpc, res) in &results {
             let refused = matches!(res, Err(st) if st.code() == Code::PermissionDenied);
@@ -459,9 +472,17 @@ async fn every_call_is_authorized_by_role_and_the_rest_is_denied_and_audited() {
         }
         match role.as_str() {
             "auditor" => {
-                // Health reads (status, membership, the state digest) and
-                // WhoAmI are not evidence reads.
-                let health = ["Status", "ClusterStatus", "StateDigest", "WhoAmI"];
+                // Health reads (status, membership, the state digest),
+                // WhoAmI and the SSH calls (a credential of its own, which
+                // is a login event) are not evidence reads.
+                let health = [
+                    "Status",
+                    "ClusterStatus",
+                    "StateDigest",
+                    "WhoAmI",
+                    "IssueSshCertificate",
+                    "GetSshSetup",
+                ];
                 for (rpc, _) in results
                     .iter()
                     .filter(|(rpc, _)| granted("auditor", rpc) && !health.contains(rpc))

@@ -28,6 +28,9 @@ pub struct DevArgs {
     /// API port (a free one is chosen if it is taken).
     #[arg(long, default_value_t = 7443)]
     pub api_port: u16,
+    /// SSH ingress port (a free one is chosen if it is taken; 0: any).
+    #[arg(long, default_value_t = 2222)]
+    pub ssh_port: u16,
     /// Start without the demo policy: no guardrails, no masking.
     #[arg(long)]
     pub no_policy: bool,
@@ -74,6 +77,19 @@ approvals:
   approver_groups: [reviewers]
 masking:
   detectors: [email, phone, card, iban, us_ssn, secret]
+ssh:
+  commands:
+    default: allow
+    rules:
+      - name: no-recursive-delete
+        action: deny
+        message: recursive deletes are not allowed
+        programs: [rm]
+        args: ["-*r*"]
+      - name: no-pipe-to-shell
+        action: deny
+        message: shells must be given their script on the command line
+        hidden_script: true
 "#;
 
 /// `preferred` when it is free, else (or when it is 0) any free port.
@@ -170,6 +186,18 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         pg.psql_super("app", &format!("set role gatehouse_agent; {SAMPLE}"))?;
     }
 
+    // A demo SSH target when OpenSSH's server is on the machine.
+    let sshd = match crate::sshd::find_sshd() {
+        Some(_) if pg.is_some() => match crate::sshd::LocalSshd::start() {
+            Ok(s) => Some(s),
+            Err(e) => {
+                eprintln!("the demo SSH target did not start ({e:#}): starting without it");
+                None
+            }
+        },
+        _ => None,
+    };
+    let ssh_port = port_or_free(args.ssh_port)?;
     let (pg_port, api_port, tunnel_port) = (
         port_or_free(args.pg_port)?,
         port_or_free(args.api_port)?,
@@ -187,6 +215,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             format!("127.0.0.1:{pg_port}"),
             "--api-listen".into(),
             format!("127.0.0.1:{api_port}"),
+            "--ssh-listen".into(),
+            format!("127.0.0.1:{ssh_port}"),
             "--tunnel-listen".into(),
             format!("127.0.0.1:{tunnel_port}"),
             "--raft-listen".into(),
@@ -307,13 +337,37 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         let agent_dir = data.join("agent");
         let password_file = agent_dir.join("demo.password");
         write_private(&password_file, &agent_password)?;
-        let config = format!(
+        let mut config = format!(
             "name = \"dev-agent\"\nservers = [\"127.0.0.1:{tunnel_port}\"]\nserver_name = \"localhost\"\ndata_dir = \"{}\"\nrecordings_dir = \"{}\"\n\n[[targets]]\nname = \"demo\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"gatehouse_agent\"\npassword_file = \"{}\"\n",
             agent_dir.display(),
             recordings.display(),
             pg.port,
             password_file.display()
         );
+        if let Some(sshd) = &sshd {
+            config.push_str(&format!(
+                "\n[[targets]]\nname = \"demo-ssh\"\nkind = \"ssh\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"{}\"\nssh_key_file = \"{}\"\nssh_host_key = \"{}\"\n",
+                sshd.port,
+                sshd.user,
+                sshd.client_key().display(),
+                sshd.host_key
+            ));
+            client
+                .create_target(CreateTargetRequest {
+                    name: "demo-ssh".into(),
+                    kind: "ssh".into(),
+                    agent: "dev-agent".into(),
+                    default_db_user: String::new(),
+                })
+                .await?;
+            client
+                .create_rule(CreateRuleRequest {
+                    subject: "group:developers".into(),
+                    target: "demo-ssh".into(),
+                    ..Default::default()
+                })
+                .await?;
+        }
         let config_file = agent_dir.join("agent.toml");
         write_private(&config_file, &config)?;
         // The single-use token goes to the agent in a file, not its argv.
@@ -380,6 +434,19 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         println!("(verify-full: psql checks the gateway's certificate against the cluster CA");
         println!("before it sends your key; `require` would send it to any server.)");
     }
+    if let Some(sshd) = &sshd {
+        let line = ssh_line(&data, &server_dir, ssh_port, &sshd.user, &sa.api_key)?;
+        println!();
+        println!("Run commands on the demo SSH target through Gatehouse (the askpass helper");
+        println!("answers the gateway's prompt with the dev key; the gateway's host key is");
+        println!("pinned in the known_hosts file):");
+        println!();
+        println!("  {line} 'uname -a'");
+        if crate::postgres::is_root() {
+            println!("  {line}                      # an interactive shell, recorded");
+        }
+        println!("  {line} 'rm -rf /tmp/x'      # with the demo policy: refused, exit 126");
+    }
     println!();
     println!(
         "Load the settings into your shell:  source {}",
@@ -414,7 +481,43 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     if let Some(pg) = pg.as_mut() {
         pg.stop();
     }
+    drop(sshd);
     Ok(())
+}
+
+/// The `ssh` command line to the demo SSH target: an askpass helper with the
+/// dev key (owner-only) and a known_hosts file with the node's host key.
+fn ssh_line(
+    data: &Path,
+    server_dir: &Path,
+    port: u16,
+    login: &str,
+    key: &str,
+) -> anyhow::Result<String> {
+    let out = std::process::Command::new("ssh-keygen")
+        .arg("-y")
+        .arg("-f")
+        .arg(server_dir.join("ssh_host_ed25519_key"))
+        .output()
+        .context("running ssh-keygen")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "reading the gateway's SSH host key failed"
+    );
+    let public = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let known = data.join("ssh_known_hosts");
+    write_private(&known, &format!("[127.0.0.1]:{port} {public}\n"))?;
+    let askpass = data.join("ssh-askpass");
+    write_private(&askpass, &format!("#!/bin/sh\necho '{key}'\n"))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&askpass, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(format!(
+        "SSH_ASKPASS={} SSH_ASKPASS_REQUIRE=force ssh -p {port} -o UserKnownHostsFile={} {login}@demo-ssh@127.0.0.1",
+        askpass.display(),
+        known.display()
+    ))
 }
 
 /// The "try this" lines `gatehouse dev` prints, in order. Each comment

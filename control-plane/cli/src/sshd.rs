@@ -1,8 +1,11 @@
 //! A throwaway OpenSSH server from the machine's `sshd`, on loopback, for
-//! the tests and the SSH demo target. It runs as an unprivileged user: as
-//! ourselves, or, when we are root, as the `gatehouse-demo` system user the
-//! project's dependency script creates. An sshd that is not root can only
-//! log its own user in, which is all a demo target needs.
+//! the tests and the SSH demo target. Its one login is an unprivileged
+//! user: ourselves, or, when we are root, the `gatehouse-demo` system user
+//! the project's dependency script creates. Started by root, the server
+//! itself runs as root (with privilege separation) so that terminals work:
+//! an sshd that is not root cannot hand out a pty (it must chown the tty
+//! and write login records), so started by anyone else it serves commands
+//! and file transfers only.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -10,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-/// The user a root-started server runs as (and the only login it accepts).
+/// The only login a root-started server accepts.
 pub const DEMO_USER: &str = "gatehouse-demo";
 
 /// A running server; stopped on drop.
@@ -86,9 +89,10 @@ impl LocalSshd {
              PasswordAuthentication no\n\
              KbdInteractiveAuthentication no\n\
              PermitRootLogin no\n\
-             AllowAgentForwarding no\n\
+             AllowAgentForwarding yes\n\
              X11Forwarding no\n\
              PrintMotd no\n\
+             Subsystem sftp internal-sftp\n\
              LogLevel VERBOSE\n",
             dir = dir.display()
         );
@@ -103,7 +107,6 @@ impl LocalSshd {
                 .arg(&dir)
                 .status()?;
             anyhow::ensure!(st.success(), "chown of {} failed", dir.display());
-            argv.extend(["runuser", "-u", DEMO_USER, "--"].map(Into::into));
         }
         argv.push(sshd.into_os_string());
         argv.extend(["-D", "-f"].map(Into::into));

@@ -29,7 +29,9 @@ pub struct Issuer {
     pub metadata_url: String,
 }
 
-/// A key that signs Gatehouse access tokens (ECDSA P-256).
+/// A key that signs Gatehouse access tokens (ECDSA P-256), or the SSH CA's
+/// key (Ed25519; `public_pem` then holds its OpenSSH public key line and
+/// `private_sealed` its OpenSSH private key).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SigningKey {
     pub kid: String,
@@ -80,6 +82,9 @@ pub(crate) mod key {
     }
     pub fn signing_key(kid: &str) -> String {
         format!("signing_key/{kid}")
+    }
+    pub fn ssh_ca(kid: &str) -> String {
+        format!("ssh_ca/{kid}")
     }
     pub fn user(identity: &str) -> String {
         format!("user/{identity}")

@@ -8,7 +8,9 @@
 //!   passing openraft's storage test suite.
 //! - [`read`]: queries over the applied state for the API and ingress.
 //! - [`network`]: the peer transport (gRPC with mutual TLS).
+//! - [`election`]: when a voter campaigns (a fresh random timeout per attempt).
 
+pub mod election;
 pub mod identity;
 pub mod network;
 pub mod read;
@@ -43,6 +45,8 @@ pub enum StartError {
 pub struct Member {
     pub raft: Raft,
     pub reader: StateReader,
+    /// Told of every sign of a live leader (see [`election`]).
+    pub elections: Arc<election::Elections>,
 }
 
 /// Leader heartbeat interval (ms). openraft 0.9 also uses it as the time
@@ -58,8 +62,8 @@ pub const ELECTION_TIMEOUT_MAX_MS: u64 = 600;
 /// would retry it forever.
 pub const MAX_PAYLOAD_ENTRIES: u64 = 4;
 /// The longest a follower of a known leader waits after the last heartbeat
-/// before it campaigns (ms): openraft 0.9 makes it honour a leader lease of
-/// `election_timeout_max` first, then its randomized election timeout.
+/// before it campaigns (ms): the leader's lease of `election_timeout_max`
+/// first, then a randomized election timeout (see [`election`]).
 pub const EFFECTIVE_ELECTION_TIMEOUT_MS: u64 = 2 * ELECTION_TIMEOUT_MAX_MS;
 
 /// How a member starts.
@@ -91,11 +95,18 @@ pub async fn start(
         max_payload_entries: MAX_PAYLOAD_ENTRIES,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_every),
         max_in_snapshot_log_to_keep: snapshot_every.min(1_000),
+        // Campaigns are started by [`election::Elections`] instead.
+        enable_elect: false,
         ..Default::default()
     }
     .validate()
     .map_err(|e| StartError::Config(e.to_string()))?;
-    let raft = openraft::Raft::new(node_id, Arc::new(config), network::Network { tls }, log, sm)
+    let elections = election::Elections::new(ELECTION_TIMEOUT_MIN_MS, ELECTION_TIMEOUT_MAX_MS);
+    let network = network::Network {
+        tls,
+        elections: elections.clone(),
+    };
+    let raft = openraft::Raft::new(node_id, Arc::new(config), network, log, sm)
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
     let initialized = raft
@@ -109,8 +120,10 @@ pub async fn start(
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
     }
+    tokio::spawn(elections.clone().drive(raft.clone(), node_id));
     Ok(Member {
         raft,
         reader: StateReader::new(db),
+        elections,
     })
 }

@@ -211,9 +211,11 @@ fn decode<T: DeserializeOwned>(addr: &str, json: &[u8]) -> Result<T, PeerError> 
 }
 
 /// Creates one [`PeerLink`] per replication target.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Network {
     pub tls: PeerTls,
+    /// Told when a voter has a longer log than this member's.
+    pub elections: std::sync::Arc<crate::election::Elections>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -225,6 +227,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             addr: node.raft_addr.clone(),
             tls: self.tls.clone(),
             client: None,
+            elections: self.elections.clone(),
         }
     }
 }
@@ -235,6 +238,7 @@ pub struct PeerLink {
     addr: String,
     tls: PeerTls,
     client: Option<RaftPeerClient<Channel>>,
+    elections: std::sync::Arc<crate::election::Elections>,
 }
 
 // === impl PeerLink ===
@@ -320,6 +324,12 @@ impl RaftNetwork<TypeConfig> for PeerLink {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, NodeInfo, RaftError<NodeId>>> {
-        self.call(Rpc::Vote, &rpc, &option).await
+        let r: VoteResponse<NodeId> = self.call(Rpc::Vote, &rpc, &option).await?;
+        // A voter whose log is longer should win: this member waits longer
+        // before its next campaign.
+        if !r.vote_granted && r.last_log_id > rpc.last_log_id {
+            self.elections.greater_log_seen();
+        }
+        Ok(r)
     }
 }

@@ -123,6 +123,13 @@ impl StateReader {
         Ok(keys)
     }
 
+    /// The SSH CA keys, oldest first.
+    pub fn ssh_ca_keys(&self) -> Result<Vec<SigningKey>, ReadError> {
+        let mut keys: Vec<SigningKey> = self.list("ssh_ca/")?;
+        keys.sort_by_key(|k| k.created_ms);
+        Ok(keys)
+    }
+
     pub fn users(&self) -> Result<Vec<User>, ReadError> {
         self.list("user/")
     }

@@ -683,18 +683,27 @@ pub(crate) fn apply(txn: &WriteTransaction, cmd: &Command) -> ApplyResult<Comman
             }
             CommandResult::Ok
         }
-        Command::PutSigningKey { key } => {
-            let any = kv
-                .range("signing_key/".."signing_key0")?
+        // The first proposal wins; every node then reads the same key.
+        Command::PutSigningKey { key } | Command::PutSshCaKey { key } => {
+            let (prefix, what, k) = match cmd {
+                Command::PutSigningKey { .. } => (
+                    "signing_key/",
+                    "a token-signing key",
+                    ikey::signing_key(&key.kid),
+                ),
+                _ => ("ssh_ca/", "an SSH CA key", ikey::ssh_ca(&key.kid)),
+            };
+            // Keys under `name/` sort before `name0`.
+            let end = format!("{}0", prefix.trim_end_matches('/'));
+            if kv
+                .range(prefix..end.as_str())?
                 .next()
                 .transpose()?
-                .is_some();
-            if any {
-                return Ok(reject(Rejection::AlreadyExists(
-                    "a token-signing key".into(),
-                )));
+                .is_some()
+            {
+                return Ok(reject(Rejection::AlreadyExists(what.into())));
             }
-            put(&mut kv, &ikey::signing_key(&key.kid), key)?;
+            put(&mut kv, &k, key)?;
             CommandResult::Ok
         }
         Command::UserLoggedIn { user } => {

@@ -171,6 +171,12 @@ pub enum Command {
     PutSigningKey {
         key: Box<SigningKey>,
     },
+    /// The cluster's SSH certificate authority (Ed25519): it signs callers'
+    /// user certificates and the nodes' host certificates. Refused when one
+    /// exists, like the token-signing key.
+    PutSshCaKey {
+        key: Box<SigningKey>,
+    },
     /// A person logged in: their record as the provider described them.
     UserLoggedIn {
         user: Box<User>,

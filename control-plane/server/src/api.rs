@@ -108,6 +108,8 @@ pub struct AdminService {
     recordings: Arc<crate::recordings::Recordings>,
     ca_fingerprint: String,
     pub(crate) ids: Arc<crate::identity::Identities>,
+    /// The SSH ingress's port and names, for `gatehouse ssh config`.
+    pub(crate) ssh: crate::identity::ssh_admin::SshIngress,
 }
 
 /// The services of the API port.
@@ -269,6 +271,7 @@ impl AdminService {
         recordings: Arc<crate::recordings::Recordings>,
         ca_pem: &str,
         ids: Arc<crate::identity::Identities>,
+        ssh: crate::identity::ssh_admin::SshIngress,
     ) -> Self {
         Self {
             cluster,
@@ -276,12 +279,26 @@ impl AdminService {
             recordings,
             ca_fingerprint: gatehouse_pki::fingerprint_pem(ca_pem).unwrap_or_default(),
             ids,
+            ssh,
         }
     }
 }
 
 #[tonic::async_trait]
 impl Admin for AdminService {
+    async fn issue_ssh_certificate(
+        &self,
+        req: Request<IssueSshCertificateRequest>,
+    ) -> ApiResult<IssueSshCertificateResponse> {
+        let authz = self.allow(&req, "IssueSshCertificate").await?;
+        self.do_issue_ssh_certificate(req, authz).await
+    }
+
+    async fn get_ssh_setup(&self, req: Request<ListRequest>) -> ApiResult<SshSetup> {
+        let authz = self.allow(&req, "GetSshSetup").await?;
+        self.do_get_ssh_setup(authz).await
+    }
+
     async fn put_issuer(&self, req: Request<PutIssuerRequest>) -> ApiResult<Issuer> {
         let authz = self.allow(&req, "PutIssuer").await?;
         self.do_put_issuer(req, authz).await
@@ -419,9 +436,9 @@ impl Admin for AdminService {
         } else {
             req.kind
         };
-        if kind != "postgres" {
+        if kind != "postgres" && kind != "ssh" {
             return Err(ApiError::InvalidArgument(format!(
-                "target kind {kind:?} is not supported yet (supported: postgres)"
+                "target kind {kind:?} is not supported (supported: postgres, ssh)"
             ))
             .into());
         }

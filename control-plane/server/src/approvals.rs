@@ -42,11 +42,9 @@ pub async fn serve_agent(conn: quinn::Connection, cluster: Arc<Cluster>, agent: 
 /// Notifies the webhook of the policy document in force, if it names one.
 fn notify(cluster: &Cluster, what: &str, r: &AccessRequest, now: i64) {
     let url = cluster
-        .reader
-        .current_policy()
+        .policy_doc()
         .ok()
         .flatten()
-        .and_then(|p| gatehouse_policy::PolicyDoc::from_canonical(&p.canonical).ok())
         .and_then(|d| d.approvals)
         .and_then(|a| a.webhook);
     let Some(url) = url else { return };
@@ -112,7 +110,7 @@ async fn ask(
         reviewer: reviewer.to_string(),
         reason: reason.to_string(),
     };
-    let reply = match decide(cluster, agent, &a, &mut recv).await {
+    let reply = match decide(cluster, agent, &a, &mut send, &mut recv).await {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(agent_id = %agent, error = %e, "approval failed");
@@ -130,6 +128,7 @@ async fn decide(
     cluster: &Cluster,
     agent: &str,
     a: &ApprovalAsk,
+    send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
 ) -> Result<ApprovalAnswer, String> {
     let hash = sha256_hex(&a.statement);
@@ -203,6 +202,16 @@ async fn decide(
             request_id: request.id,
             ..Default::default()
         });
+    }
+    if a.progress {
+        let pending = ApprovalAnswer {
+            outcome: Outcome::Pending as i32,
+            request_id: request.id.clone(),
+            ..Default::default()
+        };
+        send.write_all(&frame(&pending))
+            .await
+            .map_err(|e| e.to_string())?;
     }
     // Wait for the decision; give up when the agent's stream closes (the
     // client went away).

@@ -1,6 +1,6 @@
 //! The node's handle on the replicated state: proposals, reads, ids and time.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use gatehouse_audit::{AuditEvent, Decision, EventKind};
@@ -42,6 +42,9 @@ pub struct Cluster {
     pub node_id: u64,
     pub raft: Raft,
     pub reader: StateReader,
+    /// Told of every sign of a live leader, so this member campaigns only
+    /// when there is none.
+    pub elections: Arc<gatehouse_cp_raft::election::Elections>,
     pub peers: PeerTls,
     rng: Mutex<StdRng>,
     /// Sequence numbers of audit events this node produces itself.
@@ -58,6 +61,7 @@ impl Cluster {
             node_id,
             raft: member.raft,
             reader: member.reader,
+            elections: member.elections,
             peers,
             rng: Mutex::new(StdRng::from_os_rng()),
             audit_seq: Mutex::new(high),
@@ -260,6 +264,23 @@ impl Cluster {
         let mut b = [0u8; 8];
         self.fill(&mut b);
         u64::from_be_bytes(b) >> 1
+    }
+
+    /// The policy document in force, if one was applied (and parses).
+    pub fn policy_doc(
+        &self,
+    ) -> Result<Option<gatehouse_policy::PolicyDoc>, gatehouse_cp_raft::read::ReadError> {
+        Ok(self
+            .reader
+            .current_policy()?
+            .and_then(|p| gatehouse_policy::PolicyDoc::from_canonical(&p.canonical).ok()))
+    }
+
+    /// `N` random bytes from the node's generator.
+    pub fn random_bytes<const N: usize>(&self) -> [u8; N] {
+        let mut b = [0u8; N];
+        self.fill(&mut b);
+        b
     }
 
     fn fill(&self, b: &mut [u8]) {

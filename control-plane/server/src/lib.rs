@@ -97,6 +97,9 @@ pub struct Config {
     /// PostgreSQL client ingress.
     #[arg(long, default_value = "127.0.0.1:6432")]
     pub pg_listen: SocketAddr,
+    /// SSH client ingress (`ssh -p PORT <login>@<target>@<node>`).
+    #[arg(long, default_value = "127.0.0.1:2222")]
+    pub ssh_listen: SocketAddr,
     /// Names and addresses put into the node's TLS certificate.
     #[arg(long = "hostname", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
     pub hostnames: Vec<String>,
@@ -158,6 +161,7 @@ pub struct Ready {
     pub api: String,
     pub tunnel: String,
     pub pg: String,
+    pub ssh: String,
     pub raft: String,
     pub ca_file: String,
     pub admin_token_file: String,
@@ -303,6 +307,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding PostgreSQL ingress {}", config.pg_listen))?;
     let pg_addr = pg_listener.local_addr()?;
+    let ssh_listener = tokio::net::TcpListener::bind(config.ssh_listen)
+        .await
+        .with_context(|| format!("binding SSH ingress {}", config.ssh_listen))?;
+    let ssh_addr = ssh_listener.local_addr()?;
+    let ssh_host_key = ingress::ssh::host_key(&config.data_dir)?;
 
     let ca = Arc::new(ca);
     tokio::spawn(tunnel::serve(
@@ -321,6 +330,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             kek.clone(),
             config.token_ttl_secs.max(60),
         ),
+        ssh_ca: identity::ssh_ca::SshCa::new(cluster.clone(), kek.clone()),
         providers: identity::oidc::Providers::new()?,
         throttle: throttle.clone(),
     });
@@ -328,6 +338,26 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .ensure_key()
         .await
         .context("creating the token-signing key")?;
+    ids.ssh_ca
+        .ensure_key()
+        .await
+        .context("creating the SSH CA key")?;
+    let (ssh_config, signed) =
+        match ingress::ssh::certified_config(&ssh_host_key, &config.hostnames, &ids.ssh_ca) {
+            Ok(c) => (c, true),
+            Err(e) => {
+                tracing::warn!(error = %e, "the SSH host certificate could not be signed yet");
+                (ingress::ssh::config(ssh_host_key.clone(), vec![]), false)
+            }
+        };
+    let (ssh_config_tx, ssh_config) = tokio::sync::watch::channel(Arc::new(ssh_config));
+    tokio::spawn(ingress::ssh::renew_host_certificate(
+        ssh_host_key,
+        config.hostnames.clone(),
+        ids.clone(),
+        signed,
+        ssh_config_tx,
+    ));
     tokio::spawn(ingress::serve(
         pg_listener,
         ingress::tls_acceptor(&chain)?,
@@ -335,6 +365,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         agents.clone(),
         ingress::Gate {
             limits: limits::ConnLimits::new("postgres", listener_limits),
+            throttle: throttle.clone(),
+            ids: ids.clone(),
+        },
+    ));
+    tokio::spawn(ingress::ssh::serve(
+        ssh_listener,
+        ssh_config,
+        cluster.clone(),
+        agents.clone(),
+        ingress::Gate {
+            limits: limits::ConnLimits::new("ssh", listener_limits),
             throttle,
             ids: ids.clone(),
         },
@@ -345,6 +386,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         recordings,
         ca.cert_pem(),
         ids.clone(),
+        identity::ssh_admin::SshIngress {
+            port: ssh_addr.port(),
+            host_names: config.hostnames.clone(),
+        },
     );
     let join_svc = peer::JoinService {
         cluster: cluster.clone(),
@@ -379,6 +424,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         api: format!("https://{api_addr}"),
         tunnel: tunnel_addr.to_string(),
         pg: pg_addr.to_string(),
+        ssh: ssh_addr.to_string(),
         raft: raft_addr.to_string(),
         ca_file: ca_file.display().to_string(),
         admin_token_file: token_file.display().to_string(),
@@ -388,7 +434,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         serde_json::to_vec_pretty(&ready)?,
     )
     .context("writing ready.json")?;
-    tracing::info!(api = %api_addr, tunnel = %tunnel_addr, pg = %pg_addr, raft = %raft_addr, "gatehouse-server ready");
+    tracing::info!(api = %api_addr, tunnel = %tunnel_addr, pg = %pg_addr, ssh = %ssh_addr, raft = %raft_addr, "gatehouse-server ready");
 
     shutdown_signal().await;
     tracing::info!("shutting down");

@@ -167,11 +167,22 @@ impl RaftPeer for PeerService {
         req: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
         let r = self.cluster.raft.append_entries(parse(req)?).await;
+        // Any answer but "seen a higher vote" means a current leader spoke.
+        if let Ok(a) = &r
+            && !matches!(a, openraft::raft::AppendEntriesResponse::HigherVote(_))
+        {
+            self.cluster.elections.contact();
+        }
         json(&r)
     }
 
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let r = self.cluster.raft.vote(parse(req)?).await;
+        if let Ok(v) = &r
+            && v.vote_granted
+        {
+            self.cluster.elections.contact();
+        }
         json(&r)
     }
 
@@ -179,7 +190,16 @@ impl RaftPeer for PeerService {
         &self,
         req: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
-        let r = self.cluster.raft.install_snapshot(parse(req)?).await;
+        let req: openraft::raft::InstallSnapshotRequest<gatehouse_cp_raft::TypeConfig> =
+            parse(req)?;
+        let vote = req.vote;
+        let r = self.cluster.raft.install_snapshot(req).await;
+        // Accepted from the leader whose vote this member holds.
+        if let Ok(a) = &r
+            && a.vote == vote
+        {
+            self.cluster.elections.contact();
+        }
         json(&r)
     }
 

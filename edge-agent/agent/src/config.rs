@@ -75,10 +75,30 @@ fn default_min_free() -> u64 {
 #[serde(deny_unknown_fields)]
 pub struct TargetConfig {
     pub name: String,
+    /// `postgres` (the default) or `ssh`.
+    #[serde(default = "default_kind")]
+    pub kind: String,
     pub host: String,
     pub port: u16,
-    /// Role the agent authenticates as.
+    /// Role the agent authenticates as (PostgreSQL), or the default login
+    /// (SSH).
     pub user: String,
+    /// SSH: the logins a caller may ask for (`<login>@<target>`); default
+    /// only `user`.
+    #[serde(default)]
+    pub logins: Vec<String>,
+    /// SSH: a private key (OpenSSH format) the agent logs in with.
+    pub ssh_key_file: Option<PathBuf>,
+    /// SSH, preferred: the private key of a user CA the target's sshd
+    /// trusts (`TrustedUserCAKeys`). Each session logs in with a fresh key
+    /// and a certificate for its login only, valid for minutes, with the
+    /// caller's identity and the session in its key id.
+    pub ssh_user_ca_file: Option<PathBuf>,
+    /// SSH: the target's host key (an OpenSSH public-key line), pinned.
+    pub ssh_host_key: Option<String>,
+    /// SSH: a host CA's public key the target's host certificate must be
+    /// signed by (instead of a pinned key).
+    pub ssh_host_ca: Option<String>,
     pub password: Option<String>,
     pub password_file: Option<PathBuf>,
     /// TLS to the target, as libpq's `sslmode` (default `prefer`).
@@ -112,10 +132,16 @@ impl std::fmt::Debug for TargetConfig {
             .field("name", &self.name)
             .field("host", &self.host)
             .field("port", &self.port)
+            .field("kind", &self.kind)
             .field("user", &self.user)
+            .field("logins", &self.logins)
             .field("sslmode", &self.sslmode)
             .finish_non_exhaustive()
     }
+}
+
+fn default_kind() -> String {
+    "postgres".into()
 }
 
 fn default_server_name() -> String {
@@ -136,6 +162,25 @@ impl AgentConfig {
             "set exactly one of recordings_dir, [recordings] url"
         );
         for t in &cfg.targets {
+            if t.kind == "ssh" {
+                anyhow::ensure!(
+                    t.ssh_key_file.is_some() || t.ssh_user_ca_file.is_some(),
+                    "target {}: an ssh target needs ssh_key_file or ssh_user_ca_file",
+                    t.name
+                );
+                anyhow::ensure!(
+                    t.ssh_host_key.is_some() ^ t.ssh_host_ca.is_some(),
+                    "target {}: set exactly one of ssh_host_key, ssh_host_ca (the target's host key is always verified)",
+                    t.name
+                );
+                continue;
+            }
+            anyhow::ensure!(
+                t.kind == "postgres",
+                "target {}: kind {:?} is not supported (postgres, ssh)",
+                t.name,
+                t.kind
+            );
             anyhow::ensure!(
                 t.password.is_some() ^ t.password_file.is_some(),
                 "target {}: set exactly one of password, password_file",

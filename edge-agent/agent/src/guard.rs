@@ -251,7 +251,7 @@ pub async fn consult(
     match v.action {
         Action::Allow => Resolution::Approved,
         Action::Deny => Resolution::Refused(refusal(v)),
-        Action::Approve => approve(ctx, open, settings, text, &refusal(v), reason).await,
+        Action::Approve => approve(ctx, open, settings, text, &refusal(v), reason, None).await,
     }
 }
 
@@ -423,6 +423,7 @@ pub async fn approve(
     text: &str,
     held: &Refusal,
     reason: String,
+    progress: Option<tokio::sync::oneshot::Sender<String>>,
 ) -> Resolution {
     use gatehouse_proto::tunnel::{ApprovalAnswer, ApprovalAsk, approval_answer::Outcome};
     let refuse = |message: String| {
@@ -460,16 +461,29 @@ pub async fn approve(
         approvals_required: settings.required,
         approver_groups: settings.approver_groups.clone(),
         grant_minutes: settings.grant_minutes,
+        progress: progress.is_some() && wait_ms > 0,
     };
     let exchange = async {
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
         send.write_all(&gatehouse_proto::frame(&ask))
             .await
             .map_err(|e| e.to_string())?;
-        gatehouse_proto::read_frame::<ApprovalAnswer, _>(&mut recv)
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| "no answer".to_string())
+        // Without a wait, the first answer is the last.
+        let mut progress = progress.filter(|_| wait_ms > 0);
+        loop {
+            let a = gatehouse_proto::read_frame::<ApprovalAnswer, _>(&mut recv)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| "no answer".to_string())?;
+            // The request exists and is waited for: say which it is.
+            if a.outcome == Outcome::Pending as i32
+                && let Some(p) = progress.take()
+            {
+                let _ = p.send(a.request_id);
+                continue;
+            }
+            return Ok::<_, String>(a);
+        }
     };
     let deadline = std::time::Duration::from_millis(u64::try_from(wait_ms).unwrap_or(0))
         + std::time::Duration::from_secs(15);

@@ -5,7 +5,9 @@
 //! - [`identity`]: enrollment and TLS.
 //! - [`tunnel`]: the connection to the control plane (reconnects, control
 //!   stream, audit shipping, accepting session streams).
+//! - [`stream`]: a stream from the control plane, dispatched by protocol.
 //! - [`pg`]: one PostgreSQL session, upstream authentication and relay.
+//! - [`ssh`]: one SSH session: the target connection and its channels.
 //! - [`recorder`]: the session recording, spooled and uploaded.
 
 pub mod config;
@@ -14,6 +16,8 @@ pub mod identity;
 pub mod pg;
 pub mod recorder;
 pub mod spool;
+pub mod ssh;
+pub mod stream;
 pub mod tunnel;
 pub mod upstream;
 
@@ -334,4 +338,15 @@ pub fn now_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// Runs blocking work on a multi-threaded runtime's worker without stalling
+/// the tasks queued on it (directly anywhere else): the session relay for a
+/// large message, the recorder for sealing a chunk.
+pub(crate) fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
 }

@@ -35,16 +35,16 @@ fn main() {
     }
 }
 
-/// The runtime sessions and the tunnel share: one thread unless the
-/// configuration asks for more (`threads`).
+/// The runtime sessions and the tunnel share: one worker thread unless the
+/// configuration asks for more (`threads`). It is a multi-threaded runtime
+/// even with one worker, so long synchronous work (inspecting a 60 MB value,
+/// sealing a recording chunk) runs under `block_in_place` and hands the
+/// other tasks, the tunnel's keep-alives among them, to another thread: on a
+/// current-thread runtime such work stalled the tunnel past its idle timeout
+/// and every session on the agent was lost.
 fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut b = if threads <= 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        b.worker_threads(threads);
-        b
-    };
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    b.worker_threads(threads.max(1));
     Ok(b.enable_all().build()?)
 }
 

@@ -9,59 +9,27 @@ use bytes::BytesMut;
 use gatehouse_audit::{AuditEvent, Decision, EventKind, MaskCount};
 use gatehouse_pgwire_inspect::build::{self, Severity};
 use gatehouse_pgwire_inspect::{Action, PgInspector, SessionEvent, Side, Statement, merge_counts};
-use gatehouse_proto::read_frame;
+
 use gatehouse_proto::tunnel::SessionOpen;
 use gatehouse_recording::RecordEvent;
 use gatehouse_recording::chunked::SessionMeta;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::recorder::Recorder;
-use crate::upstream::{self, CONNECT_TIMEOUT, UpstreamError};
+use crate::upstream::{self, UpstreamError};
 use crate::{AgentCtx, CancelTarget, now_ms};
 
-/// Handles one session stream until either side ends.
-pub async fn session(ctx: Arc<AgentCtx>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
-    let open = match tokio::time::timeout(CONNECT_TIMEOUT, read_frame::<SessionOpen, _>(&mut recv))
-        .await
-    {
-        Ok(Ok(Some(o))) => o,
-        _ => return,
-    };
-    if open.cancel {
-        cancel(&ctx, &open).await;
-        let _ = send.finish();
-        return;
-    }
-    if open.watch {
-        watch(&ctx, &open, &mut send).await;
-        let _ = send.finish();
-        return;
-    }
-    if open.check {
-        let reply = gatehouse_proto::frame(&check_target(&ctx, &open).await);
-        let _ = send.write_all(&reply).await;
-        let _ = send.finish();
-        return;
-    }
-    if open.adopt_policy {
-        let reply = gatehouse_proto::frame(&adopt_policy(&ctx, &open).await);
-        let _ = send.write_all(&reply).await;
-        let _ = send.finish();
-        return;
-    }
-    if !open.end_reason.is_empty() {
-        let found = end_from_outside(&ctx, &open.session_id, &open.end_reason).await;
-        let reply = gatehouse_proto::frame(&gatehouse_proto::tunnel::SessionEnded {
-            found,
-            ..Default::default()
-        });
-        let _ = send.write_all(&reply).await;
-        let _ = send.finish();
-        return;
-    }
-    let result = match admit(&ctx, &open).await {
-        Ok(admitted) => run(&ctx, &open, admitted, &mut send, &mut recv).await,
-        Err(refused) => Err(refused_unrecorded(&ctx, &open, refused)),
+/// Runs one PostgreSQL session stream (its SessionOpen read) until either
+/// side ends.
+pub(crate) async fn serve(
+    ctx: &AgentCtx,
+    open: SessionOpen,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+) {
+    let result = match admit(ctx, &open).await {
+        Ok(admitted) => run(ctx, &open, admitted, send, recv).await,
+        Err(refused) => Err(refused_unrecorded(ctx, &open, refused)),
     };
     let reason = match result {
         Ok(reason) => reason,
@@ -77,12 +45,12 @@ pub async fn session(ctx: Arc<AgentCtx>, mut send: quinn::SendStream, mut recv: 
         }
     };
     let _ = send.finish();
-    tracing::debug!(session_id = %open.session_id, %reason, "session ended");
+    tracing::info!(session_id = %open.session_id, %reason, "session ended");
 }
 
 /// Cancels the query running in the session a verified client CancelRequest
 /// named.
-async fn cancel(ctx: &AgentCtx, open: &SessionOpen) {
+pub(crate) async fn cancel(ctx: &AgentCtx, open: &SessionOpen) {
     let Some(t) = ctx.cancel_keys.get(&open.session_id) else {
         tracing::info!(session_id = %open.session_id, "cancel for a session not running here");
         return;
@@ -103,7 +71,7 @@ async fn cancel(ctx: &AgentCtx, open: &SessionOpen) {
 /// Ends a running session for the control plane and waits (bounded) until
 /// it has: its client told, its recording sealed. False when it does not
 /// run here.
-async fn end_from_outside(ctx: &AgentCtx, session_id: &str, reason: &str) -> bool {
+pub(crate) async fn end_from_outside(ctx: &AgentCtx, session_id: &str, reason: &str) -> bool {
     if !ctx.running.end(session_id, reason) {
         tracing::info!(session_id, "end of a session not running here");
         return false;
@@ -147,7 +115,10 @@ union all select 'create objects in schema ' || nspname, '' from pg_catalog.pg_n
 
 /// Connects as the agent's role (read-only) and reports what it may do
 /// beyond reading.
-async fn check_target(ctx: &AgentCtx, open: &SessionOpen) -> gatehouse_proto::tunnel::TargetCheck {
+pub(crate) async fn check_target(
+    ctx: &AgentCtx,
+    open: &SessionOpen,
+) -> gatehouse_proto::tunnel::TargetCheck {
     use gatehouse_proto::tunnel::TargetCheck;
     let Some(target) = ctx.config.target(&open.target) else {
         return TargetCheck {
@@ -191,7 +162,7 @@ async fn check_target(ctx: &AgentCtx, open: &SessionOpen) -> gatehouse_proto::tu
 
 /// Resolves once no byte has moved either way for `limit` (`activity` is
 /// the time of the last read, in Unix milliseconds).
-async fn idle(activity: &std::sync::atomic::AtomicI64, limit: std::time::Duration) {
+pub(crate) async fn idle(activity: &std::sync::atomic::AtomicI64, limit: std::time::Duration) {
     let limit_ms = i64::try_from(limit.as_millis()).unwrap_or(i64::MAX);
     loop {
         let quiet = now_ms() - activity.load(std::sync::atomic::Ordering::Relaxed);
@@ -206,7 +177,7 @@ async fn idle(activity: &std::sync::atomic::AtomicI64, limit: std::time::Duratio
 /// Streams a running session's recorded events, a JSON line each, until it
 /// ends or the viewer goes away. A viewer that falls behind is told how many
 /// events it missed.
-async fn watch(ctx: &AgentCtx, open: &SessionOpen, send: &mut quinn::SendStream) {
+pub(crate) async fn watch(ctx: &AgentCtx, open: &SessionOpen, send: &mut quinn::SendStream) {
     let Some(mut live) = ctx.running.watch(&open.session_id) else {
         tracing::info!(session_id = %open.session_id, "watch of a session not running here");
         return;
@@ -232,7 +203,10 @@ async fn watch(ctx: &AgentCtx, open: &SessionOpen, send: &mut quinn::SendStream)
 /// Puts a new policy version in force for a running session (`enforce:
 /// immediate`): its next statement is judged by it, or, when it cannot go
 /// on as it is under it, the session is closed saying why.
-async fn adopt_policy(ctx: &AgentCtx, open: &SessionOpen) -> gatehouse_proto::tunnel::SessionEnded {
+pub(crate) async fn adopt_policy(
+    ctx: &AgentCtx,
+    open: &SessionOpen,
+) -> gatehouse_proto::tunnel::SessionEnded {
     use gatehouse_proto::tunnel::SessionEnded;
     let Some(p) = ctx.running.policy(&open.session_id) else {
         return SessionEnded::default();
@@ -278,9 +252,9 @@ const ENDED_FROM_OUTSIDE: &str = "session ended: ";
 const RECORDING_FAILED: &str = "session recording failed";
 
 /// An error for the client: SQLSTATE and message.
-struct ClientError(String, String);
+pub(crate) struct ClientError(pub String, pub String);
 
-fn base_event(
+pub(crate) fn base_event(
     ctx: &AgentCtx,
     open: &SessionOpen,
     kind: EventKind,
@@ -320,7 +294,11 @@ struct Admitted<'c> {
 
 /// A session refused before its recording started: the sessions index still
 /// learns that (and why) it ended.
-fn refused_unrecorded(ctx: &AgentCtx, open: &SessionOpen, refused: ClientError) -> ClientError {
+pub(crate) fn refused_unrecorded(
+    ctx: &AgentCtx,
+    open: &SessionOpen,
+    refused: ClientError,
+) -> ClientError {
     let _ = ctx
         .report_tx
         .send(gatehouse_proto::tunnel::SessionRecorded {
@@ -332,7 +310,7 @@ fn refused_unrecorded(ctx: &AgentCtx, open: &SessionOpen, refused: ClientError) 
     refused
 }
 
-fn audit_down() -> ClientError {
+pub(crate) fn audit_down() -> ClientError {
     ClientError(
         "58000".into(),
         "audit pipeline unavailable; refusing to proceed".into(),
@@ -648,6 +626,11 @@ async fn run(
             format!("gatehouse: {reason}; the session is closed"),
         ));
     }
+    // A statement whose audit event could not be made durable did not run:
+    // the client is told so, not left with a closed connection.
+    if reason == AUDIT_CLOSED {
+        return Err(audit_down());
+    }
     // 57P01 (admin_shutdown), as PostgreSQL's own pg_terminate_backend.
     if let Some(code) = fatal {
         return Err(ClientError(code.into(), format!("gatehouse: {reason}")));
@@ -875,6 +858,9 @@ struct Pump<'a> {
     version: &'a Mutex<String>,
 }
 
+/// Buffered bytes from which inspection runs off the session's thread.
+const LARGE_INSPECTION: usize = 1 << 20;
+
 impl Pump<'_> {
     /// Reads from `from`, inspects, audits finished statements, then
     /// forwards: the client sees the end of a statement only after its audit
@@ -894,18 +880,30 @@ impl Pump<'_> {
         let mut now = now_ms();
         loop {
             if !buf.is_empty() {
-                let inspected = {
+                let inspect = |buf: &mut BytesMut, out: &mut Vec<_>| {
                     let Ok(mut s) = self.state.lock() else {
-                        return "internal error".into();
+                        return None;
                     };
                     let r = match side {
-                        Side::Client => s.insp.on_client(&mut buf, now, &mut out),
-                        Side::Upstream => s.insp.on_upstream(&mut buf, now, &mut out),
+                        Side::Client => s.insp.on_client(buf, now, out),
+                        Side::Upstream => s.insp.on_upstream(buf, now, out),
                     };
-                    r.map(|()| {
-                        let (f, d, h) = s.take(&mut out);
+                    Some(r.map(|()| {
+                        let (f, d, h) = s.take(out);
                         (f, d, s.failed.clone(), h)
-                    })
+                    }))
+                };
+                // A large message (a 60 MB value) takes a while to inspect
+                // and mask: the session's thread hands its other tasks (the
+                // tunnel's keep-alives, other sessions) to another worker
+                // meanwhile, so the connection to the control plane lives.
+                let inspected = if buf.len() >= LARGE_INSPECTION {
+                    crate::blocking(|| inspect(&mut buf, &mut out))
+                } else {
+                    inspect(&mut buf, &mut out)
+                };
+                let Some(inspected) = inspected else {
+                    return "internal error".into();
                 };
                 let (fwd, done, failed, held) = match inspected {
                     Ok(x) => x,
@@ -1002,7 +1000,7 @@ impl Pump<'_> {
                         }
                         _ => {
                             crate::guard::approve(
-                                self.ctx, self.open, &settings, &text, &refusal, reason,
+                                self.ctx, self.open, &settings, &text, &refusal, reason, None,
                             )
                             .await
                         }

@@ -217,7 +217,7 @@ impl Recorder {
         }
         // Compressing and fsyncing a chunk takes milliseconds: let the
         // runtime move its other tasks off this thread meanwhile.
-        blocking(|| match self.writer.push_line(&self.line)? {
+        crate::blocking(|| match self.writer.push_line(&self.line)? {
             Some(c) => self.seal(c),
             None => Ok(()),
         })
@@ -289,16 +289,6 @@ impl Recorder {
         write_manifest(&dir, &meta, refs, now, reason, &signing_key)?;
         ctx.uploads.notify_one();
         Ok(())
-    }
-}
-
-/// Runs blocking work on a multi-threaded runtime's worker without stalling
-/// the tasks queued on it (directly anywhere else).
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
-    use tokio::runtime::{Handle, RuntimeFlavor};
-    match Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
-        _ => f(),
     }
 }
 

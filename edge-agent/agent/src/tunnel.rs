@@ -265,7 +265,7 @@ async fn serve_connection(
             incoming = conn.accept_bi() => {
                 let (s, r) = incoming?;
                 let ctx = ctx.clone();
-                tokio::spawn(async move { crate::pg::session(ctx, s, r).await });
+                tokio::spawn(async move { crate::stream::session(ctx, s, r).await });
             }
             reply = reply_rx.recv() => {
                 let Some(reply) = reply else { break Ok(()) };

@@ -56,6 +56,17 @@ pub enum EventKind {
     /// its identity revoked, or the rule that admitted it removed; the
     /// detail names who and why.
     SessionKilled,
+    /// An SSH command line: an exec request, or a line detected in an
+    /// interactive shell; allowed, refused or held, with the rule; its
+    /// exit status in the outcome once it ended.
+    Command,
+    /// A file operation over SFTP or scp: the operation, the path, the
+    /// bytes moved and, for whole files, their SHA-256.
+    FileTransfer,
+    /// A forwarded connection or a forwarding request (a local or remote
+    /// port, an agent, X11): opened or refused, with its bytes when it
+    /// closed.
+    Forward,
 }
 
 /// The outcome of the policy decision for the action.

@@ -8,11 +8,124 @@ use crate::{RULE_DEFAULT, RULE_UNPARSEABLE, Subject, Verdict};
 use gatehouse_shell::{Arg, Command};
 
 /// The `ssh:` section of the policy document.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Ssh {
     #[serde(default)]
     pub commands: CommandGuardrails,
+    /// Interactive shells: `allow` (the default), `deny`, or `approve`
+    /// (the shell waits for a reviewer; a time-bound grant covers later
+    /// shells on the target).
+    #[serde(default = "allow")]
+    pub shell: Action,
+    /// Port forwarding a session may use; none by default.
+    #[serde(default)]
+    pub forwarding: Forwarding,
+    /// Environment variables a client may pass (globs); by default the
+    /// locale (`LANG`, `LC_*`).
+    #[serde(default = "default_env")]
+    pub env: Vec<String>,
+    /// Bytes of each channel's command output the recording keeps; later
+    /// output is counted, and the recording says where it was cut.
+    /// Terminal sessions are recorded whole.
+    #[serde(default = "default_output_cap")]
+    pub output_cap_bytes: u64,
+    /// Whether SFTP and scp file contents are kept in the recording (by
+    /// default only the operations, sizes and SHA-256).
+    #[serde(default, skip_serializing_if = "crate::doc::is_false")]
+    pub record_file_contents: bool,
+    /// A line typed into an interactive shell that the command rules would
+    /// refuse or hold: `close` (the default: the shell is closed before the
+    /// line reaches it) or `flag` (it runs; its audit event says which rule
+    /// it broke). Lines are detected from the terminal (see
+    /// ARCHITECTURE.md for what detection cannot see).
+    #[serde(default, skip_serializing_if = "TypedCommands::is_default")]
+    pub typed_commands: TypedCommands,
+    /// The longest an OpenSSH certificate from `gatehouse ssh login` is
+    /// valid (`<n><d|h|m|s>`, default 8h); never past the caller's own
+    /// access token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_ttl: Option<String>,
+}
+
+/// What a refused line typed into an interactive shell does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TypedCommands {
+    #[default]
+    Close,
+    Flag,
+}
+
+impl TypedCommands {
+    fn is_default(&self) -> bool {
+        *self == Self::Close
+    }
+}
+
+/// How long a caller's SSH certificate is valid at most, by default.
+pub const DEFAULT_CERTIFICATE_TTL: std::time::Duration = std::time::Duration::from_secs(8 * 3600);
+
+impl Default for Ssh {
+    fn default() -> Self {
+        Self {
+            commands: CommandGuardrails::default(),
+            shell: Action::Allow,
+            forwarding: Forwarding::default(),
+            env: default_env(),
+            output_cap_bytes: default_output_cap(),
+            record_file_contents: false,
+            typed_commands: TypedCommands::Close,
+            certificate_ttl: None,
+        }
+    }
+}
+
+/// Which forwarding requests are allowed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Forwarding {
+    /// `ssh -L`: connections from the client to `host:port` as the target
+    /// sees them; `local_to` lists the allowed `host:port` globs (empty:
+    /// any, when `local` is set).
+    #[serde(default, skip_serializing_if = "crate::doc::is_false")]
+    pub local: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub local_to: Vec<String>,
+    /// `ssh -R`: ports the target listens on for the client.
+    #[serde(default, skip_serializing_if = "crate::doc::is_false")]
+    pub remote: bool,
+}
+
+fn default_env() -> Vec<String> {
+    vec!["LANG".into(), "LC_*".into()]
+}
+
+fn default_output_cap() -> u64 {
+    1 << 20
+}
+
+impl Ssh {
+    /// The longest a caller's SSH certificate may be valid.
+    pub fn certificate_ttl(&self) -> std::time::Duration {
+        self.certificate_ttl
+            .as_deref()
+            .and_then(|d| crate::doc::parse_duration(d).ok())
+            .unwrap_or(DEFAULT_CERTIFICATE_TTL)
+    }
+
+    /// Whether a client may set environment variable `name`.
+    pub fn env_allowed(&self, name: &str) -> bool {
+        self.env.iter().any(|p| glob(p, name))
+    }
+
+    /// Whether a local forward to `host:port` is allowed.
+    pub fn local_forward_allowed(&self, host: &str, port: u32) -> bool {
+        let to = format!("{host}:{port}");
+        self.forwarding.local
+            && (self.forwarding.local_to.is_empty()
+                || self.forwarding.local_to.iter().any(|p| glob(p, &to)))
+    }
 }
 
 /// Rules for the commands an SSH exec line runs.
@@ -164,6 +277,10 @@ fn class(p: &[char], at: usize, c: char) -> Option<usize> {
 }
 
 pub(crate) fn validate(s: &Ssh) -> Result<(), DocError> {
+    if let Some(d) = &s.certificate_ttl {
+        crate::doc::parse_duration(d)
+            .map_err(|m| DocError::Ssh(format!("certificate_ttl: {m}")))?;
+    }
     let mut names = std::collections::HashSet::new();
     for (i, r) in s.commands.rules.iter().enumerate() {
         let err = |m: String| DocError::CommandRule {

@@ -437,6 +437,8 @@ pub enum DocError {
     Rule { index: usize, message: String },
     #[error("ssh command guardrail {index}: {message}")]
     CommandRule { index: usize, message: String },
+    #[error("ssh: {0}")]
+    Ssh(String),
 }
 
 impl PolicyDoc {

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 pub use classify::{ParseError, StatementEffects, classify};
-pub use commands::{CommandGuardrails, CommandRule, Ssh, judge_command};
+pub use commands::{CommandGuardrails, CommandRule, Ssh, TypedCommands, judge_command};
 pub use doc::{
     Action, Approvals, ColumnRule, CustomDetector, DocError, Enforce, Guardrails, Hours, Kind,
     Masking, PolicyDoc, Recordings, Rule, Weekday, parse_duration,

@@ -18,9 +18,13 @@ pub fn export(started_ms: i64, width: u16, height: u16, records: &[Record]) -> S
     for r in records {
         let t = r.t as f64 / 1000.0;
         let ev = match &r.event {
-            RecordEvent::TerminalOutput { data } => serde_json::json!([t, "o", data]),
-            RecordEvent::TerminalInput { data } => serde_json::json!([t, "i", data]),
-            RecordEvent::WindowSize { cols, rows } => {
+            RecordEvent::TerminalOutput { data, hex, .. } => {
+                serde_json::json!([t, "o", text(data, hex)])
+            }
+            RecordEvent::TerminalInput { data, hex, .. } => {
+                serde_json::json!([t, "i", text(data, hex)])
+            }
+            RecordEvent::WindowSize { cols, rows, .. } => {
                 serde_json::json!([t, "r", format!("{cols}x{rows}")])
             }
             _ => continue,
@@ -29,4 +33,14 @@ pub fn export(started_ms: i64, width: u16, height: u16, records: &[Record]) -> S
         out.push('\n');
     }
     out
+}
+
+/// asciicast holds text: a chunk that is not UTF-8 is shown with
+/// replacement characters.
+fn text(data: &str, hex: &str) -> String {
+    if hex.is_empty() {
+        data.to_string()
+    } else {
+        String::from_utf8_lossy(&crate::field_bytes(data, hex)).into_owned()
+    }
 }

@@ -588,12 +588,18 @@ mod tests {
         let records = vec![
             Record {
                 t: 0,
-                event: RecordEvent::TerminalOutput { data: "$ ".into() },
+                event: RecordEvent::TerminalOutput {
+                    channel: 1,
+                    data: "$ ".into(),
+                    hex: String::new(),
+                },
             },
             Record {
                 t: 250,
                 event: RecordEvent::TerminalInput {
+                    channel: 1,
                     data: "ls\r".into(),
+                    hex: String::new(),
                 },
             },
             Record {
@@ -605,6 +611,7 @@ mod tests {
             Record {
                 t: 1_500,
                 event: RecordEvent::WindowSize {
+                    channel: 1,
                     cols: 120,
                     rows: 40,
                 },
@@ -612,7 +619,9 @@ mod tests {
             Record {
                 t: 1_750,
                 event: RecordEvent::TerminalOutput {
-                    data: "a\u{1b}[0m\r\n".into(),
+                    channel: 1,
+                    data: String::new(),
+                    hex: hex::encode(b"a\x1b[0m\r\n"),
                 },
             },
         ];

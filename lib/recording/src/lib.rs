@@ -83,16 +83,92 @@ pub enum RecordEvent {
         action: String,
         rule: String,
     },
-    /// Terminal sessions: what the user saw and typed, and window sizes.
+    /// Terminal sessions: what the user saw and typed, and window sizes,
+    /// per SSH channel. Bytes that are UTF-8 are in `data`; any other
+    /// chunk is in `hex`, so a replay reproduces the bytes exactly.
     TerminalOutput {
+        #[serde(default)]
+        channel: u32,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
         data: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        hex: String,
     },
     TerminalInput {
+        #[serde(default)]
+        channel: u32,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
         data: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        hex: String,
     },
     WindowSize {
+        #[serde(default)]
+        channel: u32,
         cols: u16,
         rows: u16,
+    },
+    /// An SSH channel opened: `session`, or a forward with where to.
+    ChannelOpen {
+        channel: u32,
+        kind: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        detail: String,
+    },
+    /// A request on an SSH channel (pty, shell, exec, subsystem, env,
+    /// signal) and what was decided: `allow`, `deny` (with the rule) or
+    /// `approve` (held for approval).
+    ChannelRequest {
+        channel: u32,
+        request: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        detail: String,
+        decision: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        rule: String,
+    },
+    /// Output of a command without a terminal (`stderr` for extended
+    /// data), as the client received it, up to the policy's cap per channel.
+    CommandOutput {
+        channel: u32,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        stderr: bool,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        data: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        hex: String,
+    },
+    /// The channel's output passed its recording cap: later bytes are
+    /// counted in `ChannelClose`, not recorded.
+    OutputCapped {
+        channel: u32,
+        cap_bytes: u64,
+    },
+    /// How a command on the channel ended.
+    Exit {
+        channel: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        status: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signal: Option<String>,
+    },
+    /// A file operation over SFTP or scp.
+    FileOp {
+        channel: u32,
+        op: String,
+        path: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        bytes: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sha256: Option<String>,
+    },
+    /// An SSH channel closed, with the bytes each way.
+    ChannelClose {
+        channel: u32,
+        bytes_in: u64,
+        bytes_out: u64,
     },
     /// Kubernetes API requests.
     KubeRequest {
@@ -100,6 +176,24 @@ pub enum RecordEvent {
         path: String,
         status: u16,
     },
+}
+
+/// Bytes as a recording keeps them: UTF-8 text in the first field, any
+/// other chunk hex-encoded in the second.
+pub fn bytes_fields(b: &[u8]) -> (String, String) {
+    match std::str::from_utf8(b) {
+        Ok(s) => (s.to_string(), String::new()),
+        Err(_) => (String::new(), hex::encode(b)),
+    }
+}
+
+/// The bytes a terminal or output event holds (see [`bytes_fields`]).
+pub fn field_bytes(data: &str, hex_data: &str) -> Vec<u8> {
+    if hex_data.is_empty() {
+        data.as_bytes().to_vec()
+    } else {
+        hex::decode(hex_data).unwrap_or_default()
+    }
 }
 
 /// A line after the header.

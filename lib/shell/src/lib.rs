@@ -19,6 +19,8 @@
 //!
 //! Pure: no I/O, no clock.
 
+pub mod detector;
+
 use std::io::BufReader;
 
 use brush_parser::ast;

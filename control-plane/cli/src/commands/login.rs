@@ -88,7 +88,7 @@ pub fn token_path(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
     Ok(base.join("gatehouse").join("token.json"))
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)

@@ -18,6 +18,7 @@ pub mod requests;
 pub mod rules;
 pub mod service_accounts;
 pub mod sessions;
+pub mod ssh;
 pub mod status;
 pub mod targets;
 pub mod users;
@@ -115,6 +116,10 @@ pub enum Cmd {
     /// The audit log.
     #[command(subcommand)]
     Audit(audit::AuditCmd),
+    /// OpenSSH: a certificate for your identity, and a client configuration
+    /// for the SSH targets you may use.
+    #[command(subcommand)]
+    Ssh(ssh::SshCmd),
     /// This node's status: leader, applied index, audit events, policy.
     Status,
     /// Cluster membership: status, join tokens, removal, state digest.
@@ -198,6 +203,7 @@ pub async fn exec(cli: Cli) -> anyhow::Result<()> {
         Cmd::Token => login::token(&ctx, &login::token_path(ctx.token_file.as_deref())?).await,
         Cmd::Logout => login::logout(&login::token_path(ctx.token_file.as_deref())?),
         Cmd::Issuers(c) => issuers::exec(&c, &ctx).await,
+        Cmd::Ssh(c) => ssh::exec(&c, &ctx).await,
         Cmd::Users(c) => users::users(&c, &ctx).await,
         Cmd::Roles(c) => users::roles(&c, &ctx).await,
         Cmd::Identities(c) => users::identities(&c, &ctx).await,

@@ -31,7 +31,7 @@ pub enum RulesCmd {
 }
 
 /// `90s`, `15m`, `8h`, `1d` or plain seconds, in seconds (at least 1).
-fn duration_secs(s: &str) -> Result<u64, String> {
+pub(crate) fn duration_secs(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let (n, per) = match s.char_indices().last() {
         Some((i, 's')) => (&s[..i], 1),

@@ -54,10 +54,17 @@ pub enum SessionsCmd {
     },
     /// A session as a timeline: time offset, statements, decisions, result
     /// rows as delivered (masked values as the client saw them), errors.
+    /// A terminal session (SSH with a pty) plays in the terminal with its
+    /// timing; `--format asciicast` exports it for asciinema players.
     Replay {
         id: String,
-        #[arg(long, value_enum, default_value = "text")]
+        /// `auto`: play a terminal session, else the timeline.
+        #[arg(long, value_enum, default_value = "auto")]
         format: ReplayFormat,
+        /// Playback speed of a terminal session (2 is twice as fast; 0
+        /// writes it at once).
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
     },
     /// Puts a session's recording under legal hold: retention never deletes it.
     Hold {
@@ -75,8 +82,13 @@ pub enum SessionsCmd {
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ReplayFormat {
+    Auto,
     Text,
     Json,
+    /// The terminal's bytes with their timing.
+    Terminal,
+    /// asciicast v2 (asciinema).
+    Asciicast,
 }
 
 pub fn session_json(s: &Session) -> serde_json::Value {
@@ -196,8 +208,18 @@ pub async fn exec(cmd: &SessionsCmd, ctx: &Ctx) -> anyhow::Result<()> {
         }
         SessionsCmd::Show { id } => show_session(&mut c, id, ctx.json).await?,
         SessionsCmd::Verify { id, all } => verify(&mut c, id.as_deref(), *all, ctx.json).await?,
-        SessionsCmd::Replay { id, format } => {
-            replay(&mut c, id, ctx.json || *format == ReplayFormat::Json).await?
+        SessionsCmd::Replay { id, format, speed } => {
+            let terminal = match format {
+                _ if ctx.json => false,
+                ReplayFormat::Terminal | ReplayFormat::Asciicast => true,
+                ReplayFormat::Auto => is_terminal_session(&mut c, id).await?,
+                ReplayFormat::Text | ReplayFormat::Json => false,
+            };
+            if terminal {
+                play(&mut c, id, *format == ReplayFormat::Asciicast, *speed).await?
+            } else {
+                replay(&mut c, id, ctx.json || *format == ReplayFormat::Json).await?
+            }
         }
         SessionsCmd::Hold { id, reason } | SessionsCmd::Release { id, reason } => {
             let hold = matches!(cmd, SessionsCmd::Hold { .. });
@@ -352,14 +374,165 @@ fn timeline(rec: &gatehouse_recording::Record) -> (&'static str, String) {
             values.iter().map(cell).collect::<Vec<_>>().join(" | "),
         ),
         E::End { reason } => ("end", reason.clone()),
-        E::TerminalOutput { data } | E::TerminalInput { data } => ("terminal", data.clone()),
-        E::WindowSize { cols, rows } => ("window", format!("{cols}x{rows}")),
+        E::TerminalOutput { data, hex, .. } => ("output", shown(data, hex)),
+        E::TerminalInput { data, hex, .. } => ("input", shown(data, hex)),
+        E::WindowSize { cols, rows, .. } => ("window", format!("{cols}x{rows}")),
+        E::ChannelOpen {
+            channel,
+            kind,
+            detail,
+        } => ("channel", format!("#{channel} {kind} {detail}")),
+        E::ChannelRequest {
+            channel,
+            request,
+            detail,
+            decision,
+            rule,
+        } => (
+            "request",
+            if rule.is_empty() {
+                format!("#{channel} {request} {detail}: {decision}")
+            } else {
+                format!("#{channel} {request} {detail}: {decision} by rule \"{rule}\"")
+            },
+        ),
+        E::CommandOutput {
+            stderr, data, hex, ..
+        } => (if *stderr { "stderr" } else { "stdout" }, shown(data, hex)),
+        E::OutputCapped { channel, cap_bytes } => (
+            "capped",
+            format!("#{channel} output past {cap_bytes} bytes is counted, not recorded"),
+        ),
+        E::Exit {
+            channel,
+            status,
+            signal,
+        } => (
+            "exit",
+            match (status, signal) {
+                (Some(s), _) => format!("#{channel} status {s}"),
+                (None, Some(sig)) => format!("#{channel} signal {sig}"),
+                (None, None) => format!("#{channel} unknown"),
+            },
+        ),
+        E::FileOp {
+            op,
+            path,
+            to,
+            bytes,
+            sha256,
+            ..
+        } => (
+            "file",
+            [
+                Some(format!("{op} {path}")),
+                to.as_ref().map(|t| format!("-> {t}")),
+                bytes.map(|b| format!("{b} bytes")),
+                sha256.as_ref().map(|h| format!("sha256 {h}")),
+            ]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join(" "),
+        ),
+        E::ChannelClose {
+            channel,
+            bytes_in,
+            bytes_out,
+        } => (
+            "closed",
+            format!("#{channel} {bytes_in} bytes in, {bytes_out} bytes out"),
+        ),
         E::KubeRequest { verb, path, status } => ("kube", format!("{verb} {path} {status}")),
     };
     (what, text)
 }
 
+/// Terminal or output bytes as a timeline shows them.
+fn shown(data: &str, hex: &str) -> String {
+    String::from_utf8_lossy(&gatehouse_recording::field_bytes(data, hex))
+        .escape_debug()
+        .to_string()
+}
+
 /// Prints a session's recording as a timeline, as it streams.
+/// A verified recording's header and records.
+async fn records_of(
+    c: &mut Client,
+    id: &str,
+) -> anyhow::Result<(
+    gatehouse_recording::Header,
+    Vec<gatehouse_recording::Record>,
+)> {
+    let mut header: Option<gatehouse_recording::Header> = None;
+    let mut records = Vec::new();
+    let (_, problems) = read_recording(c, id, |l| {
+        match header {
+            None => header = Some(serde_json::from_slice(l).context("parsing the header")?),
+            Some(_) => records.push(serde_json::from_slice(l).context("parsing a record")?),
+        }
+        Ok(())
+    })
+    .await?;
+    anyhow::ensure!(
+        problems.is_empty(),
+        "recording of session {id} does not verify: {}",
+        problems.join("; ")
+    );
+    let header = header.with_context(|| format!("recording of session {id} is empty"))?;
+    Ok((header, records))
+}
+
+async fn is_terminal_session(c: &mut Client, id: &str) -> anyhow::Result<bool> {
+    let (_, records) = records_of(c, id).await?;
+    Ok(records.iter().any(|r| {
+        matches!(
+            r.event,
+            gatehouse_recording::RecordEvent::TerminalOutput { .. }
+        )
+    }))
+}
+
+/// Plays a terminal session's output with its timing (or exports it as
+/// asciicast v2).
+async fn play(c: &mut Client, id: &str, asciicast: bool, speed: f64) -> anyhow::Result<()> {
+    use gatehouse_recording::RecordEvent as E;
+    use std::io::Write;
+    let (header, records) = records_of(c, id).await?;
+    let mut out = std::io::stdout().lock();
+    if asciicast {
+        let (cols, rows) = records
+            .iter()
+            .find_map(|r| match r.event {
+                E::WindowSize { cols, rows, .. } => Some((cols, rows)),
+                _ => None,
+            })
+            .unwrap_or((80, 24));
+        let cast = gatehouse_recording::asciicast::export(header.started_ms, cols, rows, &records);
+        out.write_all(cast.as_bytes())?;
+        return Ok(());
+    }
+    let mut last: Option<i64> = None;
+    for r in &records {
+        let E::TerminalOutput { data, hex, .. } = &r.event else {
+            continue;
+        };
+        if speed > 0.0
+            && let Some(prev) = last
+        {
+            let gap = (r.t - prev).max(0) as f64 / speed;
+            if gap >= 1.0 {
+                out.flush()?;
+                tokio::time::sleep(std::time::Duration::from_millis(gap as u64)).await;
+            }
+        }
+        last = Some(r.t);
+        out.write_all(&gatehouse_recording::field_bytes(data, hex))?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
 async fn replay(c: &mut Client, id: &str, json_out: bool) -> anyhow::Result<()> {
     use std::io::Write;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());

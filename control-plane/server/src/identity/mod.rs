@@ -7,6 +7,8 @@ pub mod oidc;
 pub mod roles;
 pub mod saml;
 pub mod service;
+pub mod ssh_admin;
+pub mod ssh_ca;
 pub mod tokens;
 
 use std::sync::Arc;
@@ -15,6 +17,34 @@ use gatehouse_pki::sealed::Kek;
 
 use crate::cluster::Cluster;
 use crate::limits::LoginThrottle;
+
+/// Whether a credential of `identity` issued at `issued_secs` is revoked: a
+/// revoked service account stays revoked; a person's credentials issued up
+/// to a revocation (second resolution) are refused, and a later login gets
+/// a new one. Tokens and SSH certificates share this rule.
+pub fn revoked(
+    reader: &gatehouse_cp_raft::StateReader,
+    identity: &str,
+    issued_secs: i64,
+) -> Result<bool, gatehouse_cp_raft::read::ReadError> {
+    Ok(match reader.revoked_at(identity)? {
+        Some(_) if identity.starts_with("sa:") => true,
+        Some(at) => issued_secs <= at.div_euclid(1000),
+        None => false,
+    })
+}
+
+/// Proposes a cluster key; a key another node's proposal put first is as
+/// good (every node then reads the same one).
+pub(crate) async fn propose_first(
+    cluster: &Cluster,
+    cmd: gatehouse_cp_raft::Command,
+) -> Result<(), crate::cluster::ProposeError> {
+    match cluster.propose(cmd).await {
+        Ok(_) | Err(crate::cluster::ProposeError::Rejected(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
 
 /// Issuer recorded for service accounts authenticated by API key.
 pub const LOCAL_ISSUER: &str = "gatehouse";
@@ -29,6 +59,9 @@ pub struct Principal {
     /// Groups at authentication, then static groups.
     pub groups: Vec<String>,
     pub email: String,
+    /// When the credential presented stops being valid (ms since the
+    /// epoch; 0: an API key, which does not expire).
+    pub expires_ms: i64,
 }
 
 impl Principal {
@@ -39,6 +72,7 @@ impl Principal {
             issuer: LOCAL_ISSUER.into(),
             groups,
             email: String::new(),
+            expires_ms: 0,
         }
     }
 
@@ -73,6 +107,7 @@ pub struct Identities {
     pub cluster: Arc<Cluster>,
     pub kek: Arc<Kek>,
     pub tokens: tokens::Tokens,
+    pub ssh_ca: ssh_ca::SshCa,
     pub providers: oidc::Providers,
     pub throttle: Arc<LoginThrottle>,
 }
@@ -175,6 +210,20 @@ impl Identities {
         }
         let who = who.with_static_groups(&self.cluster);
         let (token, expires_ms) = self.tokens.issue(&who).map_err(|e| e.to_string())?;
+        self.audit_issued(&who, format!("{how}; token valid until {expires_ms} ms"))
+            .await
+            .map_err(|()| "the login could not be audited; try again".to_string())?;
+        self.throttle.succeeded(ip);
+        Ok(LoggedIn {
+            who,
+            token,
+            expires_ms,
+        })
+    }
+
+    /// A credential issued to `who` (a token, an SSH certificate): a `login`
+    /// allow event saying what, durable before the credential is handed out.
+    pub async fn audit_issued(&self, who: &Principal, detail: String) -> Result<(), ()> {
         let mut ev = self.cluster.event(
             gatehouse_audit::EventKind::Login,
             gatehouse_audit::Decision::Allow,
@@ -183,17 +232,8 @@ impl Identities {
             "",
         );
         who.stamp(&mut ev);
-        ev.detail = Some(format!("{how}; token valid until {expires_ms} ms"));
-        self.cluster
-            .audit(ev)
-            .await
-            .map_err(|_| "the login could not be audited; try again".to_string())?;
-        self.throttle.succeeded(ip);
-        Ok(LoggedIn {
-            who,
-            token,
-            expires_ms,
-        })
+        ev.detail = Some(detail);
+        self.cluster.audit(ev).await.map(|_| ()).map_err(|_| ())
     }
 
     /// Refuses, unchecked, a source backing off after failed logins; one

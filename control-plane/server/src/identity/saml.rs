@@ -345,6 +345,7 @@ async fn consume(s: &Saml, name: &str, body: &[u8]) -> Result<(Principal, User),
         issuer: issuer.issuer_url.clone(),
         groups: groups.clone(),
         email: email.clone(),
+        expires_ms: 0,
     };
     let user = User {
         identity,

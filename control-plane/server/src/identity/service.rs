@@ -226,6 +226,7 @@ impl IdentityService {
                 issuer: issuer.issuer_url.clone(),
                 groups,
                 email,
+                expires_ms: 0,
             },
             user,
         )

@@ -13,7 +13,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
 use super::Principal;
-use crate::cluster::{Cluster, ProposeError, now_ms};
+use crate::cluster::{Cluster, now_ms};
 
 /// `iss` and `aud` of every Gatehouse token.
 pub const TOKEN_ISSUER: &str = "gatehouse";
@@ -94,14 +94,9 @@ impl Tokens {
             private_sealed: self.kek.seal(KEY_PURPOSE, nonce, &pair.serialize_der()),
             created_ms: now_ms(),
         };
-        match self
-            .cluster
-            .propose(Command::PutSigningKey { key: Box::new(key) })
+        super::propose_first(&self.cluster, Command::PutSigningKey { key: Box::new(key) })
             .await
-        {
-            Ok(_) | Err(ProposeError::Rejected(_)) => Ok(()),
-            Err(e) => Err(TokenError::NoKey(e.to_string())),
-        }
+            .map_err(|e| TokenError::NoKey(e.to_string()))
     }
 
     fn signer(&self) -> Result<(String, Arc<EncodingKey>), TokenError> {
@@ -188,13 +183,9 @@ impl Tokens {
         if c.iat > now_ms() / 1000 + SKEW_SECS as i64 {
             return Err(TokenError::Invalid("issued in the future".into()));
         }
-        // A revoked service account stays revoked; a person's tokens issued
-        // up to a revocation (second resolution, as iat) are refused, and a
-        // later login gets a new one.
-        match self.cluster.reader.revoked_at(&c.sub) {
-            Ok(Some(_)) if c.sub.starts_with("sa:") => return Err(TokenError::Revoked),
-            Ok(Some(at)) if c.iat <= at.div_euclid(1000) => return Err(TokenError::Revoked),
-            Ok(_) => {}
+        match super::revoked(&self.cluster.reader, &c.sub, c.iat) {
+            Ok(true) => return Err(TokenError::Revoked),
+            Ok(false) => {}
             Err(e) => return Err(TokenError::NoKey(format!("revocations unreadable: {e}"))),
         }
         Ok(Principal {
@@ -202,6 +193,7 @@ impl Tokens {
             issuer: c.idp,
             groups: c.groups,
             email: c.email,
+            expires_ms: c.exp.saturating_mul(1000),
         })
     }
 
