@@ -40,3 +40,8 @@ pub fn sig_from(s: &str) -> Sig {
         other => Sig::Custom(other.to_string()),
     }
 }
+
+/// The frame channel of the connection's global requests and replies.
+pub const GLOBAL_CHANNEL: u32 = u32::MAX;
+/// The high bit marks the channels the target opens (numbered by the agent).
+pub const TARGET_OPENED: u32 = 0x8000_0000;

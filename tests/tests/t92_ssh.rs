@@ -580,6 +580,34 @@ fn forwarding_follows_policy_and_agent_forwarding_is_refused() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(255), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("remote port forwarding failed"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // Allowed, the target listens, and a connection to its port reaches
+    // the client's side.
+    s.apply_policy("ssh:\n  forwarding:\n    remote: true\n");
+    let back = echo_server();
+    let remote = gatehouse_e2e::free_port();
+    let mut rfwd = s
+        .ssh()
+        .args(["-N", "-o", "ExitOnForwardFailure=yes", "-R"])
+        .arg(format!("127.0.0.1:{remote}:127.0.0.1:{back}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let payload2: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    assert_eq!(
+        through(remote, &payload2),
+        payload2,
+        "a connection to the target's port echoes from the client's side"
+    );
+    let _ = rfwd.kill();
+    let _ = rfwd.wait();
 
     // Agent forwarding: the client has an agent and asks; the target gets
     // none.
@@ -652,6 +680,51 @@ fn forwarding_follows_policy_and_agent_forwarding_is_refused() {
                 .unwrap_or("")
                 .contains(&format!("local forward to 127.0.0.1:{other}"))
     }));
+    let detail = |e: &serde_json::Value| e["detail"].as_str().unwrap_or("").to_string();
+    assert!(events.iter().any(|e| {
+        e["kind"] == "forward"
+            && e["decision"] == "deny"
+            && detail(e).contains("remote forward: the target listens on")
+            && detail(e).contains("does not allow it")
+    }));
+    assert!(events.iter().any(|e| {
+        e["kind"] == "forward"
+            && e["decision"] == "allow"
+            && detail(e).starts_with("remote forward: the target listens on")
+            && detail(e).ends_with(&format!(":{remote}"))
+    }));
+    assert!(events.iter().any(|e| {
+        e["kind"] == "forward"
+            && e["decision"] == "allow"
+            && detail(e).starts_with(&format!(
+                "remote forward connection on 127.0.0.1:{remote} from 127.0.0.1:"
+            ))
+    }));
+    let closes = wait_until(
+        "both forwards' close events",
+        Duration::from_secs(20),
+        || {
+            let ev = s.stack.audit_events(&["--target", "box"]);
+            let n = ev
+                .iter()
+                .filter(|e| {
+                    e["kind"] == "forward"
+                        && detail(e).contains("200000 bytes in, 200000 bytes out")
+                })
+                .count();
+            (n >= 2).then_some(n)
+        },
+    );
+    assert_eq!(closes, 2, "one close event per forwarded connection");
+    // The recording names the remote forward and its connection.
+    wait_until(
+        "the remote forward's recording",
+        Duration::from_secs(20),
+        || {
+            let rec = recordings_text(&s);
+            (rec.contains("\"tcpip-forward\"") && rec.contains("\"forwarded-tcpip\"")).then_some(())
+        },
+    );
 }
 
 /// tmux on a socket of the test's own.

@@ -15,6 +15,7 @@ pub mod guard;
 pub mod identity;
 pub mod pg;
 pub mod recorder;
+pub mod session;
 pub mod spool;
 pub mod ssh;
 pub mod stream;

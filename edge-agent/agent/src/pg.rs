@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
-use gatehouse_audit::{AuditEvent, Decision, EventKind, MaskCount};
+use gatehouse_audit::{Decision, EventKind, MaskCount};
 use gatehouse_pgwire_inspect::build::{self, Severity};
 use gatehouse_pgwire_inspect::{Action, PgInspector, SessionEvent, Side, Statement, merge_counts};
 
@@ -16,6 +16,7 @@ use gatehouse_recording::chunked::SessionMeta;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::recorder::Recorder;
+use crate::session::{ClientError, base_event, end_from_outside, idle, refused_unrecorded};
 use crate::upstream::{self, UpstreamError};
 use crate::{AgentCtx, CancelTarget, now_ms};
 
@@ -66,22 +67,6 @@ pub(crate) async fn cancel(ctx: &AgentCtx, open: &SessionOpen) {
             tracing::warn!(session_id = %open.session_id, error = %e, "cancel request failed")
         }
     }
-}
-
-/// Ends a running session for the control plane and waits (bounded) until
-/// it has: its client told, its recording sealed. False when it does not
-/// run here.
-pub(crate) async fn end_from_outside(ctx: &AgentCtx, session_id: &str, reason: &str) -> bool {
-    if !ctx.running.end(session_id, reason) {
-        tracing::info!(session_id, "end of a session not running here");
-        return false;
-    }
-    tracing::warn!(session_id, reason, "session ended from outside");
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
-    while ctx.running.is_running(session_id) && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
-    true
 }
 
 /// What the agent's role may do on the target beyond reading, from the
@@ -160,46 +145,6 @@ pub(crate) async fn check_target(
     }
 }
 
-/// Resolves once no byte has moved either way for `limit` (`activity` is
-/// the time of the last read, in Unix milliseconds).
-pub(crate) async fn idle(activity: &std::sync::atomic::AtomicI64, limit: std::time::Duration) {
-    let limit_ms = i64::try_from(limit.as_millis()).unwrap_or(i64::MAX);
-    loop {
-        let quiet = now_ms() - activity.load(std::sync::atomic::Ordering::Relaxed);
-        if quiet >= limit_ms {
-            return;
-        }
-        let left = u64::try_from(limit_ms - quiet).unwrap_or(0);
-        tokio::time::sleep(std::time::Duration::from_millis(left.max(10))).await;
-    }
-}
-
-/// Streams a running session's recorded events, a JSON line each, until it
-/// ends or the viewer goes away. A viewer that falls behind is told how many
-/// events it missed.
-pub(crate) async fn watch(ctx: &AgentCtx, open: &SessionOpen, send: &mut quinn::SendStream) {
-    let Some(mut live) = ctx.running.watch(&open.session_id) else {
-        tracing::info!(session_id = %open.session_id, "watch of a session not running here");
-        return;
-    };
-    tracing::info!(session_id = %open.session_id, "session watched");
-    loop {
-        let line = match live.recv().await {
-            Ok(line) => line,
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                bytes::Bytes::from(format!("{{\"missed\":{n}}}"))
-            }
-            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-        };
-        let mut out = Vec::with_capacity(line.len() + 1);
-        out.extend_from_slice(&line);
-        out.push(b'\n');
-        if send.write_all(&out).await.is_err() {
-            return;
-        }
-    }
-}
-
 /// Puts a new policy version in force for a running session (`enforce:
 /// immediate`): its next statement is judged by it, or, when it cannot go
 /// on as it is under it, the session is closed saying why.
@@ -251,36 +196,6 @@ const ENDED_FROM_OUTSIDE: &str = "session ended: ";
 /// How a session that could not be recorded ends.
 const RECORDING_FAILED: &str = "session recording failed";
 
-/// An error for the client: SQLSTATE and message.
-pub(crate) struct ClientError(pub String, pub String);
-
-pub(crate) fn base_event(
-    ctx: &AgentCtx,
-    open: &SessionOpen,
-    kind: EventKind,
-    decision: Decision,
-) -> AuditEvent {
-    AuditEvent {
-        id: ctx.new_id(),
-        agent: String::new(),
-        seq: 0,
-        time_ms: now_ms(),
-        kind,
-        session_id: open.session_id.clone(),
-        identity: open.identity.clone(),
-        issuer: (!open.issuer.is_empty()).then(|| open.issuer.clone()),
-        groups: Some(open.groups.clone()),
-        target: open.target.clone(),
-        policy_version: open.policy_version.clone(),
-        decision,
-        statement: None,
-        parameters: None,
-        outcome: None,
-        detail: None,
-        masked: None,
-    }
-}
-
 /// What a session was admitted with, its recording started.
 struct Admitted<'c> {
     target: &'c crate::config::TargetConfig,
@@ -290,24 +205,6 @@ struct Admitted<'c> {
     masking: crate::guard::SessionMasking,
     /// What the recording starts with.
     meta: SessionMeta,
-}
-
-/// A session refused before its recording started: the sessions index still
-/// learns that (and why) it ended.
-pub(crate) fn refused_unrecorded(
-    ctx: &AgentCtx,
-    open: &SessionOpen,
-    refused: ClientError,
-) -> ClientError {
-    let _ = ctx
-        .report_tx
-        .send(gatehouse_proto::tunnel::SessionRecorded {
-            session_id: open.session_id.clone(),
-            ended_ms: now_ms(),
-            end_reason: format!("refused: {}", refused.1),
-            ..Default::default()
-        });
-    refused
 }
 
 pub(crate) fn audit_down() -> ClientError {

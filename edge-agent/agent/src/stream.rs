@@ -23,7 +23,7 @@ pub async fn session(ctx: Arc<AgentCtx>, mut send: quinn::SendStream, mut recv: 
         return;
     }
     if open.watch {
-        crate::pg::watch(&ctx, &open, &mut send).await;
+        crate::session::watch(&ctx, &open, &mut send).await;
         let _ = send.finish();
         return;
     }
@@ -40,7 +40,8 @@ pub async fn session(ctx: Arc<AgentCtx>, mut send: quinn::SendStream, mut recv: 
         return;
     }
     if !open.end_reason.is_empty() {
-        let found = crate::pg::end_from_outside(&ctx, &open.session_id, &open.end_reason).await;
+        let found =
+            crate::session::end_from_outside(&ctx, &open.session_id, &open.end_reason).await;
         let reply = gatehouse_proto::frame(&gatehouse_proto::tunnel::SessionEnded {
             found,
             ..Default::default()

@@ -22,8 +22,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
+use gatehouse_proto::ssh::{GLOBAL_CHANNEL, TARGET_OPENED};
 use gatehouse_proto::tunnel::{
-    SshEnv, SshFrame, SshOpen, SshPty, SshReply, SshRequest, SshWindow, ssh_frame, ssh_request,
+    SshEnv, SshFrame, SshListen, SshOpen, SshPty, SshReply, SshRequest, SshWindow, ssh_frame,
+    ssh_request,
 };
 use russh::server::{Auth, Msg, Session};
 use russh::{Channel, ChannelMsg, MethodKind, MethodSet};
@@ -46,6 +48,9 @@ pub const PACKET: u32 = 65535;
 const CHANNEL_QUEUE: usize = 32;
 /// How long a channel waits for the agent to open it on the target.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a global request (`ssh -R`) waits for the target's answer; the
+/// client's connection waits with it.
+const GLOBAL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The node's SSH host key: made on first start, kept owner-only.
 pub fn host_key(data_dir: &std::path::Path) -> anyhow::Result<russh::keys::PrivateKey> {
@@ -248,6 +253,11 @@ struct Link {
     /// target connection, `Some(Err(reason))` when it does not.
     ready: watch::Receiver<Option<Result<(), String>>>,
     session_id: String,
+    /// The agent's answers to global requests, one request at a time.
+    globals: tokio::sync::Mutex<mpsc::Receiver<SshFrame>>,
+    /// The client's connection, for the channels the target opens (known
+    /// once the client asks for a remote forward).
+    client: std::sync::OnceLock<russh::server::Handle>,
 }
 
 impl Conn {
@@ -343,6 +353,8 @@ impl Conn {
             channels: Mutex::new(HashMap::new()),
             ready,
             session_id: String::new(),
+            globals: tokio::sync::Mutex::new(mpsc::channel(1).1),
+            client: std::sync::OnceLock::new(),
         }));
         Auth::Accept
     }
@@ -355,6 +367,7 @@ fn refusal_bytes(r: &Refusal) -> Vec<u8> {
         msg: Some(ssh_frame::Msg::Reply(SshReply {
             ok: false,
             message: r.to_string(),
+            port: 0,
         })),
     })
 }
@@ -366,11 +379,14 @@ impl Link {
         let (mut rd, mut wr) = tokio::io::split(stream);
         let (to_agent, mut outbox) = mpsc::channel::<SshFrame>(64);
         let (ready_tx, ready) = watch::channel(None);
+        let (global_tx, globals) = mpsc::channel(4);
         let link = Arc::new(Link {
             to_agent,
             channels: Mutex::new(HashMap::new()),
             ready,
             session_id,
+            globals: tokio::sync::Mutex::new(globals),
+            client: std::sync::OnceLock::new(),
         });
         tokio::spawn(async move {
             while let Some(f) = outbox.recv().await {
@@ -396,7 +412,21 @@ impl Link {
                     }
                     continue;
                 }
+                if f.channel == GLOBAL_CHANNEL {
+                    // Nobody waits for an answer that came too late.
+                    let _ = global_tx.try_send(f);
+                    continue;
+                }
                 let Some(link) = l.upgrade() else { break };
+                if f.channel & TARGET_OPENED != 0
+                    && let Some(ssh_frame::Msg::Open(open)) = f.msg
+                {
+                    // Its frames queue from now on, while the client is
+                    // asked to take it.
+                    let from_agent = link.register(f.channel);
+                    tokio::spawn(run_forwarded(link, f.channel, open, from_agent));
+                    continue;
+                }
                 let tx = link
                     .channels
                     .lock()
@@ -427,6 +457,31 @@ impl Link {
         match rx.wait_for(Option::is_some).await {
             Ok(v) => v.clone().unwrap_or(Ok(())),
             Err(_) => Err("the target's agent ended the session".into()),
+        }
+    }
+
+    /// Sends a global request to the agent and waits (bounded) for its
+    /// answer.
+    async fn global(&self, req: ssh_request::Req) -> Option<SshReply> {
+        self.ready().await.ok()?;
+        let mut answers = self.globals.lock().await;
+        while answers.try_recv().is_ok() {}
+        self.to_agent
+            .send(SshFrame {
+                channel: GLOBAL_CHANNEL,
+                msg: Some(ssh_frame::Msg::Request(SshRequest {
+                    req: Some(req),
+                    want_reply: true,
+                })),
+            })
+            .await
+            .ok()?;
+        match tokio::time::timeout(GLOBAL_TIMEOUT, answers.recv()).await {
+            Ok(Some(SshFrame {
+                msg: Some(ssh_frame::Msg::Reply(r)),
+                ..
+            })) => Some(r),
+            _ => None,
         }
     }
 
@@ -533,8 +588,95 @@ impl russh::server::Handler for Conn {
         Ok(())
     }
 
+    /// `ssh -R`: the agent asks the target to listen, when the policy
+    /// allows it; for port 0 the client learns the port the target chose.
+    async fn tcpip_forward(
+        &mut self,
+        address: &str,
+        port: &mut u32,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let Some(link) = self.link.clone() else {
+            return Ok(false);
+        };
+        let _ = link.client.set(session.handle());
+        let req = ssh_request::Req::TcpipForward(SshListen {
+            address: address.to_string(),
+            port: *port,
+        });
+        Ok(match link.global(req).await {
+            Some(r) if r.ok => {
+                if *port == 0 {
+                    *port = r.port;
+                }
+                true
+            }
+            Some(r) => {
+                tracing::info!(session_id = %link.session_id, address, port = *port, reason = %r.message, "remote forward refused");
+                false
+            }
+            None => false,
+        })
+    }
+
+    async fn cancel_tcpip_forward(
+        &mut self,
+        address: &str,
+        port: u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let Some(link) = self.link.clone() else {
+            return Ok(false);
+        };
+        let req = ssh_request::Req::CancelTcpipForward(SshListen {
+            address: address.to_string(),
+            port,
+        });
+        Ok(link.global(req).await.is_some_and(|r| r.ok))
+    }
+
     // X11 channels and agent forwarding are refused (the defaults answer
-    // no); so are forwarded ports the target would listen on for now.
+    // no).
+}
+
+/// A connection the target accepted on a remote forward: opened towards
+/// the client, then relayed like any channel; a refusal closes it at the
+/// target.
+async fn run_forwarded(
+    link: Arc<Link>,
+    n: u32,
+    open: SshOpen,
+    from_agent: mpsc::Receiver<SshFrame>,
+) {
+    let opened = match link.client.get() {
+        Some(handle) => handle
+            .channel_open_forwarded_tcpip(
+                open.host.clone(),
+                open.port,
+                open.originator.clone(),
+                open.originator_port,
+            )
+            .await
+            .map(|c| (c, handle.clone()))
+            .map_err(|e| e.to_string()),
+        None => Err("no remote forward was asked for on this connection".into()),
+    };
+    let (channel, handle) = match opened {
+        Ok(x) => x,
+        Err(why) => {
+            tracing::info!(session_id = %link.session_id, channel = n, reason = %why, "the client refused a forwarded connection");
+            link.unregister(n);
+            let _ = link
+                .to_agent
+                .send(SshFrame {
+                    channel: n,
+                    msg: Some(ssh_frame::Msg::Close(true)),
+                })
+                .await;
+            return;
+        }
+    };
+    relay_channel(link, channel, n, from_agent, handle).await;
 }
 
 /// One channel: opened at the agent, then its client's messages go to the
@@ -595,6 +737,19 @@ async fn run_channel(
             return;
         }
     }
+    relay_channel(link, channel, n, from_agent, handle).await;
+}
+
+/// Relays an open channel (`n` on the agent stream) both ways until either
+/// side closes it.
+async fn relay_channel(
+    link: Arc<Link>,
+    channel: Channel<Msg>,
+    n: u32,
+    mut from_agent: mpsc::Receiver<SshFrame>,
+    handle: russh::server::Handle,
+) {
+    let id = channel.id();
     let (mut rd, wr) = channel.split();
     let to_agent = link.to_agent.clone();
     // Client → agent.

@@ -13,6 +13,9 @@
 //! itself wait behind them.
 
 mod files;
+mod forward;
+mod pump;
+mod requests;
 pub mod target;
 mod typed;
 
@@ -23,18 +26,17 @@ use std::time::Duration;
 
 use gatehouse_audit::{Decision, EventKind};
 use gatehouse_policy::Action;
-use gatehouse_proto::tunnel::{
-    SessionOpen, SshExitSignal, SshFrame, SshOpen, SshReply, SshRequest, ssh_frame, ssh_request,
-};
+use gatehouse_proto::ssh::GLOBAL_CHANNEL;
+use gatehouse_proto::tunnel::{SessionOpen, SshFrame, SshOpen, SshReply, ssh_frame};
 use gatehouse_proto::{frame, read_frame};
 use gatehouse_recording::RecordEvent;
 use gatehouse_recording::chunked::SessionMeta;
+use russh::ChannelWriteHalf;
 use russh::client::Msg;
-use russh::{ChannelMsg, ChannelWriteHalf};
 use tokio::sync::mpsc;
 
-use crate::pg::{ClientError, base_event, refused_unrecorded};
 use crate::recorder::Recorder;
+use crate::session::{ClientError, base_event, refused_unrecorded};
 use crate::{AgentCtx, now_ms};
 
 /// The exit status of a command the gateway refused (as a shell's "cannot
@@ -84,7 +86,11 @@ pub(crate) async fn serve(
 fn reply_frame(channel: u32, ok: bool, message: String) -> SshFrame {
     SshFrame {
         channel,
-        msg: Some(ssh_frame::Msg::Reply(SshReply { ok, message })),
+        msg: Some(ssh_frame::Msg::Reply(SshReply {
+            ok,
+            message,
+            port: 0,
+        })),
     }
 }
 
@@ -174,9 +180,10 @@ async fn start(
         db_user: login.clone(),
     };
     let forwarding = policy.forwarding.local || policy.forwarding.remote;
+    let (forwarded_tx, forwarded) = mpsc::channel(16);
     let (started, connected) = tokio::join!(
         Recorder::start(ctx, meta),
-        target::connect(target, &login, open, forwarding)
+        target::connect(target, &login, open, forwarding, forwarded_tx)
     );
     let mut recorder = started.map_err(|e| {
         refused_unrecorded(
@@ -225,6 +232,8 @@ async fn start(
         tasks: tokio::task::JoinSet::new(),
         internal_tx,
         internal,
+        forwarded,
+        next_target_channel: 0,
         ended,
         activity: Arc::new(AtomicI64::new(now_ms())),
         exits: Arc::new(Mutex::new(Vec::new())),
@@ -251,6 +260,12 @@ struct Session {
     tasks: tokio::task::JoinSet<()>,
     internal_tx: mpsc::Sender<Internal>,
     internal: mpsc::Receiver<Internal>,
+    /// Connections to the session's remote forwards, as the target opens
+    /// them.
+    forwarded: mpsc::Receiver<target::Forwarded>,
+    /// The number of the last channel the target opened (below the high
+    /// bit).
+    next_target_channel: u32,
     ended: tokio::sync::watch::Receiver<Option<String>>,
     activity: Arc<AtomicI64>,
     /// How each command ended, for the session's end event.
@@ -497,6 +512,11 @@ impl Session {
                         break why;
                     }
                 }
+                Some(f) = self.forwarded.recv() => {
+                    if let Err(why) = self.on_forwarded(f).await {
+                        break why;
+                    }
+                }
                 _ = tick.tick() => {
                     if !flush(&self.rec) {
                         break "session recording failed".to_string();
@@ -515,7 +535,7 @@ impl Session {
                         max_session.unwrap_or_default().as_secs()
                     );
                 }
-                () = crate::pg::idle(&activity, idle_timeout.unwrap_or_default()), if idle_timeout.is_some() => {
+                () = crate::session::idle(&activity, idle_timeout.unwrap_or_default()), if idle_timeout.is_some() => {
                     break format!(
                         "session ended: idle for {}s, the access rule's idle timeout",
                         idle_timeout.unwrap_or_default().as_secs()
@@ -615,6 +635,7 @@ impl Session {
         let Some(msg) = f.msg else { return Ok(()) };
         match msg {
             ssh_frame::Msg::Open(o) => self.open_channel(id, o).await,
+            ssh_frame::Msg::Request(r) if id == GLOBAL_CHANNEL => self.global(r).await,
             ssh_frame::Msg::Request(r) => self.request(id, r).await,
             ssh_frame::Msg::Data(d) | ssh_frame::Msg::Stderr(d) => self.input(id, d).await,
             ssh_frame::Msg::Eof(_) => {
@@ -642,29 +663,14 @@ impl Session {
             "session" => self.conn.channel_open_session().await,
             "direct-tcpip" => {
                 let allowed = self.policy.local_forward_allowed(&o.host, o.port);
-                let mut ev = base_event(
-                    &self.ctx,
-                    &self.open,
-                    EventKind::Forward,
-                    if allowed {
-                        Decision::Allow
-                    } else {
-                        Decision::Deny
-                    },
-                );
-                ev.detail = Some(format!(
-                    "local forward to {}:{} from {}:{}{}",
-                    o.host,
-                    o.port,
-                    o.originator,
-                    o.originator_port,
-                    if allowed {
-                        ""
-                    } else {
-                        "; the policy's ssh.forwarding does not allow it"
-                    }
-                ));
-                self.ctx.audit(ev).await.map_err(|_| audit_lost())?;
+                self.audit_forward(
+                    allowed,
+                    format!(
+                        "local forward to {}:{} from {}:{}",
+                        o.host, o.port, o.originator, o.originator_port
+                    ),
+                )
+                .await?;
                 if !record(
                     &self.rec,
                     RecordEvent::ChannelOpen {
@@ -738,12 +744,23 @@ impl Session {
         {
             return Err("session recording failed".into());
         }
+        let mode = if o.kind == "direct-tcpip" {
+            Mode::Forward
+        } else {
+            Mode::Idle
+        };
+        self.relay_target_channel(id, ch, mode);
+        let _ = self.out.send(reply_frame(id, true, String::new())).await;
+        Ok(())
+    }
+
+    /// Relays a channel open at the target as `id`: a task reads the
+    /// target's side, the session loop writes the client's.
+    fn relay_target_channel(&mut self, id: u32, ch: russh::Channel<Msg>, mode: Mode) {
         let shared = ChanShared::new(id);
-        if o.kind == "direct-tcpip" {
-            shared.set_mode(Mode::Forward);
-        }
+        shared.set_mode(mode);
         let (read, write) = ch.split();
-        self.tasks.spawn(pump_target(
+        self.tasks.spawn(pump::pump_target(
             read,
             shared.clone(),
             self.out.clone(),
@@ -763,8 +780,22 @@ impl Session {
                 refused: false,
             },
         );
-        let _ = self.out.send(reply_frame(id, true, String::new())).await;
-        Ok(())
+    }
+
+    /// A `forward` audit event, durable before the forward takes effect; a
+    /// refused one says the policy refused it.
+    async fn audit_forward(&self, allowed: bool, what: String) -> Result<(), String> {
+        let (decision, why) = if allowed {
+            (Decision::Allow, "")
+        } else {
+            (
+                Decision::Deny,
+                "; the policy's ssh.forwarding does not allow it",
+            )
+        };
+        let mut ev = base_event(&self.ctx, &self.open, EventKind::Forward, decision);
+        ev.detail = Some(format!("{what}{why}"));
+        self.ctx.audit(ev).await.map_err(|_| audit_lost())
     }
 
     async fn input(&mut self, id: u32, data: Vec<u8>) -> Result<(), String> {
@@ -837,432 +868,6 @@ impl Session {
             .await
             .map_err(|e| format!("the target connection failed: {e}"))
     }
-
-    async fn request(&mut self, id: u32, r: SshRequest) -> Result<(), String> {
-        let Some(c) = self.channels.get_mut(&id) else {
-            return Ok(());
-        };
-        if c.refused {
-            return Ok(());
-        }
-        let shared = c.shared.clone();
-        let want = r.want_reply;
-        // What the agent answers itself, in request order.
-        let answer = |ok: bool| {
-            if want {
-                vec![reply_frame(id, ok, String::new())]
-            } else {
-                Vec::new()
-            }
-        };
-        let rec_request = |request: &str, detail: String, decision: &str, rule: &str| {
-            record(
-                &self.rec,
-                RecordEvent::ChannelRequest {
-                    channel: id,
-                    request: request.into(),
-                    detail,
-                    decision: decision.into(),
-                    rule: rule.into(),
-                },
-            )
-        };
-        let failed = || Err::<(), String>("session recording failed".into());
-        let target_err = |e: russh::Error| format!("the target connection failed: {e}");
-        match r.req {
-            Some(ssh_request::Req::Pty(p)) => {
-                if !rec_request("pty", p.term.clone(), "allow", "")
-                    || !record(
-                        &self.rec,
-                        RecordEvent::WindowSize {
-                            channel: id,
-                            cols: u16::try_from(p.cols).unwrap_or(u16::MAX),
-                            rows: u16::try_from(p.rows).unwrap_or(u16::MAX),
-                        },
-                    )
-                {
-                    return failed();
-                }
-                shared.set_mode(Mode::Terminal);
-                if let Ok(mut d) = shared.terminal.lock() {
-                    *d = Some(gatehouse_shell::detector::Detector::new());
-                }
-                let modes: Vec<(russh::Pty, u32)> = p
-                    .modes
-                    .chunks_exact(2)
-                    .filter_map(|m| {
-                        let op = u8::try_from(*m.first()?).ok()?;
-                        Some((russh::Pty::from_u8(op)?, *m.get(1)?))
-                    })
-                    .collect();
-                if want {
-                    shared.expect_reply().await;
-                }
-                c.write
-                    .request_pty(
-                        want,
-                        &p.term,
-                        p.cols,
-                        p.rows,
-                        p.pix_width,
-                        p.pix_height,
-                        &modes,
-                    )
-                    .await
-                    .map_err(target_err)?;
-            }
-            Some(ssh_request::Req::WindowChange(w)) => {
-                if !record(
-                    &self.rec,
-                    RecordEvent::WindowSize {
-                        channel: id,
-                        cols: u16::try_from(w.cols).unwrap_or(u16::MAX),
-                        rows: u16::try_from(w.rows).unwrap_or(u16::MAX),
-                    },
-                ) {
-                    return failed();
-                }
-                c.write
-                    .window_change(w.cols, w.rows, w.pix_width, w.pix_height)
-                    .await
-                    .map_err(target_err)?;
-            }
-            Some(ssh_request::Req::Env(e)) => {
-                let allowed = self.policy.env_allowed(&e.name);
-                if !rec_request(
-                    "env",
-                    e.name.clone(),
-                    if allowed { "allow" } else { "deny" },
-                    if allowed { "" } else { "ssh.env" },
-                ) {
-                    return failed();
-                }
-                if allowed {
-                    if want {
-                        shared.expect_reply().await;
-                    }
-                    c.write
-                        .set_env(want, e.name, e.value)
-                        .await
-                        .map_err(target_err)?;
-                } else {
-                    shared.after_replies(&self.out, answer(false)).await;
-                }
-            }
-            Some(ssh_request::Req::Signal(s)) => {
-                if !rec_request("signal", s.clone(), "allow", "") {
-                    return failed();
-                }
-                c.write
-                    .signal(gatehouse_proto::ssh::sig_from(&s))
-                    .await
-                    .map_err(target_err)?;
-            }
-            Some(ssh_request::Req::Subsystem(name)) => {
-                let allowed = name == "sftp";
-                if !rec_request(
-                    "subsystem",
-                    name.clone(),
-                    if allowed { "allow" } else { "deny" },
-                    "",
-                ) {
-                    return failed();
-                }
-                if !allowed {
-                    shared.after_replies(&self.out, answer(false)).await;
-                    return Ok(());
-                }
-                shared.set_mode(Mode::Files);
-                if let Ok(mut d) = shared.files.lock() {
-                    *d = Some(files::Decoder::sftp(self.policy.record_file_contents));
-                }
-                if want {
-                    shared.expect_reply().await;
-                }
-                c.write
-                    .request_subsystem(want, name)
-                    .await
-                    .map_err(target_err)?;
-            }
-            Some(ssh_request::Req::Shell(_)) => {
-                let action = self.policy.shell;
-                let rule = if action == Action::Allow {
-                    ""
-                } else {
-                    "ssh.shell"
-                };
-                let decision = action_name(action);
-                if !rec_request("shell", String::new(), decision, rule) {
-                    return failed();
-                }
-                Self::audit_command(
-                    &self.ctx,
-                    &self.open,
-                    id,
-                    "interactive shell",
-                    action,
-                    rule,
-                    "",
-                )
-                .await?;
-                if shared.mode() == Mode::Idle {
-                    shared.set_mode(Mode::Command("shell".into()));
-                }
-                match action {
-                    Action::Allow => {
-                        if want {
-                            shared.expect_reply().await;
-                        }
-                        c.write.request_shell(want).await.map_err(target_err)?;
-                    }
-                    Action::Deny => {
-                        c.refused = true;
-                        let mut frames = answer(true);
-                        frames.extend(refusal_frames(
-                            id,
-                            "gatehouse: interactive shells are not allowed on this target by policy (ssh.shell)",
-                        ));
-                        shared.after_replies(&self.out, frames).await;
-                    }
-                    Action::Approve => {
-                        shared.after_replies(&self.out, answer(true)).await;
-                        c.held = Some(Vec::new());
-                        self.hold(
-                            id,
-                            String::new(),
-                            "interactive shell".into(),
-                            "ssh.shell",
-                            "interactive shells need a reviewer's approval",
-                        );
-                    }
-                }
-            }
-            Some(ssh_request::Req::Exec(command)) => {
-                let line = String::from_utf8_lossy(&command).into_owned();
-                let who = gatehouse_policy::Subject {
-                    identity: self.open.identity.clone(),
-                    groups: self.open.groups.clone(),
-                    target: self.open.target.clone(),
-                };
-                let verdict = match &self.doc {
-                    Some(d) => gatehouse_policy::judge_command(d, &who, now_ms(), &line),
-                    None => gatehouse_policy::Verdict {
-                        action: Action::Allow,
-                        rule: "default".into(),
-                        message: String::new(),
-                    },
-                };
-                if shared.mode() == Mode::Idle {
-                    if files::is_scp(&line) {
-                        shared.set_mode(Mode::Files);
-                    } else {
-                        shared.set_mode(Mode::Command(line.clone()));
-                    }
-                }
-                if !rec_request(
-                    "exec",
-                    line.clone(),
-                    action_name(verdict.action),
-                    if verdict.action == Action::Allow {
-                        ""
-                    } else {
-                        &verdict.rule
-                    },
-                ) {
-                    return failed();
-                }
-                Self::audit_command(
-                    &self.ctx,
-                    &self.open,
-                    id,
-                    &line,
-                    verdict.action,
-                    &verdict.rule,
-                    &verdict.message,
-                )
-                .await?;
-                match verdict.action {
-                    Action::Allow => {
-                        if let Some(d) =
-                            files::Decoder::scp(&line, self.policy.record_file_contents)
-                            && let Ok(mut g) = shared.files.lock()
-                        {
-                            *g = Some(d);
-                        }
-                        // What ran is on disk before it runs.
-                        if !flush(&self.rec) {
-                            return failed();
-                        }
-                        if want {
-                            shared.expect_reply().await;
-                        }
-                        c.write.exec(want, command).await.map_err(target_err)?;
-                    }
-                    Action::Deny => {
-                        c.refused = true;
-                        let _ = c.write.close().await;
-                        let mut frames = answer(true);
-                        frames.extend(refusal_frames(
-                            id,
-                            &format!(
-                                "gatehouse: command refused by rule \"{}\": {}",
-                                verdict.rule, verdict.message
-                            ),
-                        ));
-                        shared.after_replies(&self.out, frames).await;
-                    }
-                    Action::Approve => {
-                        shared.after_replies(&self.out, answer(true)).await;
-                        c.held = Some(Vec::new());
-                        let rule = verdict.rule.clone();
-                        self.hold(id, line, String::new(), &rule, &verdict.message);
-                        let _ = command;
-                    }
-                }
-            }
-            None => {
-                // A request the gateway does not pass on (X11).
-                if !rec_request("x11", String::new(), "deny", "") {
-                    return failed();
-                }
-                let mut ev = base_event(&self.ctx, &self.open, EventKind::Forward, Decision::Deny);
-                ev.detail = Some("X11 forwarding refused".into());
-                self.ctx.audit(ev).await.map_err(|_| audit_lost())?;
-                shared.after_replies(&self.out, answer(false)).await;
-            }
-        }
-        Ok(())
-    }
-
-    /// A `command` audit event, durable before the command runs.
-    async fn audit_command(
-        ctx: &AgentCtx,
-        open: &SessionOpen,
-        id: u32,
-        line: &str,
-        action: Action,
-        rule: &str,
-        message: &str,
-    ) -> Result<(), String> {
-        let mut ev = base_event(
-            ctx,
-            open,
-            EventKind::Command,
-            if action == Action::Allow {
-                Decision::Allow
-            } else {
-                Decision::Deny
-            },
-        );
-        ev.statement = Some(line.to_string());
-        ev.detail = Some(match action {
-            Action::Allow => format!("channel {id}: exec"),
-            Action::Deny => format!("channel {id}: refused by rule \"{rule}\": {message}"),
-            Action::Approve => {
-                format!("channel {id}: held by rule \"{rule}\" for approval: {message}")
-            }
-        });
-        ctx.audit(ev).await.map_err(|_| audit_lost())
-    }
-
-    /// Holds a command (or, with an empty `line`, a shell) until a reviewer
-    /// decides; the client is told the request's id as soon as it exists.
-    fn hold(&self, id: u32, line: String, what: String, rule: &str, message: &str) {
-        let ctx = self.ctx.clone();
-        let open = self.open.clone();
-        let out = self.out.clone();
-        let internal = self.internal_tx.clone();
-        let rec = self.rec.clone();
-        let settings = self
-            .doc
-            .as_ref()
-            .and_then(|d| d.approvals.clone())
-            .unwrap_or_default();
-        let held = gatehouse_pgwire_inspect::Refusal {
-            rule: rule.to_string(),
-            message: if message.is_empty() {
-                format!(
-                    "{} needs a reviewer's approval",
-                    if line.is_empty() {
-                        &what
-                    } else {
-                        "the command"
-                    }
-                )
-            } else {
-                message.to_string()
-            },
-        };
-        // What a grant covers: the command line, or a shell on the target.
-        let statement = if line.is_empty() {
-            format!("ssh shell {}", open.target)
-        } else {
-            line.clone()
-        };
-        tokio::spawn(async move {
-            let (tx, rx) = tokio::sync::oneshot::channel::<String>();
-            let tell = async {
-                if let Ok(request) = rx.await {
-                    let l = format!(
-                        "gatehouse: waiting for approval {request} (rule \"{}\")\r\n",
-                        held.rule
-                    );
-                    let _ = out
-                        .send(msg_frame(id, ssh_frame::Msg::Stderr(l.into_bytes())))
-                        .await;
-                }
-            };
-            let ask = crate::guard::approve(
-                &ctx,
-                &open,
-                &settings,
-                &statement,
-                &held,
-                String::new(),
-                Some(tx),
-            );
-            let (resolution, ()) = tokio::join!(ask, tell);
-            let (msg, decision) = match resolution {
-                gatehouse_pgwire_inspect::Resolution::Approved => {
-                    let _ = internal
-                        .send(Internal::Run {
-                            channel: id,
-                            command: (!line.is_empty()).then(|| line.clone().into_bytes()),
-                        })
-                        .await;
-                    (None, "approved")
-                }
-                gatehouse_pgwire_inspect::Resolution::Refused(r) => (Some(r.message), "refused"),
-            };
-            let ok = record(
-                &rec,
-                RecordEvent::ChannelRequest {
-                    channel: id,
-                    request: if line.is_empty() {
-                        "shell".into()
-                    } else {
-                        "exec".into()
-                    },
-                    detail: line.clone(),
-                    decision: decision.into(),
-                    rule: held.rule.clone(),
-                },
-            );
-            if !ok {
-                let _ = internal
-                    .send(Internal::RecordingFailed("recording a decision".into()))
-                    .await;
-            }
-            if let Some(m) = msg {
-                let _ = internal
-                    .send(Internal::Refuse {
-                        channel: id,
-                        line: format!("gatehouse: {m}"),
-                    })
-                    .await;
-            }
-        });
-    }
 }
 
 fn audit_lost() -> String {
@@ -1305,171 +910,6 @@ fn file_op(rec: &Rec, ctx: &Arc<AgentCtx>, open: &SessionOpen, channel: u32, op:
     );
     // File events are queued with the session's others; a full queue
     // waits in the session's audit path, not here.
-    let ctx = ctx.clone();
-    tokio::spawn(async move {
-        let _ = ctx.audit(ev).await;
-    });
-}
-
-/// The target's side of one channel: its messages to the client, recorded.
-#[allow(clippy::too_many_arguments)]
-async fn pump_target(
-    mut read: russh::ChannelReadHalf,
-    shared: Arc<ChanShared>,
-    out: mpsc::Sender<SshFrame>,
-    rec: Rec,
-    cap: u64,
-    internal: mpsc::Sender<Internal>,
-    exits: Arc<Mutex<Vec<String>>>,
-    ctx: Arc<AgentCtx>,
-    open: Arc<SessionOpen>,
-) {
-    let id = shared.id;
-    while let Some(msg) = read.wait().await {
-        let frame = match msg {
-            ChannelMsg::Data { data } => {
-                shared
-                    .bytes_out
-                    .fetch_add(data.len() as u64, Ordering::Relaxed);
-                if !record_bytes(&rec, &shared, false, false, &data, cap) {
-                    let _ = internal
-                        .send(Internal::RecordingFailed("output".into()))
-                        .await;
-                }
-                if let Ok(mut d) = shared.terminal.lock()
-                    && let Some(d) = d.as_mut()
-                {
-                    d.output(&data);
-                }
-                if let Ok(mut d) = shared.files.lock()
-                    && let Some(d) = d.as_mut()
-                {
-                    for op in d.server_sent(&data) {
-                        file_op(&rec, &ctx, &open, id, op);
-                    }
-                }
-                ssh_frame::Msg::Data(data.to_vec())
-            }
-            ChannelMsg::ExtendedData { data, .. } => {
-                shared
-                    .bytes_out
-                    .fetch_add(data.len() as u64, Ordering::Relaxed);
-                if !record_bytes(&rec, &shared, false, true, &data, cap) {
-                    let _ = internal
-                        .send(Internal::RecordingFailed("output".into()))
-                        .await;
-                }
-                ssh_frame::Msg::Stderr(data.to_vec())
-            }
-            ChannelMsg::Eof => ssh_frame::Msg::Eof(true),
-            ChannelMsg::Close => break,
-            ChannelMsg::Success => {
-                shared.target_replied(&out, true).await;
-                continue;
-            }
-            ChannelMsg::Failure => {
-                shared.target_replied(&out, false).await;
-                continue;
-            }
-            ChannelMsg::ExitStatus { exit_status } => {
-                let _ = record(
-                    &rec,
-                    RecordEvent::Exit {
-                        channel: id,
-                        status: Some(exit_status),
-                        signal: None,
-                    },
-                );
-                exit_noted(
-                    &exits,
-                    &ctx,
-                    &open,
-                    &shared,
-                    format!("exit status {exit_status}"),
-                );
-                ssh_frame::Msg::ExitStatus(exit_status)
-            }
-            ChannelMsg::ExitSignal {
-                signal_name,
-                core_dumped,
-                error_message,
-                ..
-            } => {
-                let name = gatehouse_proto::ssh::sig_name(&signal_name);
-                let _ = record(
-                    &rec,
-                    RecordEvent::Exit {
-                        channel: id,
-                        status: None,
-                        signal: Some(name.clone()),
-                    },
-                );
-                exit_noted(
-                    &exits,
-                    &ctx,
-                    &open,
-                    &shared,
-                    format!("killed by signal {name}"),
-                );
-                ssh_frame::Msg::ExitSignal(SshExitSignal {
-                    signal: name,
-                    core_dumped,
-                    message: error_message,
-                })
-            }
-            _ => continue,
-        };
-        if out.send(msg_frame(id, frame)).await.is_err() {
-            break;
-        }
-    }
-    if let Ok(mut d) = shared.files.lock()
-        && let Some(d) = d.as_mut()
-    {
-        for op in d.finish() {
-            file_op(&rec, &ctx, &open, id, op);
-        }
-    }
-    let _ = record(
-        &rec,
-        RecordEvent::ChannelClose {
-            channel: id,
-            bytes_in: shared.bytes_in.load(Ordering::Relaxed),
-            bytes_out: shared.bytes_out.load(Ordering::Relaxed),
-        },
-    );
-    if shared.mode() == Mode::Forward {
-        let mut ev = base_event(&ctx, &open, EventKind::Forward, Decision::Allow);
-        ev.detail = Some(format!(
-            "forwarded connection on channel {id} closed: {} bytes in, {} bytes out",
-            shared.bytes_in.load(Ordering::Relaxed),
-            shared.bytes_out.load(Ordering::Relaxed)
-        ));
-        let _ = ctx.audit(ev).await;
-    }
-    let _ = out.send(msg_frame(id, ssh_frame::Msg::Close(true))).await;
-}
-
-/// A command's end: kept for the session's end event and audited.
-fn exit_noted(
-    exits: &Arc<Mutex<Vec<String>>>,
-    ctx: &Arc<AgentCtx>,
-    open: &Arc<SessionOpen>,
-    shared: &ChanShared,
-    how: String,
-) {
-    let what = match shared.mode() {
-        Mode::Command(c) => c,
-        Mode::Terminal => "terminal session".into(),
-        Mode::Files => "file transfer".into(),
-        _ => String::new(),
-    };
-    if let Ok(mut e) = exits.lock() {
-        e.push(format!("channel {}: {how}", shared.id));
-    }
-    let mut ev = base_event(ctx, open, EventKind::Command, Decision::Allow);
-    ev.statement = Some(what);
-    ev.detail = Some(format!("channel {}: ended with {how}", shared.id));
     let ctx = ctx.clone();
     tokio::spawn(async move {
         let _ = ctx.audit(ev).await;

@@ -53,6 +53,18 @@ pub struct TargetHost {
     ca: Option<PublicKey>,
     /// Why the key was refused, for the caller's error.
     refused: Arc<std::sync::Mutex<Option<String>>>,
+    /// Where connections to the session's remote forwards go.
+    forwarded: tokio::sync::mpsc::Sender<Forwarded>,
+}
+
+/// A connection the target accepted on a port it listens on for the
+/// session (`ssh -R`).
+pub struct Forwarded {
+    pub channel: russh::Channel<client::Msg>,
+    /// Where the target accepted it.
+    pub connected: (String, u32),
+    /// Who connected.
+    pub originator: (String, u32),
 }
 
 impl client::Handler for TargetHost {
@@ -100,6 +112,37 @@ impl client::Handler for TargetHost {
                 Ok(false)
             }
         }
+    }
+
+    /// The target only opens these for a forward the session asked for
+    /// (and the policy allowed); the session decides what becomes of it.
+    async fn server_channel_open_forwarded_tcpip(
+        &mut self,
+        channel: russh::Channel<client::Msg>,
+        connected_address: &str,
+        connected_port: u32,
+        originator_address: &str,
+        originator_port: u32,
+        reply: russh::client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        let f = Forwarded {
+            channel,
+            connected: (connected_address.to_string(), connected_port),
+            originator: (originator_address.to_string(), originator_port),
+        };
+        if self.forwarded.is_closed() {
+            reply
+                .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        }
+        reply.accept().await;
+        // A session too busy to take it now closes it.
+        if let Err(e) = self.forwarded.try_send(f) {
+            let _ = e.into_inner().channel.close().await;
+        }
+        Ok(())
     }
 }
 
@@ -185,6 +228,7 @@ pub async fn connect(
     login: &str,
     open: &SessionOpen,
     port_forwarding: bool,
+    forwarded: tokio::sync::mpsc::Sender<Forwarded>,
 ) -> Result<client::Handle<TargetHost>, String> {
     let pinned = target
         .ssh_host_key
@@ -202,6 +246,7 @@ pub async fn connect(
         pinned,
         ca,
         refused: refused.clone(),
+        forwarded,
     };
     let work = async {
         let mut h = client::connect(

@@ -14,7 +14,7 @@ use gatehouse_shell::detector::{Detected, How};
 
 use super::{Rec, record};
 use crate::AgentCtx;
-use crate::pg::base_event;
+use crate::session::base_event;
 
 /// What the session does with a chunk of terminal input.
 pub(super) enum Verdict {
