@@ -55,6 +55,29 @@ fn recordings_text(s: &SshStack) -> String {
     all
 }
 
+/// The terminal input a recording holds, in order, as text.
+fn terminal_input(recorded: &str) -> String {
+    fn walk(v: &serde_json::Value, out: &mut String) {
+        match v {
+            serde_json::Value::Object(m) => {
+                if m.get("type").and_then(|t| t.as_str()) == Some("terminal_input") {
+                    out.push_str(m.get("data").and_then(|d| d.as_str()).unwrap_or(""));
+                }
+                m.values().for_each(|x| walk(x, out));
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|x| walk(x, out)),
+            _ => {}
+        }
+    }
+    let mut out = String::new();
+    for line in recorded.lines() {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+            walk(&v, &mut out);
+        }
+    }
+    out
+}
+
 fn private_key_body(path: &Path) -> Vec<String> {
     std::fs::read_to_string(path)
         .unwrap()
@@ -811,6 +834,17 @@ fn an_interactive_shell_under_tmux_resizes_and_replays_byte_for_byte() {
     tmux.run(&["resize-window", "-t", "gh", "-x", "120", "-y", "40"]);
     tmux.run(&["send-keys", "-t", "gh", "stty size", "Enter"]);
     tmux.wait_for("40 120");
+    // A secret typed at a password prompt (echo off) is not recorded.
+    tmux.run(&[
+        "send-keys",
+        "-t",
+        "gh",
+        "read -s -p 'Password: ' pw; echo got-${#pw}",
+        "Enter",
+    ]);
+    tmux.wait_for("Password: ");
+    tmux.run(&["send-keys", "-t", "gh", "hunter2-xyzzy", "Enter"]);
+    tmux.wait_for("got-13");
     tmux.run(&["send-keys", "-t", "gh", "exit", "Enter"]);
     tmux.wait_for("ssh-exited-0");
     // What the pane received from ssh (the pane's own shell printed the
@@ -842,6 +876,20 @@ fn an_interactive_shell_under_tmux_resizes_and_replays_byte_for_byte() {
         "the replay differs from what the terminal received:\n{:?}\n{:?}",
         text(&played),
         text(&seen)
+    );
+    let recorded = recordings_text(&s);
+    let typed = terminal_input(&recorded);
+    assert!(
+        typed.contains("stty size"),
+        "keystrokes recorded: {typed:?}"
+    );
+    assert!(
+        typed.contains("*************\r"),
+        "the answer to the password prompt is kept as stars: {typed:?}"
+    );
+    assert!(
+        !recorded.contains("hunter2"),
+        "the secret typed at the password prompt is in the recording"
     );
     // The window sizes are in the recording, and asciicast players read it.
     let cast = s

@@ -333,10 +333,7 @@ impl Detector {
         let echoed = echoed.trim().to_string();
         let typed: String = self.typed.iter().collect();
         let typed = typed.trim().to_string();
-        let secret = {
-            let p = self.prompt_text.to_lowercase();
-            p.contains("password") || p.contains("passphrase") || p.contains("pin:")
-        };
+        let secret = looks_secret(&self.prompt_text);
         let found = if secret || (echoed.is_empty() && typed.is_empty()) {
             None
         } else if !echoed.is_empty() {
@@ -348,6 +345,22 @@ impl Detector {
         };
         self.reset_line();
         found
+    }
+
+    /// Whether what the caller types now answers a secret's prompt (the
+    /// terminal's line says `password`, `passphrase` or `PIN:`): such
+    /// keystrokes are neither reported nor to be kept.
+    pub fn at_secret_prompt(&self) -> bool {
+        if self.alt_screen {
+            return false;
+        }
+        match self.prompt_col {
+            Some(_) => looks_secret(&self.prompt_text),
+            None => {
+                let before: String = self.screen.iter().take(self.cursor).collect();
+                looks_secret(&before)
+            }
+        }
     }
 
     fn reset_line(&mut self) {
@@ -384,6 +397,12 @@ fn utf8(buf: &mut Vec<u8>, b: u8) -> Option<char> {
         }
         Err(_) => None,
     }
+}
+
+/// A prompt for a secret, by its words.
+fn looks_secret(prompt: &str) -> bool {
+    let p = prompt.to_lowercase();
+    p.contains("password") || p.contains("passphrase") || p.contains("pin:")
 }
 
 #[cfg(test)]
@@ -472,6 +491,21 @@ mod tests {
             ],
             &[("vim x", How::Typed), ("id", How::Typed)],
         );
+    }
+
+    #[test]
+    fn a_secret_prompt_is_known_before_and_while_the_secret_is_typed() {
+        let mut d = Detector::default();
+        d.output(b"me@box:~$ ");
+        assert!(!d.at_secret_prompt());
+        d.input(b"sudo -v\r", 1);
+        d.output(b"sudo -v\r\n[sudo] password for me: ");
+        assert!(d.at_secret_prompt());
+        d.input(b"hun", 3);
+        assert!(d.at_secret_prompt(), "still answering the prompt");
+        d.input(b"ter2\r", 4);
+        d.output(b"\r\nme@box:~$ ");
+        assert!(!d.at_secret_prompt());
     }
 
     #[test]

@@ -357,6 +357,14 @@ impl ChanShared {
         }
     }
 
+    /// Whether the caller is answering a secret's prompt in the terminal.
+    fn at_secret_prompt(&self) -> bool {
+        self.terminal
+            .lock()
+            .ok()
+            .is_some_and(|d| d.as_ref().is_some_and(|d| d.at_secret_prompt()))
+    }
+
     fn mode(&self) -> Mode {
         self.mode.lock().map(|m| m.clone()).unwrap_or_default()
     }
@@ -429,6 +437,18 @@ fn record_bytes(
     let channel = shared.id;
     match shared.mode() {
         Mode::Terminal => {
+            // What answers a password prompt is kept as one `*` per byte
+            // (line ends kept), never as typed.
+            let withheld;
+            let data = if input && shared.at_secret_prompt() {
+                withheld = data
+                    .iter()
+                    .map(|b| if matches!(b, b'\r' | b'\n') { *b } else { b'*' })
+                    .collect::<Vec<u8>>();
+                &withheld[..]
+            } else {
+                data
+            };
             let (data, hex) = gatehouse_recording::bytes_fields(data);
             record(
                 rec,
