@@ -831,11 +831,9 @@ impl Session {
         if !record_bytes(&self.rec, &c.shared, true, false, &data, 0) {
             return Err("session recording failed".into());
         }
-        if let Ok(mut d) = c.shared.files.lock()
-            && let Some(d) = d.as_mut()
-        {
-            for op in d.client_sent(&data) {
-                file_op(&self.rec, &self.ctx, &self.open, id, op);
+        for op in file_ops(&c.shared, &data, true) {
+            if !file_op(&self.rec, &self.ctx, &self.open, id, op).await {
+                return Err(audit_lost());
             }
         }
         let detected = c.shared.typed_lines(&data);
@@ -902,9 +900,17 @@ fn action_name(a: Action) -> &'static str {
     }
 }
 
-/// Records and audits one decoded file operation.
-fn file_op(rec: &Rec, ctx: &Arc<AgentCtx>, open: &SessionOpen, channel: u32, op: files::FileOp) {
-    let _ = record(
+/// Records and audits one decoded file operation; false when either
+/// failed. The bytes that completed the operation wait for its event to be
+/// durable (the caller relays them after).
+async fn file_op(
+    rec: &Rec,
+    ctx: &AgentCtx,
+    open: &SessionOpen,
+    channel: u32,
+    op: files::FileOp,
+) -> bool {
+    let recorded = record(
         rec,
         RecordEvent::FileOp {
             channel,
@@ -928,10 +934,18 @@ fn file_op(rec: &Rec, ctx: &Arc<AgentCtx>, open: &SessionOpen, channel: u32, op:
         .collect::<Vec<_>>()
         .join(", "),
     );
-    // File events are queued with the session's others; a full queue
-    // waits in the session's audit path, not here.
-    let ctx = ctx.clone();
-    tokio::spawn(async move {
-        let _ = ctx.audit(ev).await;
-    });
+    ctx.audit(ev).await.is_ok() && recorded
+}
+
+/// The file operations a decoder found in `data` (`client`: sent by the
+/// client), taken out of the lock.
+fn file_ops(shared: &ChanShared, data: &[u8], client: bool) -> Vec<files::FileOp> {
+    match shared.files.lock() {
+        Ok(mut d) => match d.as_mut() {
+            Some(d) if client => d.client_sent(data),
+            Some(d) => d.server_sent(data),
+            None => Vec::new(),
+        },
+        Err(_) => Vec::new(),
+    }
 }

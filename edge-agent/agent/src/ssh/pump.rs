@@ -10,7 +10,7 @@ use gatehouse_recording::RecordEvent;
 use russh::ChannelMsg;
 use tokio::sync::mpsc;
 
-use super::{ChanShared, Internal, Mode, Rec, file_op, msg_frame, record, record_bytes};
+use super::{ChanShared, Internal, Mode, Rec, file_op, file_ops, msg_frame, record, record_bytes};
 use crate::AgentCtx;
 use crate::session::base_event;
 
@@ -44,12 +44,19 @@ pub(super) async fn pump_target(
                 {
                     d.output(&data);
                 }
-                if let Ok(mut d) = shared.files.lock()
-                    && let Some(d) = d.as_mut()
-                {
-                    for op in d.server_sent(&data) {
-                        file_op(&rec, &ctx, &open, id, op);
-                    }
+                let mut durable = true;
+                for op in file_ops(&shared, &data, false) {
+                    durable &= file_op(&rec, &ctx, &open, id, op).await;
+                }
+                if !durable {
+                    // Fail closed: the bytes that completed the operation
+                    // are not relayed, and the session ends.
+                    let _ = internal
+                        .send(Internal::RecordingFailed(
+                            "a file operation's audit event could not be made durable".into(),
+                        ))
+                        .await;
+                    break;
                 }
                 ssh_frame::Msg::Data(data.to_vec())
             }
@@ -126,12 +133,12 @@ pub(super) async fn pump_target(
             break;
         }
     }
-    if let Ok(mut d) = shared.files.lock()
-        && let Some(d) = d.as_mut()
-    {
-        for op in d.finish() {
-            file_op(&rec, &ctx, &open, id, op);
-        }
+    let last = match shared.files.lock() {
+        Ok(mut d) => d.as_mut().map(|d| d.finish()).unwrap_or_default(),
+        Err(_) => Vec::new(),
+    };
+    for op in last {
+        let _ = file_op(&rec, &ctx, &open, id, op).await;
     }
     let _ = record(
         &rec,
