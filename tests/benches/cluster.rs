@@ -121,7 +121,7 @@ fn main() {
         gatehouse_agent::identity::enroll(&cfg, &token, &files).await.unwrap();
         let store = gatehouse_recording::store::open(&cfg.store()).unwrap();
         let key = gatehouse_pki::pkcs8_der(&std::fs::read_to_string(&files.key).unwrap()).unwrap();
-        let (ctx, queues) = gatehouse_agent::AgentCtx::new(cfg, store, key);
+        let (ctx, queues) = gatehouse_agent::AgentCtx::new(cfg, store, key, gatehouse_agent::protocols());
         let ctx = Arc::new(ctx);
         tokio::spawn(gatehouse_agent::recorder::uploader(ctx.clone()));
         tokio::spawn(gatehouse_agent::tunnel::run(ctx.clone(), queues));

@@ -62,7 +62,8 @@ fn main() {
     .unwrap()
     .as_ref()
     .to_vec();
-    let (ctx, _queues) = gatehouse_agent::AgentCtx::new(cfg, store, key);
+    let (ctx, _queues) =
+        gatehouse_agent::AgentCtx::new(cfg, store, key, gatehouse_agent::protocols());
 
     // Into the spool.
     let meta = SessionMeta {

@@ -38,6 +38,9 @@ fn workspace_dependency_rule_holds() {
     let mut area: BTreeMap<String, String> = BTreeMap::new();
     let mut deps: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut all: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    // Without optional dependencies: what a crate links unless a feature it
+    // asks for adds more (the SSH crate asks the proto crate for russh).
+    let mut required: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for p in m["packages"].as_array().unwrap() {
         let name = p["name"].as_str().unwrap().to_string();
         let d: Vec<String> = p["dependencies"]
@@ -48,6 +51,16 @@ fn workspace_dependency_rule_holds() {
             .map(|d| d["name"].as_str().unwrap().to_string())
             .collect();
         all.insert(name.clone(), d.iter().cloned().collect());
+        required.insert(
+            name.clone(),
+            p["dependencies"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|d| d["kind"].is_null() && d["optional"] != true)
+                .map(|d| d["name"].as_str().unwrap().to_string())
+                .collect(),
+        );
         let manifest = p["manifest_path"].as_str().unwrap();
         if let Some(rel) = manifest.strip_prefix(&root) {
             let first = rel
@@ -89,4 +102,36 @@ fn workspace_dependency_rule_holds() {
     ] {
         assert!(!seen.contains(banned), "the agent links {banned}");
     }
+    // A crate per protocol over a shared core: the core links no protocol
+    // (nor a protocol's wire library), and no protocol links another.
+    let closure = |root: &str| {
+        let mut seen = BTreeSet::new();
+        let mut stack = vec![root.to_string()];
+        while let Some(p) = stack.pop() {
+            if seen.insert(p.clone()) {
+                stack.extend(required.get(&p).into_iter().flatten().cloned());
+            }
+        }
+        seen
+    };
+    let protocols = ["gatehouse-agent-pg", "gatehouse-agent-ssh"];
+    let core = closure("gatehouse-agent-core");
+    for banned in protocols
+        .iter()
+        .copied()
+        .chain(["russh", "pgwire", "gatehouse-pgwire-inspect"])
+    {
+        assert!(!core.contains(banned), "the agent's core links {banned}");
+    }
+    for p in protocols {
+        let c = closure(p);
+        assert!(c.contains("gatehouse-agent-core"), "{p} is not on the core");
+        for other in protocols.iter().filter(|o| **o != p) {
+            assert!(!c.contains(*other), "{p} links {other}");
+        }
+    }
+    assert!(
+        !closure("gatehouse-agent-ssh").contains("gatehouse-pgwire-inspect"),
+        "the SSH crate links PostgreSQL's inspector"
+    );
 }

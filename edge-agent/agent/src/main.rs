@@ -73,7 +73,8 @@ async fn run(args: Args, cfg: AgentConfig) -> anyhow::Result<()> {
         .ok()
         .and_then(|pem| gatehouse_pki::pkcs8_der(&pem))
         .context("reading the agent key")?;
-    let (ctx, queues) = gatehouse_agent::AgentCtx::new(cfg, store, signing_key);
+    let (ctx, queues) =
+        gatehouse_agent::AgentCtx::new(cfg, store, signing_key, gatehouse_agent::protocols());
     let ctx = Arc::new(ctx);
     // Sessions a crash left open are closed ("agent restarted") before any
     // new one starts; the uploader then ships them.

@@ -604,7 +604,7 @@ mod tests {
         let cfg = crate::config::AgentConfig::load(&cfg).unwrap();
         let store = gatehouse_recording::store::open(&cfg.store()).unwrap();
         let key = agent_key();
-        crate::AgentCtx::new(cfg, store, key)
+        crate::AgentCtx::new(cfg, store, key, crate::protocol::Protocols::default())
     }
 
     /// A fresh P-256 key (PKCS#8) from the PKI crate's generator.

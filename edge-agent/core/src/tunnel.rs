@@ -179,7 +179,7 @@ async fn connect(
 /// Sessions this agent holds: running ones, and those whose recording is
 /// still in the spool (not yet reported to the index).
 fn held_sessions(ctx: &AgentCtx) -> Vec<String> {
-    let mut ids = ctx.cancel_keys.ids();
+    let mut ids = ctx.running.ids();
     if let Ok(dirs) = std::fs::read_dir(crate::recorder::spool_dir(ctx)) {
         ids.extend(
             dirs.flatten()

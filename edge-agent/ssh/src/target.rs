@@ -12,7 +12,7 @@ use russh::client;
 use russh::keys::ssh_key::certificate::{Builder, CertType};
 use russh::keys::{Certificate, HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKey};
 
-use crate::config::TargetConfig;
+use gatehouse_agent_core::config::TargetConfig;
 
 /// How long connecting and logging in to a target may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -150,7 +150,7 @@ fn host_cert_ok(c: &Certificate, ca: &PublicKey, host: &str) -> Result<(), Strin
     if c.cert_type() != CertType::Host {
         return Err("the target's certificate is not a host certificate".into());
     }
-    let now = crate::now_ms().max(0) as u64 / 1000;
+    let now = gatehouse_agent_core::now_ms().max(0) as u64 / 1000;
     c.validate_at(now, [&ca.fingerprint(HashAlg::Sha256)])
         .map_err(|e| format!("the target's host certificate is not valid: {e}"))?;
     if !c.valid_principals().is_empty() && !c.valid_principals().iter().any(|p| p == host) {
@@ -199,7 +199,7 @@ fn session_cert(
     let key = PrivateKey::from(russh::keys::ssh_key::private::Ed25519Keypair::from_seed(
         &seed,
     ));
-    let now = crate::now_ms().max(0) as u64 / 1000;
+    let now = gatehouse_agent_core::now_ms().max(0) as u64 / 1000;
     let nonce: [u8; 16] = rand::random();
     let build = || -> Result<Certificate, russh::keys::ssh_key::Error> {
         let mut b = Builder::new(

@@ -35,9 +35,10 @@ use russh::ChannelWriteHalf;
 use russh::client::Msg;
 use tokio::sync::mpsc;
 
-use crate::recorder::Recorder;
-use crate::session::{ClientError, base_event, refused_unrecorded};
-use crate::{AgentCtx, now_ms};
+use gatehouse_agent_core::protocol::{BoxFuture, Protocol};
+use gatehouse_agent_core::recorder::Recorder;
+use gatehouse_agent_core::session::{ClientError, base_event, refused_unrecorded};
+use gatehouse_agent_core::{AgentCtx, now_ms};
 
 /// The exit status of a command the gateway refused (as a shell's "cannot
 /// execute").
@@ -48,8 +49,25 @@ const HELD_INPUT_MAX: usize = 1 << 20;
 type Target = russh::client::Handle<target::TargetHost>;
 type Rec = Arc<Mutex<Option<Recorder>>>;
 
+/// The SSH protocol.
+pub struct Ssh;
+
+// === impl Ssh ===
+
+impl Protocol for Ssh {
+    fn serve(
+        self: Arc<Self>,
+        ctx: Arc<AgentCtx>,
+        open: SessionOpen,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    ) -> BoxFuture<'static, ()> {
+        Box::pin(serve(ctx, open, send, recv))
+    }
+}
+
 /// Runs one SSH session stream until the client or the target ends it.
-pub(crate) async fn serve(
+async fn serve(
     ctx: Arc<AgentCtx>,
     open: SessionOpen,
     mut send: quinn::SendStream,
@@ -161,9 +179,9 @@ async fn start(
             )),
         ));
     }
-    let doc = crate::guard::policy_of(open).map_err(refuse)?;
+    let doc = gatehouse_agent_core::guard::policy_of(open).map_err(refuse)?;
     let policy = doc.as_ref().and_then(|d| d.ssh.clone()).unwrap_or_default();
-    if let Err(why) = crate::recorder::admit(ctx) {
+    if let Err(why) = gatehouse_agent_core::recorder::admit(ctx) {
         let mut ev = base_event(ctx, open, EventKind::RecordingRefused, Decision::Deny);
         ev.detail = Some(why.clone());
         ctx.audit(ev).await.map_err(|_| audit_down())?;
@@ -555,7 +573,7 @@ impl Session {
                         max_session.unwrap_or_default().as_secs()
                     );
                 }
-                () = crate::session::idle(&activity, idle_timeout.unwrap_or_default()), if idle_timeout.is_some() => {
+                () = gatehouse_agent_core::session::idle(&activity, idle_timeout.unwrap_or_default()), if idle_timeout.is_some() => {
                     break format!(
                         "session ended: idle for {}s, the access rule's idle timeout",
                         idle_timeout.unwrap_or_default().as_secs()

@@ -1,7 +1,10 @@
-//! One PostgreSQL session: the control plane has authenticated the caller and
-//! opened this stream; the agent connects to the target with its own
-//! credential, then relays message by message through the inspector,
+//! The agent's PostgreSQL sessions: the control plane has authenticated the
+//! caller and opened this stream; the agent connects to the target with its
+//! own credential, then relays message by message through the inspector,
 //! recording every event and auditing every statement.
+//!
+//! - [`upstream`]: the target connection (TLS, authentication, cancel).
+//! - [`guard`]: guardrails on PostgreSQL's parse, approvals and masking.
 
 use std::sync::{Arc, Mutex};
 
@@ -15,21 +18,77 @@ use gatehouse_recording::RecordEvent;
 use gatehouse_recording::chunked::SessionMeta;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::recorder::Recorder;
-use crate::session::{ClientError, base_event, end_from_outside, idle, refused_unrecorded};
-use crate::upstream::{self, UpstreamError};
-use crate::{AgentCtx, CancelTarget, now_ms};
+use gatehouse_agent_core::protocol::{BoxFuture, Protocol};
+use gatehouse_agent_core::recorder::Recorder;
+use gatehouse_agent_core::session::{
+    ClientError, base_event, end_from_outside, idle, refused_unrecorded,
+};
+use gatehouse_agent_core::{AgentCtx, now_ms};
+
+use crate::cancel::{CancelKeys, CancelTarget};
+use crate::upstream::UpstreamError;
+
+pub mod cancel;
+pub mod guard;
+pub mod upstream;
+
+/// The PostgreSQL protocol, with what its sessions share: their targets'
+/// cancel keys and the compiled masking engines.
+#[derive(Default)]
+pub struct Postgres {
+    /// The target's cancel key of every running session.
+    cancel_keys: CancelKeys,
+    /// Compiled masking engines by policy document (compiling one takes
+    /// milliseconds; sessions share it).
+    maskers: guard::MaskerCache,
+}
+
+// === impl Postgres ===
+
+impl Protocol for Postgres {
+    fn serve(
+        self: Arc<Self>,
+        ctx: Arc<AgentCtx>,
+        open: SessionOpen,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) -> BoxFuture<'static, ()> {
+        Box::pin(async move { serve(&self, &ctx, open, &mut send, &mut recv).await })
+    }
+
+    fn cancel(self: Arc<Self>, ctx: Arc<AgentCtx>, open: SessionOpen) -> BoxFuture<'static, ()> {
+        let _ = ctx;
+        Box::pin(async move { cancel(&self, &open).await })
+    }
+
+    fn check(
+        self: Arc<Self>,
+        ctx: Arc<AgentCtx>,
+        open: SessionOpen,
+    ) -> BoxFuture<'static, gatehouse_proto::tunnel::TargetCheck> {
+        Box::pin(async move { check_target(&ctx, &open).await })
+    }
+
+    fn adopt_policy(
+        self: Arc<Self>,
+        ctx: Arc<AgentCtx>,
+        open: SessionOpen,
+    ) -> BoxFuture<'static, gatehouse_proto::tunnel::SessionEnded> {
+        Box::pin(async move { adopt_policy(&ctx, &open).await })
+    }
+}
 
 /// Runs one PostgreSQL session stream (its SessionOpen read) until either
 /// side ends.
-pub(crate) async fn serve(
+async fn serve(
+    pg: &Postgres,
     ctx: &AgentCtx,
     open: SessionOpen,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
 ) {
-    let result = match admit(ctx, &open).await {
-        Ok(admitted) => run(ctx, &open, admitted, send, recv).await,
+    let result = match admit(pg, ctx, &open).await {
+        Ok(admitted) => run(pg, ctx, &open, admitted, send, recv).await,
         Err(refused) => Err(refused_unrecorded(ctx, &open, refused)),
     };
     let reason = match result {
@@ -51,8 +110,8 @@ pub(crate) async fn serve(
 
 /// Cancels the query running in the session a verified client CancelRequest
 /// named.
-pub(crate) async fn cancel(ctx: &AgentCtx, open: &SessionOpen) {
-    let Some(t) = ctx.cancel_keys.get(&open.session_id) else {
+async fn cancel(pg: &Postgres, open: &SessionOpen) {
+    let Some(t) = pg.cancel_keys.get(&open.session_id) else {
         tracing::info!(session_id = %open.session_id, "cancel for a session not running here");
         return;
     };
@@ -100,10 +159,7 @@ union all select 'create objects in schema ' || nspname, '' from pg_catalog.pg_n
 
 /// Connects as the agent's role (read-only) and reports what it may do
 /// beyond reading.
-pub(crate) async fn check_target(
-    ctx: &AgentCtx,
-    open: &SessionOpen,
-) -> gatehouse_proto::tunnel::TargetCheck {
+async fn check_target(ctx: &AgentCtx, open: &SessionOpen) -> gatehouse_proto::tunnel::TargetCheck {
     use gatehouse_proto::tunnel::TargetCheck;
     let Some(target) = ctx.config.target(&open.target) else {
         return TargetCheck {
@@ -148,10 +204,7 @@ pub(crate) async fn check_target(
 /// Puts a new policy version in force for a running session (`enforce:
 /// immediate`): its next statement is judged by it, or, when it cannot go
 /// on as it is under it, the session is closed saying why.
-pub(crate) async fn adopt_policy(
-    ctx: &AgentCtx,
-    open: &SessionOpen,
-) -> gatehouse_proto::tunnel::SessionEnded {
+async fn adopt_policy(ctx: &AgentCtx, open: &SessionOpen) -> gatehouse_proto::tunnel::SessionEnded {
     use gatehouse_proto::tunnel::SessionEnded;
     let Some(p) = ctx.running.policy(&open.session_id) else {
         return SessionEnded::default();
@@ -198,7 +251,7 @@ const RECORDING_FAILED: &str = "session recording failed";
 
 /// What a session was admitted with, its recording started.
 struct Admitted<'c> {
-    target: &'c crate::config::TargetConfig,
+    target: &'c gatehouse_agent_core::config::TargetConfig,
     db_user: String,
     policy: Option<Arc<gatehouse_policy::PolicyDoc>>,
     guard: Option<gatehouse_policy::Guard>,
@@ -216,7 +269,11 @@ pub(crate) fn audit_down() -> ClientError {
 
 /// Everything decided before the session's recording starts: the target and
 /// role, the policy (startup parameters judged), masking, room in the spool.
-async fn admit<'c>(ctx: &'c AgentCtx, open: &SessionOpen) -> Result<Admitted<'c>, ClientError> {
+async fn admit<'c>(
+    pg: &Postgres,
+    ctx: &'c AgentCtx,
+    open: &SessionOpen,
+) -> Result<Admitted<'c>, ClientError> {
     let Some(target) = ctx.config.target(&open.target) else {
         return Err(ClientError(
             "08001".into(),
@@ -259,12 +316,12 @@ async fn admit<'c>(ctx: &'c AgentCtx, open: &SessionOpen) -> Result<Admitted<'c>
         ));
     }
     let masking = match &policy {
-        Some(d) => crate::guard::masking_for_session(&ctx.maskers, d, open)
+        Some(d) => crate::guard::masking_for_session(&pg.maskers, d, open)
             .map_err(|e| ClientError("58000".into(), e))?,
         None => crate::guard::SessionMasking::Off,
     };
     // Fail closed: no durable recording, no session.
-    if let Err(why) = crate::recorder::admit(ctx) {
+    if let Err(why) = gatehouse_agent_core::recorder::admit(ctx) {
         let mut ev = base_event(ctx, open, EventKind::RecordingRefused, Decision::Deny);
         ev.detail = Some(why.clone());
         ctx.audit(ev).await.map_err(|_| audit_down())?;
@@ -291,6 +348,7 @@ async fn admit<'c>(ctx: &'c AgentCtx, open: &SessionOpen) -> Result<Admitted<'c>
 }
 
 async fn run(
+    pg: &Postgres,
     ctx: &AgentCtx,
     open: &SessionOpen,
     admitted: Admitted<'_>,
@@ -387,7 +445,7 @@ async fn run(
     let (_running, mut ended, live) = ctx.running.register(&open.session_id);
     recorder.set_live(live);
     let _cancel_key = upstream.key.clone().map(|key| {
-        ctx.cancel_keys.register(
+        pg.cancel_keys.register(
             open.session_id.clone(),
             CancelTarget {
                 target: target.clone(),
@@ -404,7 +462,7 @@ async fn run(
     let version = Arc::new(Mutex::new(open.policy_version.clone()));
     ctx.running.set_policy(
         &open.session_id,
-        crate::SessionPolicy {
+        gatehouse_agent_core::SessionPolicy {
             guard: guard.clone(),
             version: version.clone(),
             open: open.clone(),
@@ -489,7 +547,7 @@ async fn run(
         // The relay is dropped, so the target's connection closes; a backend
         // busy with a query would only notice at its next write, so the
         // query is cancelled first.
-        if let Some(t) = ctx.cancel_keys.get(&open.session_id)
+        if let Some(t) = pg.cancel_keys.get(&open.session_id)
             && let Err(e) = upstream::cancel(&t.target, &t.key).await
         {
             tracing::warn!(session_id = %open.session_id, error = %e, "cancelling the running query failed");
@@ -795,7 +853,7 @@ impl Pump<'_> {
                 // tunnel's keep-alives, other sessions) to another worker
                 // meanwhile, so the connection to the control plane lives.
                 let inspected = if buf.len() >= LARGE_INSPECTION {
-                    crate::blocking(|| inspect(&mut buf, &mut out))
+                    gatehouse_agent_core::blocking(|| inspect(&mut buf, &mut out))
                 } else {
                     inspect(&mut buf, &mut out)
                 };
@@ -897,7 +955,7 @@ impl Pump<'_> {
                         }
                         _ => {
                             crate::guard::approve(
-                                self.ctx, self.open, &settings, &text, &refusal, reason, None,
+                                self.ctx, self.open, &settings, &text, &refusal, reason,
                             )
                             .await
                         }

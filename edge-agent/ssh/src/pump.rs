@@ -11,8 +11,8 @@ use russh::ChannelMsg;
 use tokio::sync::mpsc;
 
 use super::{ChanShared, Internal, Mode, Rec, file_op, file_ops, msg_frame, record, record_bytes};
-use crate::AgentCtx;
-use crate::session::base_event;
+use gatehouse_agent_core::AgentCtx;
+use gatehouse_agent_core::session::base_event;
 
 /// The target's side of one channel: its messages to the client, recorded.
 #[allow(clippy::too_many_arguments)]

@@ -20,7 +20,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-use crate::config::{SslMode, TargetConfig};
+use gatehouse_agent_core::config::{SslMode, TargetConfig};
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -10,8 +10,8 @@ use super::{
     Internal, Mode, Session, action_name, audit_lost, files, flush, msg_frame, record,
     refusal_frames, reply_frame,
 };
-use crate::session::base_event;
-use crate::{AgentCtx, now_ms};
+use gatehouse_agent_core::session::base_event;
+use gatehouse_agent_core::{AgentCtx, now_ms};
 
 impl Session {
     pub(super) async fn request(&mut self, id: u32, r: SshRequest) -> Result<(), String> {
@@ -358,7 +358,7 @@ impl Session {
             .as_ref()
             .and_then(|d| d.approvals.clone())
             .unwrap_or_default();
-        let held = gatehouse_pgwire_inspect::Refusal {
+        let held = gatehouse_agent_core::guard::Held {
             rule: rule.to_string(),
             message: if message.is_empty() {
                 format!(
@@ -392,7 +392,7 @@ impl Session {
                         .await;
                 }
             };
-            let ask = crate::guard::approve(
+            let ask = gatehouse_agent_core::guard::approve(
                 &ctx,
                 &open,
                 &settings,
@@ -403,7 +403,7 @@ impl Session {
             );
             let (resolution, ()) = tokio::join!(ask, tell);
             let (msg, decision) = match resolution {
-                gatehouse_pgwire_inspect::Resolution::Approved => {
+                Ok(()) => {
                     let _ = internal
                         .send(Internal::Run {
                             channel: id,
@@ -412,7 +412,7 @@ impl Session {
                         .await;
                     (None, "approved")
                 }
-                gatehouse_pgwire_inspect::Resolution::Refused(r) => (Some(r.message), "refused"),
+                Err(message) => (Some(message), "refused"),
             };
             let ok = record(
                 &rec,

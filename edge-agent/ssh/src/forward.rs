@@ -12,7 +12,7 @@ use gatehouse_proto::tunnel::{
 use gatehouse_recording::RecordEvent;
 
 use super::{Mode, Session, audit_lost, msg_frame, record, target};
-use crate::session::base_event;
+use gatehouse_agent_core::session::base_event;
 
 impl Session {
     /// A global request: `tcpip-forward` or `cancel-tcpip-forward`; any

@@ -13,8 +13,8 @@ use gatehouse_recording::RecordEvent;
 use gatehouse_shell::detector::{Detected, How};
 
 use super::{Rec, record};
-use crate::AgentCtx;
-use crate::session::base_event;
+use gatehouse_agent_core::AgentCtx;
+use gatehouse_agent_core::session::base_event;
 
 /// What the session does with a chunk of terminal input.
 pub(super) enum Verdict {

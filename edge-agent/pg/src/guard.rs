@@ -1,25 +1,40 @@
-//! Guardrails in a session: the policy document the session opened under,
-//! judged on PostgreSQL's own parse of every statement.
+//! Guardrails in a PostgreSQL session: the policy document the session
+//! opened under, judged on PostgreSQL's own parse of every statement, and
+//! result masking.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use gatehouse_agent_core::guard::Held;
+use gatehouse_agent_core::now_ms;
 use gatehouse_masking::{Counts, Masker};
 use gatehouse_pgwire_inspect::{Judge, Mask, Refusal, Resolution, Ruling};
 use gatehouse_policy::{Action, Approvals, Guard, Kind, PolicyDoc, Subject, Verdict};
 use gatehouse_proto::tunnel::SessionOpen;
 
-use crate::now_ms;
+pub use gatehouse_agent_core::guard::policy_of;
 
-/// The policy document the session opened under; `None` when none was
-/// ever applied (every statement runs, as before guardrails existed).
-pub fn policy_of(open: &SessionOpen) -> Result<Option<Arc<PolicyDoc>>, String> {
-    if open.policy_document.is_empty() {
-        return Ok(None);
+/// Asks the control plane to approve a held statement (see
+/// [`gatehouse_agent_core::guard::approve`]).
+pub async fn approve(
+    ctx: &gatehouse_agent_core::AgentCtx,
+    open: &SessionOpen,
+    settings: &Approvals,
+    text: &str,
+    held: &Refusal,
+    reason: String,
+) -> Resolution {
+    let h = Held {
+        rule: held.rule.clone(),
+        message: held.message.clone(),
+    };
+    match gatehouse_agent_core::guard::approve(ctx, open, settings, text, &h, reason, None).await {
+        Ok(()) => Resolution::Approved,
+        Err(message) => Resolution::Refused(Refusal {
+            rule: held.rule.clone(),
+            message,
+        }),
     }
-    PolicyDoc::from_canonical(&open.policy_document)
-        .map(|d| Some(Arc::new(d)))
-        .map_err(|e| format!("policy document unreadable: {e}"))
 }
 
 /// The session's guard.
@@ -163,7 +178,7 @@ fn reason_of(text: &str) -> Option<String> {
 /// The target's own connection for catalog questions about user functions,
 /// opened on first need and kept for the session.
 pub struct Catalog<'a> {
-    pub target: &'a crate::config::TargetConfig,
+    pub target: &'a gatehouse_agent_core::config::TargetConfig,
     pub db_user: &'a str,
     pub read_only: bool,
     pub conn: tokio::sync::Mutex<Option<crate::upstream::Stream>>,
@@ -173,7 +188,7 @@ pub struct Catalog<'a> {
 /// (one catalog query, each time: a `CREATE OR REPLACE` elsewhere counts at
 /// once), then decides `text` again. Fail closed: no answer, no run.
 pub async fn consult(
-    ctx: &crate::AgentCtx,
+    ctx: &gatehouse_agent_core::AgentCtx,
     open: &SessionOpen,
     catalog: &Catalog<'_>,
     guard: &Mutex<Guard>,
@@ -251,7 +266,7 @@ pub async fn consult(
     match v.action {
         Action::Allow => Resolution::Approved,
         Action::Deny => Resolution::Refused(refusal(v)),
-        Action::Approve => approve(ctx, open, settings, text, &refusal(v), reason, None).await,
+        Action::Approve => approve(ctx, open, settings, text, &refusal(v), reason).await,
     }
 }
 
@@ -411,109 +426,5 @@ impl Mask for SessionMask {
 
     fn take_counts(&mut self) -> Vec<(String, u64)> {
         std::mem::take(&mut self.counts).into_iter().collect()
-    }
-}
-
-/// Asks the control plane to approve a held statement and waits for the
-/// answer (fail closed: no connection, no answer, or an error refuses it).
-pub async fn approve(
-    ctx: &crate::AgentCtx,
-    open: &SessionOpen,
-    settings: &Approvals,
-    text: &str,
-    held: &Refusal,
-    reason: String,
-    progress: Option<tokio::sync::oneshot::Sender<String>>,
-) -> Resolution {
-    use gatehouse_proto::tunnel::{ApprovalAnswer, ApprovalAsk, approval_answer::Outcome};
-    let refuse = |message: String| {
-        Resolution::Refused(Refusal {
-            rule: held.rule.clone(),
-            message,
-        })
-    };
-    let Some(conn) = ctx.server_conn.lock().ok().and_then(|c| c.clone()) else {
-        return refuse(format!(
-            "{}; it needs an approval, and the control plane is unreachable",
-            held.message
-        ));
-    };
-    let wait_ms = i64::try_from(settings.wait_seconds.saturating_mul(1000)).unwrap_or(i64::MAX);
-    let ask = ApprovalAsk {
-        session_id: open.session_id.clone(),
-        identity: open.identity.clone(),
-        issuer: open.issuer.clone(),
-        groups: open.groups.clone(),
-        target: open.target.clone(),
-        statement: text.to_string(),
-        rule: held.rule.clone(),
-        message: held.message.clone(),
-        policy_version: open.policy_version.clone(),
-        reason: if reason.is_empty() {
-            open.startup_params
-                .get("application_name")
-                .cloned()
-                .unwrap_or_default()
-        } else {
-            reason
-        },
-        wait_ms,
-        approvals_required: settings.required,
-        approver_groups: settings.approver_groups.clone(),
-        grant_minutes: settings.grant_minutes,
-        progress: progress.is_some() && wait_ms > 0,
-    };
-    let exchange = async {
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-        send.write_all(&gatehouse_proto::frame(&ask))
-            .await
-            .map_err(|e| e.to_string())?;
-        // Without a wait, the first answer is the last.
-        let mut progress = progress.filter(|_| wait_ms > 0);
-        loop {
-            let a = gatehouse_proto::read_frame::<ApprovalAnswer, _>(&mut recv)
-                .await
-                .map_err(|e| e.to_string())?
-                .ok_or_else(|| "no answer".to_string())?;
-            // The request exists and is waited for: say which it is.
-            if a.outcome == Outcome::Pending as i32
-                && let Some(p) = progress.take()
-            {
-                let _ = p.send(a.request_id);
-                continue;
-            }
-            return Ok::<_, String>(a);
-        }
-    };
-    let deadline = std::time::Duration::from_millis(u64::try_from(wait_ms).unwrap_or(0))
-        + std::time::Duration::from_secs(15);
-    let answer = match tokio::time::timeout(deadline, exchange).await {
-        Ok(Ok(a)) => a,
-        Ok(Err(e)) => return refuse(format!("{}; approval failed: {e}", held.message)),
-        Err(_) => return refuse(format!("{}; no approval decision arrived", held.message)),
-    };
-    match Outcome::try_from(answer.outcome).unwrap_or(Outcome::Unspecified) {
-        Outcome::Approved => Resolution::Approved,
-        Outcome::Denied => refuse(format!(
-            "access request {} was denied by {}: {}",
-            answer.request_id, answer.reviewer, answer.reason
-        )),
-        Outcome::Expired => refuse(format!(
-            "access request {} expired without an approval{}",
-            answer.request_id,
-            if answer.reason.is_empty() {
-                String::new()
-            } else {
-                format!(" ({})", answer.reason)
-            }
-        )),
-        Outcome::Pending => refuse(format!(
-            "{}; approval requested as request {} — run the statement again once it is approved",
-            held.message, answer.request_id
-        )),
-        Outcome::Unspecified => refuse(format!(
-            "{}; approval failed: {}",
-            held.message, answer.reason
-        )),
     }
 }
