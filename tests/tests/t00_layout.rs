@@ -134,4 +134,22 @@ fn workspace_dependency_rule_holds() {
         !closure("gatehouse-agent-ssh").contains("gatehouse-pgwire-inspect"),
         "the SSH crate links PostgreSQL's inspector"
     );
+    // The same on the control plane: the server core links no ingress
+    // crate and no PostgreSQL wire library; no ingress links another.
+    let server = closure("gatehouse-cp-server");
+    let ingresses = ["gatehouse-cp-ingress-pg", "gatehouse-cp-ingress-ssh"];
+    for banned in ingresses
+        .iter()
+        .copied()
+        .chain(["pgwire", "gatehouse-pgwire-inspect"])
+    {
+        assert!(!server.contains(banned), "the server core links {banned}");
+    }
+    for i in ingresses {
+        let c = closure(i);
+        assert!(c.contains("gatehouse-cp-server"), "{i} is not on the core");
+        for other in ingresses.iter().filter(|o| **o != i) {
+            assert!(!c.contains(*other), "{i} links {other}");
+        }
+    }
 }

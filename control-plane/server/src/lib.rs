@@ -1,8 +1,8 @@
 //! `gatehouse-server`: one control-plane node.
 //!
 //! Wires together the Raft member ([`gatehouse_cp_raft`]), the admin API
-//! ([`api`]), the QUIC endpoint agents dial ([`tunnel`]) and the PostgreSQL
-//! client ingress ([`ingress`]).
+//! ([`api`]), the QUIC endpoint agents dial ([`tunnel`]) and the client
+//! ingress core ([`ingress`]) the protocols' ingress crates build on.
 
 pub mod api;
 pub mod approvals;
@@ -168,7 +168,7 @@ pub struct Ready {
 }
 
 /// Runs a node until SIGINT/SIGTERM.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+pub async fn run(config: Config, ingresses: ingress::Ingresses) -> anyhow::Result<()> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     // Everything this process creates is owner-only.
     gatehouse_secure_fs::owner_only_umask();
@@ -311,7 +311,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding SSH ingress {}", config.ssh_listen))?;
     let ssh_addr = ssh_listener.local_addr()?;
-    let ssh_host_key = ingress::ssh::host_key(&config.data_dir)?;
 
     let ca = Arc::new(ca);
     tokio::spawn(tunnel::serve(
@@ -342,44 +341,24 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .ensure_key()
         .await
         .context("creating the SSH CA key")?;
-    let (ssh_config, signed) =
-        match ingress::ssh::certified_config(&ssh_host_key, &config.hostnames, &ids.ssh_ca) {
-            Ok(c) => (c, true),
-            Err(e) => {
-                tracing::warn!(error = %e, "the SSH host certificate could not be signed yet");
-                (ingress::ssh::config(ssh_host_key.clone(), vec![]), false)
-            }
-        };
-    let (ssh_config_tx, ssh_config) = tokio::sync::watch::channel(Arc::new(ssh_config));
-    tokio::spawn(ingress::ssh::renew_host_certificate(
-        ssh_host_key,
-        config.hostnames.clone(),
-        ids.clone(),
-        signed,
-        ssh_config_tx,
-    ));
-    tokio::spawn(ingress::serve(
-        pg_listener,
-        ingress::tls_acceptor(&chain)?,
-        cluster.clone(),
-        agents.clone(),
-        ingress::Gate {
-            limits: limits::ConnLimits::new("postgres", listener_limits),
-            throttle: throttle.clone(),
-            ids: ids.clone(),
-        },
-    ));
-    tokio::spawn(ingress::ssh::serve(
-        ssh_listener,
-        ssh_config,
-        cluster.clone(),
-        agents.clone(),
-        ingress::Gate {
-            limits: limits::ConnLimits::new("ssh", listener_limits),
-            throttle,
-            ids: ids.clone(),
-        },
-    ));
+    let ingress_ctx = ingress::IngressCtx {
+        cluster: cluster.clone(),
+        agents: agents.clone(),
+        ids: ids.clone(),
+        throttle,
+        listener_limits,
+        chain: chain.clone(),
+        hostnames: config.hostnames.clone(),
+        data_dir: config.data_dir.clone(),
+    };
+    ingresses
+        .postgres
+        .start(pg_listener, &ingress_ctx)
+        .context("starting the PostgreSQL ingress")?;
+    ingresses
+        .ssh
+        .start(ssh_listener, &ingress_ctx)
+        .context("starting the SSH ingress")?;
     let api = api::AdminService::new(
         cluster.clone(),
         agents.clone(),

@@ -33,11 +33,13 @@ use tokio::io::{AsyncWriteExt, DuplexStream};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
-use super::{
-    Ask, Credential, Gate, Refusal, Route, admit, close_unreached, index, relay, relay_via_peer,
+use gatehouse_cp_server::cluster::Cluster;
+use gatehouse_cp_server::ingress::{
+    Ask, Credential, Gate, Refusal, Route, accept, admit, close_unreached, index, relay,
+    relay_via_peer,
 };
-use crate::cluster::Cluster;
-use crate::tunnel::AgentRegistry;
+use gatehouse_cp_server::ingress::{Ingress, IngressCtx};
+use gatehouse_cp_server::tunnel::AgentRegistry;
 
 /// The SSH channel window and packet size the ingress offers: bulk copies
 /// need a window far above russh's default to fill a fast link.
@@ -51,6 +53,42 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a global request (`ssh -R`) waits for the target's answer; the
 /// client's connection waits with it.
 const GLOBAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The SSH ingress.
+pub struct Ssh;
+
+// === impl Ssh ===
+
+impl Ingress for Ssh {
+    /// The host key made or read, its certificate signed when the CA can
+    /// (and renewed), then clients accepted.
+    fn start(&self, listener: TcpListener, ctx: &IngressCtx) -> anyhow::Result<()> {
+        let key = host_key(&ctx.data_dir)?;
+        let (first, signed) = match certified_config(&key, &ctx.hostnames, &ctx.ids.ssh_ca) {
+            Ok(c) => (c, true),
+            Err(e) => {
+                tracing::warn!(error = %e, "the SSH host certificate could not be signed yet");
+                (config(key.clone(), vec![]), false)
+            }
+        };
+        let (tx, rx) = watch::channel(Arc::new(first));
+        tokio::spawn(renew_host_certificate(
+            key,
+            ctx.hostnames.clone(),
+            ctx.ids.clone(),
+            signed,
+            tx,
+        ));
+        tokio::spawn(serve(
+            listener,
+            rx,
+            ctx.cluster.clone(),
+            ctx.agents.clone(),
+            ctx.gate("ssh"),
+        ));
+        Ok(())
+    }
+}
 
 /// The node's SSH host key: made on first start, kept owner-only.
 pub fn host_key(data_dir: &std::path::Path) -> anyhow::Result<russh::keys::PrivateKey> {
@@ -130,8 +168,8 @@ pub const CIPHERS: &[russh::cipher::Name] = &[
 pub fn certified_config(
     key: &russh::keys::PrivateKey,
     names: &[String],
-    ca: &crate::identity::ssh_ca::SshCa,
-) -> Result<russh::server::Config, crate::identity::ssh_ca::SshCaError> {
+    ca: &gatehouse_cp_server::identity::ssh_ca::SshCa,
+) -> Result<russh::server::Config, gatehouse_cp_server::identity::ssh_ca::SshCaError> {
     let cert = ca.sign_host(key.public_key(), names)?;
     Ok(config(key.clone(), vec![cert]))
 }
@@ -142,11 +180,11 @@ pub fn certified_config(
 pub async fn renew_host_certificate(
     key: russh::keys::PrivateKey,
     names: Vec<String>,
-    ids: Arc<crate::identity::Identities>,
+    ids: Arc<gatehouse_cp_server::identity::Identities>,
     mut signed: bool,
     tx: watch::Sender<Arc<russh::server::Config>>,
 ) {
-    let half = Duration::from_secs(crate::identity::ssh_ca::HOST_CERT_SECS / 2);
+    let half = Duration::from_secs(gatehouse_cp_server::identity::ssh_ca::HOST_CERT_SECS / 2);
     loop {
         tokio::time::sleep(if signed { half } else { Duration::from_secs(5) }).await;
         match certified_config(&key, &names, &ids.ssh_ca) {
@@ -170,18 +208,9 @@ pub async fn serve(
     agents: AgentRegistry,
     gate: Gate,
 ) {
-    let accept_errors = crate::limits::LogEvery::new(Duration::from_secs(10));
+    let accept_errors = gatehouse_cp_server::limits::LogEvery::new(Duration::from_secs(10));
     loop {
-        let (sock, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                if let Some(n) = accept_errors.tick() {
-                    tracing::warn!(error = %e, count = n, "accept failed");
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let (sock, peer) = accept(&listener, &accept_errors).await;
         let Some(slot) = gate.limits.admit(peer.ip()) else {
             let _ = sock.try_write(
                 b"SSH-2.0-Gatehouse\r\ntoo many connections from your address are still authenticating; retry shortly\r\n",
@@ -238,7 +267,7 @@ struct Conn {
     agents: AgentRegistry,
     gate: Gate,
     /// Counted against the unauthenticated caps until authentication.
-    slot: Option<crate::limits::ConnSlot>,
+    slot: Option<gatehouse_cp_server::limits::ConnSlot>,
     /// The session at the agent, once authenticated.
     link: Option<Arc<Link>>,
     authenticated: Arc<std::sync::atomic::AtomicBool>,

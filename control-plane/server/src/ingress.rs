@@ -1,15 +1,12 @@
-//! Client ingress: callers connect with their own tools ([`pg`]: psql and
-//! every PostgreSQL driver; [`ssh`]: OpenSSH's ssh, scp and sftp). Each
-//! protocol's module speaks to the client until it is authenticated; what
-//! they share is here: the caller and the access rule verified on
-//! linearizable state ([`admit`]), the session committed to the index, and
-//! the stream to the agent serving the target, on this node or relayed
-//! through the node that holds the agent's connection.
-
-pub mod pg;
-pub mod ssh;
-
-pub use pg::{serve, tls_acceptor};
+//! Client ingress: callers connect with their own tools (psql and every
+//! PostgreSQL driver: `gatehouse-cp-ingress-pg`; OpenSSH's ssh, scp and
+//! sftp: `gatehouse-cp-ingress-ssh`). Each protocol's crate speaks to the
+//! client until it is authenticated; what they share is here: the caller
+//! and the access rule verified on linearizable state ([`admit`]), the
+//! session committed to the index, and the stream to the agent serving the
+//! target, on this node or relayed through the node that holds the agent's
+//! connection. The node starts each protocol's [`Ingress`] on the listener
+//! it bound for it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,10 +32,66 @@ pub struct Gate {
     pub ids: Arc<crate::identity::Identities>,
 }
 
+/// What a protocol's ingress is handed when the node starts it.
+pub struct IngressCtx {
+    pub cluster: Arc<Cluster>,
+    pub agents: AgentRegistry,
+    pub ids: Arc<crate::identity::Identities>,
+    pub throttle: Arc<LoginThrottle>,
+    pub listener_limits: crate::limits::ListenerLimits,
+    /// The node's TLS certificate chain (its names in `hostnames`).
+    pub chain: crate::TlsChain,
+    pub hostnames: Vec<String>,
+    pub data_dir: std::path::PathBuf,
+}
+
+impl IngressCtx {
+    /// The gate of one protocol's listener (its limits named `name`).
+    pub fn gate(&self, name: &'static str) -> Gate {
+        Gate {
+            limits: ConnLimits::new(name, self.listener_limits),
+            throttle: self.throttle.clone(),
+            ids: self.ids.clone(),
+        }
+    }
+}
+
+/// A protocol's client ingress, as the node starts it.
+pub trait Ingress: Send + Sync {
+    /// Starts accepting clients on `listener` (bound by the node from its
+    /// `--*-listen` option) in tasks of its own.
+    fn start(&self, listener: tokio::net::TcpListener, ctx: &IngressCtx) -> anyhow::Result<()>;
+}
+
+/// The client ingresses a node runs, one per protocol.
+pub struct Ingresses {
+    pub postgres: Box<dyn Ingress>,
+    pub ssh: Box<dyn Ingress>,
+}
+
+/// The next connection on `listener`. A failure (out of descriptors, say)
+/// is logged at most once per `errors` period and retried after 50 ms.
+pub async fn accept(
+    listener: &tokio::net::TcpListener,
+    errors: &crate::limits::LogEvery,
+) -> (tokio::net::TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(x) => return x,
+            Err(e) => {
+                if let Some(n) = errors.tick() {
+                    tracing::warn!(error = %e, count = n, "accept failed");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 /// Why a connection was refused before reaching a target. Each maps to the
 /// SQLSTATE the client sees.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum Refusal {
+pub enum Refusal {
     #[error("Gatehouse requires TLS: connect with sslmode=require or stronger")]
     TlsRequired,
     #[error("password authentication failed for user \"{0}\": {1}")]
@@ -64,7 +117,7 @@ pub(crate) enum Refusal {
 }
 
 impl Refusal {
-    pub(crate) fn sqlstate(&self) -> &'static str {
+    pub fn sqlstate(&self) -> &'static str {
         match self {
             Refusal::TlsRequired
             | Refusal::NotAllowed { .. }
@@ -79,7 +132,7 @@ impl Refusal {
 }
 
 /// One stage before authentication, under its deadline.
-pub(crate) async fn stage<T>(
+pub async fn stage<T>(
     what: &'static str,
     limit: Duration,
     f: impl std::future::Future<Output = anyhow::Result<T>>,
@@ -90,7 +143,7 @@ pub(crate) async fn stage<T>(
 }
 
 /// Commits a session to the index; false when that is not durable.
-pub(crate) async fn index(cluster: &Cluster, record: SessionRecord) -> bool {
+pub async fn index(cluster: &Cluster, record: SessionRecord) -> bool {
     cluster
         .propose(Command::SessionOpened {
             session: Box::new(record),
@@ -102,7 +155,7 @@ pub(crate) async fn index(cluster: &Cluster, record: SessionRecord) -> bool {
 /// Sends a stream that carries no session (a cancel, an end, a check) to
 /// `agent` and returns what the agent answered before closing it (at most
 /// 64 KiB).
-pub(crate) async fn to_session_agent(
+pub async fn to_session_agent(
     cluster: &Cluster,
     agents: &AgentRegistry,
     agent: &str,
@@ -121,7 +174,7 @@ pub(crate) async fn to_session_agent(
 /// Opens a watch of a running session at its agent: what the agent sends
 /// (JSON lines) arrives in chunks until the session ends. Dropping the
 /// receiver ends the watch.
-pub(crate) async fn watch_session(
+pub async fn watch_session(
     cluster: &Cluster,
     agents: &AgentRegistry,
     session: &SessionRecord,
@@ -195,7 +248,7 @@ async fn control_stream(
 }
 
 /// Asks a target's agent what its role may do there beyond reading.
-pub(crate) async fn check_target(
+pub async fn check_target(
     cluster: &Cluster,
     agents: &AgentRegistry,
     agent: &str,
@@ -229,7 +282,7 @@ async fn ask_agent<M: prost::Message + Default>(
 
 /// Puts a policy version in force for a running session at its agent;
 /// returns the agent's answer (closed, and why, when it could not go on).
-pub(crate) async fn adopt_policy(
+pub async fn adopt_policy(
     cluster: &Cluster,
     agents: &AgentRegistry,
     session: &SessionRecord,
@@ -249,7 +302,7 @@ pub(crate) async fn adopt_policy(
 
 /// Ends a running session wherever its agent is connected, telling its
 /// client `reason`. Ok(false) when the agent does not run it.
-pub(crate) async fn end_session(
+pub async fn end_session(
     cluster: &Cluster,
     agents: &AgentRegistry,
     session: &SessionRecord,
@@ -267,17 +320,13 @@ pub(crate) async fn end_session(
 }
 
 /// Where the agent serving a target is connected.
-pub(crate) enum Route {
+pub enum Route {
     Local,
     /// The Raft address of the node holding the agent's connection.
     Peer(String),
 }
 
-pub(crate) async fn locate(
-    cluster: &Cluster,
-    agents: &AgentRegistry,
-    agent: &str,
-) -> Option<Route> {
+pub async fn locate(cluster: &Cluster, agents: &AgentRegistry, agent: &str) -> Option<Route> {
     if agents.get(agent).is_some() {
         return Some(Route::Local);
     }
@@ -308,7 +357,7 @@ pub(crate) async fn locate(
 
 /// Opens the agent stream and, once `indexed` says the session is in the
 /// index, pipes bytes both ways until either side ends.
-pub(crate) async fn relay<S>(
+pub async fn relay<S>(
     mut client: S,
     leftover: BytesMut,
     open: SessionOpen,
@@ -359,7 +408,7 @@ where
 }
 
 /// Relays the session through the node that holds the agent's connection.
-pub(crate) async fn relay_via_peer<S>(
+pub async fn relay_via_peer<S>(
     mut client: S,
     leftover: BytesMut,
     open: SessionOpen,
@@ -434,7 +483,7 @@ where
 
 /// A caller-chosen string as it may appear in evidence and errors: control
 /// characters escaped, at most 64 characters.
-pub(crate) fn bounded(s: &str) -> String {
+pub fn bounded(s: &str) -> String {
     let mut out: String = s.chars().flat_map(char::escape_default).take(64).collect();
     if s.chars().flat_map(char::escape_default).nth(64).is_some() {
         out.push('…');
@@ -445,7 +494,7 @@ pub(crate) fn bounded(s: &str) -> String {
 /// A relay that ended before the agent took the session (no agent stream,
 /// or the peer refused it) leaves nobody to close the index entry: close
 /// it here with the reason.
-pub(crate) async fn close_unreached(
+pub async fn close_unreached(
     cluster: &Cluster,
     session_id: &str,
     r: Result<Relayed, anyhow::Error>,
@@ -463,7 +512,7 @@ pub(crate) async fn close_unreached(
 }
 
 /// Whether a relay handed the session to its agent.
-pub(crate) enum Relayed {
+pub enum Relayed {
     Reached,
     /// The index never held the session.
     NotIndexed,
@@ -483,7 +532,7 @@ async fn refuse_with<S: AsyncWrite + Unpin>(
 }
 
 /// What a client asked to be admitted with, in any protocol.
-pub(crate) struct Ask<'a> {
+pub struct Ask<'a> {
     /// The user name as the client gave it (for errors).
     pub user: &'a str,
     /// The target's name as the client gave it.
@@ -497,7 +546,7 @@ pub(crate) struct Ask<'a> {
 }
 
 /// How a caller proves who it is.
-pub(crate) enum Credential<'a> {
+pub enum Credential<'a> {
     /// An API key or access token.
     Secret(&'a str),
     /// An OpenSSH user certificate whose key the caller proved it holds.
@@ -553,7 +602,7 @@ fn verify(
 
 /// Verifies the caller and the rule, and gives the session to open with the
 /// record the index must hold before its first byte reaches the target.
-pub(crate) async fn admit(
+pub async fn admit(
     ask: Ask<'_>,
     cluster: &Cluster,
     agents: &AgentRegistry,

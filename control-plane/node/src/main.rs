@@ -10,7 +10,11 @@ async fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
-    if let Err(e) = gatehouse_cp_server::run(config).await {
+    let ingresses = gatehouse_cp_server::ingress::Ingresses {
+        postgres: Box::new(gatehouse_cp_ingress_pg::Postgres),
+        ssh: Box::new(gatehouse_cp_ingress_ssh::Ssh),
+    };
+    if let Err(e) = gatehouse_cp_server::run(config, ingresses).await {
         eprintln!("gatehouse-server: {e:#}");
         std::process::exit(1);
     }

@@ -25,13 +25,33 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
-use super::{
-    Ask, Gate, Refusal, Route, admit, close_unreached, index, relay, relay_via_peer, stage,
+use gatehouse_cp_server::TlsChain;
+use gatehouse_cp_server::cluster::Cluster;
+use gatehouse_cp_server::ingress::{
+    Ask, Gate, Refusal, Route, accept, admit, close_unreached, index, relay, relay_via_peer, stage,
     to_session_agent,
 };
-use crate::TlsChain;
-use crate::cluster::Cluster;
-use crate::tunnel::AgentRegistry;
+use gatehouse_cp_server::ingress::{Ingress, IngressCtx};
+use gatehouse_cp_server::tunnel::AgentRegistry;
+
+/// The PostgreSQL ingress.
+pub struct Postgres;
+
+// === impl Postgres ===
+
+impl Ingress for Postgres {
+    fn start(&self, listener: TcpListener, ctx: &IngressCtx) -> anyhow::Result<()> {
+        let acceptor = tls_acceptor(&ctx.chain)?;
+        tokio::spawn(serve(
+            listener,
+            acceptor,
+            ctx.cluster.clone(),
+            ctx.agents.clone(),
+            ctx.gate("postgres"),
+        ));
+        Ok(())
+    }
+}
 
 /// TLS for the ingress, with the node's certificate.
 pub fn tls_acceptor(chain: &TlsChain) -> anyhow::Result<TlsAcceptor> {
@@ -53,19 +73,12 @@ pub async fn serve(
     agents: AgentRegistry,
     gate: Gate,
 ) {
-    let accept_errors = crate::limits::LogEvery::new(Duration::from_secs(10));
-    let startup_errors = Arc::new(crate::limits::LogEvery::new(Duration::from_secs(10)));
+    let accept_errors = gatehouse_cp_server::limits::LogEvery::new(Duration::from_secs(10));
+    let startup_errors = Arc::new(gatehouse_cp_server::limits::LogEvery::new(
+        Duration::from_secs(10),
+    ));
     loop {
-        let (sock, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                if let Some(n) = accept_errors.tick() {
-                    tracing::warn!(error = %e, count = n, "accept failed");
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let (sock, peer) = accept(&listener, &accept_errors).await;
         // Over the cap for its address or in total: closed at once, before
         // a byte is read.
         let Some(slot) = gate.limits.admit(peer.ip()) else {
@@ -104,7 +117,7 @@ async fn handle(
     cluster: Arc<Cluster>,
     agents: AgentRegistry,
     gate: Gate,
-    slot: crate::limits::ConnSlot,
+    slot: gatehouse_cp_server::limits::ConnSlot,
 ) -> anyhow::Result<()> {
     let limit = gate.limits.stage();
     let mut ctx = DecodeContext::default();
@@ -311,7 +324,7 @@ async fn admit_pg(
         user: &user,
         target: &target,
         login,
-        credential: super::Credential::Secret(password),
+        credential: gatehouse_cp_server::ingress::Credential::Secret(password),
         peer,
         kind: "postgres",
     };
