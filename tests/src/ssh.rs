@@ -112,7 +112,14 @@ impl SshStack {
     }
 
     pub fn ssh_as(&self, token: &str) -> Command {
+        self.ssh_with(token, &[])
+    }
+
+    /// `ssh` as [`Self::ssh_as`] with `first` before the common options (an
+    /// option's first value wins: `-o LogLevel=INFO`, say).
+    pub fn ssh_with(&self, token: &str, first: &[&str]) -> Command {
         let mut c = Command::new("ssh");
+        c.args(first);
         self.common(&mut c, token);
         c.args(["-p", &self.port()]).arg("127.0.0.1");
         c

@@ -631,6 +631,42 @@ fn forwarding_follows_policy_and_agent_forwarding_is_refused() {
     );
     let _ = rfwd.kill();
     let _ = rfwd.wait();
+    // Port 0: the target chooses, and the client learns which.
+    let mut any = s
+        .ssh_with(&s.key, &["-o", "LogLevel=INFO"])
+        .args(["-N", "-o", "ExitOnForwardFailure=yes", "-R"])
+        .arg(format!("0:127.0.0.1:{back}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = any.stderr.take().unwrap();
+    let (port_tx, port_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            // "Allocated port N for remote forward to 127.0.0.1:P"
+            if let Some(rest) = line.strip_prefix("Allocated port ") {
+                let _ = port_tx.send(rest.split(' ').next().unwrap_or("").parse::<u16>());
+            }
+        }
+    });
+    let chosen = port_rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("ssh names the port the target chose")
+        .expect("a port number");
+    assert_ne!(chosen, 0);
+    assert_eq!(
+        through(chosen, b"port zero"),
+        b"port zero",
+        "the port the target chose forwards to the client's side"
+    );
+    let _ = any.kill();
+    let _ = any.wait();
 
     // Agent forwarding: the client has an agent and asks; the target gets
     // none.
