@@ -98,6 +98,21 @@ fn exec_keeps_exit_status_signals_and_streams_apart_and_leaves_evidence() {
     let out = exec(&s, "exit 7");
     assert_eq!(out.status.code(), Some(7), "{}", text(&out.stderr));
 
+    // A stock OpenSSH client gets AES-GCM from the gateway (its own order
+    // puts ChaCha20 and AES-CTR with an HMAC first, both dearer per byte).
+    let out = s
+        .ssh_with(&s.key, &["-o", "LogLevel=DEBUG1"])
+        .arg("true")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let log = text(&out.stderr);
+    assert!(
+        log.contains("kex: server->client cipher: aes128-gcm@openssh.com")
+            && log.contains("kex: client->server cipher: aes128-gcm@openssh.com"),
+        "{log}"
+    );
+
     let out = exec(&s, "echo to-out; echo to-err >&2; exit 3");
     assert_eq!(out.status.code(), Some(3));
     assert_eq!(text(&out.stdout), "to-out\n");
