@@ -781,3 +781,59 @@ select md5(string_agg(x, '|' order by x)) from (
 pub fn fingerprint(stack: &Stack) -> String {
     stack.pg.psql_super("app", FINGERPRINT).unwrap()
 }
+
+/// A runtime for a test's own clients.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Opens `n` connections from `src`; `stall` says what each sends before it
+/// goes silent. Returns how long each took to be closed by the server.
+pub async fn stalled(
+    addr: std::net::SocketAddr,
+    src: std::net::IpAddr,
+    n: usize,
+    stall: &'static [u8],
+    concurrency: usize,
+) -> Vec<std::time::Duration> {
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency));
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let permit = sem.clone().acquire_owned().await.unwrap();
+        tasks.push(tokio::spawn(async move {
+            let _permit = permit;
+            let s = tokio::net::TcpSocket::new_v4().unwrap();
+            s.bind(std::net::SocketAddr::new(src, 0)).unwrap();
+            let started = std::time::Instant::now();
+            let Ok(mut c) = s.connect(addr).await else {
+                return started.elapsed();
+            };
+            let _ = tokio::io::AsyncWriteExt::write_all(&mut c, stall).await;
+            let mut buf = [0u8; 1024];
+            // Until the server closes (or 60 s: a test bound, far above
+            // every deadline).
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            loop {
+                match tokio::time::timeout_at(
+                    deadline.into(),
+                    tokio::io::AsyncReadExt::read(&mut c, &mut buf),
+                )
+                .await
+                {
+                    Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+                    Ok(Ok(_)) => {}
+                }
+            }
+            started.elapsed()
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}

@@ -22,6 +22,11 @@ pub struct SshStack {
 
 impl SshStack {
     pub fn start() -> Self {
+        Self::start_opts(&[])
+    }
+
+    /// With extra options for the server.
+    pub fn start_opts(server_args: &[&str]) -> Self {
         let sshd = LocalSshd::start().unwrap();
         let extra = format!(
             "\n[[targets]]\nname = \"box\"\nkind = \"ssh\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"{}\"\nssh_key_file = \"{}\"\nssh_host_key = \"{}\"\n",
@@ -30,7 +35,7 @@ impl SshStack {
             sshd.client_key().display(),
             sshd.host_key
         );
-        let (stack, key) = Stack::start_with(false, &extra);
+        let (stack, key) = Stack::start_opts(false, &extra, server_args);
         stack.cli_ok(&[
             "targets", "create", "box", "--kind", "ssh", "--agent", "edge-1",
         ]);

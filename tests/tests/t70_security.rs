@@ -8,23 +8,13 @@
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gatehouse_e2e::cluster::TestCluster;
 use gatehouse_e2e::*;
 use gatehouse_proto::cluster::raft_peer_client::RaftPeerClient;
 use gatehouse_proto::cluster::{RaftPayload, RelayChunk};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 /// A Raft-port client presenting `cert`/`key` (PEM).
 fn peer_client(
@@ -357,48 +347,6 @@ fn a_server_refuses_to_start_on_an_exposed_data_dir_or_a_wrong_key_encryption_ke
     );
     let lines = err.trim().lines().count();
     assert_eq!(lines, 1, "one line: {err}");
-}
-
-/// Opens `n` connections from `src`; `stall` says what each sends before it
-/// goes silent. Returns how long each took to be closed by the server.
-async fn stalled(
-    addr: std::net::SocketAddr,
-    src: IpAddr,
-    n: usize,
-    stall: &'static [u8],
-    concurrency: usize,
-) -> Vec<Duration> {
-    let sem = Arc::new(tokio::sync::Semaphore::new(concurrency));
-    let mut tasks = Vec::new();
-    for _ in 0..n {
-        let permit = sem.clone().acquire_owned().await.unwrap();
-        tasks.push(tokio::spawn(async move {
-            let _permit = permit;
-            let s = tokio::net::TcpSocket::new_v4().unwrap();
-            s.bind(std::net::SocketAddr::new(src, 0)).unwrap();
-            let started = Instant::now();
-            let Ok(mut c) = s.connect(addr).await else {
-                return started.elapsed();
-            };
-            let _ = c.write_all(stall).await;
-            let mut buf = [0u8; 1024];
-            // Until the server closes (or 60 s: a test bound, far above
-            // every deadline).
-            let deadline = Instant::now() + Duration::from_secs(60);
-            loop {
-                match tokio::time::timeout_at(deadline.into(), c.read(&mut buf)).await {
-                    Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
-                    Ok(Ok(_)) => {}
-                }
-            }
-            started.elapsed()
-        }));
-    }
-    let mut out = Vec::new();
-    for t in tasks {
-        out.push(t.await.unwrap());
-    }
-    out
 }
 
 const SSL_REQUEST: &[u8] = &[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];

@@ -1202,3 +1202,96 @@ fn ssh_login_certificates_work_with_plain_ssh_and_bad_ones_are_refused() {
         && e["decision"] == "allow"
         && e["target"] == "box"));
 }
+
+/// Before authentication every SSH stage has the handshake deadline, and
+/// the listener the connection caps of the other listeners: a client
+/// silent before its version line, one stalled in the key exchange, and a
+/// real ssh whose answer to the token prompt comes too late are each
+/// closed by the deadline; connections from one address past its cap are
+/// turned away at once; ssh from elsewhere keeps working meanwhile.
+#[test]
+fn ssh_stages_before_authentication_have_deadlines_and_connections_are_capped() {
+    let s = SshStack::start_opts(&[
+        "--handshake-timeout-secs",
+        "2",
+        "--max-unauthenticated-per-source",
+        "20",
+    ]);
+    let addr: std::net::SocketAddr = s.stack.ssh_addr.parse().unwrap();
+    let ip = |a: &str| a.parse::<std::net::IpAddr>().unwrap();
+    let rt = gatehouse_e2e::rt();
+    let (silent, in_kex, capped, exec) = rt.block_on(async {
+        let silent = tokio::spawn(gatehouse_e2e::stalled(addr, ip("127.0.2.1"), 10, b"", 10));
+        let in_kex = tokio::spawn(gatehouse_e2e::stalled(
+            addr,
+            ip("127.0.2.2"),
+            10,
+            b"SSH-2.0-stalled\r\n",
+            10,
+        ));
+        let capped = tokio::spawn(gatehouse_e2e::stalled(addr, ip("127.0.2.3"), 30, b"", 30));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut ssh = s.ssh();
+        ssh.arg("echo still-served").stdin(Stdio::null());
+        let exec = tokio::task::spawn_blocking(move || ssh.output().unwrap());
+        (
+            silent.await.unwrap(),
+            in_kex.await.unwrap(),
+            capped.await.unwrap(),
+            exec.await.unwrap(),
+        )
+    });
+    assert_eq!(
+        text(&exec.stdout),
+        "still-served\n",
+        "{}",
+        text(&exec.stderr)
+    );
+    let held = |w: &[Duration]| {
+        w.iter()
+            .filter(|d| **d >= Duration::from_millis(1500) && **d < Duration::from_secs(5))
+            .count()
+    };
+    assert_eq!(
+        held(&silent),
+        10,
+        "silent before the version line: {silent:?}"
+    );
+    assert_eq!(held(&in_kex), 10, "stalled in the key exchange: {in_kex:?}");
+    let turned_away = capped
+        .iter()
+        .filter(|d| **d < Duration::from_secs(1))
+        .count();
+    assert_eq!(
+        (turned_away, held(&capped)),
+        (10, 20),
+        "20 held to the deadline, the rest turned away: {capped:?}"
+    );
+    assert!(
+        s.stack
+            .server
+            .log_text()
+            .contains("unauthenticated connections over the limit closed")
+    );
+
+    // A real client that answers the token prompt after the deadline.
+    let slow = s.stack.tmp.path().join("slow-askpass.sh");
+    std::fs::write(
+        &slow,
+        "#!/bin/sh\nsleep 4\nprintf '%s\\n' \"$GATEHOUSE_TEST_SSH_TOKEN\"\n",
+    )
+    .unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&slow, std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+    let out = s
+        .ssh()
+        .env("SSH_ASKPASS", &slow)
+        .arg("echo logged-in")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(255), "{}", text(&out.stdout));
+    assert!(!text(&out.stdout).contains("logged-in"));
+}

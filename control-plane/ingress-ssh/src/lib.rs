@@ -16,6 +16,8 @@
 //! all channels of a session share the one stream: a channel whose client
 //! does not read holds the others back, never the node's event loop.
 
+mod deadline;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -33,6 +35,7 @@ use tokio::io::{AsyncWriteExt, DuplexStream};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
+use deadline::{Cut, Cuttable, Stage, stage_deadlines};
 use gatehouse_cp_server::cluster::Cluster;
 use gatehouse_cp_server::ingress::{
     Ask, Credential, Gate, Refusal, Route, accept, admit, close_unreached, index, relay,
@@ -216,6 +219,7 @@ pub async fn serve(
             continue;
         };
         let _ = sock.set_nodelay(true);
+        let (stage_tx, stage_rx) = watch::channel(Stage::KeyExchange);
         let conn = Conn {
             peer,
             cluster: cluster.clone(),
@@ -223,34 +227,33 @@ pub async fn serve(
             gate: gate.clone(),
             slot: Some(slot),
             link: None,
-            authenticated: Default::default(),
+            stage: stage_tx,
         };
         let config = config.borrow().clone();
-        let stage = gate.limits.stage();
-        let authenticated = conn.authenticated.clone();
+        let deadline = gate.limits.stage();
+        let cut = Cut::default();
+        let sock = Cuttable {
+            inner: sock,
+            cut: cut.clone(),
+        };
         tokio::spawn(async move {
-            let running = match russh::server::run_stream(config, sock, conn).await {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::debug!(%peer, error = %e, "SSH connection ended before a session");
-                    return;
-                }
-            };
-            // The key exchange and authentication share one deadline; the
-            // session then runs as long as its client and agent keep it.
+            // The client's version line is the first stage.
+            let running =
+                match tokio::time::timeout(deadline, russh::server::run_stream(config, sock, conn))
+                    .await
+                {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "SSH connection ended before a session");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "SSH version exchange did not finish in time");
+                        return;
+                    }
+                };
             let handle = running.handle();
-            tokio::spawn(async move {
-                tokio::time::sleep(stage * 2).await;
-                if !authenticated.load(std::sync::atomic::Ordering::Relaxed) {
-                    let _ = handle
-                        .disconnect(
-                            russh::Disconnect::ByApplication,
-                            "authentication did not finish in time".into(),
-                            String::new(),
-                        )
-                        .await;
-                }
-            });
+            tokio::spawn(stage_deadlines(stage_rx, deadline, handle, cut, peer));
             if let Err(e) = running.await {
                 tracing::debug!(%peer, error = %e, "SSH connection ended");
             }
@@ -268,7 +271,8 @@ struct Conn {
     slot: Option<gatehouse_cp_server::limits::ConnSlot>,
     /// The session at the agent, once authenticated.
     link: Option<Arc<Link>>,
-    authenticated: Arc<std::sync::atomic::AtomicBool>,
+    /// Where the connection stands, for [`stage_deadlines`].
+    stage: watch::Sender<Stage>,
 }
 
 /// The session stream to the agent and the channels on it.
@@ -288,9 +292,22 @@ struct Link {
 }
 
 impl Conn {
+    /// [`Self::verify`], outside the client's deadline; a refusal gives the
+    /// client a fresh one for its next attempt.
+    async fn login(&mut self, user: &str, credential: Credential<'_>) -> Auth {
+        self.stage.send_replace(Stage::Verifying);
+        let auth = self.verify(user, credential).await;
+        self.stage.send_replace(if matches!(auth, Auth::Accept) {
+            Stage::Authenticated
+        } else {
+            Stage::Authentication
+        });
+        auth
+    }
+
     /// Verifies the credential and the rule, commits the session and opens
     /// its stream at the agent.
-    async fn login(&mut self, user: &str, credential: Credential<'_>) -> Auth {
+    async fn verify(&mut self, user: &str, credential: Credential<'_>) -> Auth {
         let (login, target) = match user.rsplit_once('@') {
             Some((l, t)) => (l.to_string(), t.to_string()),
             None => (String::new(), user.to_string()),
@@ -320,8 +337,6 @@ impl Conn {
                 }
             };
         self.slot = None;
-        self.authenticated
-            .store(true, std::sync::atomic::Ordering::Relaxed);
         let session_id = open.session_id.clone();
         let (mine, theirs) = tokio::io::duplex(256 << 10);
         let cluster = self.cluster.clone();
@@ -373,8 +388,6 @@ impl Conn {
         let (tx, _) = mpsc::channel(1);
         let (_, ready) = watch::channel(Some(Err(r.to_string())));
         self.slot = None;
-        self.authenticated
-            .store(true, std::sync::atomic::Ordering::Relaxed);
         self.link = Some(Arc::new(Link {
             to_agent: tx,
             channels: Mutex::new(HashMap::new()),
@@ -530,7 +543,14 @@ impl Link {
 impl russh::server::Handler for Conn {
     type Error = russh::Error;
 
+    /// The key exchange is done: the authentication stage begins.
+    async fn authentication_banner(&mut self) -> Result<Option<String>, Self::Error> {
+        self.stage.send_replace(Stage::Authentication);
+        Ok(None)
+    }
+
     async fn auth_none(&mut self, _user: &str) -> Result<Auth, Self::Error> {
+        self.stage.send_replace(Stage::Authentication);
         Ok(Auth::Reject {
             proceed_with_methods: Some(MethodSet::from(METHODS)),
             partial_success: false,
@@ -548,6 +568,8 @@ impl russh::server::Handler for Conn {
         response: Option<russh::server::Response<'a>>,
     ) -> Result<Auth, Self::Error> {
         let Some(mut response) = response else {
+            // The prompt is out: the answer has a deadline of its own.
+            self.stage.send_replace(Stage::Authentication);
             return Ok(Auth::Partial {
                 name: "Gatehouse".into(),
                 instructions: "".into(),

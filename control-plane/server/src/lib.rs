@@ -176,9 +176,10 @@ pub async fn run(config: Config, ingresses: ingress::Ingresses) -> anyhow::Resul
     gatehouse_secure_fs::private_dir(&config.data_dir)?;
     let kek = Arc::new(load_kek(&config)?);
     let fds = limits::raise_fd_limit();
+    let per_listener = fds.saturating_sub(limits::FD_RESERVE) / limits::TCP_LISTENERS;
     let total = config
         .max_unauthenticated
-        .min(usize::try_from(fds.saturating_sub(limits::FD_RESERVE) / 3).unwrap_or(usize::MAX))
+        .min(usize::try_from(per_listener).unwrap_or(usize::MAX))
         .max(1);
     let listener_limits = limits::ListenerLimits {
         per_source: config.max_unauthenticated_per_source.max(1),

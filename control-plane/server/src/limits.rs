@@ -292,6 +292,11 @@ pub fn raise_fd_limit() -> u64 {
     getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
 }
 
+/// The TCP listeners whose unauthenticated connections share the
+/// descriptors left: PostgreSQL, SSH, the API and the Raft port (agents
+/// come over QUIC, one socket).
+pub const TCP_LISTENERS: u64 = 4;
+
 /// Descriptors kept free of every listener's cap: the API, the Raft port,
 /// the QUIC socket, the Raft files, and the sessions' own connections.
 pub const FD_RESERVE: u64 = 512;
