@@ -837,3 +837,10 @@ pub async fn stalled(
     }
     out
 }
+
+/// Writes an executable script readable by its owner only.
+pub fn write_script(path: &Path, body: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, body).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).unwrap();
+}

@@ -48,15 +48,10 @@ impl SshStack {
             "box",
         ]);
         let askpass = stack.tmp.path().join("askpass.sh");
-        std::fs::write(
+        crate::write_script(
             &askpass,
             "#!/bin/sh\nprintf '%s\\n' \"$GATEHOUSE_TEST_SSH_TOKEN\"\n",
-        )
-        .unwrap();
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&askpass, std::fs::Permissions::from_mode(0o700)).unwrap();
-        }
+        );
         let known_hosts = stack.tmp.path().join("gateway_known_hosts");
         Self {
             stack,
@@ -143,19 +138,14 @@ impl SshStack {
             .collect();
         let args: Vec<String> = c.get_args().map(quote).collect();
         let path = self.stack.tmp.path().join("ssh-gateway.sh");
-        std::fs::write(
+        crate::write_script(
             &path,
-            format!(
+            &format!(
                 "#!/bin/sh\nexec env {} ssh \"$@\" {}\n",
                 envs.join(" "),
                 args.join(" ")
             ),
-        )
-        .unwrap();
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).unwrap();
-        }
+        );
         path
     }
 

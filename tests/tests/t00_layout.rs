@@ -114,42 +114,34 @@ fn workspace_dependency_rule_holds() {
         }
         seen
     };
-    let protocols = ["gatehouse-agent-pg", "gatehouse-agent-ssh"];
-    let core = closure("gatehouse-agent-core");
-    for banned in protocols
-        .iter()
-        .copied()
-        .chain(["russh", "pgwire", "gatehouse-pgwire-inspect"])
-    {
-        assert!(!core.contains(banned), "the agent's core links {banned}");
-    }
-    for p in protocols {
-        let c = closure(p);
-        assert!(c.contains("gatehouse-agent-core"), "{p} is not on the core");
-        for other in protocols.iter().filter(|o| **o != p) {
-            assert!(!c.contains(*other), "{p} links {other}");
+    // Messages name the crates, so each assertion says which side broke.
+    let crate_rule = |core: &str, protocols: &[&str], wire: &[&str]| {
+        let on_core = closure(core);
+        for banned in protocols.iter().chain(wire) {
+            assert!(!on_core.contains(*banned), "{core} links {banned}");
         }
-    }
+        for p in protocols {
+            let c = closure(p);
+            assert!(c.contains(core), "{p} is not on {core}");
+            for other in protocols.iter().filter(|o| *o != p) {
+                assert!(!c.contains(*other), "{p} links {other}");
+            }
+        }
+    };
+    crate_rule(
+        "gatehouse-agent-core",
+        &["gatehouse-agent-pg", "gatehouse-agent-ssh"],
+        &["russh", "pgwire", "gatehouse-pgwire-inspect"],
+    );
     assert!(
         !closure("gatehouse-agent-ssh").contains("gatehouse-pgwire-inspect"),
         "the SSH crate links PostgreSQL's inspector"
     );
     // The same on the control plane: the server core links no ingress
-    // crate and no PostgreSQL wire library; no ingress links another.
-    let server = closure("gatehouse-cp-server");
-    let ingresses = ["gatehouse-cp-ingress-pg", "gatehouse-cp-ingress-ssh"];
-    for banned in ingresses
-        .iter()
-        .copied()
-        .chain(["pgwire", "gatehouse-pgwire-inspect"])
-    {
-        assert!(!server.contains(banned), "the server core links {banned}");
-    }
-    for i in ingresses {
-        let c = closure(i);
-        assert!(c.contains("gatehouse-cp-server"), "{i} is not on the core");
-        for other in ingresses.iter().filter(|o| **o != i) {
-            assert!(!c.contains(*other), "{i} links {other}");
-        }
-    }
+    // crate and no PostgreSQL wire library.
+    crate_rule(
+        "gatehouse-cp-server",
+        &["gatehouse-cp-ingress-pg", "gatehouse-cp-ingress-ssh"],
+        &["pgwire", "gatehouse-pgwire-inspect"],
+    );
 }

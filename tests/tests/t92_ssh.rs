@@ -1276,15 +1276,10 @@ fn ssh_stages_before_authentication_have_deadlines_and_connections_are_capped() 
 
     // A real client that answers the token prompt after the deadline.
     let slow = s.stack.tmp.path().join("slow-askpass.sh");
-    std::fs::write(
+    gatehouse_e2e::write_script(
         &slow,
         "#!/bin/sh\nsleep 4\nprintf '%s\\n' \"$GATEHOUSE_TEST_SSH_TOKEN\"\n",
-    )
-    .unwrap();
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&slow, std::fs::Permissions::from_mode(0o700)).unwrap();
-    }
+    );
     let out = s
         .ssh()
         .env("SSH_ASKPASS", &slow)

@@ -20,9 +20,10 @@ pub async fn session(ctx: Arc<AgentCtx>, mut send: quinn::SendStream, mut recv: 
             Ok(Ok(Some(o))) => o,
             _ => return,
         };
-    let of_target = ctx.protocols.of_target(&ctx, &open.target);
+    // Only requests about a session go by its target's kind.
+    let of_target = |open: &SessionOpen| ctx.protocols.of_target(&ctx, &open.target);
     if open.cancel {
-        if let Some(p) = of_target {
+        if let Some(p) = of_target(&open) {
             p.cancel(ctx.clone(), open).await;
         }
         let _ = send.finish();
@@ -34,7 +35,7 @@ pub async fn session(ctx: Arc<AgentCtx>, mut send: quinn::SendStream, mut recv: 
         return;
     }
     if open.check {
-        let reply = match of_target {
+        let reply = match of_target(&open) {
             Some(p) => p.check(ctx.clone(), open).await,
             None => gatehouse_proto::tunnel::TargetCheck {
                 error: format!(
@@ -49,7 +50,7 @@ pub async fn session(ctx: Arc<AgentCtx>, mut send: quinn::SendStream, mut recv: 
         return;
     }
     if open.adopt_policy {
-        let reply = match of_target {
+        let reply = match of_target(&open) {
             Some(p) => p.adopt_policy(ctx.clone(), open).await,
             None => gatehouse_proto::tunnel::SessionEnded::default(),
         };

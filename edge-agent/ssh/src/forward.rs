@@ -11,7 +11,7 @@ use gatehouse_proto::tunnel::{
 };
 use gatehouse_recording::RecordEvent;
 
-use super::{Mode, Session, audit_lost, msg_frame, record, target};
+use super::{Mode, Session, audit_lost, msg_frame, record, record_request, target};
 use gatehouse_agent_core::session::base_event;
 
 impl Session {
@@ -99,17 +99,8 @@ impl Session {
         decision: &str,
         rule: &str,
     ) -> Result<(), String> {
-        let recorded = record(
-            &self.rec,
-            RecordEvent::ChannelRequest {
-                channel: GLOBAL_CHANNEL,
-                request: request.into(),
-                detail: format!("{}:{}", l.address, l.port),
-                decision: decision.into(),
-                rule: rule.into(),
-            },
-        );
-        if recorded {
+        let detail = format!("{}:{}", l.address, l.port);
+        if record_request(&self.rec, GLOBAL_CHANNEL, request, detail, decision, rule) {
             Ok(())
         } else {
             Err("session recording failed".into())

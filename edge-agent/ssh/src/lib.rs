@@ -383,6 +383,14 @@ impl ChanShared {
             .is_some_and(|d| d.as_ref().is_some_and(|d| d.at_secret_prompt()))
     }
 
+    /// `f` of the channel's mode, without copying it.
+    fn with_mode<R>(&self, f: impl FnOnce(&Mode) -> R) -> R {
+        match self.mode.lock() {
+            Ok(m) => f(&m),
+            Err(_) => f(&Mode::default()),
+        }
+    }
+
     fn mode(&self) -> Mode {
         self.mode.lock().map(|m| m.clone()).unwrap_or_default()
     }
@@ -443,6 +451,27 @@ fn flush(rec: &Rec) -> bool {
     }
 }
 
+/// A channel request and what was decided on it, recorded.
+fn record_request(
+    rec: &Rec,
+    channel: u32,
+    request: &str,
+    detail: String,
+    decision: &str,
+    rule: &str,
+) -> bool {
+    record(
+        rec,
+        RecordEvent::ChannelRequest {
+            channel,
+            request: request.into(),
+            detail,
+            decision: decision.into(),
+            rule: rule.into(),
+        },
+    )
+}
+
 /// How one direction of a channel's bytes is recorded.
 fn record_bytes(
     rec: &Rec,
@@ -453,64 +482,64 @@ fn record_bytes(
     cap: u64,
 ) -> bool {
     let channel = shared.id;
-    match shared.mode() {
-        Mode::Terminal => {
-            // What answers a password prompt is kept as one `*` per byte
-            // (line ends kept), never as typed.
-            let withheld;
-            let data = if input && shared.at_secret_prompt() {
-                withheld = data
-                    .iter()
-                    .map(|b| if matches!(b, b'\r' | b'\n') { *b } else { b'*' })
-                    .collect::<Vec<u8>>();
-                &withheld[..]
+    // Per chunk: the mode is looked at, not copied.
+    let (terminal, command) =
+        shared.with_mode(|m| (*m == Mode::Terminal, matches!(m, Mode::Command(_))));
+    if terminal {
+        // What answers a password prompt is kept as one `*` per byte
+        // (line ends kept), never as typed.
+        let withheld;
+        let data = if input && shared.at_secret_prompt() {
+            withheld = data
+                .iter()
+                .map(|b| if matches!(b, b'\r' | b'\n') { *b } else { b'*' })
+                .collect::<Vec<u8>>();
+            &withheld[..]
+        } else {
+            data
+        };
+        let (data, hex) = gatehouse_recording::bytes_fields(data);
+        record(
+            rec,
+            if input {
+                RecordEvent::TerminalInput { channel, data, hex }
             } else {
-                data
-            };
-            let (data, hex) = gatehouse_recording::bytes_fields(data);
-            record(
-                rec,
-                if input {
-                    RecordEvent::TerminalInput { channel, data, hex }
-                } else {
-                    RecordEvent::TerminalOutput { channel, data, hex }
-                },
-            )
+                RecordEvent::TerminalOutput { channel, data, hex }
+            },
+        )
+    } else if command && !input {
+        let before = shared
+            .recorded
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        if before >= cap {
+            return true;
         }
-        Mode::Command(_) if !input => {
-            let before = shared
-                .recorded
-                .fetch_add(data.len() as u64, Ordering::Relaxed);
-            if before >= cap {
-                return true;
-            }
-            let keep = usize::try_from(cap - before)
-                .unwrap_or(usize::MAX)
-                .min(data.len());
-            let (text, hex) =
-                gatehouse_recording::bytes_fields(data.get(..keep).unwrap_or_default());
-            let ok = record(
-                rec,
-                RecordEvent::CommandOutput {
-                    channel,
-                    stderr,
-                    data: text,
-                    hex,
-                },
-            );
-            if keep < data.len() {
-                return ok
-                    && record(
-                        rec,
-                        RecordEvent::OutputCapped {
-                            channel,
-                            cap_bytes: cap,
-                        },
-                    );
-            }
-            ok
+        let keep = usize::try_from(cap - before)
+            .unwrap_or(usize::MAX)
+            .min(data.len());
+        let (text, hex) = gatehouse_recording::bytes_fields(data.get(..keep).unwrap_or_default());
+        let ok = record(
+            rec,
+            RecordEvent::CommandOutput {
+                channel,
+                stderr,
+                data: text,
+                hex,
+            },
+        );
+        if keep < data.len() {
+            return ok
+                && record(
+                    rec,
+                    RecordEvent::OutputCapped {
+                        channel,
+                        cap_bytes: cap,
+                    },
+                );
         }
-        _ => true,
+        ok
+    } else {
+        true
     }
 }
 

@@ -8,7 +8,7 @@ use gatehouse_recording::RecordEvent;
 
 use super::{
     Internal, Mode, Session, action_name, audit_lost, files, flush, msg_frame, record,
-    refusal_frames, reply_frame,
+    record_request, refusal_frames, reply_frame,
 };
 use gatehouse_agent_core::session::base_event;
 use gatehouse_agent_core::{AgentCtx, now_ms};
@@ -32,16 +32,7 @@ impl Session {
             }
         };
         let rec_request = |request: &str, detail: String, decision: &str, rule: &str| {
-            record(
-                &self.rec,
-                RecordEvent::ChannelRequest {
-                    channel: id,
-                    request: request.into(),
-                    detail,
-                    decision: decision.into(),
-                    rule: rule.into(),
-                },
-            )
+            record_request(&self.rec, id, request, detail, decision, rule)
         };
         let failed = || Err::<(), String>("session recording failed".into());
         let target_err = |e: russh::Error| format!("the target connection failed: {e}");
